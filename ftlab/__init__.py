@@ -1,0 +1,1 @@
+"""ftlab: fine-tuning studies of VGG networks in JAX."""

@@ -1,0 +1,176 @@
+"""VGG 11/13/16/19 (with and without BatchNorm) in Flax linen, named like Keras.
+
+Layer names are the Keras application names (`block1_conv1` ... `block5_conv3`,
+`fc1`, `fc2`, `predictions`), so porting a weight file is a table of names.
+BatchNorm variants (the torchvision `vgg*_bn` layout) add `block{b}_conv{i}_bn`
+after each convolution. Nothing here knows about training, policies or devices:
+the caller says which BatchNorm layers run on running statistics and over which
+device axis batch statistics are averaged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# Convolutions per block for each depth; channels per block for width 1.
+CONVS_PER_BLOCK = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
+BLOCK_CHANNELS = (64, 128, 256, 512, 512)
+IMAGENET_FC_UNITS = 4096
+MLP_HEAD_UNITS = 256
+HEADS = ('imagenet', 'gap', 'mlp', 'none')
+# Five 2x2 max-pools: the smallest input that keeps a 1x1 map after block 5.
+MIN_INPUT_SIZE = 2 ** len(BLOCK_CHANNELS)
+
+# torchvision's initialisation: He (fan-out) for convolutions, N(0, 0.01) for dense layers.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+dense_kernel_init = nn.initializers.normal(0.01)
+
+
+def scaled(units: int, width: float) -> int:
+  """Channel or unit count after the width multiplier (at least 1)."""
+  return max(1, int(round(units * width)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+  """A group of layers that policies treat as one unit.
+
+  Attributes:
+    name: `block1` ... `block5`, `fc` (the pretrained fc1/fc2 of the imagenet head) or `head`.
+    layers: top-level module names in this block; a parameter belongs to the block whose
+      layer is the first element of its path (e.g. `block1_conv1/kernel` -> `block1`).
+  """
+
+  name: str
+  layers: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockStructure:
+  """Blocks from input to output; `head` holds the layers a transfer task replaces."""
+
+  blocks: tuple[Block, ...]
+  head: Block
+
+  @property
+  def all_blocks(self) -> tuple[Block, ...]:
+    return self.blocks + ((self.head,) if self.head.layers else ())
+
+  def block_of_layer(self) -> dict[str, str]:
+    return {layer: b.name for b in self.all_blocks for layer in b.layers}
+
+
+class VGG(nn.Module):
+  """VGG-style network for NHWC images.
+
+  Attributes:
+    depth: 11, 13, 16 or 19.
+    batch_norm: add BatchNorm after every convolution (torchvision `_bn` layout).
+    num_classes: outputs of `predictions`.
+    head: `imagenet` (flatten, fc1, fc2, predictions, dropout as in the original), `gap`
+      (global average pool, predictions), `mlp` (flatten, fc 256, dropout, predictions) or
+      `none` (return the block-5 pooled feature map, as Keras `include_top=False`).
+    width: multiplier for conv channels and dense units (tests use narrow models).
+    dropout_rate: dropout before each hidden dense layer's successor in the head.
+    dtype: activation and computation dtype (parameters stay float32); logits are float32.
+    axis_name: device axis over which BatchNorm batch statistics are averaged, so the
+      result does not depend on how the batch is split over devices.
+    frozen_batch_norm: names of BatchNorm layers that use running statistics even when
+      `train=True` (layers a plan freezes keep their statistics untouched).
+  """
+
+  depth: int = 16
+  batch_norm: bool = False
+  num_classes: int = 1000
+  head: str = 'imagenet'
+  width: float = 1.0
+  dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
+  axis_name: str | None = None
+  frozen_batch_norm: Sequence[str] = ()
+
+  def block_structure(self) -> BlockStructure:
+    """Which top-level layers form which block, input to output."""
+    check_architecture(self.depth, self.head)
+    blocks = tuple(
+        Block(f'block{b}', tuple(self._block_layers(b, n)))
+        for b, n in enumerate(CONVS_PER_BLOCK[self.depth], start=1))
+    if self.head == 'imagenet':
+      blocks += (Block('fc', ('fc1', 'fc2')),)
+      head = Block('head', ('predictions',))
+    elif self.head == 'mlp':
+      head = Block('head', ('fc', 'predictions'))
+    elif self.head == 'gap':
+      head = Block('head', ('predictions',))
+    else:
+      head = Block('head', ())
+    return BlockStructure(blocks, head)
+
+  def _block_layers(self, block: int, num_convs: int) -> list[str]:
+    names = []
+    for i in range(1, num_convs + 1):
+      names.append(f'block{block}_conv{i}')
+      if self.batch_norm:
+        names.append(f'block{block}_conv{i}_bn')
+    return names
+
+  @nn.compact
+  def __call__(self, x_BHWC: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    check_architecture(self.depth, self.head)
+    height, width = x_BHWC.shape[1:3]
+    if min(height, width) < MIN_INPUT_SIZE:
+      raise ValueError(
+          f'input size {height}x{width} is too small for VGG: its five 2x2 pools need at '
+          f'least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}')
+    x = x_BHWC.astype(self.dtype)
+    for b, num_convs in enumerate(CONVS_PER_BLOCK[self.depth], start=1):
+      channels = scaled(BLOCK_CHANNELS[b - 1], self.width)
+      for i in range(1, num_convs + 1):
+        name = f'block{b}_conv{i}'
+        x = nn.Conv(channels, (3, 3), padding='SAME', dtype=self.dtype,
+                    kernel_init=conv_kernel_init, name=name)(x)
+        if self.batch_norm:
+          bn_name = f'{name}_bn'
+          x = nn.BatchNorm(
+              use_running_average=not train or bn_name in self.frozen_batch_norm,
+              momentum=0.9, epsilon=1e-5,  # torchvision's BatchNorm2d defaults
+              axis_name=self.axis_name, dtype=self.dtype, name=bn_name)(x)
+        x = nn.relu(x)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    return self._head(x, train).astype(jnp.float32) if self.head != 'none' else x
+
+  def _head(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    dense = lambda units, name, init=dense_kernel_init: nn.Dense(
+        units, dtype=self.dtype, kernel_init=init, name=name)
+    dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
+    if self.head == 'gap':
+      return dense(self.num_classes, 'predictions')(jnp.mean(x, axis=(1, 2)))
+    x = x.reshape(x.shape[0], -1)  # NHWC flatten, as Keras
+    if self.head == 'imagenet':
+      for name in ('fc1', 'fc2'):
+        x = dropout(nn.relu(dense(scaled(IMAGENET_FC_UNITS, self.width), name)(x)))
+    else:  # mlp
+      x = dropout(nn.relu(dense(scaled(MLP_HEAD_UNITS, self.width), 'fc')(x)))
+    return dense(self.num_classes, 'predictions')(x)
+
+
+def check_architecture(depth: int, head: str) -> None:
+  """Raises ValueError for a depth or head this module does not build."""
+  if depth not in CONVS_PER_BLOCK:
+    raise ValueError(f'VGG depth {depth!r} is not one of {sorted(CONVS_PER_BLOCK)}')
+  if head not in HEADS:
+    raise ValueError(f'VGG head {head!r} is not one of {list(HEADS)}')
+
+
+def by_name(name: str, **kwargs: Any) -> VGG:
+  """`vgg11` ... `vgg19`, with `_bn` for BatchNorm, e.g. `by_name('vgg16_bn', width=0.25)`."""
+  base, _, suffix = name.partition('_')
+  valid = [f'vgg{d}{s}' for d in CONVS_PER_BLOCK for s in ('', '_bn')]
+  if not base.startswith('vgg') or not base[3:].isdigit() or suffix not in ('', 'bn') or (
+      int(base[3:]) not in CONVS_PER_BLOCK):
+    raise ValueError(f'unknown model {name!r}; valid: {", ".join(valid)}')
+  return VGG(depth=int(base[3:]), batch_norm=suffix == 'bn', **kwargs)

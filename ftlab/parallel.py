@@ -1,0 +1,146 @@
+"""Spreading a per-device step over devices: `pmap` or `shard_map` over a 1-D mesh.
+
+The per-device step is written once, with collectives over the axis `'batch'`
+(`lax.pmean(x, 'batch')`). A `Spread` compiles it for one of two modes and moves
+data to match:
+
+- `pmap` (default): arrays carry a leading device axis; replicated values are
+  stacked copies and a global batch `[B, ...]` becomes `[D, B / D, ...]`.
+- `shard_map`: `jit` over a mesh with one axis; replicated values are global
+  arrays with a replicated sharding and the batch keeps its shape `[B, ...]`,
+  sharded along its first dimension.
+
+Both give the same numbers; only the layout of the arrays differs, and the
+`replicate` / `shard` / `unreplicate` methods hide it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXIS = 'batch'
+MODES = ('pmap', 'shard_map')
+# How each step argument is laid out over devices.
+REPLICATED = 'replicated'  # the same value on every device (the train state)
+SHARDED = 'sharded'  # split along the first dimension (the batch)
+BROADCAST = 'broadcast'  # a small value passed as is to every device (an rng key)
+KINDS = (REPLICATED, SHARDED, BROADCAST)
+
+
+def check_divisible(global_batch: int, num_devices: int) -> None:
+  """Raises ValueError unless the global batch splits evenly over the devices."""
+  if global_batch % num_devices:
+    lower = global_batch - global_batch % num_devices
+    raise ValueError(
+        f'global batch size {global_batch} is not divisible by {num_devices} devices; '
+        f'use a multiple of {num_devices} (e.g. {max(lower, num_devices)} or '
+        f'{lower + num_devices})')
+
+
+@dataclasses.dataclass(frozen=True)
+class Spread:
+  """A way of running a per-device step over `devices`.
+
+  Attributes:
+    mode: `pmap` or `shard_map`.
+    devices: the devices, in mesh order.
+  """
+
+  mode: str = 'pmap'
+  devices: tuple = ()
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f'unknown parallelism {self.mode!r}; valid: {", ".join(MODES)}')
+    if not self.devices:
+      object.__setattr__(self, 'devices', tuple(jax.local_devices()))
+
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices)
+
+  @functools.cached_property
+  def mesh(self) -> Mesh:
+    return Mesh(np.array(self.devices), (AXIS,))
+
+  def _put_stacked(self, x: Any) -> jax.Array:
+    """`[D, ...]` host data, row i on device i."""
+    return jax.device_put(x, NamedSharding(self.mesh, P(AXIS)))
+
+  def replicate(self, tree: Any) -> Any:
+    """Places a copy of `tree` on every device, in this mode's layout."""
+    if self.mode == 'pmap':
+      def stack(x):
+        x = jax.device_get(x)
+        shards = [jax.device_put(x[None], d) for d in self.devices]
+        return jax.make_array_from_single_device_arrays(
+            (self.num_devices,) + np.shape(x), NamedSharding(self.mesh, P(AXIS)), shards)
+      return jax.tree.map(stack, tree)
+    # Through the host, so a copy and never an alias (device_put's may_alias=False still
+    # aliases here): the step donates the state, and the caller's arrays (the loaded
+    # weights, say) must survive it.
+    return jax.device_put(jax.device_get(tree), NamedSharding(self.mesh, P()))
+
+  def unreplicate(self, tree: Any) -> Any:
+    """The single copy of a replicated `tree` (e.g. the state or metrics after a step)."""
+    if self.mode == 'pmap':
+      return jax.tree.map(lambda x: x.addressable_shards[0].data[0], tree)
+    return tree
+
+  def shard(self, batch: Any) -> Any:
+    """Splits a host batch `{name: [B, ...]}` over the devices.
+
+    Raises:
+      ValueError: B is not divisible by the number of devices.
+    """
+    sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1:
+      raise ValueError(f'batch arrays disagree on the batch size: {sorted(sizes)}')
+    check_divisible(sizes.pop(), self.num_devices)
+    if self.mode == 'pmap':
+      return jax.tree.map(
+          lambda x: self._put_stacked(np.reshape(x, (self.num_devices, -1) + np.shape(x)[1:])),
+          batch)
+    return jax.device_put(batch, NamedSharding(self.mesh, P(AXIS)))
+
+  def compile(self, step_fn: Callable, *, in_kinds: Sequence[str],
+              donate_argnums: Sequence[int] = ()) -> Callable:
+    """Compiles a per-device step over the devices.
+
+    Args:
+      step_fn: per-device function using collectives over axis `'batch'`; its outputs must
+        be the same on every device (e.g. pmean-ed), so they come back replicated.
+      in_kinds: one of `replicated`, `sharded`, `broadcast` per positional argument.
+      donate_argnums: arguments whose buffers the step may reuse (the state).
+
+    Returns:
+      The compiled step; feed it `replicate`d and `shard`ed arguments.
+    """
+    bad = [k for k in in_kinds if k not in KINDS]
+    if bad:
+      raise ValueError(f'unknown argument kinds {bad}; valid: {", ".join(KINDS)}')
+    if self.mode == 'pmap':
+      return jax.pmap(step_fn, axis_name=AXIS, devices=self.devices,
+                      in_axes=tuple(None if k == BROADCAST else 0 for k in in_kinds),
+                      donate_argnums=tuple(donate_argnums))
+    specs = tuple(P(AXIS) if k == SHARDED else P() for k in in_kinds)
+    # check_vma=False keeps shard_map's autodiff from inserting its own psum for gradients
+    # of replicated inputs: the step averages them itself, exactly as under pmap.
+    mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=specs, out_specs=P(),
+                           check_vma=False)
+    return jax.jit(mapped, donate_argnums=tuple(donate_argnums))
+
+
+def compiled_flops(compiled_fn: Callable, *args: Any) -> float:
+  """FLOPs of `compiled_fn(*args)` from XLA's cost analysis of the compiled program."""
+  analysis = compiled_fn.lower(*args).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax returned one dict per program
+    analysis = analysis[0]
+  return float(analysis['flops'])

@@ -1,0 +1,181 @@
+"""The train state and the per-device steps.
+
+`train_step` and `eval_step` are pure functions written for one device, with every
+collective over the axis `'batch'`; `ftlab.parallel` spreads them over devices.
+Everything static (the model, the optimizer, the mask) is keyword-only and bound with
+`functools.partial` where the step is compiled.
+
+The gradient is taken with respect to the trainable leaves only, so no backward work,
+all-reduce or norm ever touches a frozen parameter; frozen leaves pass through the step
+as the very same arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from ftlab import policies
+from ftlab.parallel import AXIS, BROADCAST, REPLICATED, SHARDED
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes.
+
+  Attributes:
+    step: number of steps taken (int32 scalar).
+    params: the model parameters.
+    batch_stats: BatchNorm running statistics (empty for models without BatchNorm).
+    opt_state: optimizer state (nothing for frozen leaves).
+  """
+
+  step: jnp.ndarray
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree
+
+
+def create_train_state(variables: PyTree, tx: optax.GradientTransformation) -> TrainState:
+  """A state at step 0 from model variables (`{'params': ..., 'batch_stats': ...}`)."""
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+
+
+def bind_model(model: nn.Module, plan: policies.Plan, axis_name: str | None = AXIS) -> nn.Module:
+  """The model as the step runs it: BatchNorm statistics averaged over `axis_name`, and
+  the BatchNorm layers of the plan's frozen layers on running statistics."""
+  return model.clone(axis_name=axis_name, frozen_batch_norm=tuple(plan.frozen_layers))
+
+
+def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0
+                  ) -> jnp.ndarray:
+  """Per-example softmax cross-entropy against integer labels, optionally smoothed."""
+  targets = jax.nn.one_hot(labels, logits.shape[-1])
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def _variables(params: PyTree, batch_stats: PyTree) -> dict:
+  return {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Module,
+               tx: optax.GradientTransformation, trainable_mask: PyTree,
+               label_smoothing: float = 0.0, learning_rate_fn: Callable | None = None
+               ) -> tuple[TrainState, dict]:
+  """One optimizer step on this device's share of the batch.
+
+  Args:
+    state: the replicated train state.
+    batch: `{'image': [b, H, W, C], 'label': [b]}`, this device's share.
+    rng: the run's base key; the step folds in the step number and the device index.
+    model: the bound model (see `bind_model`).
+    tx: the plan's optimizer (`ftlab.optim.make`).
+    trainable_mask: the plan's boolean mask (Python bools, read at trace time).
+    label_smoothing: label smoothing of the cross-entropy.
+    learning_rate_fn: the schedule, reported as `lr` when given.
+
+  Returns:
+    The new state and metrics averaged over devices: `loss`, `accuracy`, `grad_norm`
+    (global norm of the trainable gradient) and `lr`.
+  """
+  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
+  mask = policies.flatten(trainable_mask)
+  flat_params = policies.flatten(state.params)
+  trainable = {p: x for p, x in flat_params.items() if mask[p]}
+  frozen = {p: x for p, x in flat_params.items() if not mask[p]}
+
+  def loss_fn(trainable):
+    params = policies.unflatten({**frozen, **trainable})
+    logits, new_vars = model.apply(
+        _variables(params, state.batch_stats), batch['image'], train=True,
+        mutable=['batch_stats'], rngs={'dropout': rng})
+    loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
+    return loss, (logits, new_vars.get('batch_stats', {}))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  grads = lax.pmean(grads, AXIS)
+  # The optimizer sees the full tree; frozen gradients are constants it maps to zero.
+  full_grads = policies.unflatten({**{p: jnp.zeros_like(x) for p, x in frozen.items()}, **grads})
+  updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+  flat_updates = policies.flatten(updates)
+  new_trainable = {p: (x + flat_updates[p]).astype(x.dtype) for p, x in trainable.items()}
+  metrics = {
+      'loss': loss,
+      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+      'grad_norm': optax.global_norm(grads),
+  }
+  metrics = lax.pmean(metrics, AXIS)
+  if learning_rate_fn is not None:
+    metrics['lr'] = learning_rate_fn(state.step)
+  new_state = state.replace(
+      step=state.step + 1, params=policies.unflatten({**frozen, **new_trainable}),
+      batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict:
+  """Sums over this device's share, added over devices: exact under padding.
+
+  Args:
+    state: the replicated train state.
+    batch: `{'image', 'label'}` and optionally `'mask'` (1 for real examples, 0 for
+      padding), this device's share.
+    model: the bound model.
+
+  Returns:
+    `loss_sum`, `correct` and `count` over the real examples of the global batch.
+  """
+  logits = model.apply(_variables(state.params, state.batch_stats), batch['image'],
+                       train=False)
+  mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32)).astype(jnp.float32)
+  sums = {
+      'loss_sum': jnp.sum(cross_entropy(logits, batch['label']) * mask),
+      'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
+      'count': jnp.sum(mask),
+  }
+  return lax.psum(sums, AXIS)
+
+
+def eval_metrics(sums: dict) -> dict:
+  """`loss` and `accuracy` from summed eval counts (of one or many batches)."""
+  count = max(float(sums['count']), 1.0)
+  return {'loss': float(sums['loss_sum']) / count, 'accuracy': float(sums['correct']) / count,
+          'count': int(sums['count'])}
+
+
+def compile_steps(spread: Any, *, model: nn.Module, tx: optax.GradientTransformation,
+                  plan: policies.Plan, label_smoothing: float = 0.0,
+                  learning_rate_fn: Callable | None = None) -> tuple[Callable, Callable]:
+  """The spread train and eval steps for `plan`: `p_train_step(state, batch, rng)` with the
+  state donated, and `p_eval_step(state, batch)`.
+
+  Args:
+    spread: a `ftlab.parallel.Spread`.
+    model: the unbound model; it is bound to the plan here.
+    tx: the plan's optimizer.
+    plan: the fine-tuning plan.
+    label_smoothing: label smoothing of the training loss.
+    learning_rate_fn: the schedule, reported as the `lr` metric.
+  """
+  bound = bind_model(model, plan)
+  train_fn = functools.partial(
+      train_step, model=bound, tx=tx, trainable_mask=plan.trainable_mask,
+      label_smoothing=label_smoothing, learning_rate_fn=learning_rate_fn)
+  eval_fn = functools.partial(eval_step, model=bound)
+  p_train_step = spread.compile(train_fn, in_kinds=(REPLICATED, SHARDED, BROADCAST),
+                                donate_argnums=(0,))
+  p_eval_step = spread.compile(eval_fn, in_kinds=(REPLICATED, SHARDED))
+  return p_train_step, p_eval_step
