@@ -39,17 +39,20 @@ def learning_rate_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
     raise ValueError(f'unknown schedule {name!r}; valid: {", ".join(SCHEDULES)}')
   if name == 'cosine':
     return optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup, decay_steps=max(int(total_steps), warmup + 1), end_value=0.0)
+      0.0, lr, warmup, decay_steps=max(int(total_steps), warmup + 1), end_value=0.0
+    )
   if not warmup:
     return optax.constant_schedule(lr)
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
+  )
 
 
 def scale_by_multipliers(multipliers: Any) -> optax.GradientTransformation:
   """Multiplies each update leaf by its (static) multiplier."""
-  return optax.stateless(lambda updates, params=None: jax.tree.map(
-      lambda u, m: u * m, updates, multipliers))
+  return optax.stateless(
+    lambda updates, params=None: jax.tree.map(lambda u, m: u * m, updates, multipliers)
+  )
 
 
 def make(plan: Plan, cfg: Any, total_steps: int) -> optax.GradientTransformation:
@@ -78,18 +81,22 @@ def make(plan: Plan, cfg: Any, total_steps: int) -> optax.GradientTransformation
     if momentum:
       chain.append(optax.trace(decay=momentum, nesterov=bool(_get(cfg, 'nesterov', False))))
   else:
-    chain.append(optax.scale_by_adam(
-        b1=float(_get(cfg, 'b1', 0.9)), b2=float(_get(cfg, 'b2', 0.999)),
-        eps=float(_get(cfg, 'eps', 1e-8))))
+    chain.append(
+      optax.scale_by_adam(
+        b1=float(_get(cfg, 'b1', 0.9)),
+        b2=float(_get(cfg, 'b2', 0.999)),
+        eps=float(_get(cfg, 'eps', 1e-8)),
+      )
+    )
     if weight_decay and name == 'adamw':
       chain.append(optax.add_decayed_weights(weight_decay))
   chain.append(optax.scale_by_learning_rate(learning_rate_schedule(cfg, total_steps)))
   # Inside the partition the trainable group sees frozen leaves as empty MaskedNodes;
   # the multiplier tree is masked the same way so the two trees line up.
-  mults = jax.tree.map(lambda m, keep: m if keep else optax.MaskedNode(),
-                       plan.lr_multipliers, plan.trainable_mask)
+  mults = jax.tree.map(
+    lambda m, keep: m if keep else optax.MaskedNode(), plan.lr_multipliers, plan.trainable_mask
+  )
   if any(m != 1.0 for m in jax.tree.leaves(mults)):
     chain.append(scale_by_multipliers(mults))
   labels = jax.tree.map(lambda keep: 'trainable' if keep else 'frozen', plan.trainable_mask)
-  return optax.partition(
-      {'trainable': optax.chain(*chain), 'frozen': optax.set_to_zero()}, labels)
+  return optax.partition({'trainable': optax.chain(*chain), 'frozen': optax.set_to_zero()}, labels)

@@ -39,9 +39,10 @@ def check_divisible(global_batch: int, num_devices: int) -> None:
   if global_batch % num_devices:
     lower = global_batch - global_batch % num_devices
     raise ValueError(
-        f'global batch size {global_batch} is not divisible by {num_devices} devices; '
-        f'use a multiple of {num_devices} (e.g. {max(lower, num_devices)} or '
-        f'{lower + num_devices})')
+      f'global batch size {global_batch} is not divisible by {num_devices} devices; '
+      f'use a multiple of {num_devices} (e.g. {max(lower, num_devices)} or '
+      f'{lower + num_devices})'
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +78,14 @@ class Spread:
   def replicate(self, tree: Any) -> Any:
     """Places a copy of `tree` on every device, in this mode's layout."""
     if self.mode == 'pmap':
+
       def stack(x):
         x = jax.device_get(x)
         shards = [jax.device_put(x[None], d) for d in self.devices]
         return jax.make_array_from_single_device_arrays(
-            (self.num_devices,) + np.shape(x), NamedSharding(self.mesh, P(AXIS)), shards)
+          (self.num_devices,) + np.shape(x), NamedSharding(self.mesh, P(AXIS)), shards
+        )
+
       return jax.tree.map(stack, tree)
     # Through the host, so a copy and never an alias (device_put's may_alias=False still
     # aliases here): the step donates the state, and the caller's arrays (the loaded
@@ -106,12 +110,13 @@ class Spread:
     check_divisible(sizes.pop(), self.num_devices)
     if self.mode == 'pmap':
       return jax.tree.map(
-          lambda x: self._put_stacked(np.reshape(x, (self.num_devices, -1) + np.shape(x)[1:])),
-          batch)
+        lambda x: self._put_stacked(np.reshape(x, (self.num_devices, -1) + np.shape(x)[1:])), batch
+      )
     return jax.device_put(batch, NamedSharding(self.mesh, P(AXIS)))
 
-  def compile(self, step_fn: Callable, *, in_kinds: Sequence[str],
-              donate_argnums: Sequence[int] = ()) -> Callable:
+  def compile(
+    self, step_fn: Callable, *, in_kinds: Sequence[str], donate_argnums: Sequence[int] = ()
+  ) -> Callable:
     """Compiles a per-device step over the devices.
 
     Args:
@@ -127,14 +132,17 @@ class Spread:
     if bad:
       raise ValueError(f'unknown argument kinds {bad}; valid: {", ".join(KINDS)}')
     if self.mode == 'pmap':
-      return jax.pmap(step_fn, axis_name=AXIS, devices=self.devices,
-                      in_axes=tuple(None if k == BROADCAST else 0 for k in in_kinds),
-                      donate_argnums=tuple(donate_argnums))
+      return jax.pmap(
+        step_fn,
+        axis_name=AXIS,
+        devices=self.devices,
+        in_axes=tuple(None if k == BROADCAST else 0 for k in in_kinds),
+        donate_argnums=tuple(donate_argnums),
+      )
     specs = tuple(P(AXIS) if k == SHARDED else P() for k in in_kinds)
     # check_vma=False keeps shard_map's autodiff from inserting its own psum for gradients
     # of replicated inputs: the step averages them itself, exactly as under pmap.
-    mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=specs, out_specs=P(),
-                           check_vma=False)
+    mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=specs, out_specs=P(), check_vma=False)
     return jax.jit(mapped, donate_argnums=tuple(donate_argnums))
 
 

@@ -57,6 +57,7 @@ def unflatten(flat: Mapping[str, Any]) -> PyTree:
 
 # --- The policies. Each returns the set of trainable paths. ---------------------------------
 
+
 def _layers_of(blocks: Iterable, paths: list[str]) -> set[str]:
   layers = {layer for block in blocks for layer in block.layers}
   return {p for p in paths if p.split('/')[0] in layers}
@@ -122,32 +123,39 @@ def regex(paths, structure, cfg):
   rules += [(p, False) for p in _get(cfg, 'frozen', ())]
   matches = match_rules(paths, [p for p, _ in rules], 'policy regex')
   uncovered = [p for p in paths if not matches[p]]
-  doubled = [f'{p} ({", ".join(rules[i][0] for i in matches[p])})'
-             for p in paths if len(matches[p]) > 1]
+  doubled = [
+    f'{p} ({", ".join(rules[i][0] for i in matches[p])})' for p in paths if len(matches[p]) > 1
+  ]
   if uncovered or doubled:
     raise ValueError(
-        'policy regex: every parameter must match exactly one rule; '
-        + (f'uncovered: {", ".join(uncovered)}' if uncovered else '')
-        + ('; ' if uncovered and doubled else '')
-        + (f'matched twice: {"; ".join(doubled)}' if doubled else ''))
+      'policy regex: every parameter must match exactly one rule; '
+      + (f'uncovered: {", ".join(uncovered)}' if uncovered else '')
+      + ('; ' if uncovered and doubled else '')
+      + (f'matched twice: {"; ".join(doubled)}' if doubled else '')
+    )
   return {p for p in paths if rules[matches[p][0]][1]}
 
 
 POLICIES: dict[str, PolicyFn] = {
-    'full': full,
-    'linear_probe': linear_probe,
-    'last_blocks': last_blocks,
-    'first_blocks': first_blocks,
-    'blocks': blocks,
-    'bitfit': bitfit,
-    'regex': regex,
+  'full': full,
+  'linear_probe': linear_probe,
+  'last_blocks': last_blocks,
+  'first_blocks': first_blocks,
+  'blocks': blocks,
+  'bitfit': bitfit,
+  'regex': regex,
 }
 # The config fields each policy reads (besides `name`), shown in the plan's name.
-POLICY_ARGS = {'last_blocks': ('k',), 'first_blocks': ('k',), 'blocks': ('blocks',),
-               'regex': ('trainable', 'frozen')}
+POLICY_ARGS = {
+  'last_blocks': ('k',),
+  'first_blocks': ('k',),
+  'blocks': ('blocks',),
+  'regex': ('trainable', 'frozen'),
+}
 
 
 # --- Rules, config access and the plan. -------------------------------------------------------
+
 
 def match_rules(paths: list[str], patterns: list[str], what: str) -> dict[str, list[int]]:
   """For each path, the indices of the patterns that fully match it.
@@ -164,8 +172,10 @@ def match_rules(paths: list[str], patterns: list[str], what: str) -> dict[str, l
   matches = {p: [i for i, c in enumerate(compiled) if c.fullmatch(p)] for p in paths}
   unused = [pat for i, pat in enumerate(patterns) if not any(i in m for m in matches.values())]
   if unused:
-    raise ValueError(f'{what}: regex {", ".join(map(repr, unused))} matches no parameter '
-                     f'(paths look like {paths[0]!r})')
+    raise ValueError(
+      f'{what}: regex {", ".join(map(repr, unused))} matches no parameter '
+      f'(paths look like {paths[0]!r})'
+    )
   return matches
 
 
@@ -196,8 +206,9 @@ def lr_multipliers(paths: list[str], trainable: set[str], cfg: Any) -> dict[str,
   doubled = [p for p in paths if len(matches[p]) > 1]
   if doubled:
     raise ValueError(f'lr_multipliers: paths matched by more than one rule: {", ".join(doubled)}')
-  return {p: (rules[matches[p][0]][1] if matches[p] else 1.0) if p in trainable else 0.0
-          for p in paths}
+  return {
+    p: (rules[matches[p][0]][1] if matches[p] else 1.0) if p in trainable else 0.0 for p in paths
+  }
 
 
 def make_plan(params: PyTree, structure: BlockStructure, cfg: Any) -> Plan:
@@ -224,13 +235,15 @@ def make_plan(params: PyTree, structure: BlockStructure, cfg: Any) -> Plan:
     raise ValueError(f'plan {label} trains no parameter; choose a policy that trains something')
   mults = lr_multipliers(paths, trainable, cfg)
   layers = sorted({p.split('/')[0] for p in paths})
-  frozen_layers = tuple(l for l in layers
-                        if not any(p in trainable for p in paths if p.split('/')[0] == l))
+  frozen_layers = tuple(
+    l for l in layers if not any(p in trainable for p in paths if p.split('/')[0] == l)
+  )
   return Plan(
-      name=label,
-      trainable_mask=unflatten({p: p in trainable for p in paths}),
-      lr_multipliers=unflatten(mults),
-      frozen_layers=frozen_layers)
+    name=label,
+    trainable_mask=unflatten({p: p in trainable for p in paths}),
+    lr_multipliers=unflatten(mults),
+    frozen_layers=frozen_layers,
+  )
 
 
 def trainable_count(plan: Plan, params: PyTree) -> tuple[int, int]:
@@ -243,8 +256,10 @@ def trainable_count(plan: Plan, params: PyTree) -> tuple[int, int]:
 def audit_table(plan: Plan, params: PyTree) -> str:
   """A printable table: path, shape, trainable, lr multiplier, and totals."""
   mask, mults = plan.flat_mask(), flatten(plan.lr_multipliers)
-  rows = [(p, str(tuple(x.shape)), 'yes' if mask[p] else 'no',
-           f'{mults[p]:g}' if mask[p] else '-') for p, x in flatten(params).items()]
+  rows = [
+    (p, str(tuple(x.shape)), 'yes' if mask[p] else 'no', f'{mults[p]:g}' if mask[p] else '-')
+    for p, x in flatten(params).items()
+  ]
   header = ('path', 'shape', 'trainable', 'lr_mult')
   widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
   fmt = lambda r: '  '.join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
@@ -252,6 +267,8 @@ def audit_table(plan: Plan, params: PyTree) -> str:
   n_leaves = sum(mask.values())
   lines = [f'plan: {plan.name}', fmt(header), fmt(['-' * w for w in widths])]
   lines += [fmt(r) for r in rows]
-  lines.append(f'trainable: {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.4g}%), '
-               f'{n_leaves} of {len(rows)} leaves')
+  lines.append(
+    f'trainable: {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.4g}%), '
+    f'{n_leaves} of {len(rows)} leaves'
+  )
   return '\n'.join(lines)

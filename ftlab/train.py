@@ -48,8 +48,12 @@ class TrainState:
 def create_train_state(variables: PyTree, tx: optax.GradientTransformation) -> TrainState:
   """A state at step 0 from model variables (`{'params': ..., 'batch_stats': ...}`)."""
   params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get('batch_stats', {}),
+    opt_state=tx.init(params),
+  )
 
 
 def bind_model(model: nn.Module, plan: policies.Plan, axis_name: str | None = AXIS) -> nn.Module:
@@ -58,8 +62,9 @@ def bind_model(model: nn.Module, plan: policies.Plan, axis_name: str | None = AX
   return model.clone(axis_name=axis_name, frozen_batch_norm=tuple(plan.frozen_layers))
 
 
-def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0
-                  ) -> jnp.ndarray:
+def cross_entropy(
+  logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0
+) -> jnp.ndarray:
   """Per-example softmax cross-entropy against integer labels, optionally smoothed."""
   targets = jax.nn.one_hot(labels, logits.shape[-1])
   if label_smoothing:
@@ -71,10 +76,17 @@ def _variables(params: PyTree, batch_stats: PyTree) -> dict:
   return {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Module,
-               tx: optax.GradientTransformation, trainable_mask: PyTree,
-               label_smoothing: float = 0.0, learning_rate_fn: Callable | None = None
-               ) -> tuple[TrainState, dict]:
+def train_step(
+  state: TrainState,
+  batch: dict,
+  rng: jax.Array,
+  *,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  trainable_mask: PyTree,
+  label_smoothing: float = 0.0,
+  learning_rate_fn: Callable | None = None,
+) -> tuple[TrainState, dict]:
   """One optimizer step on this device's share of the batch.
 
   Args:
@@ -100,8 +112,12 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
   def loss_fn(trainable):
     params = policies.unflatten({**frozen, **trainable})
     logits, new_vars = model.apply(
-        _variables(params, state.batch_stats), batch['image'], train=True,
-        mutable=['batch_stats'], rngs={'dropout': rng})
+      _variables(params, state.batch_stats),
+      batch['image'],
+      train=True,
+      mutable=['batch_stats'],
+      rngs={'dropout': rng},
+    )
     loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
     return loss, (logits, new_vars.get('batch_stats', {}))
 
@@ -113,16 +129,19 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: nn.Modu
   flat_updates = policies.flatten(updates)
   new_trainable = {p: (x + flat_updates[p]).astype(x.dtype) for p, x in trainable.items()}
   metrics = {
-      'loss': loss,
-      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-      'grad_norm': optax.global_norm(grads),
+    'loss': loss,
+    'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+    'grad_norm': optax.tree.norm(grads),
   }
   metrics = lax.pmean(metrics, AXIS)
   if learning_rate_fn is not None:
     metrics['lr'] = learning_rate_fn(state.step)
   new_state = state.replace(
-      step=state.step + 1, params=policies.unflatten({**frozen, **new_trainable}),
-      batch_stats=batch_stats, opt_state=opt_state)
+    step=state.step + 1,
+    params=policies.unflatten({**frozen, **new_trainable}),
+    batch_stats=batch_stats,
+    opt_state=opt_state,
+  )
   return new_state, metrics
 
 
@@ -138,13 +157,12 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict:
   Returns:
     `loss_sum`, `correct` and `count` over the real examples of the global batch.
   """
-  logits = model.apply(_variables(state.params, state.batch_stats), batch['image'],
-                       train=False)
+  logits = model.apply(_variables(state.params, state.batch_stats), batch['image'], train=False)
   mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32)).astype(jnp.float32)
   sums = {
-      'loss_sum': jnp.sum(cross_entropy(logits, batch['label']) * mask),
-      'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
-      'count': jnp.sum(mask),
+    'loss_sum': jnp.sum(cross_entropy(logits, batch['label']) * mask),
+    'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
+    'count': jnp.sum(mask),
   }
   return lax.psum(sums, AXIS)
 
@@ -152,13 +170,22 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict:
 def eval_metrics(sums: dict) -> dict:
   """`loss` and `accuracy` from summed eval counts (of one or many batches)."""
   count = max(float(sums['count']), 1.0)
-  return {'loss': float(sums['loss_sum']) / count, 'accuracy': float(sums['correct']) / count,
-          'count': int(sums['count'])}
+  return {
+    'loss': float(sums['loss_sum']) / count,
+    'accuracy': float(sums['correct']) / count,
+    'count': int(sums['count']),
+  }
 
 
-def compile_steps(spread: Any, *, model: nn.Module, tx: optax.GradientTransformation,
-                  plan: policies.Plan, label_smoothing: float = 0.0,
-                  learning_rate_fn: Callable | None = None) -> tuple[Callable, Callable]:
+def compile_steps(
+  spread: Any,
+  *,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  plan: policies.Plan,
+  label_smoothing: float = 0.0,
+  learning_rate_fn: Callable | None = None,
+) -> tuple[Callable, Callable]:
   """The spread train and eval steps for `plan`: `p_train_step(state, batch, rng)` with the
   state donated, and `p_eval_step(state, batch)`.
 
@@ -172,10 +199,16 @@ def compile_steps(spread: Any, *, model: nn.Module, tx: optax.GradientTransforma
   """
   bound = bind_model(model, plan)
   train_fn = functools.partial(
-      train_step, model=bound, tx=tx, trainable_mask=plan.trainable_mask,
-      label_smoothing=label_smoothing, learning_rate_fn=learning_rate_fn)
+    train_step,
+    model=bound,
+    tx=tx,
+    trainable_mask=plan.trainable_mask,
+    label_smoothing=label_smoothing,
+    learning_rate_fn=learning_rate_fn,
+  )
   eval_fn = functools.partial(eval_step, model=bound)
-  p_train_step = spread.compile(train_fn, in_kinds=(REPLICATED, SHARDED, BROADCAST),
-                                donate_argnums=(0,))
+  p_train_step = spread.compile(
+    train_fn, in_kinds=(REPLICATED, SHARDED, BROADCAST), donate_argnums=(0,)
+  )
   p_eval_step = spread.compile(eval_fn, in_kinds=(REPLICATED, SHARDED))
   return p_train_step, p_eval_step

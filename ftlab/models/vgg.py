@@ -17,7 +17,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 # Convolutions per block for each depth; channels per block for width 1.
-CONVS_PER_BLOCK = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
+CONVS_PER_BLOCK = {
+  11: (1, 1, 2, 2, 2),
+  13: (2, 2, 2, 2, 2),
+  16: (2, 2, 3, 3, 3),
+  19: (2, 2, 4, 4, 4),
+}
 BLOCK_CHANNELS = (64, 128, 256, 512, 512)
 IMAGENET_FC_UNITS = 4096
 MLP_HEAD_UNITS = 256
@@ -97,8 +102,9 @@ class VGG(nn.Module):
     """Which top-level layers form which block, input to output."""
     check_architecture(self.depth, self.head)
     blocks = tuple(
-        Block(f'block{b}', tuple(self._block_layers(b, n)))
-        for b, n in enumerate(CONVS_PER_BLOCK[self.depth], start=1))
+      Block(f'block{b}', tuple(self._block_layers(b, n)))
+      for b, n in enumerate(CONVS_PER_BLOCK[self.depth], start=1)
+    )
     if self.head == 'imagenet':
       blocks += (Block('fc', ('fc1', 'fc2')),)
       head = Block('head', ('predictions',))
@@ -124,28 +130,40 @@ class VGG(nn.Module):
     height, width = x_BHWC.shape[1:3]
     if min(height, width) < MIN_INPUT_SIZE:
       raise ValueError(
-          f'input size {height}x{width} is too small for VGG: its five 2x2 pools need at '
-          f'least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}')
+        f'input size {height}x{width} is too small for VGG: its five 2x2 pools need at '
+        f'least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}'
+      )
     x = x_BHWC.astype(self.dtype)
     for b, num_convs in enumerate(CONVS_PER_BLOCK[self.depth], start=1):
       channels = scaled(BLOCK_CHANNELS[b - 1], self.width)
       for i in range(1, num_convs + 1):
         name = f'block{b}_conv{i}'
-        x = nn.Conv(channels, (3, 3), padding='SAME', dtype=self.dtype,
-                    kernel_init=conv_kernel_init, name=name)(x)
+        x = nn.Conv(
+          channels,
+          (3, 3),
+          padding='SAME',
+          dtype=self.dtype,
+          kernel_init=conv_kernel_init,
+          name=name,
+        )(x)
         if self.batch_norm:
           bn_name = f'{name}_bn'
           x = nn.BatchNorm(
-              use_running_average=not train or bn_name in self.frozen_batch_norm,
-              momentum=0.9, epsilon=1e-5,  # torchvision's BatchNorm2d defaults
-              axis_name=self.axis_name, dtype=self.dtype, name=bn_name)(x)
+            use_running_average=not train or bn_name in self.frozen_batch_norm,
+            momentum=0.9,
+            epsilon=1e-5,  # torchvision's BatchNorm2d defaults
+            axis_name=self.axis_name,
+            dtype=self.dtype,
+            name=bn_name,
+          )(x)
         x = nn.relu(x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     return self._head(x, train).astype(jnp.float32) if self.head != 'none' else x
 
   def _head(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     dense = lambda units, name, init=dense_kernel_init: nn.Dense(
-        units, dtype=self.dtype, kernel_init=init, name=name)
+      units, dtype=self.dtype, kernel_init=init, name=name
+    )
     dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
     if self.head == 'gap':
       return dense(self.num_classes, 'predictions')(jnp.mean(x, axis=(1, 2)))
@@ -170,7 +188,11 @@ def by_name(name: str, **kwargs: Any) -> VGG:
   """`vgg11` ... `vgg19`, with `_bn` for BatchNorm, e.g. `by_name('vgg16_bn', width=0.25)`."""
   base, _, suffix = name.partition('_')
   valid = [f'vgg{d}{s}' for d in CONVS_PER_BLOCK for s in ('', '_bn')]
-  if not base.startswith('vgg') or not base[3:].isdigit() or suffix not in ('', 'bn') or (
-      int(base[3:]) not in CONVS_PER_BLOCK):
+  if (
+    not base.startswith('vgg')
+    or not base[3:].isdigit()
+    or suffix not in ('', 'bn')
+    or (int(base[3:]) not in CONVS_PER_BLOCK)
+  ):
     raise ValueError(f'unknown model {name!r}; valid: {", ".join(valid)}')
   return VGG(depth=int(base[3:]), batch_norm=suffix == 'bn', **kwargs)

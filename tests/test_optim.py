@@ -1,0 +1,134 @@
+"""Optimizer from a plan: state only for trainable leaves, per-leaf lr, schedules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import ConfigDict
+
+from ftlab import optim, policies
+from ftlab.models import vgg
+
+MODEL = vgg.VGG(depth=11, num_classes=4, head='mlp', width=1 / 16)
+PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)['params']
+
+
+def opt_config(**kw):
+  cfg = dict(
+    name='sgd',
+    learning_rate=0.1,
+    momentum=0.9,
+    weight_decay=0.0,
+    grad_clip_norm=0.0,
+    warmup_steps=0,
+    schedule='constant',
+  )
+  cfg.update(kw)
+  return ConfigDict(cfg)
+
+
+def plan_for(**cfg):
+  return policies.make_plan(PARAMS, MODEL.block_structure(), ConfigDict(cfg))
+
+
+def state_size(state):
+  return sum(x.size for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize('name, slots', [('sgd', 1), ('adam', 2), ('adamw', 2)])
+@pytest.mark.parametrize(
+  'policy',
+  [
+    dict(name='linear_probe'),
+    dict(name='last_blocks', k=2),
+    dict(name='bitfit'),
+    dict(name='full'),
+  ],
+)
+def test_state_holds_slots_times_trainable(name, slots, policy):
+  plan = plan_for(**policy)
+  n_trainable, _ = policies.trainable_count(plan, PARAMS)
+  tx = optim.make(plan, opt_config(name=name, weight_decay=1e-3, grad_clip_norm=1.0), 10)
+  state = tx.init(PARAMS)
+  # Besides the slots: int32 step counters (the schedule's, and Adam's own), and nothing
+  # at all for frozen leaves.
+  counters = [x for x in jax.tree.leaves(state) if x.dtype == jnp.int32]
+  assert all(x.shape == () for x in counters)
+  assert len(counters) == (2 if name != 'sgd' else 1)
+  assert state_size(state) == slots * n_trainable + len(counters)
+
+
+def test_frozen_updates_are_exact_zeros_and_clipping_ignores_frozen_grads():
+  plan = plan_for(name='linear_probe')
+  tx = optim.make(plan, opt_config(momentum=0.0, grad_clip_norm=1.0), 10)
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
+  mask = plan.flat_mask()
+  flat = policies.flatten(updates)
+  for p, u in flat.items():
+    if not mask[p]:
+      assert not np.any(np.asarray(u)), p
+  # The clipping norm covers only the trainable gradient: sqrt(#trainable) here.
+  n_trainable, _ = policies.trainable_count(plan, PARAMS)
+  trainable = np.concatenate([np.ravel(flat[p]) for p in flat if mask[p]])
+  np.testing.assert_allclose(np.linalg.norm(trainable), 0.1, rtol=1e-5)
+  np.testing.assert_allclose(trainable, -0.1 / np.sqrt(n_trainable), rtol=1e-5)
+
+
+def test_lr_multipliers_scale_plain_sgd_updates():
+  plan = plan_for(name='full', lr_multipliers=[('predictions/.*', 10.0), ('fc/bias', 0.25)])
+  tx = optim.make(plan, opt_config(momentum=0.0), 10)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 2.0), PARAMS)
+  updates = policies.flatten(tx.update(grads, tx.init(PARAMS), PARAMS)[0])
+  np.testing.assert_allclose(updates['predictions/kernel'], -0.1 * 10 * 2)
+  np.testing.assert_allclose(updates['fc/bias'], -0.1 * 0.25 * 2)
+  np.testing.assert_allclose(updates['block1_conv1/kernel'], -0.1 * 2)
+
+
+def test_weight_decay_reaches_trainable_leaves_only():
+  plan = plan_for(name='linear_probe')
+  tx = optim.make(plan, opt_config(name='sgd', momentum=0.0, weight_decay=0.5), 10)
+  zeros = jax.tree.map(jnp.zeros_like, PARAMS)
+  updates = policies.flatten(tx.update(zeros, tx.init(PARAMS), PARAMS)[0])
+  np.testing.assert_allclose(
+    updates['predictions/kernel'], -0.1 * 0.5 * PARAMS['predictions']['kernel'], rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    updates['fc/kernel'],  # the mlp head's hidden layer is new too
+    -0.1 * 0.5 * PARAMS['fc']['kernel'],
+    rtol=1e-6,
+  )
+  assert not np.any(updates['block5_conv2/kernel']) and not np.any(updates['block1_conv1/kernel'])
+
+
+def test_schedules():
+  cos = optim.learning_rate_schedule(opt_config(schedule='cosine', warmup_steps=10), 110)
+  np.testing.assert_allclose(
+    [cos(0), cos(5), cos(10), cos(60), cos(110)], [0.0, 0.05, 0.1, 0.05, 0.0], atol=1e-7
+  )
+  const = optim.learning_rate_schedule(opt_config(schedule='constant', warmup_steps=4), 100)
+  np.testing.assert_allclose(
+    [const(0), const(2), const(4), const(99)], [0, 0.05, 0.1, 0.1], atol=1e-7
+  )
+
+
+def test_bad_optimizer_and_schedule_names():
+  plan = plan_for(name='full')
+  with pytest.raises(ValueError, match=r"unknown optimizer 'adamax'; valid: sgd, adam, adamw"):
+    optim.make(plan, opt_config(name='adamax'), 10)
+  with pytest.raises(ValueError, match=r"unknown schedule 'linear'; valid: cosine, constant"):
+    optim.make(plan, opt_config(schedule='linear'), 10)
+
+
+def test_masked_node_tree_is_optax_compatible():
+  # Guards the assumption optim.make relies on: optax.partition hides other groups' leaves
+  # as MaskedNode, so a multiplier tree masked the same way lines up with the updates.
+  seen = []
+  spy = optax.GradientTransformation(
+    lambda p: optax.EmptyState(), lambda u, s, p=None: (seen.append(jax.tree.structure(u)) or u, s)
+  )
+  tx = optax.partition({'a': spy, 'b': optax.set_to_zero()}, {'x': 'a', 'y': 'b'})
+  tx.update({'x': 1.0, 'y': 2.0}, tx.init({'x': 1.0, 'y': 2.0}))
+  expected = jax.tree.structure({'x': 0.0, 'y': optax.MaskedNode()})
+  assert seen == [expected]

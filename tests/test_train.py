@@ -1,0 +1,279 @@
+"""The spread train step: exact freezing, device-count invariance, determinism, FLOPs."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import ConfigDict
+
+from ftlab import optim, parallel, policies, train
+from ftlab.models import vgg
+
+SGD = dict(
+  name='sgd',
+  learning_rate=0.05,
+  momentum=0.9,
+  weight_decay=1e-3,
+  grad_clip_norm=1.0,
+  warmup_steps=0,
+  schedule='constant',
+)
+POLICIES = {
+  'full': dict(name='full'),
+  'linear_probe': dict(name='linear_probe'),
+  'last_blocks': dict(name='last_blocks', k=1),
+  'first_blocks': dict(name='first_blocks', k=1),
+  'blocks': dict(name='blocks', blocks=[3]),
+  'bitfit': dict(name='bitfit'),
+  'regex': dict(
+    name='regex',
+    trainable=[r'block2_.*/kernel', 'predictions/.*'],
+    frozen=[r'(?!predictions/)(?!block2_.*/kernel).*'],
+  ),
+}
+
+
+def tiny(batch_norm=False, head='gap', **kw):
+  return vgg.VGG(depth=11, batch_norm=batch_norm, num_classes=5, head=head, width=1 / 16, **kw)
+
+
+def init(model):
+  return model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+
+
+def batches(n, batch_size=16, seed=0):
+  rng = np.random.RandomState(seed)
+  return [
+    {
+      'image': rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32) * 2 + 0.5,
+      'label': rng.randint(0, 5, batch_size).astype(np.int32),
+    }
+    for _ in range(n)
+  ]
+
+
+def setup(model, policy, opt=SGD, steps=10):
+  variables = init(model)
+  plan = policies.make_plan(variables['params'], model.block_structure(), ConfigDict(policy))
+  return variables, plan, optim.make(plan, ConfigDict(opt), steps)
+
+
+def run(model, variables, plan, tx, data, *, mode='pmap', num_devices=8, seed=0):
+  spread = parallel.Spread(mode, tuple(jax.devices()[:num_devices]))
+  p_train_step, _ = train.compile_steps(spread, model=model, tx=tx, plan=plan)
+  state = spread.replicate(train.create_train_state(variables, tx))
+  for batch in data:
+    state, metrics = p_train_step(state, spread.shard(batch), jax.random.key(seed))
+  return jax.device_get(spread.unreplicate(state)), jax.device_get(spread.unreplicate(metrics))
+
+
+def assert_trees_close(a, b, atol):
+  flat_a, flat_b = policies.flatten(a), policies.flatten(b)
+  assert flat_a.keys() == flat_b.keys()
+  for p in flat_a:
+    np.testing.assert_allclose(flat_a[p], flat_b[p], atol=atol, rtol=0, err_msg=p)
+
+
+@pytest.mark.parametrize('policy', list(POLICIES))
+def test_frozen_leaves_bit_identical_and_trainable_leaves_move(policy):
+  model = tiny(batch_norm=True)
+  variables, plan, tx = setup(model, POLICIES[policy])
+  state, metrics = run(model, variables, plan, tx, batches(5))
+  assert int(state.step) == 5 and np.isfinite(metrics['loss'])
+  before, after = policies.flatten(variables['params']), policies.flatten(state.params)
+  for path, trainable in plan.flat_mask().items():
+    if trainable:
+      assert not np.array_equal(before[path], after[path]), f'{path} did not move'
+    else:
+      assert np.array_equal(before[path], after[path]), f'frozen {path} changed'
+      assert before[path].tobytes() == np.asarray(after[path]).tobytes()  # bit for bit
+  # BatchNorm statistics of frozen layers are untouched; trained layers' statistics move.
+  stats_before = policies.flatten(variables['batch_stats'])
+  stats_after = policies.flatten(state.batch_stats)
+  for path in stats_before:
+    frozen = path.split('/')[0] in plan.frozen_layers
+    assert np.array_equal(stats_before[path], stats_after[path]) == frozen, path
+
+
+@pytest.mark.parametrize('batch_norm', [False, True])
+def test_eight_devices_equal_one_device(batch_norm):
+  model = tiny(batch_norm=batch_norm)
+  variables, plan, tx = setup(model, POLICIES['full'])
+  data = batches(2)
+  state_8, metrics_8 = run(model, variables, plan, tx, data, num_devices=8)
+  state_1, metrics_1 = run(model, variables, plan, tx, data, num_devices=1)
+  assert_trees_close(state_8.params, state_1.params, atol=1e-5)
+  assert_trees_close(state_8.batch_stats, state_1.batch_stats, atol=1e-5)
+  for k in metrics_1:
+    np.testing.assert_allclose(metrics_8[k], metrics_1[k], rtol=1e-5)
+  moved = max(
+    np.abs(a - b).max()
+    for a, b in zip(jax.tree.leaves(state_1.params), jax.tree.leaves(variables['params']))
+  )
+  assert moved > 1e-3  # the comparison is not between two unchanged states
+
+
+@pytest.mark.parametrize('batch_norm', [False, True])
+def test_pmap_and_shard_map_agree(batch_norm):
+  model = tiny(batch_norm=batch_norm, head='mlp')  # with dropout: rng handling must agree too
+  variables, plan, tx = setup(model, POLICIES['last_blocks'])
+  data = batches(2)
+  state_p, metrics_p = run(model, variables, plan, tx, data, mode='pmap')
+  state_s, metrics_s = run(model, variables, plan, tx, data, mode='shard_map')
+  assert_trees_close(state_p.params, state_s.params, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(state_p.opt_state), jax.tree.leaves(state_s.opt_state)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+  for k in metrics_p:
+    np.testing.assert_allclose(metrics_p[k], metrics_s[k], rtol=1e-5)
+
+
+def test_step_matches_hand_written_sgd():
+  # An independent reference: plain SGD on the whole batch with jax.grad, one device, no
+  # plan machinery; only the trainable leaves move, by exactly -lr * grad.
+  model = tiny(head='imagenet', dropout_rate=0.0)
+  opt = dict(SGD, momentum=0.0, weight_decay=0.0, grad_clip_norm=0.0)
+  variables, plan, tx = setup(model, POLICIES['last_blocks'], opt)
+  batch = batches(1)[0]
+  state, _ = run(model, variables, plan, tx, [batch])
+
+  def loss_fn(params):
+    logits = model.apply({'params': params}, batch['image'], train=False)
+    labels = jax.nn.one_hot(batch['label'], 5)
+    return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1))
+
+  grads = policies.flatten(jax.grad(loss_fn)(variables['params']))
+  params, mask = policies.flatten(variables['params']), plan.flat_mask()
+  expected = {p: params[p] - 0.05 * grads[p] if mask[p] else params[p] for p in params}
+  assert_trees_close(state.params, policies.unflatten(expected), atol=1e-6)
+
+
+def test_same_seed_is_bit_identical_and_seed_matters():
+  model = tiny(head='mlp')
+  variables, plan, tx = setup(model, POLICIES['full'])
+  data = batches(3)
+  a, _ = run(model, variables, plan, tx, data, seed=1)
+  b, _ = run(model, variables, plan, tx, data, seed=1)
+  c, _ = run(model, variables, plan, tx, data, seed=2)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+  assert not np.array_equal(a.params['fc']['kernel'], c.params['fc']['kernel'])  # dropout
+
+
+@pytest.mark.parametrize('mode', parallel.MODES)
+def test_no_retrace_after_first_step(mode):
+  model = tiny()
+  variables, plan, tx = setup(model, POLICIES['last_blocks'])
+  traces = []
+
+  def counted_step(state, batch, rng, **kw):
+    traces.append(1)
+    return train.train_step(state, batch, rng, **kw)
+
+  spread = parallel.Spread(mode)
+  step = functools.partial(
+    counted_step, model=train.bind_model(model, plan), tx=tx, trainable_mask=plan.trainable_mask
+  )
+  p_train_step = spread.compile(
+    step, in_kinds=('replicated', 'sharded', 'broadcast'), donate_argnums=(0,)
+  )
+  state = spread.replicate(train.create_train_state(variables, tx))
+  for batch in batches(4):
+    state, _ = p_train_step(state, spread.shard(batch), jax.random.key(0))
+  assert len(traces) == 1
+
+
+def test_flops_show_no_backward_work_for_frozen_parts():
+  model = vgg.VGG(depth=16, num_classes=10, head='imagenet', width=1 / 8, dropout_rate=0.0)
+  variables = init(model)
+  batch = batches(1, batch_size=8)[0]
+  x = jnp.asarray(batch['image'])
+  forward = parallel.compiled_flops(
+    jax.jit(lambda v, x: model.apply(v, x, train=False)), variables, x
+  )
+  spread = parallel.Spread('shard_map', jax.devices()[:1])
+  flops = {}
+  for name, policy in [
+    ('linear_probe', POLICIES['linear_probe']),
+    ('last_blocks_1', dict(name='last_blocks', k=1)),
+    ('last_blocks_2', dict(name='last_blocks', k=2)),
+    ('full', POLICIES['full']),
+  ]:
+    plan = policies.make_plan(variables['params'], model.block_structure(), ConfigDict(policy))
+    tx = optim.make(plan, ConfigDict(SGD), 10)
+    p_train_step, _ = train.compile_steps(spread, model=model, tx=tx, plan=plan)
+    state = spread.replicate(train.create_train_state(variables, tx))
+    flops[name] = parallel.compiled_flops(
+      p_train_step, state, spread.shard(batch), jax.random.key(0)
+    )
+  assert flops['linear_probe'] <= 1.10 * forward, (flops, forward)
+  assert flops['linear_probe'] < flops['last_blocks_1'] < flops['last_blocks_2'] < flops['full']
+  assert flops['full'] > 2.5 * forward  # a full backward costs about twice the forward
+  assert flops['last_blocks_2'] < 0.5 * flops['full']  # block 5 at 2x2 px is cheap
+
+
+def test_indivisible_batch_is_a_clear_error_before_compiling():
+  spread = parallel.Spread('pmap')
+  with pytest.raises(
+    ValueError,
+    match=r'^global batch size 12 is not divisible by 8 devices; '
+    r'use a multiple of 8 \(e.g. 8 or 16\)$',
+  ):
+    spread.shard(batches(1, batch_size=12)[0])
+  with pytest.raises(ValueError, match=r"unknown parallelism 'pjit'; valid: pmap, shard_map"):
+    parallel.Spread('pjit')
+
+
+@pytest.mark.parametrize('mode', parallel.MODES)
+def test_eval_step_is_exact_under_padding(mode):
+  model = tiny(batch_norm=True)
+  variables = init(model)
+  batch = batches(1)[0]
+  real = 13
+  padded = {
+    'image': batch['image'].copy(),
+    'label': batch['label'].copy(),
+    'mask': (np.arange(16) < real).astype(np.float32),
+  }
+  padded['image'][real:] = 0.0
+  spread = parallel.Spread(mode)
+  plan = policies.make_plan(
+    variables['params'], model.block_structure(), ConfigDict(POLICIES['full'])
+  )
+  tx = optim.make(plan, ConfigDict(SGD), 10)
+  _, p_eval_step = train.compile_steps(spread, model=model, tx=tx, plan=plan)
+  state = spread.replicate(train.create_train_state(variables, tx))
+  sums = jax.device_get(spread.unreplicate(p_eval_step(state, spread.shard(padded))))
+  metrics = train.eval_metrics(sums)
+  logits = model.apply(variables, batch['image'][:real], train=False)
+  labels = batch['label'][:real]
+  assert metrics['count'] == real
+  np.testing.assert_allclose(metrics['accuracy'], np.mean(np.argmax(logits, -1) == labels))
+  np.testing.assert_allclose(
+    metrics['loss'],
+    np.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)),
+    rtol=1e-5,
+  )
+
+
+def test_label_smoothing_matches_closed_form():
+  logits = jax.random.normal(jax.random.key(0), (6, 5))
+  labels = jnp.array([0, 1, 2, 3, 4, 0])
+  log_p = jax.nn.log_softmax(logits)
+  plain = -log_p[jnp.arange(6), labels]
+  expected = 0.9 * plain + 0.1 * -log_p.mean(-1)
+  np.testing.assert_allclose(train.cross_entropy(logits, labels, 0.1), expected, rtol=1e-6)
+  np.testing.assert_allclose(train.cross_entropy(logits, labels), plain, rtol=1e-6)
+
+
+def test_bfloat16_step_keeps_float32_params():
+  model = tiny(batch_norm=True, dtype=jnp.bfloat16)
+  variables, plan, tx = setup(model, POLICIES['last_blocks'])
+  state, metrics = run(model, variables, plan, tx, batches(2))
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype('float32')}
+  assert np.isfinite(metrics['loss'])
+  assert not np.array_equal(
+    state.params['predictions']['kernel'], variables['params']['predictions']['kernel']
+  )
