@@ -1,0 +1,324 @@
+"""The input pipeline, offline: a fake IDX Fashion-MNIST, a tiny image folder, mocked tfds.
+
+Fake examples carry their index in pixels (0, 0) and (0, 1), so a test can name every example
+a batch holds and check that each is seen exactly once.
+"""
+
+import gzip
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from ftlab import input_pipeline as ip
+
+N_TRAIN, N_TEST = 100, 1001
+CATALOG_NAMES = tfds.builder('fashion_mnist').info.features['label'].names  # from code, offline
+
+
+def write_idx(path, array, magic):
+  header = magic.to_bytes(4, 'big') + b''.join(d.to_bytes(4, 'big') for d in array.shape)
+  with gzip.open(path, 'wb') as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_images(n):
+  images = np.random.RandomState(n).randint(0, 256, (n, 28, 28)).astype(np.uint8)
+  images[:, 0, 0], images[:, 0, 1] = np.arange(n) % 256, np.arange(n) // 256
+  return images
+
+
+def labels_of(ids):
+  return (np.asarray(ids) * 7) % 10  # every class, not in index order
+
+
+def write_fake_fashion_mnist(idx_dir):
+  os.makedirs(idx_dir, exist_ok=True)
+  for prefix, n in [('train', N_TRAIN), ('t10k', N_TEST)]:
+    write_idx(f'{idx_dir}/{prefix}-images-idx3-ubyte.gz', fake_images(n), 2051)
+    write_idx(f'{idx_dir}/{prefix}-labels-idx1-ubyte.gz', labels_of(np.arange(n)), 2049)
+
+
+@pytest.fixture(scope='module')
+def fake(tmp_path_factory):
+  """`build_dataset` keyword arguments for a prepared fake Fashion-MNIST."""
+  root = tmp_path_factory.mktemp('fake_fashion_mnist')
+  write_fake_fashion_mnist(str(root / 'idx'))
+  kwargs = dict(data_dir=str(root / 'data'), fashion_mnist_dir=str(root / 'idx'))
+  ip.build_dataset('fashion_mnist', 'train', **kwargs)  # prepare once
+  return kwargs
+
+
+def ids_of(images):
+  """Example indices of 'unit'-preprocessed, unaugmented 28x28 fake images."""
+  pixels = np.round(images[:, 0, :2, 0] * 255).astype(int)
+  return pixels[:, 0] + 256 * pixels[:, 1]
+
+
+def eval_ids(data, global_batch, process_index=0, process_count=1):
+  batches = list(
+    ip.eval_iterator(
+      data,
+      global_batch=global_batch,
+      image_size=28,
+      preprocess='unit',
+      process_index=process_index,
+      process_count=process_count,
+    )
+  )
+  real = np.concatenate([ids_of(b['image'])[b['mask'] == 1] for b in batches])
+  return batches, real
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def test_read_idx_round_trip_and_bad_magic(tmp_path):
+  images = fake_images(5)
+  write_idx(tmp_path / 'i.gz', images, 2051)
+  np.testing.assert_array_equal(ip.read_idx(str(tmp_path / 'i.gz'), 'images'), images)
+  write_idx(tmp_path / 'l.gz', np.arange(5), 2049)
+  with pytest.raises(ValueError, match='magic 2049'):
+    ip.read_idx(str(tmp_path / 'l.gz'), 'images')
+
+
+def test_local_fashion_mnist_matches_catalog_and_caches(fake, tmp_path):
+  data = ip.build_dataset('fashion_mnist', 'test', **fake)
+  assert (data.num_examples, data.num_classes) == (N_TEST, 10)
+  assert data.class_names == tuple(CATALOG_NAMES)
+  catalog = tfds.builder('fashion_mnist').info.features
+  assert repr(data.builder.info.features) == repr(catalog)  # same image shape, dtype, names
+  batches, ids = eval_ids(data, 1024)
+  np.testing.assert_array_equal(np.sort(ids), np.arange(N_TEST))
+  images = np.concatenate([b['image'] for b in batches])[: len(ids)]
+  np.testing.assert_allclose(images[..., 0] * 255, fake_images(N_TEST)[ids], atol=1e-3)
+  labels = np.concatenate([b['label'] for b in batches])[: len(ids)]
+  np.testing.assert_array_equal(labels, labels_of(ids))
+  # Prepared once: with the IDX files gone, the builder still reads its prepared copy.
+  idx_copy = str(tmp_path / 'idx')
+  shutil.copytree(fake['fashion_mnist_dir'], idx_copy)
+  data_dir = str(tmp_path / 'data')
+  ip.build_dataset('fashion_mnist', 'train', data_dir=data_dir, fashion_mnist_dir=idx_copy)
+  shutil.rmtree(idx_copy)
+  again = ip.build_dataset('fashion_mnist', 'train', data_dir=data_dir, fashion_mnist_dir=idx_copy)
+  assert again.num_examples == N_TRAIN
+
+
+def test_real_debian_fashion_mnist(tmp_path):
+  if not os.path.exists(os.path.join(ip.DEBIAN_FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz')):
+    pytest.skip(f'{ip.DEBIAN_FASHION_MNIST_DIR} absent: apt-get install dataset-fashion-mnist')
+  train = ip.build_dataset('fashion_mnist', 'train', data_dir=str(tmp_path))  # ~20 s to prepare
+  test = ip.build_dataset('fashion_mnist', 'test', data_dir=str(tmp_path))
+  assert (train.num_examples, test.num_examples) == (60_000, 10_000)
+  assert train.class_names[:2] == ('T-shirt/top', 'Trouser')
+  assert train.class_names == tuple(CATALOG_NAMES)
+
+
+def test_absent_dataset_fails_fast_with_its_name(tmp_path):
+  start = time.time()
+  with pytest.raises(ValueError, match="'cifar10' is not prepared.*download") as error:
+    ip.build_dataset('cifar10', 'train', data_dir=str(tmp_path))
+  assert '\n' not in str(error.value)
+  with pytest.raises(ValueError, match="unknown dataset 'no_such_dataset'"):
+    ip.build_dataset('no_such_dataset', 'train', data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="'fashion_mnist' is not prepared.*IDX"):
+    ip.build_dataset('fashion_mnist', 'train', data_dir=str(tmp_path), fashion_mnist_dir='/nope')
+  with pytest.raises(ValueError, match='image folder'):
+    ip.build_dataset('image_folder:/nope', 'train')
+  assert time.time() - start < 10
+
+
+def test_mocked_catalog_dataset_exact_eval():
+  # mock_data makes download_and_prepare a no-op, so download=True reads the mock offline.
+  with tfds.testing.mock_data(num_examples=1001):
+    data = ip.build_dataset('cifar10', 'test', download=True)
+    assert (data.num_examples, data.num_classes) == (1001, 10)
+    batches = list(ip.eval_iterator(data, global_batch=64, image_size=32, preprocess='caffe'))
+  assert len(batches) == 16 == ip.num_eval_steps(1001, 64)
+  assert sum(b['mask'].sum() for b in batches) == 1001
+  last = batches[-1]
+  assert last['image'].shape == (64, 32, 32, 3) and last['image'].dtype == np.float32
+  assert last['label'].dtype == np.int32 and last['mask'].dtype == np.float32
+  assert last['mask'][:41].all() and not last['mask'][41:].any()  # 1001 = 15 * 64 + 41
+  assert not last['image'][41:].any()
+
+
+@pytest.mark.parametrize('process_count', [1, 2])
+@pytest.mark.parametrize('n', [N_TEST, 961])  # 961: process 1's 480 fill 15 batches of 16
+def test_exact_eval_every_example_once(fake, process_count, n):
+  data = ip.build_dataset('fashion_mnist', f'test[:{n}]', **fake)
+  shares = [eval_ids(data, 64, p, process_count) for p in range(process_count)]
+  for batches, _ in shares:
+    assert len(batches) == 16
+    assert all(b['image'].shape[0] == 64 // process_count for b in batches)
+  assert sum(b['mask'].sum() for batches, _ in shares for b in batches) == n
+  ids = np.concatenate([ids for _, ids in shares])
+  assert len(ids) == len(set(ids)) == n  # none twice
+  _, all_ids = eval_ids(ip.build_dataset('fashion_mnist', 'test', **fake), 1024)
+  np.testing.assert_array_equal(np.sort(ids), np.sort(all_ids[:n]))  # the first n of the split
+
+
+def test_class_subset_is_relabelled_in_order(fake):
+  classes = (7, 2, 5)
+  data = ip.build_dataset('fashion_mnist', 'test', classes=classes, **fake)
+  assert data.class_names == tuple(CATALOG_NAMES[c] for c in classes)
+  assert data.num_examples == np.isin(labels_of(np.arange(N_TEST)), classes).sum()
+  batches, ids = eval_ids(data, 256)
+  labels = np.concatenate([b['label'][b['mask'] == 1] for b in batches])
+  expected = [classes.index(c) for c in labels_of(ids)]
+  np.testing.assert_array_equal(labels, expected)
+  with pytest.raises(ValueError, match='distinct labels'):
+    ip.build_dataset('fashion_mnist', 'test', classes=(1, 1), **fake)
+
+
+def test_examples_per_class_is_a_seeded_first_n(fake):
+  data = ip.build_dataset('fashion_mnist', 'train', examples_per_class=3, seed=1, **fake)
+  assert data.num_examples == 30
+  _, ids = eval_ids(data, 64)
+  assert np.bincount(labels_of(ids), minlength=10).tolist() == [3] * 10
+  # The documented order: positions in the prepared split (tfds shuffled the IDX order when
+  # it prepared it), permuted by default_rng(seed).
+  _, position_ids = eval_ids(ip.build_dataset('fashion_mnist', 'train', **fake), 128)
+  order = np.random.default_rng(1).permutation(N_TRAIN)
+  position_labels = labels_of(position_ids)
+  expected = np.concatenate([order[position_labels[order] == c][:3] for c in range(10)])
+  np.testing.assert_array_equal(data.indices, np.sort(expected))
+  np.testing.assert_array_equal(ids, position_ids[np.sort(expected)])
+  other = ip.build_dataset('fashion_mnist', 'train', examples_per_class=3, seed=2, **fake)
+  assert not np.array_equal(other.indices, data.indices)
+  subset = ip.build_dataset('fashion_mnist', 'train', classes=(9, 0), examples_per_class=4, **fake)
+  assert subset.num_examples == 8 and subset.num_classes == 2
+  with pytest.raises(ValueError, match='fewer than 11'):
+    ip.build_dataset('fashion_mnist', 'train', examples_per_class=11, **fake)
+
+
+def test_minival_is_the_disjoint_end_of_train(fake):
+  train_split, minival_split = ip.minival_split('train', '10%')
+  assert (train_split, minival_split) == ('train[:-10%]', 'train[-10%:]')
+  train = ip.build_dataset('fashion_mnist', train_split, **fake)
+  minival = ip.build_dataset('fashion_mnist', ip.minival_split('train', 7)[1], **fake)
+  assert (train.num_examples, minival.num_examples) == (90, 7)
+  _, train_ids = eval_ids(train, 128)
+  _, minival_ids = eval_ids(minival, 128)
+  full = ip.build_dataset('fashion_mnist', 'train', **fake)
+  _, all_ids = eval_ids(full, 128)
+  np.testing.assert_array_equal(minival_ids, all_ids[-7:])
+  assert not set(train_ids) & set(minival_ids)
+
+
+def test_preprocessing_constants_by_hand():
+  rgb = np.array([[[10, 20, 30], [200, 100, 0]]], np.uint8)  # [1, 2, 3]
+  out = {
+    mode: ip.preprocess_image(tf.constant(rgb), image_size=2, preprocess=mode).numpy()
+    for mode in ip.PREPROCESSING
+  }
+  # resize (1, 2) -> (2, 2) repeats the row, so row 0 holds the pixels unchanged.
+  r, g, b = rgb[0, 0].astype(np.float64)
+  np.testing.assert_allclose(out['caffe'][0, 0], [b - 103.939, g - 116.779, r - 123.68], atol=1e-4)
+  np.testing.assert_allclose(
+    out['torch'][0, 0],
+    [(r / 255 - 0.485) / 0.229, (g / 255 - 0.456) / 0.224, (b / 255 - 0.406) / 0.225],
+    atol=1e-5,
+  )
+  np.testing.assert_allclose(out['unit'][0, 1], [200 / 255, 100 / 255, 0.0], atol=1e-6)
+  assert all(x.shape == (2, 2, 3) and x.dtype == np.float32 for x in out.values())
+
+
+def test_grey_is_tiled_to_rgb():
+  grey = tf.constant(np.arange(16, dtype=np.uint8).reshape(4, 4, 1) * 10)
+  out = ip.preprocess_image(grey, image_size=4, preprocess='unit').numpy()
+  assert out.shape == (4, 4, 3)
+  for channel in range(3):
+    np.testing.assert_allclose(out[..., channel] * 255, grey.numpy()[..., 0], atol=1e-3)
+  caffe = ip.preprocess_image(grey, image_size=4, preprocess='caffe').numpy()
+  np.testing.assert_allclose(caffe[..., 0] - caffe[..., 2], 123.68 - 103.939, atol=1e-3)
+
+
+def train_batches(data, n, **kwargs):
+  kwargs = dict(global_batch=16, image_size=28, preprocess='unit', augment='resized_crop') | kwargs
+  return take(ip.train_iterator(data, **kwargs), n)
+
+
+def assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['label'], y['label'])
+    np.testing.assert_array_equal(x['image'], y['image'])
+
+
+def test_train_batches_are_a_function_of_the_seed(fake):
+  data = ip.build_dataset('fashion_mnist', 'train', **fake)
+  first = train_batches(data, 3, seed=3)
+  assert first[0]['image'].shape == (16, 28, 28, 3) and first[0]['image'].dtype == np.float32
+  assert first[0]['label'].shape == (16,) and first[0]['label'].dtype == np.int32
+  assert_same_batches(first, train_batches(data, 3, seed=3))
+  other = train_batches(data, 3, seed=4)
+  assert not np.array_equal(first[0]['image'], other[0]['image'])
+
+
+def test_order_is_reshuffled_per_seed_and_epoch(fake):
+  data = ip.build_dataset('fashion_mnist', 'train', **fake)
+
+  def epochs(seed):
+    batches = train_batches(data, 10, global_batch=20, augment='none', seed=seed)
+    return np.concatenate([ids_of(b['image']) for b in batches]).reshape(2, N_TRAIN)
+
+  first, second = epochs(seed=0)
+  np.testing.assert_array_equal(np.sort(first), np.arange(N_TRAIN))  # an epoch is a permutation
+  np.testing.assert_array_equal(np.sort(second), np.arange(N_TRAIN))
+  assert not np.array_equal(first, second)
+  assert not np.array_equal(first, epochs(seed=1)[0])
+
+
+def test_resume_at_step_equals_continuing(fake):
+  data = ip.build_dataset('fashion_mnist', 'train', **fake)
+  # 100 examples in batches of 16: epochs end inside steps 6 and 12.
+  kwargs = dict(seed=5, shuffle_buffer=40)
+  uninterrupted = train_batches(data, 14, **kwargs)
+  assert_same_batches(train_batches(data, 9, start_step=5, **kwargs), uninterrupted[5:])
+  assert_same_batches(train_batches(data, 1, start_step=13, **kwargs), uninterrupted[13:])
+
+
+def test_train_shares_are_disjoint_and_cover_an_epoch(fake):
+  data = ip.build_dataset('fashion_mnist', 'train', **fake)
+  ids = []
+  for process_index in range(2):
+    batches = train_batches(
+      data, 5, global_batch=20, augment='none', process_index=process_index, process_count=2
+    )
+    assert batches[0]['image'].shape[0] == 10
+    ids.append(np.concatenate([ids_of(b['image']) for b in batches]))  # 50 = one epoch
+  np.testing.assert_array_equal(np.sort(np.concatenate(ids)), np.arange(N_TRAIN))
+  with pytest.raises(ValueError, match='not divisible'):
+    ip.train_iterator(data, global_batch=15, image_size=28, preprocess='unit', process_count=2)
+  with pytest.raises(ValueError, match='process_index 2'):
+    ip.eval_iterator(data, global_batch=16, image_size=28, preprocess='unit', process_index=2)
+
+
+def test_image_folder(tmp_path):
+  rng = np.random.RandomState(0)
+  for split, n in [('train', 4), ('test', 2)]:
+    for label in ['dog', 'cat']:
+      os.makedirs(tmp_path / split / label)
+      for i in range(n):
+        shape = (5 + i, 7, 1 if label == 'cat' else 3)  # grey cats, sizes vary
+        png = tf.io.encode_png(rng.randint(0, 256, shape).astype(np.uint8))
+        tf.io.write_file(str(tmp_path / split / label / f'{i}.png'), png)
+  name = f'image_folder:{tmp_path}'
+  train = ip.build_dataset(name, 'train')
+  assert (train.num_examples, train.class_names) == (8, ('cat', 'dog'))
+  assert ip.build_dataset(name, 'train[:50%]').num_examples == 4
+  batches = list(ip.eval_iterator(train, global_batch=8, image_size=6, preprocess='unit'))
+  assert len(batches) == 1 and batches[0]['image'].shape == (8, 6, 6, 3)
+  images, labels = batches[0]['image'], batches[0]['label']
+  assert sorted(labels.tolist()) == [0] * 4 + [1] * 4
+  cats = images[labels == 0]
+  np.testing.assert_array_equal(cats[..., 0], cats[..., 2])  # grey -> RGB
+  assert not np.array_equal(images[labels == 1][..., 0], images[labels == 1][..., 2])
+  batch = next(ip.train_iterator(train, global_batch=4, image_size=6, preprocess='torch'))
+  assert batch['image'].shape == (4, 6, 6, 3)
