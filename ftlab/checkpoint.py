@@ -1,0 +1,383 @@
+"""Checkpoints: save and resume a run, and start a run from another one's parameters.
+
+This module moves pytrees; it knows nothing of models, policies or the loop. On disk a
+checkpoint directory holds one sub-directory per step, written by an Orbax
+`CheckpointManager` with its default step names:
+
+  directory/<step>/state/   the saved pytree (Orbax PyTree format, OCDBT)
+  directory/<step>/meta/    a JSON dict (plan, config, step, ...)
+  directory/<step>/commit_success.txt, _CHECKPOINT_METADATA   written by Orbax
+
+A step is written into `directory/<step>.orbax-checkpoint-tmp*/`, which gets the commit
+marker `commit_success.txt` and is then renamed to `directory/<step>/` (on GCS, where
+rename is not atomic, Orbax writes `<step>/` in place and the marker last). A process
+killed mid-save therefore leaves a tmp directory (on GCS: a step without the marker),
+never a complete-looking half step; `latest_step` ignores both and the next `save`
+deletes such leftovers.
+
+Two kinds of checkpoint share the layout, so `load_params` reads either:
+- train checkpoints (`save`): the whole train state, whose top level has `params`
+  (and `batch_stats`, `opt_state`, `step`);
+- variables checkpoints (`save_variables`): a model's `{'params': ..., 'batch_stats':
+  ...}`, e.g. ported pretrained weights, at step 0.
+
+Restored arrays are host numpy arrays, whatever devices and sharding they were saved
+from: the caller places them (e.g. `Spread.replicate`), so a run resumes on any number
+of devices. All processes call every function here together; Orbax lets only the
+primary process write shared files (the JSON meta among them).
+
+Parameters are named by their path joined with '/', e.g. `block1_conv1/kernel`; the
+`dont_load` regexes of `load_params` match a whole path (`re.fullmatch`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Iterable, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+PyTree = Any
+PathLike = str | os.PathLike
+
+STATE = 'state'  # the Composite item holding the pytree
+META = 'meta'  # the Composite item holding the JSON dict
+
+
+def _registry() -> ocp.handlers.CheckpointHandlerRegistry:
+  # PyTree (not Standard) args: the same on-disk format as StandardSave, but restore
+  # can choose the restored type (numpy) and read a subtree (`partial_restore`).
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  for item, handler, save_args, restore_args in [
+    (STATE, ocp.PyTreeCheckpointHandler(), ocp.args.PyTreeSave, ocp.args.PyTreeRestore),
+    (META, ocp.JsonCheckpointHandler(), ocp.args.JsonSave, ocp.args.JsonRestore),
+  ]:
+    registry.add(item, save_args, handler)
+    registry.add(item, restore_args, handler)
+  return registry
+
+
+def _path(directory: PathLike) -> epath.Path:
+  # Orbax's tensorstore writer rejects relative local paths; URLs (gs://) stay as they are.
+  directory = os.fspath(directory)
+  return epath.Path(directory if '://' in directory else os.path.abspath(directory))
+
+
+def _checkpointer() -> ocp.Checkpointer:
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=_registry()))
+
+
+# --- Which steps exist. ------------------------------------------------------------------------
+
+
+def all_steps(directory: PathLike) -> list[int]:
+  """The complete checkpoints in `directory`, oldest first ([] if there is none).
+
+  A step counts when Orbax considers it finalized (locally: its directory is not an
+  `.orbax-checkpoint-tmp*` one) and it holds Orbax's commit marker, which Orbax >= 0.12
+  writes into every step just before the final rename. The second test also drops a
+  step directory left incomplete by a copy, a filesystem without atomic rename, or a
+  hand deletion; it would also drop a local checkpoint of an older Orbax that wrote
+  the marker only on GCS.
+  """
+  directory = _path(directory)
+  if not directory.is_dir():
+    return []
+  marker = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE
+  found = ocp.path.step.standard_name_format().find_all(directory)
+  return sorted(m.step for m in found if (m.path / marker).exists())
+
+
+def latest_step(directory: PathLike) -> int | None:
+  """The newest complete step in `directory`, or None (see `all_steps`)."""
+  steps = all_steps(directory)
+  return steps[-1] if steps else None
+
+
+def _step_dir(directory: PathLike, step: int | None) -> epath.Path:
+  directory = _path(directory)
+  steps = all_steps(directory)
+  if not steps:
+    raise FileNotFoundError(f'no complete checkpoint in {directory}')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(
+      f'no complete checkpoint for step {step} in {directory}; complete steps: {steps}'
+    )
+  return directory / str(step)
+
+
+# --- Saving. -----------------------------------------------------------------------------------
+
+
+def save(
+  directory: PathLike,
+  step: int,
+  state: PyTree,
+  meta: Mapping[str, Any],
+  *,
+  max_to_keep: int | None = 3,
+) -> epath.Path:
+  """Writes `state` and `meta` as checkpoint `directory/<step>`, synchronously.
+
+  When this returns the checkpoint is complete on disk: a process killed at any time
+  leaves either the whole new step or none of it. Only then are the oldest steps
+  beyond `max_to_keep` deleted, so the previous checkpoint survives a failed save.
+  Leftover tmp directories of earlier, interrupted saves are removed first.
+
+  Args:
+    directory: the checkpoint directory (created if missing).
+    step: the step number; newer than every complete step in `directory`.
+    state: a pytree of arrays (numpy, or jax arrays of any sharding, e.g. a
+      replicated `NamedSharding`; unreplicate `pmap`-stacked arrays first). Empty
+      nodes (`optax.MaskedNode()`, `optax.EmptyState()`) are fine: they take no space
+      and come back from the restore target.
+    meta: a JSON-serialisable dict (plan, config as a dict, ...); saved with `step`
+      added.
+    max_to_keep: how many of the newest steps to keep, at least 2, or None for all.
+
+  Returns:
+    The path of the new step directory.
+
+  Raises:
+    ValueError: `step` is not newer than the latest step, an incomplete directory has
+      its name, or `max_to_keep` < 2.
+    TypeError: `meta` is not JSON-serialisable.
+  """
+  if max_to_keep is not None and max_to_keep < 2:
+    raise ValueError(f'max_to_keep={max_to_keep}: keep at least 2 checkpoints (or None for all)')
+  directory, step = _path(directory), int(step)
+  meta = _json_dict(meta, step)
+  latest = latest_step(directory)
+  if latest is not None and step <= latest:
+    raise ValueError(
+      f'checkpoint step {step} is not newer than step {latest} already in {directory}; '
+      'resume from it (restore) or use a fresh directory'
+    )
+  if (directory / str(step)).exists():
+    # Not deleted here: a checkpoint of an Orbax version without the marker looks alike.
+    raise ValueError(
+      f'{directory / str(step)} exists but is not a complete checkpoint (no '
+      f'{ocp.path.atomicity_types.COMMIT_SUCCESS_FILE}); move it away to save step {step}'
+    )
+  options = ocp.CheckpointManagerOptions(
+    # Synchronous, so that `save` returning means the step is on disk.
+    enable_async_checkpointing=False,
+    preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
+    cleanup_tmp_directories=True,
+  )
+  args = ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(state), META: ocp.args.JsonSave(meta)})
+  with ocp.CheckpointManager(directory, options=options, handler_registry=_registry()) as mngr:
+    # `force`: the caller decides when to save, not Orbax's save-interval policy.
+    mngr.save(step, args=args, force=True)
+  return directory / str(step)
+
+
+def save_variables(
+  directory: PathLike, variables: Mapping[str, PyTree], meta: Mapping[str, Any]
+) -> epath.Path:
+  """Writes model variables (`{'params': ..., 'batch_stats': ...}`) as step 0 of
+  `directory`, for `load_params`; e.g. a weight porter's output.
+
+  Raises:
+    ValueError: `directory` already holds a checkpoint.
+  """
+  return save(directory, 0, dict(variables), meta)
+
+
+def _json_dict(meta: Mapping[str, Any], step: int) -> dict:
+  meta = {**meta, 'step': step}
+  try:
+    json.dumps(meta)
+  except TypeError as e:
+    raise TypeError(f'checkpoint meta must be JSON-serialisable: {e}') from None
+  return meta
+
+
+# --- Reading. ----------------------------------------------------------------------------------
+
+
+def restore_meta(directory: PathLike, step: int | None = None) -> dict:
+  """The JSON meta of the latest (or given) complete step, without reading arrays.
+
+  Raises:
+    FileNotFoundError: no such complete step.
+  """
+  return _restore_items(_step_dir(directory, step), **{META: ocp.args.JsonRestore()})[META]
+
+
+def _restore_items(path: epath.Path, **items: ocp.args.CheckpointArgs) -> Any:
+  with _checkpointer() as ckptr:
+    return ckptr.restore(path, args=ocp.args.Composite(**items))
+
+
+def _shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
+  if hasattr(x, 'shape') and hasattr(x, 'dtype'):
+    return tuple(x.shape), np.dtype(x.dtype)
+  return np.shape(x), np.asarray(x).dtype
+
+
+def _describe(shape: tuple[int, ...], dtype: np.dtype | None = None) -> str:
+  return f'{shape}' if dtype is None else f'{shape} {dtype}'
+
+
+def _stored(path: epath.Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """'/'-joined path -> (shape, dtype) of every array in the step's state."""
+  with _checkpointer() as ckptr:
+    tree = ckptr.metadata(path).item_metadata[STATE].tree
+  return {
+    p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in ocp.tree.to_flat_dict(tree, sep='/').items()
+  }
+
+
+def _differences(expected: Mapping[str, str], found: Mapping[str, str], label: str) -> list[str]:
+  """The 'missing', 'unexpected' and '{label}' clauses of a mismatch message; the
+  values are leaf descriptions compared as strings."""
+  missing = [f'{p} (expected {d})' for p, d in expected.items() if p not in found]
+  unexpected = [f'{p} {d}' for p, d in found.items() if p not in expected]
+  mismatch = [
+    f'{p} expected {d} found {found[p]}'
+    for p, d in expected.items()
+    if p in found and found[p] != d
+  ]
+  return [
+    f'{what}: {", ".join(items)}'
+    for what, items in [('missing', missing), ('unexpected', unexpected), (label, mismatch)]
+    if items
+  ]
+
+
+def _map(fn, tree: PyTree) -> PyTree:
+  # Over array leaves only; empty nodes (MaskedNode, EmptyState) keep their place.
+  flat = ocp.tree.to_flat_dict(tree)
+  return ocp.tree.from_flat_dict({k: fn(v) for k, v in flat.items()}, target=tree)
+
+
+def restore(directory: PathLike, target: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
+  """Resumes: the state of the latest (or given) complete step, and its meta.
+
+  Args:
+    directory: the checkpoint directory.
+    target: the state's structure: a pytree of `jax.ShapeDtypeStruct`
+      (`jax.eval_shape` of the state's initialiser) or of arrays, with the same
+      pytree classes (a `TrainState`, optax states, `MaskedNode`s) as the saved one.
+      Only structure, shapes and dtypes are read from it.
+    step: the step to restore; None for the latest complete one.
+
+  Returns:
+    `(state, meta)`: `state` has the structure of `target` with numpy arrays as
+    leaves (on the host; place them on devices yourself), `meta` is the saved dict.
+
+  Raises:
+    FileNotFoundError: no such complete step.
+    ValueError: the saved state differs from `target` in paths, shapes or dtypes;
+      the message lists every difference.
+  """
+  path = _step_dir(directory, step)
+  expected = {
+    p: _describe(*_shape_dtype(x)) for p, x in ocp.tree.to_flat_dict(target, sep='/').items()
+  }
+  found = {p: _describe(*s) for p, s in _stored(path).items()}
+  problems = _differences(expected, found, 'mismatch')
+  if problems:
+    raise ValueError(
+      f'checkpoint {path} does not match the restore target: {"; ".join(problems)}. '
+      'Was it written for another model or optimizer? To start a new run or stage from its '
+      'parameters, use load_params'
+    )
+  # Restoring as numpy ignores the saved sharding, so any device layout can resume.
+  restore_args = _map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  restored = _restore_items(
+    path,
+    **{
+      STATE: ocp.args.PyTreeRestore(item=target, restore_args=restore_args),
+      META: ocp.args.JsonRestore(),
+    },
+  )
+  return restored[STATE], restored[META]
+
+
+def load_params(
+  checkpoint_dir: PathLike,
+  expected: PyTree,
+  *,
+  dont_load: Iterable[str] = (),
+  key: str = 'params',
+  step: int | None = None,
+) -> PyTree:
+  """Initialises from another checkpoint: its `key` subtree, strictly checked.
+
+  Reads only that subtree (e.g. `params` of a train checkpoint, without its optimizer
+  state, which the new plan rebuilds), from a `save` or `save_variables` checkpoint.
+
+  Every path of `expected` must be in the checkpoint with the same shape, and the
+  checkpoint may hold no other path, except paths fully matching a `dont_load` regex:
+  those keep their `expected` (freshly initialised) value and may be missing from the
+  checkpoint or differ there (e.g. a new head); stored ones are not read.
+
+  Args:
+    checkpoint_dir: a checkpoint directory (of step sub-directories).
+    expected: the new model's freshly initialised subtree (arrays).
+    dont_load: regexes of '/'-joined paths (`predictions/.*`) not to load.
+    key: the top-level entry to read: `params`, or `batch_stats`.
+    step: the step to read; None for the latest complete one.
+
+  Returns:
+    A pytree with the structure of `expected`: loaded leaves are numpy arrays cast to
+    the expected dtype; `dont_load` leaves are the `expected` leaves themselves.
+
+  Raises:
+    FileNotFoundError: no such complete step.
+    ValueError: a path is missing, unexpected or of another shape, or a `dont_load`
+      regex is invalid or matches no path; one error lists every problem.
+  """
+  path = _step_dir(checkpoint_dir, step)
+  prefix = f'{key}/'
+  stored = {p[len(prefix) :]: s for p, s in _stored(path).items() if p.startswith(prefix)}
+  flat_expected = ocp.tree.to_flat_dict(expected, sep='/')
+  skip, unused = _dont_load(list(dont_load), [*flat_expected, *stored])
+  want = {p: _shape_dtype(x) for p, x in flat_expected.items() if p not in skip}
+  problems = _differences(
+    {p: _describe(shape) for p, (shape, _) in want.items()},
+    {p: _describe(shape) for p, (shape, _) in stored.items() if p not in skip},
+    'shape mismatch',
+  )
+  if unused:
+    problems.append(f'dont_load regexes matching no path: {", ".join(map(repr, unused))}')
+  if problems:
+    raise ValueError(
+      f'checkpoint {path} does not match the model ({key}): {"; ".join(problems)}; '
+      'to skip parameters (e.g. a new head) add regexes for them to dont_load'
+    )
+  loaded = {}
+  if want:
+    # Only the wanted leaves, as nested dicts under `key`: Orbax's partial restore
+    # reads these and nothing else (not the optimizer state, not skipped leaves).
+    item = ocp.tree.from_flat_dict(
+      {f'{prefix}{p}': jax.ShapeDtypeStruct(*sd) for p, sd in want.items()}, sep='/'
+    )
+    restore_args = _map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), item)
+    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    restored = _restore_items(path, **{STATE: args})[STATE]
+    loaded = ocp.tree.to_flat_dict(restored[key], sep='/')
+  flat = {p: loaded[p] if p in want else x for p, x in flat_expected.items()}
+  return ocp.tree.from_flat_dict(flat, target=expected, sep='/')
+
+
+def _dont_load(patterns: list[str], paths: list[str]) -> tuple[set[str], list[str]]:
+  """The paths fully matching a pattern, and the patterns matching none of `paths`."""
+  compiled = []
+  for pattern in patterns:
+    try:
+      compiled.append(re.compile(pattern))
+    except re.error as e:
+      raise ValueError(f'dont_load: {pattern!r} is not a valid regex ({e})') from None
+  skip = {p for p in paths if any(c.fullmatch(p) for c in compiled)}
+  unused = [pat for pat, c in zip(patterns, compiled) if not any(c.fullmatch(p) for p in paths)]
+  return skip, unused
