@@ -1,0 +1,114 @@
+"""Every config field, with its meaning and unit. Other configs start from this one.
+
+Usage: `python -m ftlab.main --config configs/default.py[:runlocal] --workdir DIR
+[--config.field=value ...]`. The argument after ':' is `key=value,key=value` (a bare key
+means `key=True`); `runlocal` shrinks the run to under a minute on a laptop CPU.
+"""
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """`'policy=bitfit,runlocal'` -> ConfigDict(policy='bitfit', runlocal=True) over defaults.
+
+  A value is converted to the type of its default (bool, int, float, str).
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r}; valid: {", ".join(sorted(defaults))}')
+    default = defaults[key]
+    if not sep:
+      parsed[key] = True
+    elif isinstance(default, bool):
+      parsed[key] = value.lower() in ('1', 'true', 'yes')
+    else:
+      parsed[key] = type(default)(value) if default is not None else value
+  return parsed
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = parse_arg(arg, runlocal=False)
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # one seed for init, data order and dropout
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'vgg16'  # vgg11 | vgg13 | vgg16 | vgg19, `_bn` suffix for BatchNorm
+  config.model.head = 'mlp'  # imagenet | gap | mlp | none
+  config.model.width = 1.0  # multiplier for conv channels and dense units
+  config.model.dropout_rate = 0.5  # dropout in the imagenet and mlp heads
+  config.model.dtype = 'float32'  # activation dtype: float32 | bfloat16
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.name = 'fashion_mnist'  # tfds name; fashion_mnist is built from local files
+  config.dataset.data_dir = ''  # tfds data_dir ('' = tfds default, ~/tensorflow_datasets)
+  config.dataset.download = False  # let tfds download (never in tests)
+  config.dataset.local_dir = ''  # fashion_mnist IDX files ('' = the Debian package's path)
+  config.dataset.train_split = 'train'  # tfds split string, slicing allowed ('train[:90%]')
+  config.dataset.eval_split = 'test'  # split evaluated every eval_every_steps
+  config.dataset.classes = ()  # keep only these labels, relabelled 0.. in this order
+  config.dataset.examples_per_class = 0  # few-shot budget per class in train (0 = all)
+  config.dataset.image_size = 32  # pixels, square; images are resized to it
+  config.dataset.preprocess = 'unit'  # caffe | torch | unit: the pretrained weights' convention
+  config.dataset.augment = 'pad_crop'  # training only: none | flip | pad_crop | resized_crop
+  config.dataset.minival = ''  # hold out the end of train_split ('10%' or '5000') as minival
+  config.dataset.shuffle_buffer = 10_000  # examples
+
+  config.policy = ml_collections.ConfigDict()
+  config.policy.name = 'full'  # see ftlab/policies.py: full, linear_probe, last_blocks, ...
+  config.policy.k = 1  # last_blocks / first_blocks: number of blocks
+  config.policy.blocks = (1,)  # blocks: block numbers or names ('block1', 'fc')
+  config.policy.train_head = True  # block policies and bitfit also train the new head
+  config.policy.trainable = ()  # regex: rules for trainable paths (full match)
+  config.policy.frozen = ()  # regex: rules for frozen paths (full match)
+  config.policy.lr_multipliers = ()  # ((regex, multiplier), ...) for trainable paths
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = 'sgd'  # sgd | adam | adamw
+  config.optimizer.learning_rate = 0.01  # peak learning rate
+  config.optimizer.momentum = 0.9  # sgd momentum (0 = plain sgd)
+  config.optimizer.nesterov = False  # sgd: Nesterov momentum
+  config.optimizer.b1 = 0.9  # adam/adamw
+  config.optimizer.b2 = 0.999  # adam/adamw
+  config.optimizer.eps = 1e-8  # adam/adamw
+  config.optimizer.weight_decay = 0.0  # sgd/adam: L2 on gradients; adamw: decoupled
+  config.optimizer.grad_clip_norm = 0.0  # global norm of the trainable gradient (0 = off)
+  config.optimizer.warmup_steps = 0  # linear warmup, steps
+  config.optimizer.schedule = 'cosine'  # cosine (to 0 at num_train_steps) | constant
+
+  config.batch_size = 128  # global, over all devices and hosts
+  config.eval_batch_size = 256  # global
+  config.num_train_steps = 1000  # optimizer steps
+  config.label_smoothing = 0.0
+  config.parallelism = 'pmap'  # pmap | shard_map
+  config.log_every_steps = 50  # train metrics to metrics.jsonl / TensorBoard
+  config.eval_every_steps = 500  # also at the last step
+  config.checkpoint_every_steps = 500  # also at the last step
+  config.keep_checkpoints = 2  # newest checkpoints kept (>= 2: never lose the last good one)
+  config.early_stopping_patience = 0  # stop after this many evals without improvement (0 = off)
+
+  config.init = ml_collections.ConfigDict()
+  config.init.checkpoint = ''  # directory of a checkpoint (train run or ported weights)
+  config.init.dont_load = ()  # regexes of parameter paths to keep freshly initialised
+
+  config.multi_host = False  # call jax.distributed.initialize() (TPU pods, SLURM)
+
+  if args.runlocal:
+    shrink(config)
+  return config
+
+
+def shrink(config: ml_collections.ConfigDict) -> None:
+  """A run of under a minute on a 2-core CPU: narrow model, small data, few steps."""
+  config.model.name = 'vgg11_bn' if config.model.name.endswith('_bn') else 'vgg11'
+  config.model.width = 1 / 16
+  config.dataset.image_size = 32
+  config.dataset.train_split = 'train[:2%]'
+  config.dataset.eval_split = 'test[:10%]'
+  config.batch_size = 32
+  config.eval_batch_size = 256
+  config.num_train_steps = 20
+  config.log_every_steps = 5
+  config.eval_every_steps = 10
+  config.checkpoint_every_steps = 10

@@ -1,0 +1,206 @@
+"""The run loop end to end: configs, CLI, run files, resume, init-from, early stopping."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default, demo, transfer
+from ftlab import checkpoint, input_pipeline, policies, train
+from ftlab.metric_writers import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_fashion_mnist = pytest.mark.skipif(
+  not os.path.isdir(input_pipeline.DEBIAN_FASHION_MNIST_DIR),
+  reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
+)
+
+
+def final_params(workdir, config):
+  """The parameters of the newest checkpoint in `workdir`, as numpy."""
+  model = train.build_model(config.model, num_classes=len(config.dataset.classes) or 10)
+  size = config.dataset.image_size
+  fresh = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3)), train=False)
+  )
+  fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), fresh['params'])
+  return checkpoint.load_params(os.path.join(workdir, 'checkpoints'), fresh)
+
+
+def cli(workdir, config, *overrides):
+  return [
+    sys.executable,
+    '-m',
+    'ftlab.main',
+    f'--config={config}',
+    f'--workdir={workdir}',
+    *overrides,
+  ]
+
+
+@needs_fashion_mnist
+def test_default_runlocal_writes_every_run_file(tmp_path):
+  config = default.get_config('runlocal')
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['steps'] == 20 and summary['plan'] == 'full()'
+  assert summary['eval_examples'] == 1000  # test[:10%], every example once
+  assert json.load(open(tmp_path / 'summary.json')) == summary
+  assert json.load(open(tmp_path / 'config.json'))['policy']['name'] == 'full'
+  assert (tmp_path / 'plan.txt').read_text().startswith('plan: full()\npath')
+  records = read_jsonl(tmp_path / 'metrics.jsonl')
+  train_keys = {
+    'step',
+    'train/loss',
+    'train/accuracy',
+    'train/grad_norm',
+    'train/lr',
+    'train/examples_per_sec',
+  }
+  assert [r['step'] for r in records if 'train/loss' in r] == [5, 10, 15, 20]
+  assert all(set(r) == train_keys for r in records if 'train/loss' in r)
+  evals = [r for r in records if 'eval/accuracy' in r]
+  assert [r['step'] for r in evals] == [10, 20]
+  assert evals[-1]['eval/accuracy'] == summary['final_eval_accuracy']
+  assert os.listdir(tmp_path / 'tensorboard')
+  assert checkpoint.all_steps(tmp_path / 'checkpoints') == [10, 20]
+
+
+@needs_fashion_mnist
+def test_transfer_runlocal_and_demo_stages_chain(tmp_path):
+  summary = train.train_and_evaluate(
+    transfer.get_config('runlocal,policy=bitfit'), str(tmp_path / 'transfer')
+  )
+  assert summary['plan'] == 'bitfit()' and summary['steps'] == 20
+  source_dir = str(tmp_path / 'source')
+  train.train_and_evaluate(demo.get_config('stage=pretrain,runlocal'), source_dir)
+  probe_config = demo.get_config(f'stage=finetune,policy=linear_probe,source={source_dir},runlocal')
+  probe_dir = str(tmp_path / 'probe')
+  summary = train.train_and_evaluate(probe_config, probe_dir)
+  assert summary['plan'] == 'linear_probe()'
+  # The backbone came from the source run and stayed frozen; the new head trained.
+  source = policies.flatten(final_params(source_dir, demo.get_config('stage=pretrain,runlocal')))
+  probe = policies.flatten(final_params(probe_dir, probe_config))
+  for path in source:
+    head = path.startswith(('fc/', 'predictions/'))
+    assert np.array_equal(source[path], probe[path]) != head, path
+
+
+@needs_fashion_mnist
+def test_sigkill_between_checkpoints_then_resume_is_bit_identical(tmp_path):
+  args = [
+    '--config.num_train_steps=60',
+    '--config.checkpoint_every_steps=20',
+    '--config.model.width=0.25',
+    '--config.batch_size=64',
+    '--config.eval_every_steps=60',
+  ]
+  config = 'configs/default.py:runlocal'
+  whole, killed = tmp_path / 'whole', tmp_path / 'killed'
+  subprocess.run(cli(whole, config, *args), cwd=ROOT, check=True, capture_output=True)
+  proc = subprocess.Popen(
+    cli(killed, config, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
+  deadline = time.time() + 300
+  while checkpoint.latest_step(killed / 'checkpoints') is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = checkpoint.latest_step(killed / 'checkpoints')
+  assert killed_at is not None and killed_at < 60 and not (killed / 'summary.json').exists()
+  subprocess.run(cli(killed, config, *args), cwd=ROOT, check=True, capture_output=True)
+  cfg = default.get_config('runlocal')
+  cfg.model.width = 0.25
+  a, b = policies.flatten(final_params(whole, cfg)), policies.flatten(final_params(killed, cfg))
+  for path in a:
+    assert a[path].tobytes() == b[path].tobytes(), path
+  assert json.load(open(killed / 'summary.json'))['steps'] == 60
+
+
+def test_absent_dataset_fails_fast_with_exit_code_2(tmp_path):
+  start = time.time()
+  result = subprocess.run(
+    cli(
+      tmp_path / 'run',
+      'configs/default.py:runlocal',
+      '--config.dataset.name=cifar10',
+      f'--config.dataset.data_dir={tmp_path / "tfds"}',
+    ),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 2
+  assert time.time() - start < 60
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: dataset 'cifar10' is not prepared in ") and 'download' in last
+  assert not (tmp_path / 'run').exists()  # nothing half-written
+
+
+@needs_fashion_mnist
+def test_exact_eval_counts_1001_examples_on_8_devices(tmp_path):
+  config = default.get_config('runlocal')
+  config.dataset.eval_split = 'test[:1001]'
+  config.eval_batch_size = 64
+  config.num_train_steps = 2
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert jax.device_count() == 8 and summary['eval_examples'] == 1001
+
+
+@needs_fashion_mnist
+def test_plan_change_keeps_params_and_rebuilds_optimizer(tmp_path):
+  config = default.get_config('runlocal')
+  config.policy.name = 'linear_probe'
+  config.num_train_steps = 10
+  train.train_and_evaluate(config, str(tmp_path))
+  after_probe = policies.flatten(final_params(tmp_path, config))
+  config.policy.name = 'last_blocks'
+  config.num_train_steps = 20
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['plan'] == 'last_blocks(k=1)' and summary['steps'] == 20
+  after = policies.flatten(final_params(tmp_path, config))
+  assert np.array_equal(after['block4_conv1/kernel'], after_probe['block4_conv1/kernel'])
+  assert not np.array_equal(after['block5_conv1/kernel'], after_probe['block5_conv1/kernel'])
+  assert checkpoint.restore_meta(tmp_path / 'checkpoints')['plan'] == 'last_blocks(k=1)'
+
+
+@needs_fashion_mnist
+def test_init_checkpoint_of_another_shape_is_a_config_error(tmp_path):
+  source = default.get_config('runlocal')
+  source.num_train_steps = 1
+  train.train_and_evaluate(source, str(tmp_path / 'source'))
+  config = default.get_config('runlocal')
+  config.model.width = 1 / 8
+  config.init.checkpoint = str(tmp_path / 'source' / 'checkpoints')
+  with pytest.raises(
+    train.ConfigError,
+    match=r'shape mismatch: .*block1_conv1/kernel '
+    r'expected \(3, 3, 3, 8\) found \(3, 3, 3, 4\)',
+  ):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+@needs_fashion_mnist
+def test_early_stopping_after_patience(tmp_path):
+  config = default.get_config('runlocal')
+  config.optimizer.learning_rate = 0.0  # eval accuracy never improves
+  config.eval_every_steps = 2
+  config.early_stopping_patience = 2
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['stopped_early'] and summary['steps'] == 6
+  assert summary['best_eval_step'] == 2
+  assert checkpoint.latest_step(tmp_path / 'checkpoints') == 6
+
+
+def test_bad_config_arguments_name_the_value():
+  with pytest.raises(ValueError, match=r"unknown config argument 'polcy'; valid: .*policy"):
+    transfer.get_config('polcy=bitfit')
+  with pytest.raises(ValueError, match=r"demo policy 'lora' is not one of"):
+    demo.get_config('stage=finetune,policy=lora')
