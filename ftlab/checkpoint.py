@@ -33,6 +33,7 @@ Parameters are named by their path joined with '/', e.g. `block1_conv1/kernel`; 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Any, Iterable, Mapping
@@ -40,6 +41,7 @@ from typing import Any, Iterable, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
 
 PyTree = Any
@@ -381,3 +383,12 @@ def _dont_load(patterns: list[str], paths: list[str]) -> tuple[set[str], list[st
   skip = {p for p in paths if any(c.fullmatch(p) for c in compiled)}
   unused = [pat for pat, c in zip(patterns, compiled) if not any(c.fullmatch(p) for p in paths)]
   return skip, unused
+
+
+def quiet_orbax_logs() -> None:
+  """Drops Orbax's INFO chatter (dozens of lines per save) from absl's log; keeps warnings."""
+
+  def keep(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+
+  absl_logging.get_absl_handler().addFilter(keep)

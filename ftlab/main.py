@@ -5,7 +5,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ftlab import train
+from ftlab import checkpoint, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -21,6 +21,7 @@ EXIT_BAD_INPUT = 2
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  checkpoint.quiet_orbax_logs()
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except train.ConfigError as e:

@@ -16,9 +16,10 @@ Both give the same numbers; only the layout of the arrays differs, and the
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -144,6 +145,21 @@ class Spread:
     # of replicated inputs: the step averages them itself, exactly as under pmap.
     mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=specs, out_specs=P(), check_vma=False)
     return jax.jit(mapped, donate_argnums=tuple(donate_argnums))
+
+
+def prefetch_to_devices(batches: Iterator[Any], spread: Spread, size: int = 2) -> Iterator[Any]:
+  """Shards host batches onto the devices `size` batches ahead of their use.
+
+  `jax.device_put` is asynchronous, so the transfer of the next batches overlaps the
+  current step.
+  """
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(spread.shard(batch))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def compiled_flops(compiled_fn: Callable, *args: Any) -> float:

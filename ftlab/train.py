@@ -350,13 +350,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
       )
     return results
 
-  train_batches = data.train_batches(first_step)
+  train_batches = parallel.prefetch_to_devices(data.train_batches(first_step), spread)
   meta = {'plan': plan.name, 'config': config.to_dict()}
   pending, best, evals_since_best, results, stop = [], None, 0, {}, False
   window_start, window_first = time.time(), first_step + 1
   logging.info('training steps %d..%d under %s', first_step + 1, last, plan.name)
   for step in range(first_step + 1, last + 1):
-    state, metrics = p_train_step(state, spread.shard(next(train_batches)), rng_train)
+    state, metrics = p_train_step(state, next(train_batches), rng_train)
     pending.append(metrics)
     if step % config.log_every_steps == 0 or step == last:
       means = _mean_metrics(jax.device_get([spread.unreplicate(m) for m in pending]), window_first)

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from configs import demo  # noqa: E402
-from ftlab import train  # noqa: E402
+from ftlab import checkpoint, train  # noqa: E402
 
 flags.DEFINE_string('workdir', 'workdirs/demo', 'where the stages run and results go')
 flags.DEFINE_bool('runlocal', False, 'seconds-long stages (smoke test)')
@@ -77,12 +77,14 @@ def plot(rows: list[dict], path: str) -> None:
   bars = ax.barh(names, accs, color=['grey'] + ['tab:blue'] * (len(rows) - 1))
   for bar, r in zip(bars, rows):
     ax.text(
-      bar.get_width() + 0.5,
+      bar.get_width() - 1,
       bar.get_y() + bar.get_height() / 2,
       f'{bar.get_width():.1f}%  ({r["trainable_percent"]:.1f}% trainable)',
       va='center',
+      ha='right',
+      color='white',
     )
-  ax.set_xlim(0, 115)
+  ax.set_xlim(0, 100)
   ax.invert_yaxis()
   ax.set_xlabel('target test accuracy (%), 50 labels per class')
   fig.tight_layout()
@@ -102,6 +104,7 @@ def update_readme(path: str, table: str) -> None:
 
 def main(argv):
   del argv
+  checkpoint.quiet_orbax_logs()
   root = FLAGS.workdir
   source_dir = os.path.join(root, 'source')
   source = run_stage(source_dir, 'stage=pretrain')
@@ -119,6 +122,10 @@ def main(argv):
   plot(rows, os.path.join(root, 'results.png'))
   if FLAGS.readme:
     update_readme(FLAGS.readme, table)
+    # The README shows the plot too: keep a copy next to it.
+    docs = os.path.join(os.path.dirname(os.path.abspath(FLAGS.readme)), 'docs')
+    os.makedirs(docs, exist_ok=True)
+    plot(rows, os.path.join(docs, 'demo_results.png'))
   print(table)
 
 

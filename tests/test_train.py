@@ -277,3 +277,14 @@ def test_bfloat16_step_keeps_float32_params():
   assert not np.array_equal(
     state.params['predictions']['kernel'], variables['params']['predictions']['kernel']
   )
+
+
+@pytest.mark.parametrize('mode', parallel.MODES)
+def test_prefetch_to_devices_yields_every_batch_in_order(mode):
+  spread = parallel.Spread(mode)
+  data = batches(5, batch_size=8)
+  out = list(parallel.prefetch_to_devices(iter(data), spread, size=2))
+  assert len(out) == 5
+  for host, placed in zip(data, out):
+    assert len(placed['image'].sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(placed['label']).reshape(-1), host['label'])

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets up what ftlab needs on a fresh machine, once: .venv with ftlab and its test extras,
+# and (as root, when missing) Debian's offline Fashion-MNIST for the demo and data tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+.venv/bin/python -m pip install -q -e '.[test]'
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+      || echo 'setup: could not install dataset-fashion-mnist (offline data for the demo)' >&2
+  else
+    echo 'setup: Fashion-MNIST missing; run: sudo apt-get install dataset-fashion-mnist' >&2
+  fi
+fi
