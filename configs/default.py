@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.head = 'mlp'  # imagenet | gap | mlp | none
   config.model.width = 1.0  # multiplier for conv channels and dense units
   config.model.dropout_rate = 0.5  # dropout in the imagenet and mlp heads
+  config.model.adaptive_pool = 0  # pool block 5 to NxN before the head (torchvision: 7; 0 = off)
   config.model.dtype = 'float32'  # activation dtype: float32 | bfloat16
 
   config.dataset = ml_collections.ConfigDict()

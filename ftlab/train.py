@@ -242,6 +242,7 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
     head=model_cfg.head,
     width=float(model_cfg.width),
     dropout_rate=float(model_cfg.dropout_rate),
+    adaptive_pool=int(model_cfg.get('adaptive_pool', 0)),
     dtype=DTYPES[model_cfg.dtype],
   )
 
@@ -252,7 +253,6 @@ def init_variables(model: nn.Module, image_size: int, rng: jax.Array, init_cfg: 
   Parameters matching an `init_cfg.dont_load` regex keep their fresh values (a new head).
   """
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  jax.eval_shape(functools.partial(model.init, train=False), rng, x)  # errors before compute
   variables = jax.jit(functools.partial(model.init, train=False))(rng, x)
   if not init_cfg.checkpoint:
     return variables

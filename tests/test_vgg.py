@@ -129,3 +129,23 @@ def test_bad_architecture_and_small_inputs_are_clear_errors():
     vgg.VGG(head='linear').block_structure()
   with pytest.raises(ValueError, match=r'input size 16x16 is too small.*32x32'):
     vgg.VGG(depth=11, width=1 / 16).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+
+
+def test_adaptive_pool_matches_torch_semantics():
+  x = jnp.arange(2 * 5 * 3 * 1, dtype=jnp.float32).reshape(2, 5, 3, 1)
+  out = vgg.adaptive_avg_pool(x, 2)
+  # torch AdaptiveAvgPool2d(2) on a 5x3 map: rows [0,3) and [2,5), columns [0,2) and [1,3).
+  expected = np.stack(
+    [
+      np.stack([x[:, r0:r1, c0:c1].mean((1, 2)) for c0, c1 in ((0, 2), (1, 3))], 1)
+      for r0, r1 in ((0, 3), (2, 5))
+    ],
+    1,
+  )
+  np.testing.assert_allclose(out, expected)
+  np.testing.assert_array_equal(vgg.adaptive_avg_pool(x, 1)[:, 0, 0], x.mean((1, 2)))
+  same = jnp.ones((1, 7, 7, 2)) * jnp.arange(49.0).reshape(1, 7, 7, 1)
+  np.testing.assert_array_equal(vgg.adaptive_avg_pool(same, 7), same)  # identity at 224 px
+  model = vgg.VGG(depth=11, num_classes=3, head='imagenet', width=1 / 16, adaptive_pool=7)
+  params = param_shapes(model, 64)['params']
+  assert params['fc1']['kernel'].shape == (7 * 7 * 32, 256)

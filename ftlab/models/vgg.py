@@ -80,7 +80,10 @@ class VGG(nn.Module):
       (global average pool, predictions), `mlp` (flatten, fc 256, dropout, predictions) or
       `none` (return the block-5 pooled feature map, as Keras `include_top=False`).
     width: multiplier for conv channels and dense units (tests use narrow models).
-    dropout_rate: dropout before each hidden dense layer's successor in the head.
+    dropout_rate: dropout after each hidden dense layer of the head.
+    adaptive_pool: if > 0, average-pool the block-5 map to this size (as torch's
+      `AdaptiveAvgPool2d`) before the `imagenet` and `mlp` heads flatten it; torchvision's VGGs
+      use 7, which makes fc1's input 7x7x512 whatever the image size.
     dtype: activation and computation dtype (parameters stay float32); logits are float32.
     axis_name: device axis over which BatchNorm batch statistics are averaged, so the
       result does not depend on how the batch is split over devices.
@@ -94,6 +97,7 @@ class VGG(nn.Module):
   head: str = 'imagenet'
   width: float = 1.0
   dropout_rate: float = 0.5
+  adaptive_pool: int = 0
   dtype: Any = jnp.float32
   axis_name: str | None = None
   frozen_batch_norm: Sequence[str] = ()
@@ -167,6 +171,8 @@ class VGG(nn.Module):
     dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
     if self.head == 'gap':
       return dense(self.num_classes, 'predictions')(jnp.mean(x, axis=(1, 2)))
+    if self.adaptive_pool:
+      x = adaptive_avg_pool(x, self.adaptive_pool)
     x = x.reshape(x.shape[0], -1)  # NHWC flatten, as Keras
     if self.head == 'imagenet':
       for name in ('fc1', 'fc2'):
@@ -174,6 +180,20 @@ class VGG(nn.Module):
     else:  # mlp
       x = dropout(nn.relu(dense(scaled(MLP_HEAD_UNITS, self.width), 'fc')(x)))
     return dense(self.num_classes, 'predictions')(x)
+
+
+def adaptive_avg_pool(x_BHWC: jnp.ndarray, size: int) -> jnp.ndarray:
+  """torch's `AdaptiveAvgPool2d(size)` on NHWC: bin i is [floor(i*H/size), ceil((i+1)*H/size))."""
+
+  def bins(n):
+    return [(i * n // size, -(-(i + 1) * n // size)) for i in range(size)]
+
+  height, width = x_BHWC.shape[1:3]
+  rows = [
+    jnp.stack([x_BHWC[:, r0:r1, c0:c1].mean(axis=(1, 2)) for c0, c1 in bins(width)], axis=1)
+    for r0, r1 in bins(height)
+  ]
+  return jnp.stack(rows, axis=1)
 
 
 def check_architecture(depth: int, head: str) -> None:
