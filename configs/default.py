@@ -88,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500  # also at the last step
   config.keep_checkpoints = 2  # newest checkpoints kept (>= 2: never lose the last good one)
   config.early_stopping_patience = 0  # stop after this many evals without improvement (0 = off)
+  config.skip_nonfinite_updates = False  # skip (count, log) non-finite steps instead of stopping
 
   config.init = ml_collections.ConfigDict()
   config.init.checkpoint = ''  # directory of a checkpoint (train run or ported weights)

@@ -5,7 +5,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ftlab import checkpoint, train
+from ftlab import checkpoint, loop
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -18,17 +18,38 @@ flags.mark_flags_as_required(['config', 'workdir'])
 EXIT_BAD_INPUT = 2
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a bad config file, argument or override as one line and exit 2."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, KeyError, ValueError, AttributeError, TypeError) as e:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    lines = str(text).strip().splitlines()
+    # A config file that raised comes wrapped in its traceback: its last line is the error.
+    text = lines[-1] if 'Traceback' in str(text) else ' '.join(' '.join(lines).split())
+    print(f'error: bad --config: {text}', file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   checkpoint.quiet_orbax_logs()
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except train.ConfigError as e:
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except loop.ConfigError as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
+  except (FloatingPointError, loop.FrozenParametersChanged) as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  except loop.Preempted as e:
+    logging.warning('%s', e)
+    print(e, file=sys.stderr)
+    sys.exit(128 + e.signum)  # the shell's code for death by that signal
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import re
 from typing import Any, Callable, Iterable, Mapping
 
@@ -272,3 +273,19 @@ def audit_table(plan: Plan, params: PyTree) -> str:
     f'{n_leaves} of {len(rows)} leaves'
   )
   return '\n'.join(lines)
+
+
+def frozen_checksums(plan: Plan, params: PyTree) -> dict[str, str]:
+  """sha256 of every frozen leaf's bytes, by path: proof that frozen parameters did not move."""
+  mask = plan.flat_mask()
+  return {
+    p: hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
+    for p, x in flatten(params).items()
+    if not mask[p]
+  }
+
+
+def combined_checksum(checksums: Mapping[str, str]) -> str:
+  """One sha256 over `path:checksum` lines (sorted), for a summary."""
+  lines = ''.join(f'{p}:{c}\n' for p, c in sorted(checksums.items()))
+  return hashlib.sha256(lines.encode()).hexdigest()

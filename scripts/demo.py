@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from configs import demo  # noqa: E402
-from ftlab import checkpoint, train  # noqa: E402
+from ftlab import checkpoint, loop  # noqa: E402
 
 flags.DEFINE_string('workdir', 'workdirs/demo', 'where the stages run and results go')
 flags.DEFINE_bool('runlocal', False, 'seconds-long stages (smoke test)')
@@ -42,7 +42,7 @@ def run_stage(workdir: str, arg: str) -> dict:
     logging.info('%s: done before, skipped', workdir)
   else:
     config = demo.get_config(arg + (',runlocal' if FLAGS.runlocal else ''))
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   with open(summary_path) as f:
     return json.load(f)
 

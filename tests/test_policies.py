@@ -146,3 +146,19 @@ def test_audit_table_rows_and_totals():
   assert lines[-1] == (
     f'trainable: 2,570 of {total:,} parameters ({100 * 2570 / total:.4g}%), 2 of {n_leaves} leaves'
   )
+
+
+def test_frozen_checksums_see_any_bit_of_a_frozen_leaf():
+  import numpy as np
+
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), PARAMS)
+  plan = plan_for(name='linear_probe')
+  sums = policies.frozen_checksums(plan, params)
+  assert 'predictions/kernel' not in sums and 'block1_conv1/kernel' in sums
+  changed = jax.tree.map(np.copy, params)
+  changed['predictions']['kernel'][0, 0] = 1.0  # trainable: not covered
+  assert policies.frozen_checksums(plan, changed) == sums
+  changed['block3_conv1']['kernel'].view(np.uint32)[0, 0, 0, 0] ^= 1  # one bit of a frozen leaf
+  other = policies.frozen_checksums(plan, changed)
+  assert [p for p in sums if sums[p] != other[p]] == ['block3_conv1/kernel']
+  assert policies.combined_checksum(other) != policies.combined_checksum(sums)

@@ -288,3 +288,25 @@ def test_prefetch_to_devices_yields_every_batch_in_order(mode):
   for host, placed in zip(data, out):
     assert len(placed['image'].sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(placed['label']).reshape(-1), host['label'])
+
+
+def test_skip_nonfinite_keeps_state_and_counts():
+  model = tiny(batch_norm=True)
+  variables, plan, tx = setup(model, POLICIES['full'], dict(SGD, grad_clip_norm=0.0))
+  spread = parallel.Spread('pmap')
+  p_train_step, _ = train.compile_steps(spread, model=model, tx=tx, plan=plan, skip_nonfinite=True)
+  data = batches(1)
+  state = spread.replicate(train.create_train_state(variables, tx))
+  state, metrics = p_train_step(state, spread.shard(data[0]), jax.random.key(0))
+  assert float(spread.unreplicate(metrics)['skipped']) == 0.0
+  # An infinite bias makes the loss NaN: the step is counted, skipped and changes nothing.
+  poisoned = jax.tree.map(np.array, variables)
+  poisoned['params']['predictions']['bias'][0] = np.inf
+  state = spread.replicate(train.create_train_state(poisoned, tx))
+  state, metrics = p_train_step(state, spread.shard(data[0]), jax.random.key(0))
+  host = jax.device_get(spread.unreplicate(state))
+  assert float(spread.unreplicate(metrics)['skipped']) == 1.0 and int(host.step) == 1
+  before = jax.tree.leaves((poisoned['params'], poisoned['batch_stats']))
+  for a, b in zip(jax.tree.leaves((host.params, host.batch_stats)), before):
+    assert np.array_equal(a, b)
+  assert not any(np.any(x) for x in jax.tree.leaves(host.opt_state))  # momentum untouched

@@ -1,0 +1,445 @@
+"""The run loop: config -> data, model, plan, optimizer -> steps, evals, checkpoints, summary.
+
+`train_and_evaluate(config, workdir)` is what `python -m ftlab.main` runs. Everything that
+can be wrong with a config or its inputs is found in `_prepare`, before anything is compiled
+or written, and raised as a `ConfigError` (exit code 2 on the command line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import signal
+import threading
+import time
+import types
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from ftlab import checkpoint, input_pipeline, metric_writers, optim, parallel, policies
+from ftlab.models import vgg
+from ftlab.train import TrainState, compile_steps, create_train_state, eval_metrics
+
+PyTree = Any
+
+
+class ConfigError(ValueError):
+  """A config or input problem, found before any compute starts."""
+
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
+  """The VGG that `config.model` describes, with `num_classes` outputs."""
+  if model_cfg.dtype not in DTYPES:
+    raise ValueError(f'model dtype {model_cfg.dtype!r} is not one of {list(DTYPES)}')
+  return vgg.by_name(
+    model_cfg.name,
+    num_classes=num_classes,
+    head=model_cfg.head,
+    width=float(model_cfg.width),
+    dropout_rate=float(model_cfg.dropout_rate),
+    adaptive_pool=int(model_cfg.get('adaptive_pool', 0)),
+    dtype=DTYPES[model_cfg.dtype],
+  )
+
+
+def init_variables(model: nn.Module, image_size: int, rng: jax.Array, init_cfg: Any) -> PyTree:
+  """Fresh variables, then (if `init_cfg.checkpoint`) the checkpoint's, strictly checked.
+
+  Parameters matching an `init_cfg.dont_load` regex keep their fresh values (a new head).
+  """
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(rng, x)
+  if not init_cfg.checkpoint:
+    return variables
+  dont_load = tuple(init_cfg.dont_load)
+  source = init_cfg.checkpoint
+  if os.path.isdir(os.path.join(source, 'checkpoints')):  # a run's workdir
+    source = os.path.join(source, 'checkpoints')
+  loaded = {'params': checkpoint.load_params(source, variables['params'], dont_load=dont_load)}
+  if 'batch_stats' in variables:
+    # The same patterns, less those that name no statistics (a dense head has none).
+    stats_paths = policies.flatten(variables['batch_stats'])
+    stats_dont_load = [p for p in dont_load if any(re.fullmatch(p, q) for q in stats_paths)]
+    loaded['batch_stats'] = checkpoint.load_params(
+      source, variables['batch_stats'], dont_load=stats_dont_load, key='batch_stats'
+    )
+  return loaded
+
+
+def evaluate(p_eval_step: Callable, state: TrainState, spread: Any, batches: Any) -> dict:
+  """Exact eval: sums over every (padded, masked) batch, then means on the host."""
+  totals = None
+  for batch in batches:
+    sums = p_eval_step(state, spread.shard(batch))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  return eval_metrics(jax.device_get(spread.unreplicate(totals)))
+
+
+class Preempted(Exception):
+  """SIGTERM or SIGINT arrived: the current step finished and a checkpoint was written."""
+
+  def __init__(self, step: int, signum: int):
+    self.step, self.signum = step, signum
+    name = signal.Signals(signum).name
+    super().__init__(
+      f'preempted at step {step} by {name}; checkpoint written, run the same command to resume'
+    )
+
+
+class FrozenParametersChanged(RuntimeError):
+  """A frozen parameter is not bit-identical to its loaded value at the end of a run."""
+
+
+def _check_finite(pending: list[dict], first_step: int, skip_nonfinite: bool) -> None:
+  """Raises FloatingPointError naming the first step with a non-finite metric.
+
+  In skip mode, skipped steps (whose update was not applied) are allowed.
+  """
+  for i, metrics in enumerate(pending):
+    if skip_nonfinite and metrics.get('skipped'):
+      continue
+    bad = [k for k, v in sorted(metrics.items()) if not np.isfinite(v)]
+    if bad:
+      raise FloatingPointError(
+        f'non-finite train/{bad[0]} ({metrics[bad[0]]}) at step {first_step + i}; '
+        'stopped, the last checkpoint is kept (config.skip_nonfinite_updates skips such steps)'
+      )
+
+
+def _mean_metrics(pending: list[dict]) -> dict:
+  """Means over the window's applied steps; `skipped_steps` counts the others."""
+  applied = [m for m in pending if not m.get('skipped')] or pending
+  means = {k: float(np.mean([m[k] for m in applied])) for k in pending[0] if k != 'skipped'}
+  if 'skipped' in pending[0]:
+    means['skipped_steps'] = float(sum(m['skipped'] for m in pending))
+  return means
+
+
+@contextlib.contextmanager
+def _preemption_signals():
+  """Records SIGTERM/SIGINT instead of dying mid-step; yields the list of signals received."""
+  received: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received  # signal handlers can only be installed from the main thread
+    return
+
+  def record(signum, frame):
+    del frame
+    logging.warning(
+      '%s received: finishing the step, then checkpointing', signal.Signals(signum).name
+    )
+    received.append(signum)
+
+  previous = {s: signal.signal(s, record) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield received
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict:
+  """Trains and evaluates as `config` says, resuming from `workdir` if it holds a checkpoint.
+
+  Writes (process 0 only): `config.json`, `plan.txt`, `metrics.jsonl`, TensorBoard events
+  and `summary.json`; every process takes part in `checkpoints/`.
+
+  Args:
+    config: a config from `configs/` (see `configs/default.py` for every field).
+    workdir: the run directory.
+
+  Returns:
+    The summary dict written to `summary.json`.
+
+  Raises:
+    ConfigError: a bad config or input, before anything is compiled or written.
+    FloatingPointError: a non-finite loss or gradient norm (unless skipped by config).
+    Preempted: SIGTERM or SIGINT; the checkpoint of the last finished step is written.
+    FrozenParametersChanged: a frozen parameter moved (a bug; the run's files stay).
+  """
+  wall_start = time.time()
+  if config.multi_host:
+    jax.distributed.initialize()
+  try:
+    spread, model, plan, tx, state, data, frozen_reference = _prepare(config, workdir)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise ConfigError(str(e).strip('"\'')) from e
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    _write_run_files(workdir, config, plan, state.params)
+  n_trainable, n_total = policies.trainable_count(plan, state.params)
+  lr_fn = optim.learning_rate_schedule(config.optimizer, config.num_train_steps)
+  skip_nonfinite = bool(config.skip_nonfinite_updates)
+  p_train_step, p_eval_step = compile_steps(
+    spread,
+    model=model,
+    tx=tx,
+    plan=plan,
+    label_smoothing=config.label_smoothing,
+    learning_rate_fn=lr_fn,
+    skip_nonfinite=skip_nonfinite,
+  )
+  rng_train = jax.random.fold_in(jax.random.key(config.seed), 1)
+  first_step, last = int(state.step), config.num_train_steps
+  state = spread.replicate(state)
+  writer = metric_writers.MetricWriter(workdir, enabled=is_writer)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  meta = {'plan': plan.name, 'config': config.to_dict()}
+  # Best and early stopping follow the held-out minival split when there is one.
+  select = 'minival' if 'minival' in data.eval_batches else 'eval'
+
+  def run_evals(step):
+    results = {}
+    for name, batches in data.eval_batches.items():
+      results[name] = evaluate(p_eval_step, state, spread, batches())
+      writer.write(step, {f'{name}/{k}': v for k, v in results[name].items()})
+      logging.info(
+        'step %d: %s accuracy %.4f on %d examples',
+        step,
+        name,
+        results[name]['accuracy'],
+        results[name]['count'],
+      )
+    return results
+
+  train_batches = parallel.prefetch_to_devices(data.train_batches(first_step), spread)
+  window, checked, best, evals_since_best, results, stop = [], 0, None, 0, {}, False
+  window_start, window_first, skipped_total = time.time(), first_step + 1, 0
+  logging.info('training steps %d..%d under %s', first_step + 1, last, plan.name)
+  with _preemption_signals() as received:
+    for step in range(first_step + 1, last + 1):
+      state, metrics = p_train_step(state, next(train_batches), rng_train)
+      window.append(metrics)
+      log = step % config.log_every_steps == 0 or step == last
+      evaluate_now = step % config.eval_every_steps == 0 or step == last
+      save = step % config.checkpoint_every_steps == 0 or step == last or bool(received)
+      if log or save:
+        # Nothing non-finite is ever logged as a mean or checkpointed.
+        window[checked:] = jax.device_get([spread.unreplicate(m) for m in window[checked:]])
+        _check_finite(window[checked:], window_first + checked, skip_nonfinite)
+        checked = len(window)
+      if log:
+        means = _mean_metrics(window)
+        skipped_total += int(means.get('skipped_steps', 0))
+        steps_per_sec = len(window) / (time.time() - window_start)
+        means['examples_per_sec'] = steps_per_sec * config.batch_size
+        writer.write(step, {f'train/{k}': v for k, v in means.items()})
+        logging.info(
+          'step %d/%d: loss %.4f, accuracy %.4f, %.2f steps/s, ETA %.0f s',
+          step,
+          last,
+          means['loss'],
+          means['accuracy'],
+          steps_per_sec,
+          (last - step) / steps_per_sec,
+        )
+        window, checked, window_start, window_first = [], 0, time.time(), step + 1
+      if evaluate_now:
+        results = run_evals(step)
+        if best is None or results[select]['accuracy'] > best['accuracy']:
+          best, evals_since_best = {'accuracy': results[select]['accuracy'], 'step': step}, 0
+        else:
+          evals_since_best += 1
+          stop = 0 < config.early_stopping_patience <= evals_since_best
+      if save or stop:
+        host_state = jax.device_get(spread.unreplicate(state))
+        checkpoint.save(
+          ckpt_dir, step, host_state, dict(meta, step=step), max_to_keep=config.keep_checkpoints
+        )
+      if received:
+        writer.close()
+        raise Preempted(step, received[0])
+      if stop:
+        logging.info(
+          'early stop at step %d: %d evals without a better %s accuracy',
+          step,
+          evals_since_best,
+          select,
+        )
+        break
+  if not results:  # resumed at the end: evaluate what was restored
+    results = run_evals(first_step)
+  writer.close()
+  final_params = jax.device_get(spread.unreplicate(state.params))
+  frozen_final = policies.frozen_checksums(plan, final_params)
+  moved = sorted(p for p in frozen_reference if frozen_reference[p] != frozen_final[p])
+  if moved:
+    raise FrozenParametersChanged(
+      f'frozen parameters differ from their loaded values: {", ".join(moved)}'
+    )
+  summary = {
+    'plan': plan.name,
+    'steps': int(jax.device_get(spread.unreplicate(state.step))),
+    'final_eval_accuracy': results['eval']['accuracy'],
+    'final_eval_loss': results['eval']['loss'],
+    'eval_examples': results['eval']['count'],
+    **({'final_minival_accuracy': results['minival']['accuracy']} if 'minival' in results else {}),
+    f'best_{select}_accuracy': best and best['accuracy'],
+    f'best_{select}_step': best and best['step'],
+    'stopped_early': stop,
+    'skipped_steps': skipped_total,
+    'trainable_parameters': n_trainable,
+    'total_parameters': n_total,
+    'trainable_percent': 100.0 * n_trainable / n_total,
+    # Frozen leaves checked bit for bit against the loaded values (sha256 per leaf).
+    'frozen_leaves': len(frozen_final),
+    'frozen_checksum': policies.combined_checksum(frozen_final),
+    'frozen_unchanged': True,
+    'wall_time_sec': time.time() - wall_start,
+  }
+  if is_writer:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+def _write_run_files(workdir: str, config: Any, plan: policies.Plan, params: PyTree) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2) + '\n')
+  table = policies.audit_table(plan, params)
+  with open(os.path.join(workdir, 'plan.txt'), 'w') as f:
+    f.write(table + '\n')
+  logging.info('\n%s', table)
+
+
+def _data(config: Any) -> tuple[Any, dict[str, Any]]:
+  """The training split and the eval splits (`eval`, and `minival` if configured)."""
+  ds = config.dataset
+  common = dict(
+    data_dir=ds.data_dir or None,
+    download=ds.download,
+    fashion_mnist_dir=ds.local_dir or None,
+    classes=tuple(ds.classes),
+    seed=config.seed,
+  )
+  train_split, splits = ds.train_split, {'eval': ds.eval_split}
+  if ds.minival:
+    train_split, splits['minival'] = input_pipeline.minival_split(ds.train_split, ds.minival)
+  train_data = input_pipeline.build_dataset(
+    ds.name, train_split, examples_per_class=ds.examples_per_class, **common
+  )
+  evals = {k: input_pipeline.build_dataset(ds.name, s, **common) for k, s in splits.items()}
+  return train_data, evals
+
+
+def _prepare(config: Any, workdir: str):
+  """Everything up to the first compile: every config or input error surfaces here."""
+  spread = parallel.Spread(config.parallelism)
+  parallel.check_divisible(config.batch_size, jax.device_count())
+  parallel.check_divisible(config.eval_batch_size, jax.device_count())
+  policies.check_policy_name(config.policy.name)
+  train_data, evals = _data(config)
+  model = build_model(config.model, train_data.num_classes)
+  rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
+  size = config.dataset.image_size
+  # Shapes before arrays: the plan and the optimizer are checked before any compute.
+  shapes = jax.eval_shape(
+    functools.partial(model.init, train=False), rng_init, jnp.zeros((1, size, size, 3))
+  )
+  plan = policies.make_plan(shapes['params'], model.block_structure(), config.policy)
+  tx = optim.make(plan, config.optimizer, config.num_train_steps)
+  state = create_train_state(init_variables(model, size, rng_init, config.init), tx)
+  frozen_reference = policies.frozen_checksums(plan, state.params)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if checkpoint.latest_step(ckpt_dir) is not None:
+    state, plan_changed = _resume(ckpt_dir, state, plan)
+    if plan_changed:  # a new stage freezes what it starts from
+      frozen_reference = policies.frozen_checksums(plan, state.params)
+  pipeline = dict(
+    image_size=size,
+    preprocess=config.dataset.preprocess,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  data = types.SimpleNamespace(
+    train_batches=lambda start_step: input_pipeline.train_iterator(
+      train_data,
+      global_batch=config.batch_size,
+      augment=config.dataset.augment,
+      seed=config.seed,
+      start_step=start_step,
+      shuffle_buffer=config.dataset.shuffle_buffer,
+      **pipeline,
+    ),
+    eval_batches={
+      k: functools.partial(
+        input_pipeline.eval_iterator, d, global_batch=config.eval_batch_size, **pipeline
+      )
+      for k, d in evals.items()
+    },
+  )
+  return spread, model, plan, tx, state, data, frozen_reference
+
+
+def _resume(ckpt_dir: str, state: TrainState, plan: policies.Plan) -> tuple[TrainState, bool]:
+  """The newest readable checkpoint, and whether the plan changed since it was written.
+
+  Under the same plan the whole state is restored; under a changed plan (a new stage) only
+  the parameters, statistics and step, and the optimizer state starts afresh. A damaged
+  newest checkpoint is moved aside (`damaged-<step>`), with a warning, and the previous
+  one is used; nothing is deleted.
+  """
+  damaged = []
+  for step in reversed(checkpoint.all_steps(ckpt_dir)):
+    try:
+      restored, plan_changed = _restore_step(ckpt_dir, step, state, plan)
+    except ValueError as e:
+      if 'does not match' in str(e):  # another model or optimizer: a config problem
+        raise
+      damaged.append((step, e))
+    except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many kinds)
+      damaged.append((step, e))
+    else:
+      for bad_step, error in damaged:
+        logging.warning(
+          'checkpoint step %d is damaged (%s: %s); resuming from step %d instead; '
+          'moved to damaged-%d',
+          bad_step,
+          type(error).__name__,
+          str(error).splitlines()[0][:200],
+          step,
+          bad_step,
+        )
+        if jax.process_index() == 0:
+          os.rename(
+            os.path.join(ckpt_dir, str(bad_step)), os.path.join(ckpt_dir, f'damaged-{bad_step}')
+          )
+      return restored, plan_changed
+  raise ValueError(
+    f'no readable checkpoint in {ckpt_dir}; damaged steps: '
+    + ', '.join(f'{s} ({type(e).__name__})' for s, e in damaged)
+  )
+
+
+def _restore_step(
+  ckpt_dir: str, step: int, state: TrainState, plan: policies.Plan
+) -> tuple[TrainState, bool]:
+  meta = checkpoint.restore_meta(ckpt_dir, step)
+  if meta.get('plan') == plan.name:
+    restored, _ = checkpoint.restore(ckpt_dir, state, step)
+    logging.info('resumed from step %d', step)
+    return restored, False
+  # A new stage: parameters carry over, the optimizer state is rebuilt for the new plan.
+  logging.info(
+    'plan changed from %s to %s at step %d: optimizer state rebuilt',
+    meta.get('plan'),
+    plan.name,
+    step,
+  )
+  params = checkpoint.load_params(ckpt_dir, state.params, step=step)
+  stats = state.batch_stats
+  if stats:
+    stats = checkpoint.load_params(ckpt_dir, stats, key='batch_stats', step=step)
+  return state.replace(step=jnp.asarray(step, jnp.int32), params=params, batch_stats=stats), True
