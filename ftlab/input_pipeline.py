@@ -202,6 +202,7 @@ def build_dataset(
     if len({i.splitname for i in instructions}) != 1:
       raise ValueError(f'{split!r}: image folders read one split at a time')
     read_split = instructions[0].splitname
+    check_images(os.path.join(name[len(IMAGE_FOLDER_PREFIX) :], read_split))
     size = builder.info.splits[read_split].num_examples
     indices = np.concatenate([np.arange(size)[i.from_ : i.to] for i in instructions])  # None: open
   names = tuple(builder.info.features[_keys(builder)[1]].names)
@@ -215,6 +216,20 @@ def build_dataset(
     # tfds knows the size of every (sliced) split it reads, mocked ones included.
     indices = np.arange(int(_read(builder, read_split).cardinality()))
   return DataSplit(builder, read_split, indices, label_map, names)
+
+
+def check_images(directory: str) -> None:
+  """Decodes every image under `directory` once, so a bad file fails before training.
+
+  Raises:
+    ValueError: naming the first file that does not decode as an image.
+  """
+  for path in sorted(tf.io.gfile.glob(os.path.join(directory, '*', '*'))):
+    try:
+      tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+    except (tf.errors.InvalidArgumentError, tf.errors.OpError) as e:
+      reason = e.message.splitlines()[0] if e.message else type(e).__name__
+      raise ValueError(f'unreadable image {path}: {reason}') from None
 
 
 def select(

@@ -322,3 +322,12 @@ def test_image_folder(tmp_path):
   assert not np.array_equal(images[labels == 1][..., 0], images[labels == 1][..., 2])
   batch = next(ip.train_iterator(train, global_batch=4, image_size=6, preprocess='torch'))
   assert batch['image'].shape == (4, 6, 6, 3)
+
+
+def test_unreadable_image_in_a_folder_is_named_before_training(tmp_path):
+  os.makedirs(tmp_path / 'train' / 'cat')
+  png = tf.io.encode_png(np.zeros((4, 4, 3), np.uint8))
+  tf.io.write_file(str(tmp_path / 'train' / 'cat' / '0.png'), png)
+  (tmp_path / 'train' / 'cat' / '1.png').write_bytes(b'not an image')
+  with pytest.raises(ValueError, match=r'^unreadable image .*train/cat/1\.png: '):
+    ip.build_dataset(f'image_folder:{tmp_path}', 'train')
