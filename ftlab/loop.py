@@ -314,7 +314,7 @@ def _write_run_files(workdir: str, config: Any, plan: policies.Plan, params: PyT
   logging.info('\n%s', table)
 
 
-def _data(config: Any) -> tuple[Any, dict[str, Any]]:
+def datasets(config: Any) -> tuple[Any, dict[str, Any]]:
   """The training split and the eval splits (`eval`, and `minival` if configured)."""
   ds = config.dataset
   common = dict(
@@ -340,7 +340,7 @@ def _prepare(config: Any, workdir: str):
   parallel.check_divisible(config.batch_size, jax.device_count())
   parallel.check_divisible(config.eval_batch_size, jax.device_count())
   policies.check_policy_name(config.policy.name)
-  train_data, evals = _data(config)
+  train_data, evals = datasets(config)
   model = build_model(config.model, train_data.num_classes)
   rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
   size = config.dataset.image_size
