@@ -414,9 +414,10 @@ def train_iterator(
 ) -> Iterator[dict[str, np.ndarray]]:
   """Endless shuffled, augmented training batches for this process.
 
-  Epoch e is this process's share shuffled with a seed made of (`seed`, e), and the epochs are
-  read as one stream cut into batches; the augmentation of the example at stream position p
-  uses the stateless seed (`seed`, p). So the batches depend on the seed and step only, and
+  Epoch e is the split shuffled with a seed made of (`seed`, e), and the epochs are read as
+  one stream cut into global batches; process p keeps rows [p*b, (p+1)*b) of each. The
+  augmentation of the example at stream position q uses the stateless seed (`seed`, q). So
+  the global batches depend on the seed and step only, not on the process count, and
   starting at `start_step` skips at most one epoch of still-encoded records.
 
   Args:
@@ -437,15 +438,20 @@ def train_iterator(
     with b = global_batch // process_count.
   """
   batch = local_batch_size(global_batch, process_count)
-  share = _examples(data, process_index, process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  # Every process walks the same global stream of (still encoded) examples and keeps its
+  # rows of each global batch, so the global batches, and so the run, do not depend on how
+  # many processes share them.
+  share = _examples(data, 0, 1)
   if cache:
-    # The share's encoded records, read once: without this, every epoch rereads the whole
-    # split to filter it again (seconds per epoch for a few-shot subset of a large split).
+    # The encoded records, read once: without this, every epoch rereads the whole split to
+    # filter it again (seconds per epoch for a few-shot subset of a large split).
     share = share.cache()
-  size = len(data.indices[process_index::process_count])
+  size = data.num_examples
   if size == 0:
-    raise ValueError(f'process {process_index} of {process_count} has no training examples')
-  first_epoch, offset = divmod(start_step * batch, size)
+    raise ValueError('the training split has no examples')
+  first_epoch, offset = divmod(start_step * global_batch, size)
 
   def epoch(e):
     # Distinct seeds per (seed, epoch); int64 leaves room for any realistic epoch count.
@@ -462,8 +468,15 @@ def train_iterator(
     )
     return {'image': image, 'label': ex['label']}
 
+  def mine(position, ex):
+    del ex
+    return (position % global_batch) // batch == process_index
+
   ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
-  ds = ds.enumerate(start=start_step * batch).map(train_example, tf.data.AUTOTUNE)
+  ds = ds.enumerate(start=start_step * global_batch)
+  if process_count > 1:
+    ds = ds.filter(mine)
+  ds = ds.map(train_example, tf.data.AUTOTUNE)
   return ds.batch(batch, drop_remainder=True).prefetch(prefetch).as_numpy_iterator()
 
 

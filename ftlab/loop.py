@@ -169,8 +169,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     FrozenParametersChanged: a frozen parameter moved (a bug; the run's files stay).
   """
   wall_start = time.time()
-  if config.multi_host:
-    jax.distributed.initialize()
+  parallel.initialize_distributed(config.multi_host)
   try:
     spread, model, plan, tx, state, data, frozen_reference = _prepare(config, workdir)
   except (ValueError, KeyError, FileNotFoundError) as e:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -33,6 +34,22 @@ REPLICATED = 'replicated'  # the same value on every device (the train state)
 SHARDED = 'sharded'  # split along the first dimension (the batch)
 BROADCAST = 'broadcast'  # a small value passed as is to every device (an rng key)
 KINDS = (REPLICATED, SHARDED, BROADCAST)
+
+
+def initialize_distributed(multi_host: bool) -> None:
+  """Joins a multi-process job: from `scripts/launch_local.py`'s environment, or else (when
+  `multi_host`) from the cluster's (TPU pod, SLURM) via `jax.distributed.initialize()`."""
+  if 'FTLAB_NUM_PROCESSES' in os.environ:
+    if jax.config.jax_platforms in (None, '', 'cpu'):
+      # CPU collectives across processes need gloo.
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(
+      coordinator_address=os.environ['FTLAB_COORDINATOR_ADDRESS'],
+      num_processes=int(os.environ['FTLAB_NUM_PROCESSES']),
+      process_id=int(os.environ['FTLAB_PROCESS_ID']),
+    )
+  elif multi_host:
+    jax.distributed.initialize()
 
 
 def check_divisible(global_batch: int, num_devices: int) -> None:
@@ -61,37 +78,44 @@ class Spread:
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f'unknown parallelism {self.mode!r}; valid: {", ".join(MODES)}')
-    if not self.devices:
-      object.__setattr__(self, 'devices', tuple(jax.local_devices()))
+    if not self.devices:  # every process's devices: one data-parallel group over all hosts
+      object.__setattr__(self, 'devices', tuple(jax.devices()))
 
   @property
   def num_devices(self) -> int:
     return len(self.devices)
 
   @functools.cached_property
+  def local_devices(self) -> tuple:
+    """This process's devices, in mesh order."""
+    return tuple(d for d in self.devices if d.process_index == jax.process_index())
+
+  @functools.cached_property
   def mesh(self) -> Mesh:
     return Mesh(np.array(self.devices), (AXIS,))
 
-  def _put_stacked(self, x: Any) -> jax.Array:
-    """`[D, ...]` host data, row i on device i."""
-    return jax.device_put(x, NamedSharding(self.mesh, P(AXIS)))
-
   def replicate(self, tree: Any) -> Any:
-    """Places a copy of `tree` on every device, in this mode's layout."""
+    """Places a copy of `tree` on every device, in this mode's layout.
+
+    Every process passes the same value. The copy goes through the host, so it never
+    aliases the caller's arrays (the step donates the state; the loaded weights survive).
+    """
+    host = jax.device_get(tree)
     if self.mode == 'pmap':
-
-      def stack(x):
-        x = jax.device_get(x)
-        shards = [jax.device_put(x[None], d) for d in self.devices]
-        return jax.make_array_from_single_device_arrays(
-          (self.num_devices,) + np.shape(x), NamedSharding(self.mesh, P(AXIS)), shards
-        )
-
-      return jax.tree.map(stack, tree)
-    # Through the host, so a copy and never an alias (device_put's may_alias=False still
-    # aliases here): the step donates the state, and the caller's arrays (the loaded
-    # weights, say) must survive it.
-    return jax.device_put(jax.device_get(tree), NamedSharding(self.mesh, P()))
+      sharding = NamedSharding(self.mesh, P(AXIS))
+      return jax.tree.map(
+        lambda x: jax.make_array_from_single_device_arrays(
+          (self.num_devices,) + np.shape(x),
+          sharding,
+          [jax.device_put(np.asarray(x)[None], d) for d in self.local_devices],
+        ),
+        host,
+      )
+    sharding = NamedSharding(self.mesh, P())
+    return jax.tree.map(
+      lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i: np.asarray(x)[i]),
+      host,
+    )
 
   def unreplicate(self, tree: Any) -> Any:
     """The single copy of a replicated `tree` (e.g. the state or metrics after a step)."""
@@ -100,7 +124,10 @@ class Spread:
     return tree
 
   def shard(self, batch: Any) -> Any:
-    """Splits a host batch `{name: [B, ...]}` over the devices.
+    """Splits this process's batch `{name: [b, ...]}` over its devices.
+
+    With P processes each passes its own b = B / P examples; together they form the
+    global batch B (in the `shard_map` layout, one global array of shape [B, ...]).
 
     Raises:
       ValueError: B is not divisible by the number of devices.
@@ -108,12 +135,18 @@ class Spread:
     sizes = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
     if len(sizes) != 1:
       raise ValueError(f'batch arrays disagree on the batch size: {sorted(sizes)}')
-    check_divisible(sizes.pop(), self.num_devices)
+    local = sizes.pop()
+    check_divisible(local * jax.process_count(), self.num_devices)
+    sharding = NamedSharding(self.mesh, P(AXIS))
     if self.mode == 'pmap':
+      per_device = (len(self.local_devices), -1)
       return jax.tree.map(
-        lambda x: self._put_stacked(np.reshape(x, (self.num_devices, -1) + np.shape(x)[1:])), batch
+        lambda x: jax.make_array_from_process_local_data(
+          sharding, np.reshape(x, per_device + np.shape(x)[1:])
+        ),
+        batch,
       )
-    return jax.device_put(batch, NamedSharding(self.mesh, P(AXIS)))
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
   def compile(
     self, step_fn: Callable, *, in_kinds: Sequence[str], donate_argnums: Sequence[int] = ()

@@ -294,6 +294,15 @@ def test_train_shares_are_disjoint_and_cover_an_epoch(fake):
     assert batches[0]['image'].shape[0] == 10
     ids.append(np.concatenate([ids_of(b['image']) for b in batches]))  # 50 = one epoch
   np.testing.assert_array_equal(np.sort(np.concatenate(ids)), np.arange(N_TRAIN))
+  # The global batches do not depend on the process count: the two processes' rows of each
+  # step, stacked, are the one-process batch, augmentation included.
+  kwargs = dict(global_batch=20, augment='pad_crop', seed=3, start_step=2)
+  whole = train_batches(data, 3, **kwargs)
+  parts = [train_batches(data, 3, process_index=p, process_count=2, **kwargs) for p in (0, 1)]
+  for step, batch in enumerate(whole):
+    for key in ('image', 'label'):
+      stacked = np.concatenate([parts[0][step][key], parts[1][step][key]])
+      np.testing.assert_array_equal(stacked, batch[key])
   with pytest.raises(ValueError, match='not divisible'):
     ip.train_iterator(data, global_batch=15, image_size=28, preprocess='unit', process_count=2)
   with pytest.raises(ValueError, match='process_index 2'):

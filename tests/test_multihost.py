@@ -1,0 +1,109 @@
+"""Several processes through jax.distributed on this machine behave as one process."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from ftlab import checkpoint, input_pipeline, loop, policies
+from ftlab.metric_writers import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(
+  not os.path.isdir(input_pipeline.DEBIAN_FASHION_MNIST_DIR),
+  reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
+)
+RUN = ['--config.dataset.eval_split=test[:1001]', '--config.eval_batch_size=64']
+
+
+def launch(workdir, processes, devices, *overrides, wait=True):
+  command = [
+    sys.executable,
+    'scripts/launch_local.py',
+    f'--num_processes={processes}',
+    f'--devices_per_process={devices}',
+    '--timeout=300',
+    '--',
+    sys.executable,
+    '-m',
+    'ftlab.main',
+    '--config=configs/default.py:runlocal',
+    f'--workdir={workdir}',
+    *RUN,
+    *overrides,
+  ]
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  if not wait:
+    return subprocess.Popen(
+      command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return result
+
+
+def params_of(workdir):
+  config = default.get_config('runlocal')
+  model = loop.build_model(config.model, num_classes=10)
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)), train=False)
+  )['params']
+  fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  return policies.flatten(checkpoint.load_params(os.path.join(workdir, 'checkpoints'), fresh))
+
+
+def assert_same_run(a, b):
+  pa, pb = params_of(a), params_of(b)
+  for path in pa:
+    np.testing.assert_allclose(pa[path], pb[path], rtol=1e-5, atol=1e-7, err_msg=path)
+  sa, sb = (json.load(open(os.path.join(w, 'summary.json'))) for w in (a, b))
+  assert sa['eval_examples'] == sb['eval_examples'] == 1001
+  np.testing.assert_allclose(sa['final_eval_loss'], sb['final_eval_loss'], rtol=1e-5)
+  assert sa['final_eval_accuracy'] == sb['final_eval_accuracy']
+
+
+@pytest.fixture(scope='module')
+def one_by_eight(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('one_by_eight')
+  launch(workdir, 1, 8)
+  return workdir
+
+
+@pytest.mark.parametrize('parallelism', ['pmap', 'shard_map'])
+def test_two_processes_equal_one(tmp_path, one_by_eight, parallelism):
+  launch(tmp_path, 2, 4, f'--config.parallelism={parallelism}')
+  assert_same_run(tmp_path, one_by_eight)
+  # Only process 0 writes: every logged step appears once.
+  steps = [r['step'] for r in read_jsonl(tmp_path / 'metrics.jsonl') if 'train/loss' in r]
+  assert steps == [5, 10, 15, 20]
+  assert checkpoint.all_steps(tmp_path / 'checkpoints') == [10, 20]
+
+
+def test_lost_peer_ends_the_job_and_relaunch_resumes(tmp_path, one_by_eight):
+  proc = launch(tmp_path, 2, 4, '--config.checkpoint_every_steps=5', wait=False)
+  pids, output = {}, []
+  for line in proc.stdout:
+    output.append(line)
+    started = re.match(r'launch_local: started process (\d) \(pid (\d+)\)', line)
+    if started:
+      pids[int(started[1])] = int(started[2])
+    if checkpoint.latest_step(tmp_path / 'checkpoints') is not None:
+      break
+  killed_at = time.time()
+  os.kill(pids[1], signal.SIGKILL)
+  rest, _ = proc.communicate(timeout=120)
+  assert time.time() - killed_at < 60  # the other process did not hang on the lost peer
+  assert proc.returncode != 0
+  assert 'launch_local: process 1 ended with signal SIGKILL; stopping the others' in rest
+  assert checkpoint.latest_step(tmp_path / 'checkpoints') < 20
+  # The checkpoint of a 2 x 4 run restores in a 1 x 8 run, which ends as if never stopped.
+  launch(tmp_path, 1, 8, '--config.checkpoint_every_steps=5')
+  assert_same_run(tmp_path, one_by_eight)
