@@ -85,6 +85,17 @@ def test_two_processes_equal_one(tmp_path, one_by_eight, parallelism):
   steps = [r['step'] for r in read_jsonl(tmp_path / 'metrics.jsonl') if 'train/loss' in r]
   assert steps == [5, 10, 15, 20]
   assert checkpoint.all_steps(tmp_path / 'checkpoints') == [10, 20]
+  if parallelism == 'pmap':
+    # The 2 x 4 checkpoint restores in a 1 x 8 run: resumed at the end, it evaluates the
+    # restored state.
+    summary = json.load(open(tmp_path / 'summary.json'))
+    os.remove(tmp_path / 'summary.json')
+    launch(tmp_path, 1, 8)
+    again = json.load(open(tmp_path / 'summary.json'))
+    assert again['steps'] == 20 and again['eval_examples'] == 1001
+    assert again['final_eval_accuracy'] == summary['final_eval_accuracy']
+    # Sums over other batch compositions: equal up to float rounding.
+    np.testing.assert_allclose(again['final_eval_loss'], summary['final_eval_loss'], rtol=1e-5)
 
 
 def test_lost_peer_ends_the_job_and_relaunch_resumes(tmp_path, one_by_eight):
@@ -104,6 +115,6 @@ def test_lost_peer_ends_the_job_and_relaunch_resumes(tmp_path, one_by_eight):
   assert proc.returncode != 0
   assert 'launch_local: process 1 ended with signal SIGKILL; stopping the others' in rest
   assert checkpoint.latest_step(tmp_path / 'checkpoints') < 20
-  # The checkpoint of a 2 x 4 run restores in a 1 x 8 run, which ends as if never stopped.
-  launch(tmp_path, 1, 8, '--config.checkpoint_every_steps=5')
+  # The same command resumes from the last checkpoint and ends as if never stopped.
+  launch(tmp_path, 2, 4, '--config.checkpoint_every_steps=5')
   assert_same_run(tmp_path, one_by_eight)

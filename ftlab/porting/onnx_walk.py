@@ -1,0 +1,238 @@
+"""Walking an ONNX graph down the single chain of a VGG, collecting its weights.
+
+The walk starts at the graph's one input and follows the one node that consumes the current
+tensor, op by op; any branch, or any op a VGG does not hold where it stands, ends it with a
+`PortError` that names the node. Weights are read from initializers, `Constant` nodes or
+`Identity` of either, and kept in torch's layouts (conv OIHW, dense (out, in)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ftlab.porting.common import PortError
+
+BN_EPSILON = 1e-5  # ftlab's BatchNorm epsilon
+DENSE_LAYERS = ('fc1', 'fc2', 'predictions')
+TO_NCHW, TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
+PASS_THROUGH = ('Relu', 'Dropout', 'Identity')
+
+
+@dataclasses.dataclass
+class Layer:
+  """A weighted layer on the chain, its weight in torch's layout (OIHW or (out, in))."""
+
+  weight: np.ndarray
+  bias: np.ndarray | None = None
+  batch_norm: dict[str, np.ndarray] | None = None
+
+
+@dataclasses.dataclass
+class Chain:
+  """What the walk found: convs per block, dense layers, and the layout facts."""
+
+  blocks: list[list[Layer]]
+  dense: list[Layer]
+  pooled: bool = False  # an average pool before the flatten
+  nchw_flatten: bool = True
+  nhwc_input: bool = False
+  softmax: bool = False
+
+
+def _attributes(node) -> dict:
+  from onnx import helper
+
+  return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _constants(graph) -> dict[str, np.ndarray]:
+  from onnx import numpy_helper
+
+  found = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+  for node in graph.node:
+    if node.op_type == 'Constant':
+      value = _attributes(node)
+      tensor = value.get('value')
+      found[node.output[0]] = (
+        numpy_helper.to_array(tensor)
+        if tensor is not None
+        else np.asarray(next(iter(value.values())))
+      )
+    elif node.op_type == 'Identity' and node.input[0] in found:
+      found[node.output[0]] = found[node.input[0]]
+  return found
+
+
+def _check(node, expected: dict, what: str) -> None:
+  attrs = _attributes(node)
+  for key, want in expected.items():
+    got = attrs.get(key, want[0])
+    if isinstance(got, bytes):
+      got = got.decode()
+    if got not in want:
+      raise PortError(
+        f'not a VGG graph: {node.op_type} node {node.name!r} has {key}={got!r}; a VGG {what} '
+        f'has {key} in {list(want)}'
+      )
+
+
+class _Walk:
+  """The state of a walk down the chain; one method per op a VGG graph may hold."""
+
+  def __init__(self, constants: dict[str, np.ndarray]):
+    self.constants = constants
+    self.chain = Chain(blocks=[[]], dense=[])
+    self.layout = 'NCHW'  # of the tensor being followed
+    self.flattened = False
+    self.seen_weights = False
+
+  def const(self, node, index: int, role: str) -> np.ndarray | None:
+    name = node.input[index] if len(node.input) > index else ''
+    if not name:
+      return None
+    if name not in self.constants:
+      raise PortError(f'not a VGG graph: the {role} of {node.op_type} {node.name!r} is computed')
+    return np.asarray(self.constants[name], np.float32)
+
+  def step(self, node, x: str) -> None:
+    """Takes in `node`, which consumes the followed tensor `x`; raises off the VGG path."""
+    op = node.op_type
+    if op in PASS_THROUGH:
+      return
+    handler = {
+      'Conv': self.conv,
+      'BatchNormalization': self.batch_norm,
+      'MaxPool': self.max_pool,
+      'AveragePool': self.average_pool,
+      'GlobalAveragePool': self.average_pool,
+      'Flatten': self.flatten,
+      'Reshape': self.flatten,
+      'Gemm': self.dense,
+      'MatMul': self.dense,
+      'Add': self.add_bias,
+      'Transpose': self.transpose,
+      'Softmax': self.softmax,
+    }.get(op)
+    if handler is None or not handler(node, x):
+      raise PortError(
+        f'not a VGG graph: unexpected {op} node {node.name!r} after {_progress(self.chain)}'
+      )
+    self.seen_weights = self.seen_weights or op in ('Conv', 'Gemm', 'MatMul')
+
+  # Each handler returns False where its op cannot stand in a VGG.
+
+  def conv(self, node, x):
+    same = _attributes(node).get('auto_pad', b'NOTSET') in (b'SAME_UPPER', b'SAME_LOWER')
+    conv = {'kernel_shape': ([3, 3],), 'strides': ([1, 1],), 'group': (1,), 'dilations': ([1, 1],)}
+    _check(node, conv if same else {**conv, 'pads': ([1, 1, 1, 1],)}, 'conv')
+    weight, bias = self.const(node, 1, 'weight'), self.const(node, 2, 'bias')
+    self.chain.blocks[-1].append(Layer(weight, bias))
+    return not self.flattened
+
+  def batch_norm(self, node, x):
+    block = self.chain.blocks[-1]
+    if not block or block[-1].batch_norm is not None:
+      return False
+    scale, bias, mean, var = (self.const(node, i, 'statistics') for i in range(1, 5))
+    epsilon = float(_attributes(node).get('epsilon', 1e-5))
+    # (x - m) / sqrt(v + eps) == (x - m) / sqrt((v + eps - 1e-5) + 1e-5): the same function.
+    var = var + np.float32(epsilon - BN_EPSILON)
+    block[-1].batch_norm = {'scale': scale, 'bias': bias, 'mean': mean, 'var': var}
+    return True
+
+  def max_pool(self, node, x):
+    pool = {'kernel_shape': ([2, 2],), 'strides': ([2, 2],), 'pads': ([0, 0, 0, 0],)}
+    _check(node, pool, 'pool')
+    self.chain.blocks.append([])
+    return not self.flattened
+
+  def average_pool(self, node, x):
+    self.chain.pooled = True
+    return not self.flattened
+
+  def flatten(self, node, x):
+    if node.op_type == 'Flatten':
+      _check(node, {'axis': (1,)}, 'flatten')
+    if self.flattened:
+      return False
+    self.flattened, self.chain.nchw_flatten = True, self.layout == 'NCHW'
+    return True
+
+  def dense(self, node, x):
+    attrs = _attributes(node)
+    if attrs.get('transA', 0) or attrs.get('alpha', 1.0) != 1.0:
+      raise PortError(f'not a VGG graph: Gemm {node.name!r} has transA or alpha != 1')
+    weight = self.const(node, 1, 'weight')
+    if node.op_type == 'MatMul' or not attrs.get('transB', 0):
+      weight = weight.T  # (in, out) -> torch's (out, in)
+    bias = self.const(node, 2, 'bias') if node.op_type == 'Gemm' else None
+    if bias is not None:
+      bias = bias * np.float32(attrs.get('beta', 1.0))
+    self.chain.dense.append(Layer(weight, bias))
+    return self.flattened
+
+  def add_bias(self, node, x):
+    # MatMul then Add: the Add's other operand is the bias.
+    dense = self.chain.dense
+    if not dense or dense[-1].bias is not None or len(node.input) != 2:
+      return False
+    dense[-1].bias = self.const(node, 1 - list(node.input).index(x), 'bias')
+    return True
+
+  def transpose(self, node, x):
+    perm = tuple(_attributes(node).get('perm', ()))
+    if perm == TO_NCHW and not self.seen_weights:
+      self.chain.nhwc_input = True
+    self.layout = {TO_NCHW: 'NCHW', TO_NHWC: 'NHWC'}.get(perm, self.layout)
+    return True
+
+  def softmax(self, node, x):
+    self.chain.softmax = True
+    return len(self.chain.dense) > 0
+
+
+def walk(graph) -> Chain:
+  """Follows the graph from its one input to its output; raises PortError off the VGG path."""
+  constants = _constants(graph)
+  consumers: dict[str, list] = {}
+  for node in graph.node:
+    if all(out in constants for out in node.output):
+      continue  # Constant / Identity nodes that only hold weights
+    for name in node.input:
+      if name and name not in constants:
+        consumers.setdefault(name, []).append(node)
+  inputs = [i.name for i in graph.input if i.name not in constants]
+  if len(inputs) != 1:
+    raise PortError(f'not a VGG graph: {len(inputs)} graph inputs ({inputs}); a VGG has one')
+  state, x = _Walk(constants), inputs[0]
+  while consumers.get(x):
+    users = consumers[x]
+    if len(users) > 1:
+      ops = ', '.join(f'{n.op_type} {n.name!r}' for n in users)
+      raise PortError(
+        f'not a VGG graph: tensor {x!r} feeds {len(users)} nodes ({ops}); a VGG is one chain'
+      )
+    state.step(users[0], x)
+    x = users[0].output[0]
+  return _closed(state.chain)
+
+
+def _progress(chain: Chain) -> str:
+  convs = sum(len(b) for b in chain.blocks)
+  return f'{convs} convs in {len(chain.blocks)} blocks and {len(chain.dense)} dense layers'
+
+
+def _closed(chain: Chain) -> Chain:
+  if chain.blocks[-1]:
+    raise PortError(f'not a VGG graph: convs after the last MaxPool ({_progress(chain)})')
+  chain.blocks.pop()
+  if not chain.blocks or not all(chain.blocks):
+    raise PortError(f'not a VGG graph: {_progress(chain)}; a VGG has convs in every block')
+  if len(chain.dense) not in (0, len(DENSE_LAYERS)):
+    raise PortError(f'not a VGG graph: {len(chain.dense)} dense layers; a VGG head has 3 or none')
+  with_bn = {layer.batch_norm is not None for block in chain.blocks for layer in block}
+  if len(with_bn) > 1:
+    raise PortError('not a VGG graph: BatchNormalization after some convs but not all')
+  return chain
