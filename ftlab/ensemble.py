@@ -533,6 +533,8 @@ def combine(
       not fit them, or a run's checkpoint that does not fit its config.
     FileNotFoundError: a path without a complete checkpoint.
   """
+  # As the run loop does: a multi-process job must be joined before jax touches a device.
+  parallel.initialize_distributed(config.multi_host)
   methods = list(dict.fromkeys(methods))
   alphas = [float(a) for a in alphas]
   check_methods(methods, len(paths), alphas)
@@ -776,7 +778,7 @@ def markdown(output: Mapping[str, Any]) -> str:
       for t in r['trials']
     )
     split = held_out or data['eval_split']
-    notes.append(f'Greedy soup trials ({split} accuracy of the soup so far): {tried}.')
+    notes.append(f'Greedy soup trials ({split} accuracy of the soup with each candidate): {tried}.')
   if notes:
     lines += [''] + [f'- {n}' for n in notes]
   return '\n'.join(lines)
