@@ -57,7 +57,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.shuffle_buffer = 10_000  # examples
 
   config.policy = ml_collections.ConfigDict()
-  config.policy.name = 'full'  # see ftlab/policies.py: full, linear_probe, last_blocks, ...
+  # A plan expression (ftlab/policy_syntax.py): a policy (full, linear_probe, last_blocks,
+  # first_blocks, blocks, bitfit, regex, random_sparse, magnitude, fisher, child_tuning_f,
+  # child_tuning_d) or a combination with | & - (union, intersection, difference), plus
+  # modifiers after + (layerwise_lr_decay, discriminative_lr, l2_sp), or a schedule (lp_ft,
+  # gradual_unfreezing). E.g. 'bitfit | last_blocks(1)', 'fisher(0.01) & blocks([4, 5])',
+  # 'lp_ft(probe_steps=100) + l2_sp(alpha=0.01, beta=0.01)'. Bare names read the fields below.
+  config.policy.name = 'full'
   config.policy.k = 1  # last_blocks / first_blocks: number of blocks
   config.policy.blocks = (1,)  # blocks: block numbers or names ('block1', 'fc')
   config.policy.train_head = True  # block policies and bitfit also train the new head
@@ -88,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500  # also at the last step
   config.keep_checkpoints = 2  # newest checkpoints kept (>= 2: never lose the last good one)
   config.early_stopping_patience = 0  # stop after this many evals without improvement (0 = off)
+  config.record_step_flops = True  # XLA's FLOP count of each stage's compiled step, in summary
   config.skip_nonfinite_updates = False  # skip (count, log) non-finite steps instead of stopping
 
   config.init = ml_collections.ConfigDict()

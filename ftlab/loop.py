@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import re
@@ -26,7 +27,14 @@ from absl import logging
 
 from ftlab import checkpoint, input_pipeline, metric_writers, optim, parallel, policies
 from ftlab.models import vgg
-from ftlab.train import TrainState, compile_steps, create_train_state, eval_metrics
+from ftlab.train import (
+  TrainState,
+  bind_model,
+  compile_steps,
+  create_train_state,
+  eval_metrics,
+  fisher_step,
+)
 
 PyTree = Any
 
@@ -153,7 +161,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   """Trains and evaluates as `config` says, resuming from `workdir` if it holds a checkpoint.
 
   Writes (process 0 only): `config.json`, `plan.txt`, `metrics.jsonl`, TensorBoard events
-  and `summary.json`; every process takes part in `checkpoints/`.
+  and `summary.json`; every process takes part in `checkpoints/`. A multi-stage plan
+  (`lp_ft`, `gradual_unfreezing`) compiles one step per stage; at a stage boundary the
+  parameters carry over and the optimizer state is rebuilt for the new plan.
 
   Args:
     config: a config from `configs/` (see `configs/default.py` for every field).
@@ -171,24 +181,24 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   wall_start = time.time()
   parallel.initialize_distributed(config.multi_host)
   try:
-    spread, model, plan, tx, state, data, frozen_reference = _prepare(config, workdir)
+    run = _prepare(config, workdir)
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise ConfigError(str(e).strip('"\'')) from e
+  spread, data, stage, plan, state = run.spread, run.data, run.stage, run.plan, run.state
   is_writer = jax.process_index() == 0
   if is_writer:
     _write_run_files(workdir, config, plan, state.params)
-  n_trainable, n_total = policies.trainable_count(plan, state.params)
   lr_fn = optim.learning_rate_schedule(config.optimizer, config.num_train_steps)
   skip_nonfinite = bool(config.skip_nonfinite_updates)
-  p_train_step, p_eval_step = compile_steps(
+  compile_for = functools.partial(
+    compile_steps,
     spread,
-    model=model,
-    tx=tx,
-    plan=plan,
+    model=run.model,
     label_smoothing=config.label_smoothing,
     learning_rate_fn=lr_fn,
     skip_nonfinite=skip_nonfinite,
   )
+  p_train_step, p_eval_step = compile_for(tx=run.tx, plan=plan)
   rng_train = jax.random.fold_in(jax.random.key(config.seed), 1)
   first_step, last = int(state.step), config.num_train_steps
   state = spread.replicate(state)
@@ -197,6 +207,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   meta = {'plan': plan.name, 'config': config.to_dict()}
   # Best and early stopping follow the held-out minival split when there is one.
   select = 'minival' if 'minival' in data.eval_batches else 'eval'
+  frozen_reference = run.frozen_reference
+  stage_flops = {}
 
   def run_evals(step):
     results = {}
@@ -218,7 +230,23 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   logging.info('training steps %d..%d under %s', first_step + 1, last, plan.name)
   with _preemption_signals() as received:
     for step in range(first_step + 1, last + 1):
-      state, metrics = p_train_step(state, next(train_batches), rng_train)
+      if stage.end is not None and step > stage.end:  # the next stage of a schedule
+        host_params = jax.device_get(spread.unreplicate(state.params))
+        _check_frozen(plan, frozen_reference, host_params)
+        stage = policies.stage_at(run.stages, step - 1)
+        plan, tx = run.setup(stage)
+        host_state = jax.device_get(spread.unreplicate(state))
+        state = spread.replicate(host_state.replace(opt_state=tx.init(host_state.params)))
+        frozen_reference = policies.frozen_checksums(plan, host_params)
+        p_train_step, p_eval_step = compile_for(tx=tx, plan=plan)
+        meta['plan'] = plan.name
+        logging.info('step %d: stage %s, optimizer state rebuilt', step, plan.name)
+        if is_writer:
+          _write_run_files(workdir, config, plan, host_params, append=True)
+      batch = next(train_batches)
+      if plan.name not in stage_flops and config.record_step_flops:
+        stage_flops[plan.name] = parallel.compiled_flops(p_train_step, state, batch, rng_train)
+      state, metrics = p_train_step(state, batch, rng_train)
       window.append(metrics)
       log = step % config.log_every_steps == 0 or step == last
       evaluate_now = step % config.eval_every_steps == 0 or step == last
@@ -271,14 +299,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     results = run_evals(first_step)
   writer.close()
   final_params = jax.device_get(spread.unreplicate(state.params))
-  frozen_final = policies.frozen_checksums(plan, final_params)
-  moved = sorted(p for p in frozen_reference if frozen_reference[p] != frozen_final[p])
-  if moved:
-    raise FrozenParametersChanged(
-      f'frozen parameters differ from their loaded values: {", ".join(moved)}'
-    )
+  frozen_final = _check_frozen(plan, frozen_reference, final_params)
+  n_trainable, n_total = policies.trainable_count(plan, final_params)
   summary = {
-    'plan': plan.name,
+    'plan': run.plan_label,
     'steps': int(jax.device_get(spread.unreplicate(state.step))),
     'final_eval_accuracy': results['eval']['accuracy'],
     'final_eval_loss': results['eval']['loss'],
@@ -288,9 +312,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     f'best_{select}_step': best and best['step'],
     'stopped_early': stop,
     'skipped_steps': skipped_total,
+    # The last stage's plan: its trainable count and its compiled step's FLOPs (XLA).
     'trainable_parameters': n_trainable,
     'total_parameters': n_total,
     'trainable_percent': 100.0 * n_trainable / n_total,
+    **({'train_step_flops': stage_flops[plan.name]} if plan.name in stage_flops else {}),
+    **({'stages': _stage_summary(run.stages, config, stage_flops)} if len(run.stages) > 1 else {}),
     # Frozen leaves checked bit for bit against the loaded values (sha256 per leaf).
     'frozen_leaves': len(frozen_final),
     'frozen_checksum': policies.combined_checksum(frozen_final),
@@ -303,13 +330,39 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   return summary
 
 
-def _write_run_files(workdir: str, config: Any, plan: policies.Plan, params: PyTree) -> None:
+def _check_frozen(plan: policies.Plan, reference: dict, params: PyTree) -> dict[str, str]:
+  """The frozen leaves' checksums; raises if any differs from `reference`."""
+  final = policies.frozen_checksums(plan, params)
+  moved = sorted(p for p in reference if p in final and reference[p] != final[p])
+  if moved:
+    raise FrozenParametersChanged(
+      f'frozen parameters differ from their loaded values: {", ".join(moved)}'
+    )
+  return final
+
+
+def _stage_summary(stages: list, config: Any, stage_flops: dict) -> list[dict]:
+  rows = []
+  for s in stages:
+    name = s.label(str(s.expression))  # the stage's plan name
+    end = s.end if s.end is not None else config.num_train_steps
+    rows.append({'plan': name, 'first_step': s.start + 1, 'last_step': end})
+    if name in stage_flops:
+      rows[-1]['train_step_flops'] = stage_flops[name]
+  return rows
+
+
+def _write_run_files(
+  workdir: str, config: Any, plan: policies.Plan, params: PyTree, append: bool = False
+) -> None:
+  """config.json and plan.txt (the audit table; a new stage's table is appended)."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2) + '\n')
+  if not append:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2) + '\n')
   table = policies.audit_table(plan, params)
-  with open(os.path.join(workdir, 'plan.txt'), 'w') as f:
-    f.write(table + '\n')
+  with open(os.path.join(workdir, 'plan.txt'), 'a' if append else 'w') as f:
+    f.write(('\n' if append else '') + table + '\n')
   logging.info('\n%s', table)
 
 
@@ -333,29 +386,25 @@ def datasets(config: Any) -> tuple[Any, dict[str, Any]]:
   return train_data, evals
 
 
-def _prepare(config: Any, workdir: str):
+def _prepare(config: Any, workdir: str) -> types.SimpleNamespace:
   """Everything up to the first compile: every config or input error surfaces here."""
   spread = parallel.Spread(config.parallelism)
   parallel.check_divisible(config.batch_size, jax.device_count())
   parallel.check_divisible(config.eval_batch_size, jax.device_count())
-  policies.check_policy_name(config.policy.name)
+  policies.check_policy_name(config.policy.name, config.policy)
   train_data, evals = datasets(config)
   model = build_model(config.model, train_data.num_classes)
+  structure = model.block_structure()
   rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
   size = config.dataset.image_size
-  # Shapes before arrays: the plan and the optimizer are checked before any compute.
+  # Shapes before arrays: every stage's plan and optimizer are checked before any compute.
   shapes = jax.eval_shape(
     functools.partial(model.init, train=False), rng_init, jnp.zeros((1, size, size, 3))
   )
-  plan = policies.make_plan(shapes['params'], model.block_structure(), config.policy)
-  tx = optim.make(plan, config.optimizer, config.num_train_steps)
-  state = create_train_state(init_variables(model, size, rng_init, config.init), tx)
-  frozen_reference = policies.frozen_checksums(plan, state.params)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  if checkpoint.latest_step(ckpt_dir) is not None:
-    state, plan_changed = _resume(ckpt_dir, state, plan)
-    if plan_changed:  # a new stage freezes what it starts from
-      frozen_reference = policies.frozen_checksums(plan, state.params)
+  stages = policies.plan_stages(structure, config.policy, config.num_train_steps)
+  for stage in stages:
+    shaped = policies.make_plan(shapes['params'], structure, config.policy, stage=stage)
+    optim.make(shaped, config.optimizer, config.num_train_steps, anchor=shapes['params'])
   pipeline = dict(
     image_size=size,
     preprocess=config.dataset.preprocess,
@@ -363,10 +412,10 @@ def _prepare(config: Any, workdir: str):
     process_count=jax.process_count(),
   )
   data = types.SimpleNamespace(
-    train_batches=lambda start_step: input_pipeline.train_iterator(
+    train_batches=lambda start_step, augment=config.dataset.augment: input_pipeline.train_iterator(
       train_data,
       global_batch=config.batch_size,
-      augment=config.dataset.augment,
+      augment=augment,
       seed=config.seed,
       start_step=start_step,
       shuffle_buffer=config.dataset.shuffle_buffer,
@@ -378,12 +427,111 @@ def _prepare(config: Any, workdir: str):
       )
       for k, d in evals.items()
     },
+    train_once=functools.partial(
+      input_pipeline.eval_iterator, train_data, global_batch=config.batch_size, **pipeline
+    ),
   )
-  return spread, model, plan, tx, state, data, frozen_reference
+  variables = init_variables(model, size, rng_init, config.init)
+  anchor = policies.flatten(variables['params'])
+  fisher_fn = functools.partial(_fisher, config, spread, model, structure, variables, data)
+  setups = {}
+
+  def setup(stage: policies.Stage) -> tuple[policies.Plan, Any]:
+    """The stage's plan (per-element masks chosen on the loaded weights) and optimizer."""
+    if stage.index not in setups:
+      plan = policies.make_plan(
+        variables['params'], structure, config.policy, stage=stage, fisher_fn=fisher_fn
+      )
+      tx = optim.make(
+        plan,
+        config.optimizer,
+        config.num_train_steps,
+        first_step=stage.start,
+        anchor=anchor,
+        seed=config.seed,
+      )
+      setups[stage.index] = plan, tx
+    return setups[stage.index]
+
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  stage = stages[0]
+  plan, tx = setup(stage)
+  state = create_train_state(variables, tx)
+  frozen_reference = policies.frozen_checksums(plan, state.params)
+  if checkpoint.latest_step(ckpt_dir) is not None:
+    state, stage, plan_changed = _resume(ckpt_dir, variables, stages, setup)
+    plan, tx = setup(stage)
+    reference_params = state.params if plan_changed else variables['params']
+    # A stage freezes what it starts from; a plain resume checks against the loaded values.
+    frozen_reference = policies.frozen_checksums(plan, reference_params)
+  expression = policies.check_policy_name(config.policy.name, config.policy)
+  return types.SimpleNamespace(
+    spread=spread,
+    model=model,
+    stages=stages,
+    stage=stage,
+    setup=setup,
+    plan=plan,
+    tx=tx,
+    state=state,
+    data=data,
+    frozen_reference=frozen_reference,
+    plan_label=plan.name if len(stages) == 1 else str(expression),
+  )
 
 
-def _resume(ckpt_dir: str, state: TrainState, plan: policies.Plan) -> tuple[TrainState, bool]:
-  """The newest readable checkpoint, and whether the plan changed since it was written.
+def _fisher(
+  config: Any,
+  spread: Any,
+  model: nn.Module,
+  structure: vgg.BlockStructure,
+  variables: PyTree,
+  data: Any,
+  num_batches: int | None,
+) -> dict[str, np.ndarray]:
+  """Mean squared per-example gradient of every leaf a plan could train (the empirical
+  Fisher's diagonal): over `num_batches` shuffled training batches without augmentation,
+  or over every training example once when None."""
+  scope = policies.make_plan(jax.eval_shape(lambda: variables['params']), structure, config.policy)
+  per_device = config.batch_size // jax.device_count()
+  chunk = max(c for c in range(1, 9) if per_device % c == 0)
+  p_fisher = spread.compile(
+    functools.partial(
+      fisher_step,
+      model=bind_model(model, scope),
+      trainable_mask=scope.trainable_mask,
+      chunk=chunk,
+    ),
+    in_kinds=(parallel.REPLICATED, parallel.SHARDED),
+  )
+  state = spread.replicate(
+    TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=variables['params'],
+      batch_stats=variables.get('batch_stats', {}),
+      opt_state=(),
+    )
+  )
+  if num_batches is None:
+    batches = data.train_once()
+  else:
+    batches = itertools.islice(data.train_batches(0, augment='none'), num_batches)
+  totals = None
+  for batch in batches:
+    sums = p_fisher(state, spread.shard(batch))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(spread.unreplicate(totals))
+  count = max(float(totals['count']), 1.0)
+  flat = policies.flatten(totals['squared_grads'])
+  logging.info('Fisher information from %d examples over %d leaves', count, len(flat))
+  return {p: np.asarray(v) / count for p, v in flat.items()}
+
+
+def _resume(
+  ckpt_dir: str, variables: PyTree, stages: list, setup: Callable
+) -> tuple[TrainState, policies.Stage, bool]:
+  """The newest readable checkpoint, its stage, and whether the plan changed since it was
+  written.
 
   Under the same plan the whole state is restored; under a changed plan (a new stage) only
   the parameters, statistics and step, and the optimizer state starts afresh. A damaged
@@ -392,8 +540,12 @@ def _resume(ckpt_dir: str, state: TrainState, plan: policies.Plan) -> tuple[Trai
   """
   damaged = []
   for step in reversed(checkpoint.all_steps(ckpt_dir)):
+    stage = policies.stage_at(stages, step)
+    plan, tx = setup(stage)
     try:
-      restored, plan_changed = _restore_step(ckpt_dir, step, state, plan)
+      restored, plan_changed = _restore_step(
+        ckpt_dir, step, create_train_state(variables, tx), plan, tx
+      )
     except ValueError as e:
       if 'does not match' in str(e):  # another model or optimizer: a config problem
         raise
@@ -415,7 +567,7 @@ def _resume(ckpt_dir: str, state: TrainState, plan: policies.Plan) -> tuple[Trai
           os.rename(
             os.path.join(ckpt_dir, str(bad_step)), os.path.join(ckpt_dir, f'damaged-{bad_step}')
           )
-      return restored, plan_changed
+      return restored, stage, plan_changed
   raise ValueError(
     f'no readable checkpoint in {ckpt_dir}; damaged steps: '
     + ', '.join(f'{s} ({type(e).__name__})' for s, e in damaged)
@@ -423,7 +575,7 @@ def _resume(ckpt_dir: str, state: TrainState, plan: policies.Plan) -> tuple[Trai
 
 
 def _restore_step(
-  ckpt_dir: str, step: int, state: TrainState, plan: policies.Plan
+  ckpt_dir: str, step: int, state: TrainState, plan: policies.Plan, tx: Any
 ) -> tuple[TrainState, bool]:
   meta = checkpoint.restore_meta(ckpt_dir, step)
   if meta.get('plan') == plan.name:
@@ -441,4 +593,9 @@ def _restore_step(
   stats = state.batch_stats
   if stats:
     stats = checkpoint.load_params(ckpt_dir, stats, key='batch_stats', step=step)
-  return state.replace(step=jnp.asarray(step, jnp.int32), params=params, batch_stats=stats), True
+  return state.replace(
+    step=jnp.asarray(step, jnp.int32),
+    params=params,
+    batch_stats=stats,
+    opt_state=tx.init(params),
+  ), True

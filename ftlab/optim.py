@@ -5,15 +5,22 @@ and carries no optimizer state; the trainable group gets the whole chain (clippi
 weight decay, momentum/Adam, the lr schedule, per-leaf lr multipliers), and every
 global quantity in that chain (the clipping norm, say) is computed over the trainable
 leaves only, so nothing reads a frozen gradient.
+
+Per-element masks (sparse policies) act on the *updates*, last in the chain, so masked
+entries stay exactly unchanged under momentum, Adam and weight decay; L2-SP adds its
+gradient toward the loaded weights where weight decay would add one toward zero.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
+from ftlab import policies
 from ftlab.policies import Plan
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
@@ -55,15 +62,119 @@ def scale_by_multipliers(multipliers: Any) -> optax.GradientTransformation:
   )
 
 
-def make(plan: Plan, cfg: Any, total_steps: int) -> optax.GradientTransformation:
+def _path(key_path) -> str:
+  return '/'.join(str(getattr(k, 'key', k)) for k in key_path)
+
+
+def _by_path(values: Mapping[str, Any], params: Any, default: Any = None) -> Any:
+  """A tree like `params` (MaskedNodes kept) holding `values[path]` at each leaf."""
+  return jax.tree_util.tree_map_with_path(lambda kp, _: values.get(_path(kp), default), params)
+
+
+class L2SPState(NamedTuple):
+  anchor: Any  # the loaded value of each pretrained leaf (None for the head: toward 0)
+
+
+def add_l2_sp(
+  coefficients: Mapping[str, tuple[float, bool]], anchor: Mapping[str, Any]
+) -> optax.GradientTransformation:
+  """Adds the gradient of `coef/2 ||w - w0||^2` (w0 = `anchor[path]`, or 0 for the head).
+
+  Args:
+    coefficients: `{path: (coefficient, toward_anchor)}` (`Plan.l2_sp`).
+    anchor: the loaded parameters by path; they are copied into the optimizer state at
+      `init`, so a resumed run pulls toward the same point.
+  """
+
+  def init(params):
+    def leaf(kp, x):
+      coef, toward_anchor = coefficients[_path(kp)]
+      return jnp.asarray(anchor[_path(kp)], x.dtype) if toward_anchor and coef else None
+
+    return L2SPState(jax.tree_util.tree_map_with_path(leaf, params))
+
+  def update(updates, state, params):
+    coefs = _by_path({p: c for p, (c, _) in coefficients.items()}, updates)
+
+    def leaf(u, c, w, w0):
+      return u if not c else u + c * (w - w0 if w0 is not None else w)
+
+    updates = jax.tree.map(leaf, updates, coefs, params, state.anchor, is_leaf=_none)
+    return updates, state
+
+  return optax.GradientTransformation(init, update)
+
+
+class EntryMaskState(NamedTuple):
+  levels: Any  # uint8 entry levels per element-masked leaf, None elsewhere
+  rng: jnp.ndarray  # uint32[2] key of Child-Tuning_F's per-step Bernoulli masks
+
+
+def _none(x) -> bool:
+  return x is None
+
+
+def mask_entries(
+  levels: Mapping[str, np.ndarray], resample_p: float | None, seed: int
+) -> optax.GradientTransformation:
+  """Zeroes the updates of masked entries, after everything else in the chain.
+
+  TRAINED entries keep their update; FROZEN entries get -0.0, so `w + update` is `w` bit
+  for bit (also for w = -0.0, which `+ 0.0` would flip); RESAMPLED entries keep their
+  update divided by p with probability p, drawn afresh every step (Child-Tuning_F). The
+  levels and the key live in the state: a resumed run uses the same masks and draws.
+  """
+
+  def init(params):
+    return EntryMaskState(
+      _by_path({p: jnp.asarray(v) for p, v in levels.items()}, params),
+      jax.random.key_data(jax.random.key(seed)),
+    )
+
+  def update(updates, state, params=None):
+    del params
+    rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    index = iter(range(len(jax.tree.leaves(updates))))
+
+    def leaf(u, level):
+      i = next(index)
+      if level is None:
+        return u
+      keep = level == policies.TRAINED
+      if resample_p is not None:
+        draw = jax.random.bernoulli(jax.random.fold_in(step_rng, i), resample_p, u.shape)
+        resampled = (level == policies.RESAMPLED) & draw
+        u = jnp.where(resampled, u / resample_p, u)
+        keep = keep | resampled
+      return jnp.where(keep, u, jnp.asarray(-0.0, u.dtype))
+
+    updates = jax.tree.map(leaf, updates, state.levels, is_leaf=_none)
+    return updates, EntryMaskState(state.levels, jax.random.key_data(rng))
+
+  return optax.GradientTransformation(init, update)
+
+
+def make(
+  plan: Plan,
+  cfg: Any,
+  total_steps: int,
+  *,
+  first_step: int = 0,
+  anchor: Mapping[str, Any] | None = None,
+  seed: int = 0,
+) -> optax.GradientTransformation:
   """Builds the optax transformation for `plan`.
 
   Args:
-    plan: which leaves train and their lr multipliers.
+    plan: which leaves (and entries) train, their lr multipliers and regulariser.
     cfg: optimizer config: `name` (sgd | adam | adamw), `learning_rate`, `momentum` (sgd),
       `b1`, `b2`, `eps` (adam/adamw), `weight_decay` (sgd/adam: L2 added to the gradient;
       adamw: decoupled), `grad_clip_norm` (0 = off), `warmup_steps`, `schedule`.
     total_steps: length of the run, for the schedule.
+    first_step: the run's step at which this optimizer starts (a later stage of a
+      schedule): the learning rate follows the run's one schedule across stages.
+    anchor: `{path: loaded value}`, the point L2-SP pulls toward (needed with `plan.l2_sp`).
+    seed: the key of Child-Tuning_F's masks.
 
   Returns:
     A transformation whose state holds nothing for frozen leaves.
@@ -74,6 +185,10 @@ def make(plan: Plan, cfg: Any, total_steps: int) -> optax.GradientTransformation
   weight_decay = float(_get(cfg, 'weight_decay', 0.0))
   clip = float(_get(cfg, 'grad_clip_norm', 0.0))
   chain = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+  if plan.l2_sp:
+    if anchor is None:
+      raise ValueError('plan uses l2_sp but no anchor (the loaded parameters) was given')
+    chain.append(add_l2_sp(plan.l2_sp, anchor))
   if weight_decay and name != 'adamw':
     chain.append(optax.add_decayed_weights(weight_decay))
   if name == 'sgd':
@@ -90,7 +205,10 @@ def make(plan: Plan, cfg: Any, total_steps: int) -> optax.GradientTransformation
     )
     if weight_decay and name == 'adamw':
       chain.append(optax.add_decayed_weights(weight_decay))
-  chain.append(optax.scale_by_learning_rate(learning_rate_schedule(cfg, total_steps)))
+  schedule = learning_rate_schedule(cfg, total_steps)
+  if first_step:
+    schedule = lambda count, schedule=schedule: schedule(count + first_step)
+  chain.append(optax.scale_by_learning_rate(schedule))
   # Inside the partition the trainable group sees frozen leaves as empty MaskedNodes;
   # the multiplier tree is masked the same way so the two trees line up.
   mults = jax.tree.map(
@@ -98,5 +216,7 @@ def make(plan: Plan, cfg: Any, total_steps: int) -> optax.GradientTransformation
   )
   if any(m != 1.0 for m in jax.tree.leaves(mults)):
     chain.append(scale_by_multipliers(mults))
+  if plan.element_levels:
+    chain.append(mask_entries(plan.element_levels, plan.resample_p, seed))
   labels = jax.tree.map(lambda keep: 'trainable' if keep else 'frozen', plan.trainable_mask)
   return optax.partition({'trainable': optax.chain(*chain), 'frozen': optax.set_to_zero()}, labels)

@@ -1,8 +1,11 @@
 """Fine-tuning policies: which parameters may change, and how fast.
 
 A policy turns `(params, block structure, policy config)` into a `Plan`: a boolean
-trainable mask and an lr multiplier per parameter leaf. Parameter names are read
-here, once; the optimizer and the step only see the resulting data.
+trainable mask per parameter leaf, per-entry levels for leaves that train only some
+entries (sparse masks), an lr multiplier per leaf and the L2-SP regulariser. Parameter
+names are read here, once; the optimizer and the step only see the resulting data.
+`config.policy.name` is a plan expression (`ftlab.policy_syntax`): policies combined by
+union, intersection and difference, modifiers, and multi-stage schedules (`plan_stages`).
 
 Parameters are named by their path joined with '/', e.g. `block1_conv1/kernel`,
 `block1_conv1_bn/scale`, `predictions/bias`. Regexes match a whole path
@@ -12,39 +15,73 @@ Parameters are named by their path joined with '/', e.g. `block1_conv1/kernel`,
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import re
 from typing import Any, Callable, Iterable, Mapping
 
+import jax
 import numpy as np
 from flax import traverse_util
 
+from ftlab import policy_syntax
 from ftlab.models.vgg import BlockStructure
 
 PyTree = Any
 PolicyFn = Callable[[list[str], BlockStructure, Any], set[str]]
 
 
+# Entry levels of a trainable set, ordered so that union is max and intersection is min.
+FROZEN, RESAMPLED, TRAINED = 0, 1, 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What a fine-tuning run may change.
+  """What a fine-tuning run (or one stage of it) may change.
 
   Attributes:
-    name: the policy with its arguments, e.g. `last_blocks(k=2)`.
-    trainable_mask: pytree of Python bools with the structure of the params.
+    name: the plan expression with every argument, e.g. `last_blocks(k=2)`; a stage of a
+      schedule adds `[stage i/n: ...]`. Checkpoints record it to tell stages apart.
+    trainable_mask: pytree of Python bools: leaves with at least one trainable entry.
     lr_multipliers: pytree of floats (0.0 for frozen leaves) with the same structure.
     frozen_layers: top-level layers all of whose parameters are frozen; their BatchNorm
       layers (if any) run on running statistics during training.
+    element_levels: for trainable leaves that train only some entries, a uint8 array of
+      entry levels (FROZEN, RESAMPLED, TRAINED) by path; empty for leaf-level plans.
+    resample_p: Child-Tuning_F's keep probability for RESAMPLED entries (None if none).
+    l2_sp: `{path: (coefficient, toward_anchor)}` for L2-SP: pretrained leaves are pulled
+      toward their loaded values, the new head toward zero; None without L2-SP.
+    masks_pending: the plan was made from shapes, so per-element masks are not chosen
+      yet (the leaf mask then marks every leaf a per-element policy might train).
   """
 
   name: str
   trainable_mask: PyTree
   lr_multipliers: PyTree
   frozen_layers: tuple[str, ...]
+  element_levels: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  resample_p: float | None = None
+  l2_sp: Mapping[str, tuple[float, bool]] | None = None
+  masks_pending: bool = False
 
   def flat_mask(self) -> dict[str, bool]:
     return flatten(self.trainable_mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """A part of a run under one plan: steps `start + 1 .. end` (end None: to the run's end)."""
+
+  index: int
+  count: int
+  start: int
+  end: int | None
+  expression: policy_syntax.Expression
+  schedule: str = ''
+
+  def label(self, inner: str) -> str:
+    if not self.schedule:
+      return inner
+    return f'{self.schedule} [stage {self.index + 1}/{self.count}: {inner}]'
 
 
 def flatten(tree: PyTree) -> dict[str, Any]:
@@ -137,7 +174,85 @@ def regex(paths, structure, cfg):
   return {p for p in paths if rules[matches[p][0]][1]}
 
 
-POLICIES: dict[str, PolicyFn] = {
+# --- Per-element policies. Each returns {path: entry levels} over the parameters. ------------
+
+
+def _backbone_and_head(paths, structure, cfg) -> tuple[list[str], set[str]]:
+  head = _layers_of([structure.head], paths)
+  return [p for p in paths if p not in head], head if _get(cfg, 'train_head', True) else set()
+
+
+def _check_fraction(cfg: Any, key: str) -> float:
+  value = _get(cfg, key, None)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+    raise ValueError(f'policy {cfg.name}: {key}={value!r} is not a fraction in (0, 1]')
+  return float(value)
+
+
+def top_fraction(scores: Mapping[str, np.ndarray], density: float) -> dict[str, np.ndarray]:
+  """Boolean masks choosing exactly round(density * n) entries with the largest scores,
+  over all the given leaves together."""
+  flat = np.concatenate([np.asarray(s, np.float64).ravel() for s in scores.values()])
+  k = int(round(density * flat.size))
+  chosen = np.zeros(flat.size, bool)
+  if k:
+    chosen[np.argpartition(-flat, k - 1)[:k]] = True
+  out, offset = {}, 0
+  for path, s in scores.items():
+    out[path] = chosen[offset : offset + s.size].reshape(s.shape)
+    offset += s.size
+  return out
+
+
+def _element_policy(score_fn: Callable) -> Callable:
+  """A per-element policy from a scoring rule: the top `density` of the backbone's entries
+  by score, plus the whole head (unless train_head=False)."""
+
+  def policy(paths, structure, cfg, ctx):
+    density = _check_fraction(cfg, 'p' if 'p' in dict(cfg.args) else 'density')
+    backbone, head = _backbone_and_head(paths, structure, cfg)
+    levels = {p: TRAINED if p in head else FROZEN for p in paths}
+    if ctx.params is None:  # shapes only: any backbone entry may be chosen
+      ctx.pending = True
+      return {**levels, **{p: TRAINED for p in backbone}}
+    scores = score_fn(backbone, cfg, ctx)
+    chosen = top_fraction({p: scores[p] for p in backbone}, density)
+    return {**levels, **{p: (chosen[p] * TRAINED).astype(np.uint8) for p in backbone}}
+
+  return policy
+
+
+def _random_scores(paths, cfg, ctx):
+  rng = np.random.default_rng(int(_get(cfg, 'seed', 0)))
+  return {p: rng.random(ctx.params[p].shape, np.float32) for p in paths}
+
+
+def _magnitude_scores(paths, cfg, ctx):
+  which = _get(cfg, 'which', 'largest')
+  if which not in ('largest', 'smallest'):
+    raise ValueError(f"policy magnitude: which={which!r} is not 'largest' or 'smallest'")
+  sign = 1.0 if which == 'largest' else -1.0
+  return {p: sign * np.abs(np.asarray(ctx.params[p], np.float32)) for p in paths}
+
+
+def _fisher_scores(paths, cfg, ctx):
+  if ctx.fisher_fn is None:
+    raise ValueError(f'policy {cfg.name} needs gradients of the training data (fisher_fn)')
+  num_batches = _get(cfg, 'num_batches', None)
+  if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+    raise ValueError(f'policy {cfg.name}: num_batches={num_batches!r} is not a positive int')
+  scores = ctx.fisher_fn(num_batches)
+  return {p: np.asarray(scores[p]) for p in paths}
+
+
+def child_tuning_f(paths, structure, cfg, ctx):
+  """Every backbone entry is RESAMPLED: a fresh Bernoulli(p) mask each step, scaled by 1/p."""
+  ctx.resample_p = _check_fraction(cfg, 'p')
+  backbone, head = _backbone_and_head(paths, structure, cfg)
+  return {p: TRAINED if p in head else RESAMPLED if p in backbone else FROZEN for p in paths}
+
+
+LEAF_POLICIES: dict[str, PolicyFn] = {
   'full': full,
   'linear_probe': linear_probe,
   'last_blocks': last_blocks,
@@ -146,13 +261,17 @@ POLICIES: dict[str, PolicyFn] = {
   'bitfit': bitfit,
   'regex': regex,
 }
-# The config fields each policy reads (besides `name`), shown in the plan's name.
-POLICY_ARGS = {
-  'last_blocks': ('k',),
-  'first_blocks': ('k',),
-  'blocks': ('blocks',),
-  'regex': ('trainable', 'frozen'),
+ELEMENT_POLICIES = {
+  'random_sparse': _element_policy(_random_scores),
+  'magnitude': _element_policy(_magnitude_scores),
+  'fisher': _element_policy(_fisher_scores),
+  # Child-Tuning_D: a fixed child network of the top-p entries by Fisher information.
+  'child_tuning_d': _element_policy(_fisher_scores),
+  'child_tuning_f': child_tuning_f,
 }
+POLICIES = {**LEAF_POLICIES, **ELEMENT_POLICIES}
+# Per-element policies that read training gradients (and so need `fisher_fn`).
+NEEDS_GRADIENTS = ('fisher', 'child_tuning_d')
 
 
 # --- Rules, config access and the plan. -------------------------------------------------------
@@ -187,15 +306,6 @@ def _get(cfg: Any, key: str, default: Any) -> Any:
   return default if value is None else value
 
 
-def check_policy_name(name: Any) -> str:
-  """Returns `name` if it is a known policy, else raises a ValueError suggesting one."""
-  if name not in POLICIES:
-    close = difflib.get_close_matches(str(name), POLICIES, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ''
-    raise ValueError(f'unknown policy {name!r}{hint}; valid: {", ".join(sorted(POLICIES))}')
-  return name
-
-
 def lr_multipliers(paths: list[str], trainable: set[str], cfg: Any) -> dict[str, float]:
   """Per-path lr multipliers from `cfg.lr_multipliers`, a list of (regex, multiplier).
 
@@ -212,14 +322,153 @@ def lr_multipliers(paths: list[str], trainable: set[str], cfg: Any) -> dict[str,
   }
 
 
-def make_plan(params: PyTree, structure: BlockStructure, cfg: Any) -> Plan:
+# --- Expressions, modifiers, stages and the plan. ---------------------------------------------
+
+
+@dataclasses.dataclass
+class _Context:
+  params: dict[str, Any] | None  # flat parameter values; None when planning from shapes
+  fisher_fn: Callable | None
+  pending: bool = False
+  resample_p: float | None = None
+
+
+def _evaluate(node: Any, paths: list[str], structure: BlockStructure, ctx: _Context) -> dict:
+  """{path: level} for a set expression: a scalar level per leaf or a uint8 array per entry."""
+  if isinstance(node, policy_syntax.SetOp):
+    left = _evaluate(node.left, paths, structure, ctx)
+    right = _evaluate(node.right, paths, structure, ctx)
+    combine = {
+      '|': np.maximum,
+      '&': np.minimum,
+      '-': lambda a, b: np.where(np.asarray(b) == FROZEN, a, FROZEN),
+    }[node.op]
+    return {p: combine(left[p], right[p]) for p in paths}
+  if node.name in LEAF_POLICIES:
+    trainable = LEAF_POLICIES[node.name](paths, structure, node)
+    return {p: TRAINED if p in trainable else FROZEN for p in paths}
+  return ELEMENT_POLICIES[node.name](paths, structure, node, ctx)
+
+
+def _normalise(level: Any) -> Any:
+  """A level array whose entries are all equal becomes that scalar level."""
+  level = np.asarray(level, np.uint8)
+  if level.ndim == 0 or (level == level.flat[0]).all():
+    return int(level.flat[0])
+  return level
+
+
+def check_policy_name(name: Any, config: Any = None) -> policy_syntax.Expression:
+  """Parses `name` as a plan expression; raises a one-line ValueError if it is not one."""
+  return policy_syntax.parse(name, config)
+
+
+def plan_stages(structure: BlockStructure, cfg: Any, total_steps: int | None = None) -> list[Stage]:
+  """The stages of the plan `cfg.name` describes: one for a plain plan, several for a schedule.
+
+  `lp_ft(probe_steps=N)`: a linear probe for N steps, then everything. `gradual_unfreezing(
+  stage_steps=S)`: the head for S steps, then one more block from the top every S steps.
+  Stages past `total_steps` are dropped; the last one runs to the end.
+  """
+  expression = check_policy_name(_get(cfg, 'name', None), cfg)
+  schedule, mods = expression.schedule, expression.modifiers
+  if schedule is None:
+    return [Stage(0, 1, 0, None, expression)]
+  steps_arg = 'probe_steps' if schedule.name == 'lp_ft' else 'stage_steps'
+  n = schedule.get(steps_arg)
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise ValueError(f'{schedule.name}: {steps_arg}={n!r} is not a positive number of steps')
+  if schedule.name == 'lp_ft':
+    sets = [policy_syntax.Call('linear_probe'), policy_syntax.Call('full')]
+  else:
+    sets = [policy_syntax.Call('linear_probe')] + [
+      policy_syntax.Call('last_blocks', (('k', k),)) for k in range(1, len(structure.blocks) + 1)
+    ]
+  starts = [i * n for i in range(len(sets))]
+  if total_steps is not None:
+    if schedule.name == 'lp_ft' and n >= total_steps:
+      raise ValueError(f'lp_ft: probe_steps={n} leaves no fine-tuning in {total_steps} steps')
+    sets = sets[: max(1, sum(s < total_steps for s in starts))]
+  count = len(sets)
+  return [
+    Stage(
+      i,
+      count,
+      starts[i],
+      starts[i + 1] if i + 1 < count else None,
+      policy_syntax.Expression(sets[i], None, mods),
+      str(schedule),
+    )
+    for i in range(count)
+  ]
+
+
+def stage_at(stages: list[Stage], steps_done: int) -> Stage:
+  """The stage that takes step `steps_done + 1`."""
+  return [s for s in stages if s.start <= steps_done][-1]
+
+
+def _shaped_lr(
+  paths: list[str], structure: BlockStructure, mods: dict[str, policy_syntax.Call]
+) -> dict[str, float]:
+  """Layer-wise lr decay (`decay^(L-1-l)` over blocks l = 0..L-1, head last) or
+  discriminative lr (divided by `factor` per layer going down); 1.0 without either."""
+  if 'layerwise_lr_decay' in mods:
+    units = [set(b.layers) for b in structure.all_blocks]
+    rate = mods['layerwise_lr_decay'].get('decay')
+    what = 'layerwise_lr_decay: decay'
+  elif 'discriminative_lr' in mods:
+    # A layer is a conv or dense layer together with its BatchNorm.
+    layers = [l for b in structure.all_blocks for l in b.layers if not l.endswith('_bn')]
+    units = [{l, f'{l}_bn'} for l in layers]
+    factor = mods['discriminative_lr'].get('factor')
+    rate = 1.0 / factor if isinstance(factor, (int, float)) and factor > 0 else factor
+    what = 'discriminative_lr: factor'
+  else:
+    return {p: 1.0 for p in paths}
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+    value = rate if 'layerwise' in what else factor
+    raise ValueError(f'{what}={value!r} is out of range (decay in (0, 1], factor >= 1)')
+  depth = {layer: i for i, unit in enumerate(units) for layer in unit}
+  top = len(units) - 1
+  return {p: float(rate ** (top - depth.get(p.split('/')[0], top))) for p in paths}
+
+
+def _l2_sp(
+  paths: list[str], structure: BlockStructure, trainable: set[str], mods: dict
+) -> dict[str, tuple[float, bool]] | None:
+  if 'l2_sp' not in mods:
+    return None
+  call = mods['l2_sp']
+  alpha, beta = call.get('alpha', 0.0), call.get('beta', 0.0)
+  for key, value in (('alpha', alpha), ('beta', beta)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+      raise ValueError(f'l2_sp: {key}={value!r} is not a non-negative number')
+  head = _layers_of([structure.head], paths)
+  return {
+    p: (float(beta), False) if p in head else (float(alpha), True) for p in paths if p in trainable
+  }
+
+
+def make_plan(
+  params: PyTree,
+  structure: BlockStructure,
+  cfg: Any,
+  *,
+  stage: Stage | None = None,
+  fisher_fn: Callable[[int | None], Mapping[str, np.ndarray]] | None = None,
+) -> Plan:
   """Builds the plan that policy config `cfg` (with `cfg.name`) describes for `params`.
 
   Args:
-    params: the model's parameter pytree (arrays or shape structs).
+    params: the model's parameters; shapes (`jax.eval_shape`) are enough to check a plan,
+      values are needed to choose per-element masks (the plan is then `masks_pending`).
     structure: the model's block structure (`model.block_structure()`).
-    cfg: the policy section of the config: `name` plus that policy's fields
-      (`k`, `blocks`, `train_head`, `trainable`, `frozen`, `lr_multipliers`).
+    cfg: the policy section of the config: `name` (a plan expression, see
+      `ftlab.policy_syntax`), the fields bare names read (`k`, `blocks`, `train_head`,
+      `trainable`, `frozen`) and `lr_multipliers`.
+    stage: the stage of a schedule to plan (default: the first).
+    fisher_fn: `num_batches -> {path: mean squared gradient}` for fisher and child_tuning_d.
 
   Returns:
     The plan.
@@ -227,38 +476,78 @@ def make_plan(params: PyTree, structure: BlockStructure, cfg: Any) -> Plan:
   Raises:
     ValueError: unknown policy, bad arguments, or a plan that trains nothing.
   """
-  name = check_policy_name(_get(cfg, 'name', None))
-  paths = list(flatten(params))
-  trainable = POLICIES[name](paths, structure, cfg)
-  args = ', '.join(f'{a}={_get(cfg, a, None)!r}' for a in POLICY_ARGS.get(name, ()))
-  label = f'{name}({args})'
+  stage = stage or plan_stages(structure, cfg)[0]
+  flat = flatten(params)
+  paths = list(flat)
+  has_values = all(isinstance(x, (np.ndarray, np.generic, jax.Array)) for x in flat.values())
+  ctx = _Context(flat if has_values else None, fisher_fn)
+  levels = {
+    p: _normalise(v)
+    for p, v in _evaluate(stage.expression.selection, paths, structure, ctx).items()
+  }
+  label = stage.label(str(stage.expression))
+  trainable = {p for p, v in levels.items() if np.any(np.asarray(v) > FROZEN)}
   if not trainable:
     raise ValueError(f'plan {label} trains no parameter; choose a policy that trains something')
-  mults = lr_multipliers(paths, trainable, cfg)
+  mods = {m.name: m for m in stage.expression.modifiers}
+  shape = _shaped_lr(paths, structure, mods)
+  mults = {p: m * shape[p] for p, m in lr_multipliers(paths, trainable, cfg).items()}
   layers = sorted({p.split('/')[0] for p in paths})
   frozen_layers = tuple(
     l for l in layers if not any(p in trainable for p in paths if p.split('/')[0] == l)
   )
+  element = {
+    p: np.full(np.shape(flat[p]), v, np.uint8) if np.ndim(v) == 0 else v
+    for p, v in levels.items()
+    if p in trainable and not (np.ndim(v) == 0 and v == TRAINED)
+  }
   return Plan(
     name=label,
     trainable_mask=unflatten({p: p in trainable for p in paths}),
     lr_multipliers=unflatten(mults),
     frozen_layers=frozen_layers,
+    element_levels=element,
+    resample_p=ctx.resample_p,
+    l2_sp=_l2_sp(paths, structure, trainable, mods),
+    masks_pending=ctx.pending,
   )
 
 
+def needs_gradients(plan_cfg: Any) -> bool:
+  """Whether the plan chooses entries by training gradients (fisher, child_tuning_d)."""
+  expression = check_policy_name(_get(plan_cfg, 'name', None), plan_cfg)
+  return any(c.name in NEEDS_GRADIENTS for c in expression.calls())
+
+
+def _entries(plan: Plan, path: str, size: int) -> int:
+  levels = plan.element_levels.get(path)
+  return size if levels is None else int(np.count_nonzero(levels))
+
+
 def trainable_count(plan: Plan, params: PyTree) -> tuple[int, int]:
-  """(trainable, total) parameter counts."""
+  """(trainable, total) parameter counts; per-element plans count their chosen entries
+  (Child-Tuning_F: every entry that may be sampled)."""
   mask = plan.flat_mask()
   sizes = {p: int(np.prod(x.shape)) for p, x in flatten(params).items()}
-  return sum(n for p, n in sizes.items() if mask[p]), sum(sizes.values())
+  return sum(_entries(plan, p, n) for p, n in sizes.items() if mask[p]), sum(sizes.values())
 
 
 def audit_table(plan: Plan, params: PyTree) -> str:
-  """A printable table: path, shape, trainable, lr multiplier, and totals."""
+  """A printable table: path, shape, trainable (or the share of entries), lr multiplier."""
   mask, mults = plan.flat_mask(), flatten(plan.lr_multipliers)
+
+  def trains(p, x):
+    if not mask[p]:
+      return 'no'
+    if p not in plan.element_levels:
+      return 'yes'
+    levels = plan.element_levels[p]
+    if plan.resample_p is not None and (levels == RESAMPLED).any():
+      return f'p={plan.resample_p:g}/step'
+    return f'{100 * np.count_nonzero(levels) / levels.size:.3g}%'
+
   rows = [
-    (p, str(tuple(x.shape)), 'yes' if mask[p] else 'no', f'{mults[p]:g}' if mask[p] else '-')
+    (p, str(tuple(x.shape)), trains(p, x), f'{mults[p]:g}' if mask[p] else '-')
     for p, x in flatten(params).items()
   ]
   header = ('path', 'shape', 'trainable', 'lr_mult')
@@ -272,6 +561,15 @@ def audit_table(plan: Plan, params: PyTree) -> str:
     f'trainable: {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.4g}%), '
     f'{n_leaves} of {len(rows)} leaves'
   )
+  if plan.element_levels:
+    lines.append(
+      f'{len(plan.element_levels)} leaves train some entries only: their optimizer state is '
+      'dense, their masked entries get exactly zero update'
+    )
+  if plan.masks_pending:
+    lines.append('per-element masks are chosen when the weights are loaded')
+  if plan.l2_sp:
+    lines.append('L2-SP: pretrained leaves pulled toward their loaded values, the head toward 0')
   return '\n'.join(lines)
 
 

@@ -179,6 +179,56 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict:
   return lax.psum(sums, AXIS)
 
 
+def fisher_step(
+  state: TrainState, batch: dict, *, model: nn.Module, trainable_mask: PyTree, chunk: int = 8
+) -> dict:
+  """Sums of squared per-example gradients (the empirical Fisher's diagonal, unnormalised)
+  of the trainable leaves over the real examples of the global batch.
+
+  The model runs in inference mode (running BatchNorm statistics, no dropout), so each
+  example's gradient is its own. Examples are taken `chunk` at a time (vmap inside a
+  scan) so memory grows with the chunk, not the batch.
+
+  Args:
+    state: the replicated train state.
+    batch: `{'image', 'label'}` and optionally `'mask'`, this device's share; its size must
+      be a multiple of `chunk` (pass chunk=1 otherwise).
+    model: the bound model.
+    trainable_mask: which leaves to score.
+    chunk: examples per vmapped gradient.
+
+  Returns:
+    `{'squared_grads': {path: sum of g**2}, 'count': number of real examples}`.
+  """
+  mask = policies.flatten(trainable_mask)
+  flat_params = policies.flatten(state.params)
+  scored = {p: x for p, x in flat_params.items() if mask[p]}
+  fixed = {p: x for p, x in flat_params.items() if not mask[p]}
+  weights = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32)).astype(jnp.float32)
+
+  def example_loss(leaves, image, label):
+    params = policies.unflatten({**fixed, **leaves})
+    logits = model.apply(_variables(params, state.batch_stats), image[None], train=False)
+    return cross_entropy(logits, label[None]).sum()
+
+  def add_chunk(total, xs):
+    image, label, weight = xs
+    grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(scored, image, label)
+    squares = jax.tree.map(lambda g: jnp.einsum('b...,b->...', g * g, weight), grads)
+    return jax.tree.map(jnp.add, total, squares), None
+
+  n = batch['label'].shape[0]
+  if n % chunk:
+    raise ValueError(f'fisher_step: {n} examples per device is not a multiple of chunk={chunk}')
+  xs = jax.tree.map(
+    lambda x: x.reshape(n // chunk, chunk, *x.shape[1:]),
+    (batch['image'], batch['label'], weights),
+  )
+  zeros = jax.tree.map(jnp.zeros_like, scored)
+  total, _ = lax.scan(add_chunk, zeros, xs)
+  return lax.psum({'squared_grads': total, 'count': jnp.sum(weights)}, AXIS)
+
+
 def eval_metrics(sums: dict) -> dict:
   """`loss` and `accuracy` from summed eval counts (of one or many batches)."""
   count = max(float(sums['count']), 1.0)

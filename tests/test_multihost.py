@@ -8,13 +8,12 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
-from configs import default
-from ftlab import checkpoint, input_pipeline, loop, policies
+from ftlab import checkpoint, input_pipeline
 from ftlab.metric_writers import read_jsonl
+from tests.run_files import params_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(
@@ -48,16 +47,6 @@ def launch(workdir, processes, devices, *overrides, wait=True):
   result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return result
-
-
-def params_of(workdir):
-  config = default.get_config('runlocal')
-  model = loop.build_model(config.model, num_classes=10)
-  shapes = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)), train=False)
-  )['params']
-  fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  return policies.flatten(checkpoint.load_params(os.path.join(workdir, 'checkpoints'), fresh))
 
 
 def assert_same_run(a, b):

@@ -8,13 +8,13 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
 from configs import default
 from ftlab import checkpoint, input_pipeline, loop, policies
 from ftlab.metric_writers import read_jsonl
+from tests.run_files import params_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(
@@ -38,17 +38,6 @@ def cli(workdir, *overrides):
     f'--workdir={workdir}',
     *overrides,
   ]
-
-
-def params_of(workdir, width=1 / 16):
-  config = default.get_config('runlocal')
-  config.model.width = width
-  model = loop.build_model(config.model, num_classes=10)
-  shapes = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)), train=False)
-  )['params']
-  fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  return policies.flatten(checkpoint.load_params(os.path.join(workdir, 'checkpoints'), fresh))
 
 
 def assert_same_params(a_dir, b_dir):
