@@ -386,6 +386,27 @@ def datasets(config: Any) -> tuple[Any, dict[str, Any]]:
   return train_data, evals
 
 
+def check_plans(config: Any, num_classes: int) -> tuple[nn.Module, list[policies.Stage]]:
+  """The model and the stages of its plan, with every stage's plan and optimizer built on
+  parameter shapes: a check of the config's model, policy and optimizer that reads no data
+  and computes nothing.
+
+  Raises:
+    ValueError: a bad model, policy or optimizer setting, in one line.
+  """
+  model = build_model(config.model, num_classes)
+  structure = model.block_structure()
+  size = config.dataset.image_size
+  shapes = jax.eval_shape(
+    functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((1, size, size, 3))
+  )
+  stages = policies.plan_stages(structure, config.policy, config.num_train_steps)
+  for stage in stages:
+    shaped = policies.make_plan(shapes['params'], structure, config.policy, stage=stage)
+    optim.make(shaped, config.optimizer, config.num_train_steps, anchor=shapes['params'])
+  return model, stages
+
+
 def _prepare(config: Any, workdir: str) -> types.SimpleNamespace:
   """Everything up to the first compile: every config or input error surfaces here."""
   spread = parallel.Spread(config.parallelism)
@@ -393,18 +414,10 @@ def _prepare(config: Any, workdir: str) -> types.SimpleNamespace:
   parallel.check_divisible(config.eval_batch_size, jax.device_count())
   policies.check_policy_name(config.policy.name, config.policy)
   train_data, evals = datasets(config)
-  model = build_model(config.model, train_data.num_classes)
+  model, stages = check_plans(config, train_data.num_classes)
   structure = model.block_structure()
   rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
   size = config.dataset.image_size
-  # Shapes before arrays: every stage's plan and optimizer are checked before any compute.
-  shapes = jax.eval_shape(
-    functools.partial(model.init, train=False), rng_init, jnp.zeros((1, size, size, 3))
-  )
-  stages = policies.plan_stages(structure, config.policy, config.num_train_steps)
-  for stage in stages:
-    shaped = policies.make_plan(shapes['params'], structure, config.policy, stage=stage)
-    optim.make(shaped, config.optimizer, config.num_train_steps, anchor=shapes['params'])
   pipeline = dict(
     image_size=size,
     preprocess=config.dataset.preprocess,

@@ -210,6 +210,7 @@ def _element_policy(score_fn: Callable) -> Callable:
 
   def policy(paths, structure, cfg, ctx):
     density = _check_fraction(cfg, 'p' if 'p' in dict(cfg.args) else 'density')
+    _check_element_args(cfg)
     backbone, head = _backbone_and_head(paths, structure, cfg)
     levels = {p: TRAINED if p in head else FROZEN for p in paths}
     if ctx.params is None:  # shapes only: any backbone entry may be chosen
@@ -222,26 +223,34 @@ def _element_policy(score_fn: Callable) -> Callable:
   return policy
 
 
+def _check_element_args(cfg: Any) -> None:
+  """The arguments besides the density, checked before any weights or data are read."""
+  which, seed = _get(cfg, 'which', 'largest'), _get(cfg, 'seed', 0)
+  num_batches = _get(cfg, 'num_batches', None)
+  if which not in ('largest', 'smallest'):
+    raise ValueError(f"policy magnitude: which={which!r} is not 'largest' or 'smallest'")
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise ValueError(f'policy {cfg.name}: seed={seed!r} is not an int')
+  if num_batches is not None and (
+    isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+  ):
+    raise ValueError(f'policy {cfg.name}: num_batches={num_batches!r} is not a positive int')
+
+
 def _random_scores(paths, cfg, ctx):
   rng = np.random.default_rng(int(_get(cfg, 'seed', 0)))
   return {p: rng.random(ctx.params[p].shape, np.float32) for p in paths}
 
 
 def _magnitude_scores(paths, cfg, ctx):
-  which = _get(cfg, 'which', 'largest')
-  if which not in ('largest', 'smallest'):
-    raise ValueError(f"policy magnitude: which={which!r} is not 'largest' or 'smallest'")
-  sign = 1.0 if which == 'largest' else -1.0
+  sign = 1.0 if _get(cfg, 'which', 'largest') == 'largest' else -1.0
   return {p: sign * np.abs(np.asarray(ctx.params[p], np.float32)) for p in paths}
 
 
 def _fisher_scores(paths, cfg, ctx):
   if ctx.fisher_fn is None:
     raise ValueError(f'policy {cfg.name} needs gradients of the training data (fisher_fn)')
-  num_batches = _get(cfg, 'num_batches', None)
-  if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
-    raise ValueError(f'policy {cfg.name}: num_batches={num_batches!r} is not a positive int')
-  scores = ctx.fisher_fn(num_batches)
+  scores = ctx.fisher_fn(_get(cfg, 'num_batches', None))
   return {p: np.asarray(scores[p]) for p in paths}
 
 
