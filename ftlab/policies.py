@@ -23,15 +23,14 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from ftlab import policy_syntax
+from ftlab import policy_syntax, sparse_masks
 from ftlab.models.vgg import BlockStructure
 
 PyTree = Any
 PolicyFn = Callable[[list[str], BlockStructure, Any], set[str]]
 
 
-# Entry levels of a trainable set, ordered so that union is max and intersection is min.
-FROZEN, RESAMPLED, TRAINED = 0, 1, 2
+FROZEN, RESAMPLED, TRAINED = sparse_masks.FROZEN, sparse_masks.RESAMPLED, sparse_masks.TRAINED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,93 +173,6 @@ def regex(paths, structure, cfg):
   return {p for p in paths if rules[matches[p][0]][1]}
 
 
-# --- Per-element policies. Each returns {path: entry levels} over the parameters. ------------
-
-
-def _backbone_and_head(paths, structure, cfg) -> tuple[list[str], set[str]]:
-  head = _layers_of([structure.head], paths)
-  return [p for p in paths if p not in head], head if _get(cfg, 'train_head', True) else set()
-
-
-def _check_fraction(cfg: Any, key: str) -> float:
-  value = _get(cfg, key, None)
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-    raise ValueError(f'policy {cfg.name}: {key}={value!r} is not a fraction in (0, 1]')
-  return float(value)
-
-
-def top_fraction(scores: Mapping[str, np.ndarray], density: float) -> dict[str, np.ndarray]:
-  """Boolean masks choosing exactly round(density * n) entries with the largest scores,
-  over all the given leaves together."""
-  flat = np.concatenate([np.asarray(s, np.float64).ravel() for s in scores.values()])
-  k = int(round(density * flat.size))
-  chosen = np.zeros(flat.size, bool)
-  if k:
-    chosen[np.argpartition(-flat, k - 1)[:k]] = True
-  out, offset = {}, 0
-  for path, s in scores.items():
-    out[path] = chosen[offset : offset + s.size].reshape(s.shape)
-    offset += s.size
-  return out
-
-
-def _element_policy(score_fn: Callable) -> Callable:
-  """A per-element policy from a scoring rule: the top `density` of the backbone's entries
-  by score, plus the whole head (unless train_head=False)."""
-
-  def policy(paths, structure, cfg, ctx):
-    density = _check_fraction(cfg, 'p' if 'p' in dict(cfg.args) else 'density')
-    _check_element_args(cfg)
-    backbone, head = _backbone_and_head(paths, structure, cfg)
-    levels = {p: TRAINED if p in head else FROZEN for p in paths}
-    if ctx.params is None:  # shapes only: any backbone entry may be chosen
-      ctx.pending = True
-      return {**levels, **{p: TRAINED for p in backbone}}
-    scores = score_fn(backbone, cfg, ctx)
-    chosen = top_fraction({p: scores[p] for p in backbone}, density)
-    return {**levels, **{p: (chosen[p] * TRAINED).astype(np.uint8) for p in backbone}}
-
-  return policy
-
-
-def _check_element_args(cfg: Any) -> None:
-  """The arguments besides the density, checked before any weights or data are read."""
-  which, seed = _get(cfg, 'which', 'largest'), _get(cfg, 'seed', 0)
-  num_batches = _get(cfg, 'num_batches', None)
-  if which not in ('largest', 'smallest'):
-    raise ValueError(f"policy magnitude: which={which!r} is not 'largest' or 'smallest'")
-  if isinstance(seed, bool) or not isinstance(seed, int):
-    raise ValueError(f'policy {cfg.name}: seed={seed!r} is not an int')
-  if num_batches is not None and (
-    isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
-  ):
-    raise ValueError(f'policy {cfg.name}: num_batches={num_batches!r} is not a positive int')
-
-
-def _random_scores(paths, cfg, ctx):
-  rng = np.random.default_rng(int(_get(cfg, 'seed', 0)))
-  return {p: rng.random(ctx.params[p].shape, np.float32) for p in paths}
-
-
-def _magnitude_scores(paths, cfg, ctx):
-  sign = 1.0 if _get(cfg, 'which', 'largest') == 'largest' else -1.0
-  return {p: sign * np.abs(np.asarray(ctx.params[p], np.float32)) for p in paths}
-
-
-def _fisher_scores(paths, cfg, ctx):
-  if ctx.fisher_fn is None:
-    raise ValueError(f'policy {cfg.name} needs gradients of the training data (fisher_fn)')
-  scores = ctx.fisher_fn(_get(cfg, 'num_batches', None))
-  return {p: np.asarray(scores[p]) for p in paths}
-
-
-def child_tuning_f(paths, structure, cfg, ctx):
-  """Every backbone entry is RESAMPLED: a fresh Bernoulli(p) mask each step, scaled by 1/p."""
-  ctx.resample_p = _check_fraction(cfg, 'p')
-  backbone, head = _backbone_and_head(paths, structure, cfg)
-  return {p: TRAINED if p in head else RESAMPLED if p in backbone else FROZEN for p in paths}
-
-
 LEAF_POLICIES: dict[str, PolicyFn] = {
   'full': full,
   'linear_probe': linear_probe,
@@ -270,17 +182,7 @@ LEAF_POLICIES: dict[str, PolicyFn] = {
   'bitfit': bitfit,
   'regex': regex,
 }
-ELEMENT_POLICIES = {
-  'random_sparse': _element_policy(_random_scores),
-  'magnitude': _element_policy(_magnitude_scores),
-  'fisher': _element_policy(_fisher_scores),
-  # Child-Tuning_D: a fixed child network of the top-p entries by Fisher information.
-  'child_tuning_d': _element_policy(_fisher_scores),
-  'child_tuning_f': child_tuning_f,
-}
-POLICIES = {**LEAF_POLICIES, **ELEMENT_POLICIES}
-# Per-element policies that read training gradients (and so need `fisher_fn`).
-NEEDS_GRADIENTS = ('fisher', 'child_tuning_d')
+POLICIES = {**LEAF_POLICIES, **sparse_masks.ELEMENT_POLICIES}
 
 
 # --- Rules, config access and the plan. -------------------------------------------------------
@@ -356,7 +258,7 @@ def _evaluate(node: Any, paths: list[str], structure: BlockStructure, ctx: _Cont
   if node.name in LEAF_POLICIES:
     trainable = LEAF_POLICIES[node.name](paths, structure, node)
     return {p: TRAINED if p in trainable else FROZEN for p in paths}
-  return ELEMENT_POLICIES[node.name](paths, structure, node, ctx)
+  return sparse_masks.ELEMENT_POLICIES[node.name](paths, structure, node, ctx)
 
 
 def _normalise(level: Any) -> Any:
@@ -525,7 +427,7 @@ def make_plan(
 def needs_gradients(plan_cfg: Any) -> bool:
   """Whether the plan chooses entries by training gradients (fisher, child_tuning_d)."""
   expression = check_policy_name(_get(plan_cfg, 'name', None), plan_cfg)
-  return any(c.name in NEEDS_GRADIENTS for c in expression.calls())
+  return any(c.name in sparse_masks.NEEDS_GRADIENTS for c in expression.calls())
 
 
 def _entries(plan: Plan, path: str, size: int) -> int:

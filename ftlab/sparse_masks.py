@@ -1,0 +1,118 @@
+"""Per-element policies: which single entries of the backbone train.
+
+Each policy maps `(paths, block structure, call, context)` to `{path: entry levels}`, where
+a level is FROZEN, RESAMPLED (Child-Tuning_F: kept with probability p each step) or
+TRAINED, as a scalar for a whole leaf or a uint8 array per entry. The chosen share is over
+the backbone (every parameter outside the head); the head trains whole unless
+`train_head=False`. `ftlab.policies` combines these with the leaf-level policies.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+# Entry levels of a trainable set, ordered so that union is max and intersection is min.
+FROZEN, RESAMPLED, TRAINED = 0, 1, 2
+
+
+def _get(cfg: Any, key: str, default: Any) -> Any:
+  value = cfg.get(key, default)
+  return default if value is None else value
+
+
+def _backbone_and_head(paths, structure, cfg) -> tuple[list[str], set[str]]:
+  head = {p for p in paths if p.split('/')[0] in structure.head.layers}
+  return [p for p in paths if p not in head], head if _get(cfg, 'train_head', True) else set()
+
+
+def _check_fraction(cfg: Any, key: str) -> float:
+  value = _get(cfg, key, None)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+    raise ValueError(f'policy {cfg.name}: {key}={value!r} is not a fraction in (0, 1]')
+  return float(value)
+
+
+def top_fraction(scores: Mapping[str, np.ndarray], density: float) -> dict[str, np.ndarray]:
+  """Boolean masks choosing exactly round(density * n) entries with the largest scores,
+  over all the given leaves together."""
+  flat = np.concatenate([np.asarray(s, np.float64).ravel() for s in scores.values()])
+  k = int(round(density * flat.size))
+  chosen = np.zeros(flat.size, bool)
+  if k:
+    chosen[np.argpartition(-flat, k - 1)[:k]] = True
+  out, offset = {}, 0
+  for path, s in scores.items():
+    out[path] = chosen[offset : offset + s.size].reshape(s.shape)
+    offset += s.size
+  return out
+
+
+def _element_policy(score_fn: Callable) -> Callable:
+  """A per-element policy from a scoring rule: the top `density` of the backbone's entries
+  by score, plus the whole head (unless train_head=False)."""
+
+  def policy(paths, structure, cfg, ctx):
+    density = _check_fraction(cfg, 'p' if 'p' in dict(cfg.args) else 'density')
+    _check_element_args(cfg)
+    backbone, head = _backbone_and_head(paths, structure, cfg)
+    levels = {p: TRAINED if p in head else FROZEN for p in paths}
+    if ctx.params is None:  # shapes only: any backbone entry may be chosen
+      ctx.pending = True
+      return {**levels, **{p: TRAINED for p in backbone}}
+    scores = score_fn(backbone, cfg, ctx)
+    chosen = top_fraction({p: scores[p] for p in backbone}, density)
+    return {**levels, **{p: (chosen[p] * TRAINED).astype(np.uint8) for p in backbone}}
+
+  return policy
+
+
+def _check_element_args(cfg: Any) -> None:
+  """The arguments besides the density, checked before any weights or data are read."""
+  which, seed = _get(cfg, 'which', 'largest'), _get(cfg, 'seed', 0)
+  num_batches = _get(cfg, 'num_batches', None)
+  if which not in ('largest', 'smallest'):
+    raise ValueError(f"policy magnitude: which={which!r} is not 'largest' or 'smallest'")
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise ValueError(f'policy {cfg.name}: seed={seed!r} is not an int')
+  if num_batches is not None and (
+    isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+  ):
+    raise ValueError(f'policy {cfg.name}: num_batches={num_batches!r} is not a positive int')
+
+
+def _random_scores(paths, cfg, ctx):
+  rng = np.random.default_rng(int(_get(cfg, 'seed', 0)))
+  return {p: rng.random(ctx.params[p].shape, np.float32) for p in paths}
+
+
+def _magnitude_scores(paths, cfg, ctx):
+  sign = 1.0 if _get(cfg, 'which', 'largest') == 'largest' else -1.0
+  return {p: sign * np.abs(np.asarray(ctx.params[p], np.float32)) for p in paths}
+
+
+def _fisher_scores(paths, cfg, ctx):
+  if ctx.fisher_fn is None:
+    raise ValueError(f'policy {cfg.name} needs gradients of the training data (fisher_fn)')
+  scores = ctx.fisher_fn(_get(cfg, 'num_batches', None))
+  return {p: np.asarray(scores[p]) for p in paths}
+
+
+def child_tuning_f(paths, structure, cfg, ctx):
+  """Every backbone entry is RESAMPLED: a fresh Bernoulli(p) mask each step, scaled by 1/p."""
+  ctx.resample_p = _check_fraction(cfg, 'p')
+  backbone, head = _backbone_and_head(paths, structure, cfg)
+  return {p: TRAINED if p in head else RESAMPLED if p in backbone else FROZEN for p in paths}
+
+
+ELEMENT_POLICIES = {
+  'random_sparse': _element_policy(_random_scores),
+  'magnitude': _element_policy(_magnitude_scores),
+  'fisher': _element_policy(_fisher_scores),
+  # Child-Tuning_D: a fixed child network of the top-p entries by Fisher information.
+  'child_tuning_d': _element_policy(_fisher_scores),
+  'child_tuning_f': child_tuning_f,
+}
+# Per-element policies that read training gradients (and so need `fisher_fn`).
+NEEDS_GRADIENTS = ('fisher', 'child_tuning_d')
