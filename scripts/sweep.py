@@ -11,8 +11,8 @@ Each run is `python -m ftlab.main` in its own subprocess and run directory:
   python scripts/sweep.py --workdir workdirs/sweep_demo --grid configs/sweep_demo.py[:runlocal]
   # one share of the grid per host or process group, into the same (shared) directory
   python scripts/sweep.py --workdir /shared/sweep --grid ... --shard 0/2   # and 1/2 elsewhere
-  # the tables and the plot again, from the directory alone
-  python scripts/sweep.py --workdir workdirs/sweep --report-only
+  # the tables and the plot again, from the directory alone (--readme: into README.md too)
+  python scripts/sweep.py --workdir workdirs/sweep --report-only [--readme README.md]
 
 Flags after `--` go to every run (not to --pretrain, whose config takes its own arguments).
 `--workers N` runs N at once: on a CUDA machine each gets its share of the GPUs
@@ -415,6 +415,32 @@ def write_report(workdir: str) -> str:
   return table
 
 
+README_MARKERS = ('<!-- sweep-results:start -->', '<!-- sweep-results:end -->')
+
+
+def readme_section(readme: str) -> tuple[str, str]:
+  """(README text, the pattern of its sweep-results section); BadInput if it has none."""
+  try:
+    with open(readme) as f:
+      text = f.read()
+  except OSError as e:
+    raise BadInput(f'--readme {readme}: {e.strerror}') from None
+  pattern = re.escape(README_MARKERS[0]) + '.*?' + re.escape(README_MARKERS[1])
+  if not re.search(pattern, text, flags=re.S):
+    raise BadInput(f'{readme} has no {README_MARKERS[0]} ... {README_MARKERS[1]} section')
+  return text, pattern
+
+
+def update_readme(readme: str, workdir: str, table: str) -> None:
+  """Replaces the README's sweep-results section with `table`; the plot goes to docs/."""
+  text, pattern = readme_section(readme)
+  section = f'{README_MARKERS[0]}\n{table.rstrip()}\n{README_MARKERS[1]}'
+  write_atomically(readme, re.sub(pattern, lambda _: section, text, flags=re.S))
+  docs = os.path.join(os.path.dirname(os.path.abspath(readme)), 'docs')
+  os.makedirs(docs, exist_ok=True)
+  shutil.copyfile(os.path.join(workdir, 'results.png'), os.path.join(docs, 'sweep_results.png'))
+
+
 class Parser(argparse.ArgumentParser):
   def error(self, message):
     raise BadInput(message)
@@ -432,6 +458,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str] | None]:
   parser.add_argument('--workers', type=int, default=1, help='runs at once')
   parser.add_argument('--shard', default='0/1', help='i/n: run the i-th of n shares of the grid')
   parser.add_argument('--report-only', '--report_only', action='store_true')
+  parser.add_argument('--readme', help='README whose sweep-results section gets the table')
   split = argv.index('--') if '--' in argv else len(argv)
   args = parser.parse_args(argv[:split])
   match = re.fullmatch(r'(\d+)/(\d+)', args.shard)
@@ -447,8 +474,13 @@ def main(argv: list[str], command_fn=ftlab_main) -> int:
   try:
     args, overrides = parse_args(argv)
     workdir = args.workdir
+    if args.readme:
+      readme_section(args.readme)  # a README without the section fails now, not after the runs
     if args.report_only:
-      print(write_report(workdir), end='')
+      table = write_report(workdir)
+      if args.readme:
+        update_readme(args.readme, workdir, table)
+      print(table, end='')
       return 0
     grid = load_grid(args, overrides)
     runs = grid_runs(grid)
@@ -472,7 +504,10 @@ def main(argv: list[str], command_fn=ftlab_main) -> int:
   except KeyboardInterrupt as e:
     write_report(workdir)
     return 128 + (e.args[0] if e.args else signal.SIGINT)
-  print(write_report(workdir), end='')
+  table = write_report(workdir)
+  if args.readme:
+    update_readme(args.readme, workdir, table)
+  print(table, end='')
   return 1 if any(codes) else 0
 
 

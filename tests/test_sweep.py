@@ -95,6 +95,18 @@ def test_grid_results_skip_and_report_only(tmp_path, fake_main, capsys):
   assert len(fake_main.launched) == 4 and read_csv(workdir) == rows
   assert (workdir / 'results.md').read_text() == table
 
+  # --readme replaces the marked section with the table and copies the plot to docs/.
+  readme = tmp_path / 'README.md'
+  readme.write_text('top\n<!-- sweep-results:start -->\nold\n<!-- sweep-results:end -->\nend\n')
+  assert sweep.main(['--workdir', str(workdir), '--report-only', '--readme', str(readme)]) == 0
+  assert readme.read_text() == (
+    f'top\n<!-- sweep-results:start -->\n{table.rstrip()}\n<!-- sweep-results:end -->\nend\n'
+  )
+  assert (tmp_path / 'docs' / 'sweep_results.png').read_bytes()[:4] == b'\x89PNG'
+  (tmp_path / 'NO_SECTION.md').write_text('nothing here\n')
+  argv_bad = ['--workdir', str(workdir), '--readme', str(tmp_path / 'NO_SECTION.md')]
+  assert sweep.main(argv_bad + ['--report-only'], fake_main) == 2
+
 
 def test_shares_cover_the_grid_and_failures_do_not_stop_it(tmp_path, fake_main):
   workdir = tmp_path / 'sweep'
