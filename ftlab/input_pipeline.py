@@ -10,7 +10,8 @@ positions of the chosen examples in the split's fixed order. Every process compu
 filtered and shuffled still encoded, and decoded only when a batch uses them.
 
 `train_iterator`'s batches are a function of the seed and the step alone, so a run resumed at
-step k sees what an uninterrupted run would. `eval_iterator` yields every example once, padded
+step k sees what an uninterrupted run would; `train_indices` names their examples without
+reading them (for caches of per-example values). `eval_iterator` yields every example once, padded
 with a `'mask'`, in the same number of batches on every process.
 """
 
@@ -438,24 +439,11 @@ def train_iterator(
     with b = global_batch // process_count.
   """
   batch = local_batch_size(global_batch, process_count)
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
-  # Every process walks the same global stream of (still encoded) examples and keeps its
-  # rows of each global batch, so the global batches, and so the run, do not depend on how
-  # many processes share them.
   share = _examples(data, 0, 1)
   if cache:
     # The encoded records, read once: without this, every epoch rereads the whole split to
     # filter it again (seconds per epoch for a few-shot subset of a large split).
     share = share.cache()
-  size = data.num_examples
-  if size == 0:
-    raise ValueError('the training split has no examples')
-  first_epoch, offset = divmod(start_step * global_batch, size)
-
-  def epoch(e):
-    # Distinct seeds per (seed, epoch); int64 leaves room for any realistic epoch count.
-    return share.shuffle(min(shuffle_buffer, size), seed=seed * 1_000_003 + e)
 
   def train_example(position, ex):
     pair = tf.stack([tf.constant(seed, tf.int64), position])
@@ -468,6 +456,84 @@ def train_iterator(
     )
     return {'image': image, 'label': ex['label']}
 
+  ds = _train_stream(
+    share,
+    data.num_examples,
+    global_batch=global_batch,
+    seed=seed,
+    start_step=start_step,
+    shuffle_buffer=shuffle_buffer,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  ds = ds.map(train_example, tf.data.AUTOTUNE)
+  return ds.batch(batch, drop_remainder=True).prefetch(prefetch).as_numpy_iterator()
+
+
+def train_indices(
+  num_examples: int,
+  *,
+  global_batch: int,
+  seed: int = 0,
+  start_step: int = 0,
+  shuffle_buffer: int = 10_000,
+  process_index: int = 0,
+  process_count: int = 1,
+  prefetch: int = 2,
+) -> Iterator[np.ndarray]:
+  """Which examples `train_iterator` puts in each batch, without reading any of them.
+
+  With the same `global_batch`, `seed`, `start_step`, `shuffle_buffer` and process arguments,
+  batch k holds the examples at these positions (in `DataSplit.indices` order, 0..n-1) in
+  this order: tf.data's shuffle draws do not depend on what the elements are, so shuffling
+  the positions shuffles the same way as shuffling the records. A cache of per-example
+  values (`ftlab.activation_cache`) replays a run's data order with this.
+
+  Returns:
+    An iterator of int64 `[global_batch // process_count]` position arrays.
+  """
+  batch = local_batch_size(global_batch, process_count)
+  ds = _train_stream(
+    tf.data.Dataset.range(num_examples),
+    num_examples,
+    global_batch=global_batch,
+    seed=seed,
+    start_step=start_step,
+    shuffle_buffer=shuffle_buffer,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  ds = ds.map(lambda position, index: index)
+  return ds.batch(batch, drop_remainder=True).prefetch(prefetch).as_numpy_iterator()
+
+
+def _train_stream(
+  share: tf.data.Dataset,
+  size: int,
+  *,
+  global_batch: int,
+  seed: int,
+  start_step: int,
+  shuffle_buffer: int,
+  process_index: int,
+  process_count: int,
+) -> tf.data.Dataset:
+  """`share` (the split's `size` elements, in split order) shuffled per epoch, read as one
+  stream from step `start_step` on: this process's `(stream position, element)` pairs."""
+  batch = local_batch_size(global_batch, process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  if size == 0:
+    raise ValueError('the training split has no examples')
+  # Every process walks the same global stream of (still encoded) examples and keeps its
+  # rows of each global batch, so the global batches, and so the run, do not depend on how
+  # many processes share them.
+  first_epoch, offset = divmod(start_step * global_batch, size)
+
+  def epoch(e):
+    # Distinct seeds per (seed, epoch); int64 leaves room for any realistic epoch count.
+    return share.shuffle(min(shuffle_buffer, size), seed=seed * 1_000_003 + e)
+
   def mine(position, ex):
     del ex
     return (position % global_batch) // batch == process_index
@@ -476,8 +542,7 @@ def train_iterator(
   ds = ds.enumerate(start=start_step * global_batch)
   if process_count > 1:
     ds = ds.filter(mine)
-  ds = ds.map(train_example, tf.data.AUTOTUNE)
-  return ds.batch(batch, drop_remainder=True).prefetch(prefetch).as_numpy_iterator()
+  return ds
 
 
 def num_eval_steps(num_examples: int, global_batch: int) -> int:

@@ -11,7 +11,7 @@ device axis batch statistics are averaged.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -89,6 +89,13 @@ class VGG(nn.Module):
       result does not depend on how the batch is split over devices.
     frozen_batch_norm: names of BatchNorm layers that use running statistics even when
       `train=True` (layers a plan freezes keep their statistics untouched).
+    start_block, stop_block: run only the blocks in [start_block, stop_block) of
+      `block_names()` (None: from the first / to the end). With `start_block`, the input is
+      what that block's first layer sees, i.e. the output of
+      `clone(stop_block=start_block)`: a cache of a frozen prefix feeds the rest. The
+      parameter-free steps between block 5 and the head's first dense layer (global mean,
+      adaptive pool, flatten) belong to block 5, so that boundary is the smallest tensor.
+      The parameter tree is the same whatever the range; blocks outside it are not called.
   """
 
   depth: int = 16
@@ -101,6 +108,33 @@ class VGG(nn.Module):
   dtype: Any = jnp.float32
   axis_name: str | None = None
   frozen_batch_norm: Sequence[str] = ()
+  start_block: str | None = None
+  stop_block: str | None = None
+
+  def block_names(self) -> tuple[str, ...]:
+    """The blocks from input to output, the valid `start_block` / `stop_block` values:
+    `block1`..`block5`, `fc` (imagenet head only) and `head` (always, even with no head)."""
+    return tuple(b.name for b in self.block_structure().blocks) + ('head',)
+
+  def stochastic_blocks(self) -> tuple[str, ...]:
+    """Blocks that draw random numbers when `train=True` (dropout), so their output is not
+    a function of the input alone."""
+    if self.dropout_rate <= 0:
+      return ()
+    return {'imagenet': ('fc',), 'mlp': ('head',)}.get(self.head, ())
+
+  def _block_range(self) -> tuple[int, int]:
+    names = self.block_names()
+    for what, name in (('start_block', self.start_block), ('stop_block', self.stop_block)):
+      if name is not None and name not in names:
+        raise ValueError(f'{what} {name!r} is not a block of this VGG; valid: {list(names)}')
+    start = names.index(self.start_block) if self.start_block else 0
+    stop = names.index(self.stop_block) if self.stop_block else len(names)
+    if start > stop:
+      raise ValueError(
+        f'start_block {self.start_block!r} comes after stop_block {self.stop_block!r}'
+      )
+    return start, stop
 
   def block_structure(self) -> BlockStructure:
     """Which top-level layers form which block, input to output."""
@@ -131,7 +165,11 @@ class VGG(nn.Module):
   @nn.compact
   def __call__(self, x_BHWC: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     check_architecture(self.depth, self.head)
-    height, width = x_BHWC.shape[1:3]
+    start, stop = self._block_range()
+    names = self.block_names()
+    runs = lambda block: start <= names.index(block) < stop
+    # With a later start block the input is an activation (2-D after block 5's flatten).
+    height, width = x_BHWC.shape[1:3] if runs('block1') else (MIN_INPUT_SIZE,) * 2
     if min(height, width) < MIN_INPUT_SIZE:
       raise ValueError(
         f'input size {height}x{width} is too small for VGG: its five 2x2 pools need at '
@@ -139,6 +177,8 @@ class VGG(nn.Module):
       )
     x = x_BHWC.astype(self.dtype)
     for b, num_convs in enumerate(CONVS_PER_BLOCK[self.depth], start=1):
+      if not runs(f'block{b}'):
+        continue
       channels = scaled(BLOCK_CHANNELS[b - 1], self.width)
       for i in range(1, num_convs + 1):
         name = f'block{b}_conv{i}'
@@ -162,24 +202,33 @@ class VGG(nn.Module):
           )(x)
         x = nn.relu(x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    return self._head(x, train).astype(jnp.float32) if self.head != 'none' else x
+    if runs(f'block{len(CONVS_PER_BLOCK[self.depth])}'):
+      x = self._features(x)
+    return self._head(x, train, runs)
 
-  def _head(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+  def _features(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Block 5's map -> what the head's first dense layer sees (parameter-free)."""
+    if self.head == 'gap':
+      return jnp.mean(x, axis=(1, 2))
+    if self.head == 'none':
+      return x
+    if self.adaptive_pool:
+      x = adaptive_avg_pool(x, self.adaptive_pool)
+    return x.reshape(x.shape[0], -1)  # NHWC flatten, as Keras
+
+  def _head(self, x: jnp.ndarray, train: bool, runs: Callable[[str], bool]) -> jnp.ndarray:
     dense = lambda units, name, init=dense_kernel_init: nn.Dense(
       units, dtype=self.dtype, kernel_init=init, name=name
     )
     dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
-    if self.head == 'gap':
-      return dense(self.num_classes, 'predictions')(jnp.mean(x, axis=(1, 2)))
-    if self.adaptive_pool:
-      x = adaptive_avg_pool(x, self.adaptive_pool)
-    x = x.reshape(x.shape[0], -1)  # NHWC flatten, as Keras
-    if self.head == 'imagenet':
+    if self.head == 'imagenet' and runs('fc'):
       for name in ('fc1', 'fc2'):
         x = dropout(nn.relu(dense(scaled(IMAGENET_FC_UNITS, self.width), name)(x)))
-    else:  # mlp
+    if self.head == 'none' or not runs('head'):
+      return x
+    if self.head == 'mlp':
       x = dropout(nn.relu(dense(scaled(MLP_HEAD_UNITS, self.width), 'fc')(x)))
-    return dense(self.num_classes, 'predictions')(x)
+    return dense(self.num_classes, 'predictions')(x).astype(jnp.float32)
 
 
 def adaptive_avg_pool(x_BHWC: jnp.ndarray, size: int) -> jnp.ndarray:

@@ -1,0 +1,452 @@
+"""Frozen-prefix activation cache: run the frozen start of the network once per example.
+
+When a plan trains nothing in the first blocks of the network and those blocks draw no random
+numbers, their output is a function of the image alone: frozen BatchNorm layers run on their
+running statistics (`train.bind_model`) and dropout lives only in the `fc` and `mlp` heads.
+Without augmentation, every epoch would recompute the same prefix outputs; here they are
+computed once per split (spread over all devices), kept in memory or in a file under the
+workdir, and the steps run the rest of the network (`VGG(start_block=...)`) on them.
+
+The cached run is the uncached run with the prefix's work moved out of the step: the batches
+come in `input_pipeline.train_iterator`'s order (`input_pipeline.train_indices`) and the
+prefix outputs are the numbers the step would compute, so metrics and parameters match the
+uncached run bit for bit on CPU (tests/test_activation_cache.py). That needs one care: XLA
+picks a convolution kernel by shape, so an example's output bits can depend on the per-device
+batch it is computed in; each split is computed at the batch its step runs (the train batch
+for the training split, the eval batch for eval splits). On GPU, where convolution
+algorithms are autotuned per program, expect agreement to float rounding rather than bits.
+
+A cache holds every example of a split in `DataSplit.indices` order, with its label; every
+process holds the whole split (a training batch can take any example). A disk cache is a raw
+array (`np.memmap`) plus a JSON file written once it is complete; its name carries a
+fingerprint of the prefix's model, variables and data, so a resumed run reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+from typing import Any, Callable, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax import lax
+
+from ftlab import input_pipeline, parallel, policies, train
+
+PyTree = Any
+MODES = ('off', 'auto', 'memory', 'disk')  # auto: memory up to a size limit, else disk
+DEFAULT_MEMORY_LIMIT_MB = 2048
+CACHE_DIR = 'activation_cache'  # under the workdir
+_FORMAT = 1  # bump when the file layout or the fingerprint changes
+
+
+def start_block(model: nn.Module, plan: policies.Plan) -> str | None:
+  """The first block the step must run for `plan`, or None when nothing can be cached.
+
+  The blocks before it hold no parameter the plan trains (not even one entry of a
+  per-element mask) and draw no random numbers in training (dropout).
+  """
+  trained = {p.split('/')[0] for p, t in plan.flat_mask().items() if t}
+  stochastic = set(model.stochastic_blocks())
+  layers = {b.name: b.layers for b in model.block_structure().all_blocks}
+  names = model.block_names()
+  for i, name in enumerate(names):
+    if name in stochastic or trained & set(layers.get(name, ())):
+      return name if i else None
+  return None  # a plan that trains nothing is refused by policies.make_plan
+
+
+def check(model: nn.Module, plan: policies.Plan, start: str | None, *, augment: str) -> None:
+  """Raises ValueError, in one line naming the reason, unless the blocks before `start` can
+  be cached for `plan`: no augmentation, no dropout and nothing trained in the prefix."""
+  if augment != 'none':
+    raise ValueError(
+      f'activation cache: augmentation {augment!r} changes the images every epoch; '
+      "set dataset.augment='none' or activation_cache='off'"
+    )
+  names = model.block_names()
+  if start is None or start == names[0]:
+    first = start_block(model, plan) or names[0]
+    raise ValueError(
+      f'activation cache: plan {plan.name} leaves no frozen prefix to cache (it trains or '
+      f'draws dropout in {first})'
+    )
+  if start not in names:
+    raise ValueError(f'activation cache: {start!r} is not a block; valid: {list(names)}')
+  prefix = names[: names.index(start)]
+  stochastic = [b for b in prefix if b in model.stochastic_blocks()]
+  if stochastic:
+    raise ValueError(
+      f'activation cache: block {stochastic[0]} before {start} draws dropout in training, '
+      'so its output is not a function of the image'
+    )
+  trained = [
+    p for p, t in plan.flat_mask().items() if t and p.split('/')[0] in _layers(model, prefix)
+  ]
+  if trained:
+    raise ValueError(
+      f'activation cache: plan {plan.name} trains {trained[0]} in the cached prefix '
+      f'(blocks before {start})'
+    )
+
+
+def check_config(config: Any, model: nn.Module, plans: list[policies.Plan]) -> None:
+  """The run-level check, before anything is computed: a valid mode, no augmentation, and
+  at least one of the run's stage plans with a prefix to cache (others run uncached).
+
+  Raises:
+    ValueError: in one line.
+  """
+  mode = config.get('activation_cache', 'off')
+  if mode not in MODES:
+    raise ValueError(f'activation_cache {mode!r} is not one of {list(MODES)}')
+  if mode == 'off':
+    return
+  starts = [start_block(model, p) for p in plans]
+  usable = [(p, s) for p, s in zip(plans, starts) if s is not None]
+  plan, start = usable[0] if usable else (plans[0], None)
+  check(model, plan, start, augment=config.dataset.augment)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cache:
+  """The prefix outputs of one split, in `DataSplit.indices` order.
+
+  Attributes:
+    activations: `[n, ...]`, an array in memory or an `np.memmap`.
+    labels: `[n]` int32.
+  """
+
+  activations: np.ndarray
+  labels: np.ndarray
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.labels)
+
+  def batch(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+    return {'image': np.asarray(self.activations[positions]), 'label': self.labels[positions]}
+
+
+def _layers(model: nn.Module, blocks: list[str] | tuple[str, ...]) -> set[str]:
+  by_name = {b.name: b.layers for b in model.block_structure().all_blocks}
+  return {layer for b in blocks for layer in by_name.get(b, ())}
+
+
+def _prefix_step(variables: PyTree, batch: dict, *, model: nn.Module) -> dict:
+  # train=True as in the train step (frozen BatchNorm on running statistics); a prefix that
+  # needed a dropout key would fail here. The gather gives every device the global batch,
+  # so every process gets every example's output.
+  x = model.apply(variables, batch['image'], train=True)
+  return lax.all_gather(
+    {'x': x, 'label': batch['label'], 'mask': batch['mask']}, parallel.AXIS, tiled=True
+  )
+
+
+def fingerprint(model: nn.Module, variables: PyTree, start: str, data_key: str) -> str:
+  """A hash of what the prefix outputs depend on: the model's fields, the prefix layers'
+  variables and the data (`data_key`)."""
+  h = hashlib.sha256(f'v{_FORMAT}|{start}|{data_key}|'.encode())
+  skip = ('parent', 'name', 'frozen_batch_norm', 'axis_name', 'start_block', 'stop_block')
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in skip}
+  h.update(repr(sorted(fields.items())).encode())
+  prefix = _layers(model, model.block_names()[: model.block_names().index(start)])
+  for collection in ('params', 'batch_stats'):
+    for path, x in policies.flatten(variables.get(collection, {})).items():
+      if path.split('/')[0] in prefix:
+        x = np.asarray(x)
+        h.update(f'{collection}/{path}|{x.shape}|{x.dtype}|'.encode())
+        h.update(np.ascontiguousarray(x).tobytes())
+  return h.hexdigest()[:20]
+
+
+def data_key(data: input_pipeline.DataSplit, *, image_size: int, preprocess: str) -> str:
+  """What identifies a split's images: dataset, split, chosen examples, labels, preprocessing."""
+  h = hashlib.sha256(np.asarray(data.indices, np.int64).tobytes())
+  if data.label_map is not None:
+    h.update(np.asarray(data.label_map, np.int64).tobytes())
+  builder = data.builder
+  name = f'{getattr(builder, "name", type(builder).__name__)}|{getattr(builder, "data_dir", "")}'
+  return f'{name}|{data.read_split}|{image_size}|{preprocess}|{h.hexdigest()}'
+
+
+def compile_prefix(
+  model: nn.Module, plan: policies.Plan, spread: parallel.Spread, start: str
+) -> Callable:
+  """`p_prefix(variables, batch)`: the blocks before `start` on a sharded padded batch
+  (`{'image', 'label', 'mask'}`), gathered so every device holds the global batch's
+  `{'x', 'label', 'mask'}`; feed it `spread.replicate`d variables."""
+  prefix = train.bind_model(model.clone(stop_block=start), plan)
+  return spread.compile(
+    functools.partial(_prefix_step, model=prefix),
+    in_kinds=(parallel.REPLICATED, parallel.SHARDED),
+  )
+
+
+def compute(
+  p_prefix: Callable,
+  variables: PyTree,
+  spread: parallel.Spread,
+  batches: Iterator[dict],
+  num_examples: int,
+  *,
+  backend: str = 'auto',
+  memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB,
+  path: str | None = None,
+) -> Cache:
+  """The prefix outputs of every example of a split.
+
+  Args:
+    p_prefix: from `compile_prefix`.
+    variables: `{'params', 'batch_stats'}` as the step will see them.
+    spread: the run's `Spread`; every process takes part.
+    batches: this process's padded batches of the split, `{'image', 'label', 'mask'}` as
+      `input_pipeline.eval_iterator(data, process_index, process_count)` yields them.
+    num_examples: examples in the split.
+    backend: `memory`, `disk` or `auto` (memory up to `memory_limit_mb`, else disk).
+    memory_limit_mb: the `auto` threshold, in MiB of activations.
+    path: file stem of the disk backend (`.bin` array, `.labels.npy`, `.json` description).
+
+  Returns:
+    The `Cache`.
+  """
+  if backend not in ('auto', 'memory', 'disk'):
+    raise ValueError(f'activation cache backend {backend!r} is not memory, disk or auto')
+  if backend != 'memory' and path is None:
+    raise ValueError(f'activation cache: the {backend} backend needs a path')
+  if num_examples == 0:
+    raise ValueError('activation cache: the split has no examples')
+  state = spread.replicate({'params': variables['params'], **_stats(variables)})
+  activations, labels, written = None, np.zeros(num_examples, np.int32), 0
+
+  def allocate(x):
+    # The prefix output's shape and dtype are known once the first batch is through.
+    nonlocal backend
+    shape = (num_examples,) + x.shape[1:]
+    size_mb = math.prod(shape) * x.dtype.itemsize / 2**20
+    if backend == 'auto':
+      backend = 'memory' if size_mb <= memory_limit_mb else 'disk'
+    logging.info(
+      'activation cache: %d x %s %s, %.1f MiB (%s)',
+      num_examples,
+      shape[1:],
+      x.dtype,
+      size_mb,
+      backend,
+    )
+    if backend == 'memory':
+      return np.empty(shape, x.dtype)
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    return np.memmap(path + '.bin', dtype=x.dtype, mode='w+', shape=shape)
+
+  def write(k, out):
+    # Row r of process q's k-th batch is example k*b + r of its share indices[q::count]
+    # (eval_iterator's order), i.e. position q + count * (k*b + r) of the split.
+    nonlocal activations, written
+    out = jax.device_get(spread.unreplicate(out))
+    if activations is None:
+      activations = allocate(out['x'])
+    count = jax.process_count()
+    b = len(out['mask']) // count
+    q, r = np.divmod(np.arange(len(out['mask'])), b)
+    real = out['mask'] > 0
+    positions = (q + count * (k * b + r))[real]
+    activations[positions] = out['x'][real]
+    labels[positions] = out['label'][real]
+    written += len(positions)
+
+  pending = []
+  for k, batch in enumerate(batches):
+    pending.append((k, p_prefix(state, spread.shard(batch))))
+    if len(pending) > 1:  # the next batch runs while this one is copied to the host
+      write(*pending.pop(0))
+  for item in pending:
+    write(*item)
+  if written != num_examples:
+    raise ValueError(f'activation cache: {written} of {num_examples} examples computed')
+  if backend == 'disk':
+    activations.flush()
+    np.save(path + '.labels.npy', labels)
+    description = {'shape': list(activations.shape), 'dtype': activations.dtype.name}
+    with open(path + '.json.tmp', 'w') as f:
+      json.dump(description, f)
+    os.replace(path + '.json.tmp', path + '.json')  # the cache counts once this exists
+    return load(path)
+  return Cache(activations, labels)
+
+
+def load(path: str) -> Cache | None:
+  """A complete disk cache at `path` (see `compute`), or None."""
+  if not os.path.exists(path + '.json'):
+    return None
+  with open(path + '.json') as f:
+    description = json.load(f)
+  dtype = np.dtype(jnp.dtype(description['dtype']))  # jnp knows bfloat16
+  shape = tuple(description['shape'])
+  activations = np.memmap(path + '.bin', dtype=dtype, mode='r', shape=shape)
+  return Cache(activations, np.load(path + '.labels.npy'))
+
+
+def _stats(variables: PyTree) -> dict:
+  stats = variables.get('batch_stats', {})
+  return {'batch_stats': stats} if stats else {}
+
+
+def train_batches(
+  cache: Cache,
+  *,
+  global_batch: int,
+  seed: int = 0,
+  start_step: int = 0,
+  shuffle_buffer: int = 10_000,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+  """`input_pipeline.train_iterator`'s batches (with `augment='none'` and the same
+  arguments), with each image replaced by its cached prefix output."""
+  for positions in input_pipeline.train_indices(
+    cache.num_examples,
+    global_batch=global_batch,
+    seed=seed,
+    start_step=start_step,
+    shuffle_buffer=shuffle_buffer,
+    process_index=process_index,
+    process_count=process_count,
+  ):
+    yield cache.batch(positions)
+
+
+def eval_batches(
+  cache: Cache, *, global_batch: int, process_index: int = 0, process_count: int = 1
+) -> Iterator[dict[str, np.ndarray]]:
+  """`input_pipeline.eval_iterator`'s padded batches, each image replaced by its cached
+  prefix output (padding rows are zeros with mask 0)."""
+  batch = input_pipeline.local_batch_size(global_batch, process_count)
+  mine = np.arange(process_index, cache.num_examples, process_count)
+  for k in range(input_pipeline.num_eval_steps(cache.num_examples, global_batch)):
+    positions = mine[k * batch : (k + 1) * batch]
+    real = cache.batch(positions)
+    out = {
+      'image': np.zeros((batch,) + cache.activations.shape[1:], cache.activations.dtype),
+      'label': np.zeros(batch, np.int32),
+      'mask': np.zeros(batch, np.float32),
+    }
+    out['image'][: len(positions)] = real['image']
+    out['label'][: len(positions)] = real['label']
+    out['mask'][: len(positions)] = 1.0
+    yield out
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """What the run loop swaps in while a plan's prefix is cached.
+
+  Attributes:
+    model: the model the steps run (`start_block` set; pass to `train.compile_steps`).
+    start: the first block the steps run.
+    train_batches: `start_step -> iterator` of host batches, as `train_iterator`'s.
+    eval_batches: `{name: () -> iterator}` of padded host batches, as `eval_iterator`'s.
+  """
+
+  model: nn.Module
+  start: str
+  train_batches: Callable[[int], Iterator[dict]]
+  eval_batches: dict[str, Callable[[], Iterator[dict]]]
+
+
+def prepare(
+  config: Any,
+  model: nn.Module,
+  plan: policies.Plan,
+  variables: PyTree,
+  spread: parallel.Spread,
+  workdir: str,
+  *,
+  train_data: input_pipeline.DataSplit,
+  eval_data: Mapping[str, input_pipeline.DataSplit] | None = None,
+) -> Prepared | None:
+  """The cached model and batches for `plan`, or None when the cache is off or the plan has
+  no prefix to cache (run that stage uncached; `check_config` refuses a run with none).
+
+  Args:
+    config: the run's config: `activation_cache` (a mode of `MODES`; absent means off),
+      `activation_cache_memory_mb` (optional, the `auto` threshold), `dataset.augment`,
+      `dataset.image_size`, `dataset.preprocess`, `dataset.shuffle_buffer`, `seed`,
+      `batch_size` and `eval_batch_size`.
+    model: the unbound model.
+    plan: the (stage's) plan.
+    variables: `{'params', 'batch_stats'}` as the stage starts (host or device arrays).
+    spread: the run's `Spread`.
+    workdir: the run directory; a disk cache goes to `workdir/activation_cache/`.
+    train_data: the training split.
+    eval_data: the evaluated splits by name, cached too.
+
+  Raises:
+    ValueError: see `check`.
+  """
+  mode = config.get('activation_cache', 'off')
+  if mode not in MODES:
+    raise ValueError(f'activation_cache {mode!r} is not one of {list(MODES)}')
+  start = start_block(model, plan)
+  if mode == 'off' or start is None:
+    return None
+  check(model, plan, start, augment=config.dataset.augment)
+  variables = jax.device_get({'params': variables['params'], **_stats(variables)})
+  size, preprocess = config.dataset.image_size, config.dataset.preprocess
+  pipeline = dict(image_size=size, preprocess=preprocess)
+  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  memory_limit_mb = float(config.get('activation_cache_memory_mb', DEFAULT_MEMORY_LIMIT_MB))
+  p_prefix = compile_prefix(model, plan, spread, start)
+
+  def cached(name, data, global_batch):
+    # Each split at the batch its step would have run the prefix on: XLA's CPU convolutions
+    # pick their kernel by shape, so an example's output bits depend on the per-device batch.
+    key = fingerprint(
+      model, variables, start, f'{data_key(data, **pipeline)}|{global_batch}|{spread.num_devices}'
+    )
+    path = os.path.join(workdir, CACHE_DIR, f'{name}-{key}-p{jax.process_index()}')
+    if mode != 'memory':
+      found = load(path)
+      if found is not None and found.num_examples == data.num_examples:
+        logging.info('activation cache: reusing %s', path)
+        return found
+    batches = input_pipeline.eval_iterator(data, global_batch=global_batch, **pipeline, **process)
+    return compute(
+      p_prefix,
+      variables,
+      spread,
+      batches,
+      data.num_examples,
+      backend=mode,
+      memory_limit_mb=memory_limit_mb,
+      path=path,
+    )
+
+  train_cache = cached('train', train_data, config.batch_size)
+  eval_caches = {
+    name: cached(name, data, config.eval_batch_size) for name, data in (eval_data or {}).items()
+  }
+  return Prepared(
+    model=model.clone(start_block=start),
+    start=start,
+    train_batches=lambda start_step: train_batches(
+      train_cache,
+      global_batch=config.batch_size,
+      seed=config.seed,
+      start_step=start_step,
+      shuffle_buffer=config.dataset.shuffle_buffer,
+      **process,
+    ),
+    eval_batches={
+      name: functools.partial(eval_batches, c, global_batch=config.eval_batch_size, **process)
+      for name, c in eval_caches.items()
+    },
+  )
