@@ -96,6 +96,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.early_stopping_patience = 0  # stop after this many evals without improvement (0 = off)
   config.record_step_flops = True  # XLA's FLOP count of each stage's compiled step, in summary
   config.skip_nonfinite_updates = False  # skip (count, log) non-finite steps instead of stopping
+  # Frozen-prefix activation cache (exact; needs dataset.augment='none' and a plan that trains
+  # nothing, and draws no dropout, in the first blocks): the prefix runs once per example and
+  # the steps run the rest. off | memory | disk (workdir/activation_cache/, reused on resume)
+  # | auto (memory up to activation_cache_memory_mb MiB per split, else disk).
+  config.activation_cache = 'off'
+  config.activation_cache_memory_mb = 2048.0
 
   config.init = ml_collections.ConfigDict()
   config.init.checkpoint = ''  # directory of a checkpoint (train run or ported weights)

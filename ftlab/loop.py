@@ -25,7 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ftlab import checkpoint, input_pipeline, metric_writers, optim, parallel, policies
+from ftlab import (
+  activation_cache,
+  checkpoint,
+  input_pipeline,
+  metric_writers,
+  optim,
+  parallel,
+  policies,
+)
 from ftlab.models import vgg
 from ftlab.train import (
   TrainState,
@@ -193,12 +201,33 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   compile_for = functools.partial(
     compile_steps,
     spread,
-    model=run.model,
     label_smoothing=config.label_smoothing,
     learning_rate_fn=lr_fn,
     skip_nonfinite=skip_nonfinite,
   )
-  p_train_step, p_eval_step = compile_for(tx=run.tx, plan=plan)
+
+  def sources_for(plan, host_state):
+    """The model the steps run and their batch sources: with `config.activation_cache` on
+    and a frozen, deterministic prefix, the rest of the network on cached prefix outputs."""
+    cached = activation_cache.prepare(
+      config,
+      run.model,
+      plan,
+      {'params': host_state.params, 'batch_stats': host_state.batch_stats},
+      spread,
+      workdir,
+      train_data=run.train_data,
+      eval_data=run.evals,
+    )
+    if cached is None:
+      return run.model, data.train_batches, data.eval_batches
+    cached_prefix[plan.name] = cached.start
+    logging.info('activation cache: %s runs from %s on cached outputs', plan.name, cached.start)
+    return cached.model, cached.train_batches, cached.eval_batches
+
+  cached_prefix = {}
+  model, train_source, eval_source = sources_for(plan, state)
+  p_train_step, p_eval_step = compile_for(model=model, tx=run.tx, plan=plan)
   rng_train = jax.random.fold_in(jax.random.key(config.seed), 1)
   first_step, last = int(state.step), config.num_train_steps
   state = spread.replicate(state)
@@ -212,7 +241,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
 
   def run_evals(step):
     results = {}
-    for name, batches in data.eval_batches.items():
+    for name, batches in eval_source.items():
       results[name] = evaluate(p_eval_step, state, spread, batches())
       writer.write(step, {f'{name}/{k}': v for k, v in results[name].items()})
       logging.info(
@@ -224,7 +253,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
       )
     return results
 
-  train_batches = parallel.prefetch_to_devices(data.train_batches(first_step), spread)
+  train_batches = parallel.prefetch_to_devices(train_source(first_step), spread)
   window, checked, best, evals_since_best, results, stop = [], 0, None, 0, {}, False
   window_start, window_first, skipped_total = time.time(), first_step + 1, 0
   logging.info('training steps %d..%d under %s', first_step + 1, last, plan.name)
@@ -238,7 +267,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         host_state = jax.device_get(spread.unreplicate(state))
         state = spread.replicate(host_state.replace(opt_state=tx.init(host_state.params)))
         frozen_reference = policies.frozen_checksums(plan, host_params)
-        p_train_step, p_eval_step = compile_for(tx=tx, plan=plan)
+        if (
+          config.get('activation_cache', 'off') != 'off'
+        ):  # each stage caches its own frozen prefix
+          model, train_source, eval_source = sources_for(plan, host_state)
+          train_batches = parallel.prefetch_to_devices(train_source(step - 1), spread)
+        p_train_step, p_eval_step = compile_for(model=model, tx=tx, plan=plan)
         meta['plan'] = plan.name
         logging.info('step %d: stage %s, optimizer state rebuilt', step, plan.name)
         if is_writer:
@@ -318,6 +352,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     'trainable_percent': 100.0 * n_trainable / n_total,
     **({'train_step_flops': stage_flops[plan.name]} if plan.name in stage_flops else {}),
     **({'stages': _stage_summary(run.stages, config, stage_flops)} if len(run.stages) > 1 else {}),
+    # Plans whose steps ran on cached prefix outputs, with the first block they ran.
+    **({'activation_cache': cached_prefix} if cached_prefix else {}),
     # Frozen leaves checked bit for bit against the loaded values (sha256 per leaf).
     'frozen_leaves': len(frozen_final),
     'frozen_checksum': policies.combined_checksum(frozen_final),
@@ -401,9 +437,12 @@ def check_plans(config: Any, num_classes: int) -> tuple[nn.Module, list[policies
     functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((1, size, size, 3))
   )
   stages = policies.plan_stages(structure, config.policy, config.num_train_steps)
+  shaped_plans = []
   for stage in stages:
     shaped = policies.make_plan(shapes['params'], structure, config.policy, stage=stage)
     optim.make(shaped, config.optimizer, config.num_train_steps, anchor=shapes['params'])
+    shaped_plans.append(shaped)
+  activation_cache.check_config(config, model, shaped_plans)
   return model, stages
 
 
@@ -488,6 +527,8 @@ def _prepare(config: Any, workdir: str) -> types.SimpleNamespace:
     tx=tx,
     state=state,
     data=data,
+    train_data=train_data,
+    evals=evals,
     frozen_reference=frozen_reference,
     plan_label=plan.name if len(stages) == 1 else str(expression),
   )

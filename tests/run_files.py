@@ -9,9 +9,10 @@ from configs import default
 from ftlab import checkpoint, loop, policies
 
 
-def params_of(workdir, width=1 / 16, num_classes=10, step=None):
+def params_of(workdir, width=1 / 16, num_classes=10, step=None, model='vgg11'):
   """The flat parameters of a `configs/default.py:runlocal` run (newest or `step`)."""
   config = default.get_config('runlocal')
+  config.model.name = model
   config.model.width = width
   model = loop.build_model(config.model, num_classes=num_classes)
   shapes = jax.eval_shape(
