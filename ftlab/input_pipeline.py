@@ -17,6 +17,7 @@ with a `'mask'`, in the same number of batches on every process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import math
@@ -26,6 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow.python.eager import context as tf_context
 
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 IMAGE_FOLDER_PREFIX = 'image_folder:'
@@ -538,11 +540,32 @@ def _train_stream(
     del ex
     return (position % global_batch) // batch == process_index
 
-  ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
+  with _no_global_tf_seed():  # the shuffles' seeds are fixed when flat_map traces `epoch`
+    ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
   ds = ds.enumerate(start=start_step * global_batch)
   if process_count > 1:
     ds = ds.filter(mine)
   return ds
+
+
+@contextlib.contextmanager
+def _no_global_tf_seed():
+  """Builds datasets as if no TensorFlow global seed were set, then restores it.
+
+  With a global seed (`tf.random.set_seed`, `keras.utils.set_random_seed`), tf.data's
+  shuffle mixes it into its seed, so the data order would depend on what else ran in the
+  process, and its seed check fails on the per-epoch tensor seeds. Restoring a seed restarts
+  TensorFlow's own sequence of op seeds, as `tf.random.set_seed` does.
+  """
+  seed = tf_context.global_seed()
+  if seed is None:
+    yield
+    return
+  tf_context.set_global_seed(None)
+  try:
+    yield
+  finally:
+    tf_context.set_global_seed(seed)
 
 
 def num_eval_steps(num_examples: int, global_batch: int) -> int:

@@ -284,6 +284,23 @@ def test_resume_at_step_equals_continuing(fake):
   assert_same_batches(train_batches(data, 1, start_step=13, **kwargs), uninterrupted[13:])
 
 
+def test_order_ignores_a_global_tensorflow_seed(fake):
+  # Keras' set_random_seed (or tf.random.set_seed) elsewhere in the process must neither
+  # change the data order nor break the per-epoch shuffles, and stays set afterwards.
+  data = ip.build_dataset('fashion_mnist', 'train', **fake)
+  kwargs = dict(seed=5, shuffle_buffer=40, augment='none')
+  unseeded = train_batches(data, 8, **kwargs)
+  tf.random.set_seed(1234)
+  try:
+    seeded = train_batches(data, 8, **kwargs)
+    resumed = train_batches(data, 2, start_step=6, **kwargs)
+    assert ip.tf_context.global_seed() == 1234
+  finally:
+    tf.random.set_seed(None)
+  assert_same_batches(seeded, unseeded)
+  assert_same_batches(resumed, unseeded[6:])
+
+
 def test_train_shares_are_disjoint_and_cover_an_epoch(fake):
   data = ip.build_dataset('fashion_mnist', 'train', **fake)
   ids = []
