@@ -39,6 +39,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.width = 1.0  # multiplier for conv channels and dense units
   config.model.dropout_rate = 0.5  # dropout in the imagenet and mlp heads
   config.model.adaptive_pool = 0  # pool block 5 to NxN before the head (torchvision: 7; 0 = off)
+  # How convolutions run: auto (patches x matmul on CPU, where it is ~5x faster than XLA's
+  # CPU convolutions; XLA's convolutions elsewhere) | conv | matmul. Same parameters; numbers
+  # agree to float rounding (docs/performance.md).
+  config.model.conv_lowering = 'auto'
   config.model.dtype = 'float32'  # activation dtype: float32 | bfloat16
 
   config.dataset = ml_collections.ConfigDict()

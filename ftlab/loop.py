@@ -65,6 +65,7 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
     width=float(model_cfg.width),
     dropout_rate=float(model_cfg.dropout_rate),
     adaptive_pool=int(model_cfg.get('adaptive_pool', 0)),
+    conv_lowering=model_cfg.get('conv_lowering', 'auto'),
     dtype=DTYPES[model_cfg.dtype],
   )
 
