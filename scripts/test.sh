@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff format --check --quiet ftlab tests scripts configs
 .venv/bin/ruff check --quiet ftlab tests scripts configs
-.venv/bin/python -m pytest "$@"
+# Two workers, whole files each (module fixtures are shared); `-n 0` runs in one process.
+.venv/bin/python -m pytest -n 2 --dist loadfile "$@"

@@ -1,6 +1,9 @@
-"""Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
+"""Test setup: 8 fake CPU devices, set before jax is imported anywhere; the offline
+Fashion-MNIST prepared once, under a lock, when several pytest-xdist workers start at once."""
 
+import fcntl
 import os
+import tempfile
 
 os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
@@ -14,3 +17,19 @@ import pytest  # noqa: E402
 @pytest.fixture(scope='session', autouse=True)
 def eight_devices():
   assert jax.device_count() == 8, 'tests expect 8 fake CPU devices (XLA_FLAGS)'
+
+
+@pytest.fixture(scope='session', autouse=True)
+def fashion_mnist_prepared():
+  """Prepares the `runlocal` configs' dataset (tfds default data_dir, Debian IDX files)
+  before any test or subprocess reads it: two workers preparing it at once would race."""
+  from ftlab import input_pipeline
+
+  if not os.path.isdir(input_pipeline.DEBIAN_FASHION_MNIST_DIR):
+    return
+  with open(os.path.join(tempfile.gettempdir(), 'ftlab-tests-tfds.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      input_pipeline.build_dataset('fashion_mnist', 'test[:1]')
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)

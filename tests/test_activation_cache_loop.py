@@ -88,17 +88,6 @@ def test_cached_resume_is_bit_identical(lp_ft_runs, tmp_path, resume_at):
     assert pa[p].tobytes() == pb[p].tobytes(), p
 
 
-def test_cached_last_block_in_memory_equals_uncached(tmp_path):
-  # last_blocks(1): blocks 1-4 cached; the steps run block 5 and the head (with dropout).
-  runs = []
-  for cache in ('off', 'memory'):
-    config = config_for('last_blocks', cache, steps=6)
-    workdir = str(tmp_path / cache)
-    runs.append((workdir, loop.train_and_evaluate(config, workdir)))
-  assert_same_run(runs[0][0], runs[1][0])
-  assert runs[1][1]['activation_cache'] == {'last_blocks(k=1)': 'block5'}
-
-
 @pytest.mark.parametrize(
   'change, message',
   [
