@@ -33,3 +33,17 @@ def fashion_mnist_prepared():
       input_pipeline.build_dataset('fashion_mnist', 'test[:1]')
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope='module')
+def fake(tmp_path_factory):
+  """`build_dataset` keyword arguments for a prepared fake Fashion-MNIST whose images carry
+  their index (tests/test_input_pipeline.py: `write_fake_fashion_mnist`, `ids_of`)."""
+  from ftlab import input_pipeline
+  from tests.test_input_pipeline import write_fake_fashion_mnist
+
+  root = tmp_path_factory.mktemp('fake_fashion_mnist')
+  write_fake_fashion_mnist(str(root / 'idx'))
+  kwargs = dict(data_dir=str(root / 'data'), fashion_mnist_dir=str(root / 'idx'))
+  input_pipeline.build_dataset('fashion_mnist', 'train', **kwargs)  # prepare once
+  return kwargs

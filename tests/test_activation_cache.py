@@ -17,28 +17,10 @@ from ml_collections import ConfigDict
 from configs import default
 from ftlab import activation_cache, input_pipeline, optim, parallel, policies, train
 from ftlab.models import vgg
-from tests.test_input_pipeline import eval_ids, ids_of, write_fake_fashion_mnist
+from tests.test_input_pipeline import eval_ids, ids_of
+from tests.test_train import SGD
 
-SGD = dict(
-  name='sgd',
-  learning_rate=0.05,
-  momentum=0.9,
-  weight_decay=1e-3,
-  grad_clip_norm=1.0,
-  warmup_steps=0,
-  schedule='constant',
-)
 BATCH, EVAL_BATCH, STEPS = 16, 32, 8  # 100 training examples: step 7 starts epoch 2
-
-
-@pytest.fixture(scope='module')
-def fake(tmp_path_factory):
-  """`build_dataset` keyword arguments for a prepared fake Fashion-MNIST (100 train images)."""
-  root = tmp_path_factory.mktemp('fake_fashion_mnist')
-  write_fake_fashion_mnist(str(root / 'idx'))
-  kwargs = dict(data_dir=str(root / 'data'), fashion_mnist_dir=str(root / 'idx'))
-  input_pipeline.build_dataset('fashion_mnist', 'train', **kwargs)  # prepare once
-  return kwargs
 
 
 def tiny(batch_norm=False, head='gap', **kw):

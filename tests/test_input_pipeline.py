@@ -43,16 +43,6 @@ def write_fake_fashion_mnist(idx_dir):
     write_idx(f'{idx_dir}/{prefix}-labels-idx1-ubyte.gz', labels_of(np.arange(n)), 2049)
 
 
-@pytest.fixture(scope='module')
-def fake(tmp_path_factory):
-  """`build_dataset` keyword arguments for a prepared fake Fashion-MNIST."""
-  root = tmp_path_factory.mktemp('fake_fashion_mnist')
-  write_fake_fashion_mnist(str(root / 'idx'))
-  kwargs = dict(data_dir=str(root / 'data'), fashion_mnist_dir=str(root / 'idx'))
-  ip.build_dataset('fashion_mnist', 'train', **kwargs)  # prepare once
-  return kwargs
-
-
 def ids_of(images):
   """Example indices of 'unit'-preprocessed, unaugmented 28x28 fake images."""
   pixels = np.round(images[:, 0, :2, 0] * 255).astype(int)
