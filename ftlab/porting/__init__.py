@@ -2,10 +2,17 @@
 
 One module per format, each with `read(path, arch=None) -> Ported`:
 
-  keras_h5      Keras VGG16/VGG19 `.h5` in the legacy layout (keras-applications files)
+  keras_h5      Keras VGG16/VGG19: legacy `.h5` (keras-applications files, `model.save`),
+                Keras 3 `.weights.h5` and `.keras` archives
   torchvision   torchvision VGG11-19 and `_bn` state dicts, `.pth` or `.safetensors`
   timm          timm VGG state dicts (conv `pre_logits` head), `.safetensors` or `.pth`
   onnx          ONNX VGG graphs, mapped by graph structure (`onnx_graph`)
+
+Files hold more than a VGG: a trainer's checkpoint dict around the state dict, DataParallel's
+`module.` in the names, a VGG backbone under a prefix of a larger model, a Keras transfer
+model with its own head, an ONNX graph with a custom head. Each format finds the VGG inside
+(`torchvision.locate`, `keras_h5.locate`, `onnx_walk.walk`), ports it, and says in
+`Ported.report()` what was ported from where and what was left out.
 
 `load(path)` tells the format from the file, the architecture from its tensors, and returns
 `(model, variables, preprocess)` such that
@@ -13,7 +20,8 @@ One module per format, each with `read(path, arch=None) -> Ported`:
   model.apply(variables, preprocess(images_uint8_BHWC), train=False)
 
 gives the source model's logits (its block-5 feature map, NHWC, for a headless file). Ports
-are strict: a tensor missing, left over or of another shape is an error naming all of them.
+are strict within the VGG: a tensor missing, left over or of another shape is an error that
+counts and lists them; so are inf and NaN values, unless `allow_nonfinite`.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 
+from ftlab import preprocessing
 from ftlab.models import vgg
 from ftlab.porting import keras_h5, onnx_graph, tensor_files, timm, torchvision
 from ftlab.porting.common import Arch, Ported, PortError, Preprocessing, param_count
@@ -41,7 +50,7 @@ __all__ = [
 ]
 
 FORMATS = ('keras_h5', 'torchvision', 'timm', 'onnx')
-PREPROCESSING = ('caffe', 'torch')
+PREPROCESSING = preprocessing.CONVENTIONS
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -52,7 +61,7 @@ def detect_format(path: str | os.PathLike) -> str:
   """
   if not os.path.isfile(path):
     raise PortError(f'no such file: {path}')
-  if keras_h5.is_hdf5(path):
+  if keras_h5.is_hdf5(path) or keras_h5.is_keras_archive(path):
     return 'keras_h5'
   if tensor_files.kind(path):
     # torchvision and timm share `features.*`; timm's head has other names.
@@ -60,8 +69,8 @@ def detect_format(path: str | os.PathLike) -> str:
   if os.fspath(path).endswith('.onnx'):
     return 'onnx'
   raise PortError(
-    f'cannot tell the format of {path}: not HDF5 (Keras), torch.save or .safetensors, and not '
-    f'named .onnx; pass format= (one of {", ".join(FORMATS)})'
+    f'cannot tell the format of {path}: not HDF5 or .keras (Keras), torch.save or '
+    f'.safetensors, and not named .onnx; ftlab reads {", ".join(FORMATS)} files'
   )
 
 
@@ -70,20 +79,26 @@ def read(
   format: str | None = None,
   arch: str | None = None,
   preprocess: str | None = None,
+  *,
+  prefix: str | None = None,
+  allow_nonfinite: bool = False,
 ) -> Ported:
-  """Ports a weight file, keeping what was found (format, arch, notes) for the record.
+  """Ports a weight file, keeping what was found (format, arch, where, notes) for the record.
 
   Args:
     path: the weight file.
     format: one of `FORMATS`; None to detect it (`detect_format`).
     arch: `vgg11` ... `vgg19_bn` to require that layout; None to infer it from the file.
       Width, head and class count always come from the tensors' shapes.
-    preprocess: `caffe` or `torch` to override the format's convention (ONNX graphs do not
-      say which they were trained with).
+    preprocess: `caffe`, `torch` or `unit` to override the format's convention (ONNX graphs
+      do not say which they were trained with).
+    prefix: where a file holds several VGGs (a model and its EMA copy), the name prefix of
+      the one to port (`state_dict_ema`, a Keras model name); None takes the best one.
+    allow_nonfinite: port inf and NaN values instead of refusing them.
 
   Raises:
-    PortError: an unknown format, arch or preprocessing, an unreadable file, or weights that
-      do not match the arch.
+    PortError: an unknown format, arch or preprocessing, an unreadable file, no VGG in it,
+      weights that do not match the arch, or non-finite values.
   """
   if not os.path.isfile(path):
     raise PortError(f'no such file: {path}')
@@ -91,20 +106,34 @@ def read(
     raise PortError(f'unknown format {format!r}; valid: {", ".join(FORMATS)}')
   if preprocess is not None and preprocess not in PREPROCESSING:
     raise PortError(f'unknown preprocessing {preprocess!r}; valid: {", ".join(PREPROCESSING)}')
-  tensors = None
-  if format is None and tensor_files.kind(path):
-    # Read once: the names tell torchvision from timm, and a .pth has no cheap header.
-    tensors = tensor_files.read(path)
-    format = 'timm' if timm.is_timm(list(tensors)) else 'torchvision'
-  format = format or detect_format(path)
-  if format == 'onnx':
-    return onnx_graph.read(path, arch, preprocess)
-  if format == 'keras_h5':
-    ported = keras_h5.read(path, arch)
-  else:
-    tensors = tensor_files.read(path) if tensors is None else tensors
+  if format in (None, 'torchvision', 'timm') and tensor_files.kind(path):
+    # One read: the head's names tell torchvision from timm, and a .pth has no cheap header.
+    located = torchvision.locate(
+      tensor_files.read(path).tensors, prefix=prefix, source=os.fspath(path)
+    )
+    format = format or ('timm' if timm.is_timm(list(located.tensors)) else 'torchvision')
     module = timm if format == 'timm' else torchvision
-    ported = module.from_tensors(tensors, arch, source=os.fspath(path))
+    ported = module.from_tensors(
+      located.tensors,
+      arch,
+      source=os.fspath(path),
+      names=located.names,
+      allow_nonfinite=allow_nonfinite,
+    )
+    ported = dataclasses.replace(
+      ported,
+      notes=ported.notes + located.notes,
+      found_at=located.found_at,
+      left_out=located.left_out,
+    )
+  else:
+    format = format or detect_format(path)
+    if format == 'onnx':
+      ported = onnx_graph.read(path, arch, preprocess, allow_nonfinite=allow_nonfinite)
+    elif format == 'keras_h5':
+      ported = keras_h5.read(path, arch, prefix=prefix, allow_nonfinite=allow_nonfinite)
+    else:
+      raise PortError(f'{path} is not a torch.save or .safetensors file (format={format!r})')
   if preprocess:
     ported = dataclasses.replace(ported, preprocessing=Preprocessing(preprocess))
   return ported
@@ -115,11 +144,12 @@ def load(
   format: str | None = None,
   arch: str | None = None,
   preprocess: str | None = None,
+  **kwargs,
 ) -> tuple[vgg.VGG, dict, Callable[[np.ndarray], np.ndarray]]:
   """`(model, variables, preprocess)` for a weight file; see `read` for the arguments.
 
   `preprocess` maps uint8 RGB images `[B, H, W, 3]` to the model's float32 input; its `.name`
-  (`caffe` or `torch`) is the value for `config.dataset.preprocess`.
+  (`caffe`, `torch` or `unit`) is the value for `config.dataset.preprocess`.
   """
-  ported = read(path, format, arch, preprocess)
+  ported = read(path, format, arch, preprocess, **kwargs)
   return ported.arch.model(), ported.variables, ported.preprocessing

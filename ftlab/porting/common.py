@@ -18,15 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftlab import paths, preprocessing
 from ftlab.models import vgg
 
 Shape = tuple[int, ...]
 
-# Preprocessing constants. `ftlab.input_pipeline` has the same numbers (it may not be
-# imported from here: porting depends on `models` only); both follow the weight sources.
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-TORCH_MEAN_RGB = (0.485, 0.456, 0.406)
-TORCH_STD_RGB = (0.229, 0.224, 0.225)
 # The image size the source VGGs were trained at; shapes are planned at it.
 SOURCE_IMAGE_SIZE = 224
 
@@ -37,37 +33,31 @@ class PortError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-  """How the source model expects its images: `caffe` (Keras) or `torch` (torchvision, timm).
+  """How the source model expects its images: `caffe`, `torch` or `unit` (`ftlab.preprocessing`).
 
   Calling it maps uint8 RGB images `[B, H, W, 3]` to the float32 input of the ported model.
   The name is the one `config.dataset.preprocess` takes.
+
+  Attributes:
+    name: the convention.
+    guess: why this convention was chosen when the file does not say (ONNX graphs carry no
+      preprocessing); '' when the format fixes it or the user gave it.
   """
 
   name: str
+  guess: str = ''
 
   def __post_init__(self):
-    if self.name not in ('caffe', 'torch'):
-      raise ValueError(f'unknown preprocessing {self.name!r}; valid: caffe, torch')
+    try:
+      preprocessing.check(self.name)
+    except ValueError as e:
+      raise PortError(str(e)) from None
 
   def __call__(self, images_BHWC: Any) -> np.ndarray:
-    x = np.asarray(images_BHWC, np.float32)
-    if self.name == 'caffe':
-      # RGB -> BGR, then subtract the ImageNet mean on the 0-255 scale; no std.
-      return x[..., ::-1] - np.asarray(CAFFE_MEAN_BGR, np.float32)
-    return (x / 255.0 - np.asarray(TORCH_MEAN_RGB, np.float32)) / np.asarray(
-      TORCH_STD_RGB, np.float32
-    )
+    return preprocessing.normalize(np.asarray(images_BHWC, np.float32), self.name)
 
   def to_json(self) -> dict:
-    if self.name == 'caffe':
-      return {'name': 'caffe', 'channels': 'BGR', 'pixel_range': [0, 255], 'mean': CAFFE_MEAN_BGR}
-    return {
-      'name': 'torch',
-      'channels': 'RGB',
-      'pixel_range': [0, 1],
-      'mean': TORCH_MEAN_RGB,
-      'std': TORCH_STD_RGB,
-    }
+    return {**preprocessing.describe(self.name), **({'guess': self.guess} if self.guess else {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +127,12 @@ def choose_depth(found: tuple[int, bool] | None, arch: str | None, what: str) ->
   if arch:
     return parse_arch(arch)
   if found is None:
-    raise PortError(f'cannot tell which VGG this is: {what}; pass arch= (e.g. vgg16_bn)')
+    # No `arch=` can help here: a forced layout would not match these tensors either.
+    counts = ', '.join(f'VGG{d} {c}' for d, c in vgg.CONVS_PER_BLOCK.items())
+    raise PortError(
+      f'cannot tell which VGG this is: {what}; ftlab ports VGG11/13/16/19 (convs per block: '
+      f'{counts}), with or without BatchNorm'
+    )
   return found
 
 
@@ -221,56 +216,82 @@ def assemble(
   *,
   ignored: Callable[[str], bool] = lambda name: False,
   source: str = 'the file',
+  names: Mapping[str, str] | None = None,
+  allow_nonfinite: bool = False,
+  hint: str = '',
 ) -> dict:
   """Flax variables from source tensors, strictly: all problems in one error.
 
   Args:
-    tensors: source name -> array, as read from the file.
+    tensors: source name -> array, as read from the file (or as renamed by a format's
+      `locate`).
     rules: one rule per tensor the arch needs; together they cover every variable of
       `arch.model()`.
     arch: the VGG being built.
     ignored: source names to skip without complaint (e.g. `num_batches_tracked`).
     source: how to name the file in the error.
+    names: source name -> the name in the file, where `locate` renamed the tensors (a
+      prefix dropped); messages use the file's names.
+    allow_nonfinite: accept inf and NaN values (refused by default: weights saved after a
+      float16 overflow train to NaN at the first step).
+    hint: the likely cause of a mismatch, appended to its message.
 
   Returns:
     `{'params': ..., 'batch_stats': ...}` (no `batch_stats` without BatchNorm) of float32
     numpy arrays.
 
   Raises:
-    PortError: tensors missing, left over, or of another shape; the message lists each
-      with its expected and found shapes.
+    PortError: tensors missing, left over, or of another shape (the message counts each
+      kind, lists the first names with expected and found shapes, and says the likely
+      cause); or non-finite values (naming each tensor and its count of inf and NaN).
   """
   rules = list(rules)
+  names = names or {}
+  shown = lambda n: names.get(n, n)
   shapes = expected_shapes(arch)
   covered = sorted(r.target for r in rules)
   # A programming error, not a file error: the rules of a format module must fit the model.
   assert covered == sorted(shapes), f'rules do not cover the model: {covered} vs {sorted(shapes)}'
   wanted = {r.source: r.layout.source_shape(shapes[r.target]) for r in rules}
-  missing = [f'{n} (expected {s})' for n, s in wanted.items() if n not in tensors]
+  missing = [f'{shown(n)} (expected {s})' for n, s in wanted.items() if n not in tensors]
   unexpected = [
-    f'{n} {tuple(a.shape)}' for n, a in tensors.items() if n not in wanted and not ignored(n)
+    f'{shown(n)} {tuple(a.shape)}' for n, a in tensors.items() if n not in wanted and not ignored(n)
   ]
   mismatch = [
-    f'{n} expected {s} found {tuple(tensors[n].shape)}'
+    f'{shown(n)} expected {s} found {tuple(tensors[n].shape)}'
     for n, s in wanted.items()
     if n in tensors and tuple(tensors[n].shape) != s
   ]
   problems = [
-    f'{what} ({len(items)}): {", ".join(items)}'
+    f'{what} ({len(items)}): {paths.listing(items)}'
     for what, items in [('missing', missing), ('unexpected', unexpected), ('mismatch', mismatch)]
     if items
   ]
   if problems:
     raise PortError(
       f'{source} does not match {arch.name} (head {arch.head}, width {arch.width:g}, '
-      f'{arch.num_classes} classes): {"; ".join(problems)}'
+      f'{arch.num_classes} classes): {"; ".join(problems)}' + (f'. {hint}' if hint else '')
     )
+  if not allow_nonfinite:
+    check_finite({shown(r.source): tensors[r.source] for r in rules}, source)
   variables: dict = {}
   for r in rules:
     value = r.layout.to_flax(np.asarray(tensors[r.source], np.float32), shapes[r.target])
     # Contiguous copies: transposed views would keep the whole source array alive.
     _set(variables, r.target, np.ascontiguousarray(value))
   return variables
+
+
+def check_finite(tensors: Mapping[str, Any], source: str) -> None:
+  """Raises PortError naming every tensor with inf or NaN values, and how many."""
+  bad = paths.nonfinite_counts(tensors)
+  if bad:
+    listed = paths.listing([f'{n} ({c})' for n, c in bad.items()])
+    raise PortError(
+      f'{source} holds non-finite values in {len(bad)} tensor(s): {listed}; a model '
+      'loaded from them trains to NaN. Re-export the weights in float32 (a float16 save '
+      'overflows beyond 65504), or pass allow_nonfinite (--allow_nonfinite) to port them anyway'
+    )
 
 
 def _set(tree: dict, path: str, value: np.ndarray) -> None:
@@ -286,6 +307,31 @@ def param_count(variables: Mapping[str, Any]) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class Located:
+  """A VGG found inside a file that may hold more (a wrapper, a prefix, a larger model).
+
+  Attributes:
+    tensors: the VGG's tensors under the format's canonical names (`features.0.weight`,
+      `block1_conv1/kernel`), ready for its rules.
+    names: canonical name -> the tensor's name in the file.
+    found_at: where in the file the VGG is, e.g. `state_dict.module.features.*`.
+    left_out: the rest of the file, summarised (`optimizer.state.* (22)`); empty when the
+      file is the VGG alone.
+    others: other VGG-shaped groups in the file that were not ported, with how to port them.
+  """
+
+  tensors: dict
+  names: dict
+  found_at: str
+  left_out: str = ''
+  others: tuple[str, ...] = ()
+
+  @property
+  def notes(self) -> tuple[str, ...]:
+    return tuple(f'also a VGG: {o}' for o in self.others)
+
+
+@dataclasses.dataclass(frozen=True)
 class Ported:
   """A ported weight file.
 
@@ -296,6 +342,9 @@ class Ported:
     preprocessing: maps uint8 RGB NHWC images to the model's input.
     notes: what the port did that a user may want to know (ignored tensors, folded
       BatchNorm, ...).
+    found_at: where in the file the ported VGG was (a name prefix, a part of a graph); ''
+      when the file is a VGG and nothing else.
+    left_out: what the file holds that was not ported, summarised; '' for nothing.
   """
 
   format: str
@@ -303,3 +352,22 @@ class Ported:
   variables: dict
   preprocessing: Preprocessing
   notes: tuple[str, ...] = ()
+  found_at: str = ''
+  left_out: str = ''
+
+  def report(self) -> str:
+    """The port in a few lines: what, from where, what was left out, and the notes."""
+    arch = self.arch
+    head = 'no head' if arch.head == 'none' else f'{arch.head} head, {arch.num_classes} classes'
+    preprocess = self.preprocessing.name
+    if self.preprocessing.guess:
+      preprocess += f' (a guess: {self.preprocessing.guess}; pass --preprocess if wrong)'
+    lines = [
+      f'ported {arch.name} ({head}, width {arch.width:g}; {self.format} format), '
+      f'{param_count(self.variables):,} parameters',
+      f'  from:       {self.found_at or "the whole file"}',
+      f'  left out:   {self.left_out or "nothing"}',
+      f'  preprocess: {preprocess}',
+    ]
+    lines += [f'  note:       {n}' for n in self.notes]
+    return '\n'.join(lines)

@@ -17,9 +17,16 @@ in eval mode) port as the plain layout, which computes the same function. Asking
 
 A pool before the flatten (torch's `AdaptiveAvgPool2d`) becomes `adaptive_pool`; an NCHW
 flatten (a graph that does not transpose to NHWC first) is reordered for Flax's NHWC one. A
-graph whose input is NHWC (a leading Transpose, as in Keras exports) is taken to want `caffe`
-preprocessing, others `torch`; pass `preprocess` when that guess is wrong. A final Softmax
-is dropped: the ported model returns logits.
+final Softmax is dropped: the ported model returns logits. A head that is not VGG's (a
+transfer model's own dense layers, as tf2onnx exports a Keras `Sequential([vgg16, ...])`)
+is left out: the conv base ports headless and the port says what was not ported.
+
+An ONNX graph does not record its preprocessing, so the port guesses, records the guess as
+one, and `preprocess` overrides it. A graph whose input is NHWC (a leading Transpose) comes from
+TensorFlow (tf2onnx): a Keras model its user trained and exported, most often on
+`rescale=1./255` inputs, so `unit` (keras.applications' `caffe` convention is applied by
+`preprocess_input` outside the graph, to the untouched ImageNet weights: pass `caffe` for
+those). An NCHW graph comes from torch: `torch`.
 """
 
 from __future__ import annotations
@@ -90,18 +97,24 @@ def rules(arch: common.Arch, nchw_flatten: bool) -> list[common.Rule]:
 
 
 def read(
-  path: str | os.PathLike, arch: str | None = None, preprocess: str | None = None
+  path: str | os.PathLike,
+  arch: str | None = None,
+  preprocess: str | None = None,
+  *,
+  allow_nonfinite: bool = False,
 ) -> common.Ported:
-  """Ports an ONNX VGG graph.
+  """Ports an ONNX VGG graph, or the VGG conv base at its start.
 
   Args:
     path: the `.onnx` file.
     arch: `vgg16_bn` etc. to require that layout; None to infer it from the graph.
-    preprocess: `caffe` or `torch`; None to guess from the input layout (see above).
+    preprocess: `caffe`, `torch` or `unit`; None to guess from the input layout (see above).
+    allow_nonfinite: see `common.assemble`.
 
   Raises:
-    PortError: unreadable file, a graph that is not a VGG chain, or weights that do not
-      match the arch (one message lists every problem, by positional layer name).
+    PortError: unreadable file, a graph that does not start with a VGG chain, or weights
+      that do not match the arch (one message lists every problem, by positional layer
+      name), or inf/NaN values.
   """
   try:
     import onnx
@@ -133,7 +146,11 @@ def read(
   )
   tensors = _tensors(chain, identity_bn)
   variables = common.assemble(
-    tensors, rules(ported_arch, chain.nchw_flatten), ported_arch, source=os.fspath(path)
+    tensors,
+    rules(ported_arch, chain.nchw_flatten),
+    ported_arch,
+    source=os.fspath(path),
+    allow_nonfinite=allow_nonfinite,
   )
   notes = []
   if identity_bn:
@@ -142,10 +159,21 @@ def read(
     notes.append('no BatchNormalization nodes (plain VGG, or BatchNorm folded into the convs)')
   if chain.softmax:
     notes.append("the graph's final Softmax is dropped: the model returns logits")
+  guess = ''
   if preprocess is None:
-    preprocess = 'caffe' if chain.nhwc_input else 'torch'
-    layout = 'NHWC' if chain.nhwc_input else 'NCHW'
-    notes.append(f'{preprocess} preprocessing guessed from the {layout} input; override if wrong')
+    preprocess = 'unit' if chain.nhwc_input else 'torch'
+    guess = (
+      'an NHWC input: a Keras export, most often trained on x/255'
+      if chain.nhwc_input
+      else 'an NCHW input: a torch export'
+    )
+  found_at = f'the graph from its input to {chain.last_pool!r} (block 5)' if chain.cut else ''
   return common.Ported(
-    'onnx', ported_arch, variables, common.Preprocessing(preprocess), tuple(notes)
+    'onnx',
+    ported_arch,
+    variables,
+    common.Preprocessing(preprocess, guess),
+    tuple(notes),
+    found_at=found_at,
+    left_out=chain.cut,
   )

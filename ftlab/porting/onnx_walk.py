@@ -4,14 +4,23 @@ The walk starts at the graph's one input and follows the one node that consumes 
 tensor, op by op; any branch, or any op a VGG does not hold where it stands, ends it with a
 `PortError` that names the node. Weights are read from initializers, `Constant` nodes or
 `Identity` of either, and kept in torch's layouts (conv OIHW, dense (out, in)).
+
+Two things real exporters write are not branches of the network: a `Shape` node reading the
+followed tensor (tf2onnx computes a Flatten's target shape from it: `Shape -> Gather -> Concat
+-> Reshape`) is skipped. And once the five blocks are complete, a head that is not VGG's
+(`fc1 -> fc2 -> predictions`, e.g. a transfer model's dense layers with BatchNorm folded into
+`Mul`/`Add`) ends the walk there: the conv base ports alone, and `Chain.cut` says what of the
+graph was not ported.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import numpy as np
 
+from ftlab.models import vgg
 from ftlab.porting.common import PortError
 
 BN_EPSILON = 1e-5  # ftlab's BatchNorm epsilon
@@ -39,6 +48,8 @@ class Chain:
   nchw_flatten: bool = True
   nhwc_input: bool = False
   softmax: bool = False
+  cut: str = ''  # why and where the head was left out (the conv base ported alone)
+  last_pool: str = ''  # the MaxPool node closing block 5
 
 
 def _attributes(node) -> dict:
@@ -146,7 +157,12 @@ class _Walk:
     pool = {'kernel_shape': ([2, 2],), 'strides': ([2, 2],), 'pads': ([0, 0, 0, 0],)}
     _check(node, pool, 'pool')
     self.chain.blocks.append([])
+    self.chain.last_pool = node.name
     return not self.flattened
+
+  def conv_base_done(self) -> bool:
+    """Five blocks closed by their MaxPools, and no conv since: a whole VGG conv base."""
+    return len(self.chain.blocks) == 6 and not self.chain.blocks[-1] and not self.chain.dense
 
   def average_pool(self, node, x):
     self.chain.pooled = True
@@ -194,7 +210,11 @@ class _Walk:
 
 
 def walk(graph) -> Chain:
-  """Follows the graph from its one input to its output; raises PortError off the VGG path."""
+  """Follows the graph from its one input to its output; raises PortError off the VGG path.
+
+  Past a complete conv base, a head that is not VGG's does not raise: the walk stops after
+  block 5 and `Chain.cut` describes the part of the graph left out.
+  """
   constants = _constants(graph)
   consumers: dict[str, list] = {}
   for node in graph.node:
@@ -207,16 +227,68 @@ def walk(graph) -> Chain:
   if len(inputs) != 1:
     raise PortError(f'not a VGG graph: {len(inputs)} graph inputs ({inputs}); a VGG has one')
   state, x = _Walk(constants), inputs[0]
-  while consumers.get(x):
-    users = consumers[x]
-    if len(users) > 1:
-      ops = ', '.join(f'{n.op_type} {n.name!r}' for n in users)
-      raise PortError(
-        f'not a VGG graph: tensor {x!r} feeds {len(users)} nodes ({ops}); a VGG is one chain'
-      )
-    state.step(users[0], x)
+  visited: list = []
+  base_end = None  # (nodes visited, chain so far) when the conv base was complete
+  while True:
+    # A Shape node only feeds a Reshape's target shape: not a branch of the network.
+    users = [n for n in consumers.get(x, []) if n.op_type != 'Shape']
+    if not users:
+      break
+    try:
+      if len(users) > 1:
+        ops = ', '.join(f'{n.op_type} {n.name!r}' for n in users)
+        raise PortError(
+          f'not a VGG graph: tensor {x!r} feeds {len(users)} nodes ({ops}); a VGG is one chain'
+        )
+      if state.conv_base_done() and base_end is None:
+        base_end = (len(visited), _copy(state.chain))
+      state.step(users[0], x)
+    except PortError as e:
+      if base_end is None:
+        raise
+      return _headless(base_end[1], graph, constants, visited[: base_end[0]], str(e))
+    visited.append(users[0])
     x = users[0].output[0]
-  return _closed(state.chain)
+  chain = state.chain
+  if base_end is not None and (reason := _not_vgg_head(chain)):
+    return _headless(base_end[1], graph, constants, visited[: base_end[0]], reason)
+  return _closed(chain)
+
+
+def _not_vgg_head(chain: Chain) -> str:
+  """Why the dense layers after a complete conv base are not VGG's head, or ''."""
+  if not chain.dense:
+    return ''
+  if len(chain.dense) != len(DENSE_LAYERS):
+    return f'{len(chain.dense)} dense layers, where a VGG head has {len(DENSE_LAYERS)}'
+  width = chain.blocks[0][0].weight.shape[0] / vgg.BLOCK_CHANNELS[0]
+  units = vgg.scaled(vgg.IMAGENET_FC_UNITS, width)
+  found = [layer.weight.shape[0] for layer in chain.dense[:2]]
+  if found != [units, units]:
+    return f'fc1 and fc2 have {found} units, where a width-{width:g} VGG has {units}'
+  return ''
+
+
+def _copy(chain: Chain) -> Chain:
+  return dataclasses.replace(chain, blocks=[list(b) for b in chain.blocks], dense=[])
+
+
+def _headless(chain: Chain, graph, constants, kept: list, reason: str) -> Chain:
+  """The conv base alone, with what of the graph was not ported."""
+  kept_outputs = {n.output[0] for n in kept}  # names may be empty; outputs are unique
+  rest = [n for n in graph.node if n.output[0] not in kept_outputs and n.op_type != 'Constant']
+  kept_weights = {i for n in kept for i in n.input if i in constants}
+  weights = {i for n in rest for i in n.input if i in constants and i not in kept_weights}
+  ops = collections.Counter(n.op_type for n in rest if n.op_type != 'Identity')
+  size = sum(int(np.size(constants[w])) for w in weights if np.ndim(constants[w]) >= 1)
+  chain.cut = (
+    f'the graph after block 5 ({chain.last_pool!r}): {len(rest)} nodes '
+    f'({", ".join(f"{c} {op}" for op, c in ops.most_common())}) holding '
+    f'{size:,} weights in {len(weights)} tensors; not a VGG head '
+    f'({reason.removeprefix("not a VGG graph: ")})'
+  )
+  chain.softmax = False
+  return _closed(chain)
 
 
 def _progress(chain: Chain) -> str:

@@ -4,10 +4,17 @@
 code when loaded: they are read with `torch.load(..., weights_only=True)`, which unpickles
 tensors and plain containers only and refuses anything else, and torch is imported only
 when such a file is read.
+
+A `.pth` is often more than a state dict: trainers wrap it with metadata (`epoch`, `arch`, a
+`best_acc1` tensor), optimizer state and EMA copies. `read` returns every tensor in the file,
+nested containers joined with '.' (`state_dict.module.features.0.weight`,
+`optimizer.state.0.momentum_buffer`), and the top level's other values as metadata; the
+format modules find the VGG among them (`torchvision.locate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import zipfile
@@ -17,10 +24,19 @@ import numpy as np
 
 from ftlab.porting.common import PortError
 
-# Checkpoint dicts often wrap the state dict under one of these keys.
-WRAPPER_KEYS = ('state_dict', 'model', 'model_state_dict', 'state_dict_ema')
-# `nn.DataParallel` / DDP prefix every name with this.
-PARALLEL_PREFIX = 'module.'
+
+@dataclasses.dataclass(frozen=True)
+class TensorFile:
+  """What a tensor file holds.
+
+  Attributes:
+    tensors: every tensor, by its '.'-joined path in the file, as a numpy array (bfloat16
+      as float32, which holds every bfloat16 and float16 value).
+    metadata: the top level's values that are not tensors nor containers (`epoch`, `arch`).
+  """
+
+  tensors: dict[str, np.ndarray]
+  metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def kind(path: str | os.PathLike) -> str | None:
@@ -43,11 +59,8 @@ def kind(path: str | os.PathLike) -> str | None:
   return None
 
 
-def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """The named tensors of a `.safetensors` or `.pth` file, as numpy arrays.
-
-  A `.pth` holding a checkpoint dict (`{'state_dict': ..., 'epoch': ...}`) gives its state
-  dict; a `module.` prefix on every name (DataParallel) is dropped.
+def read(path: str | os.PathLike) -> TensorFile:
+  """Every tensor of a `.safetensors` or `.pth` file, and the top level's metadata.
 
   Raises:
     PortError: the file is neither, is damaged, holds pickled code or other objects, or is a
@@ -55,14 +68,10 @@ def read(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   found = kind(path)
   if found == 'safetensors':
-    tensors = _read_safetensors(path)
-  elif found == 'pth':
-    tensors = _read_pth(path)
-  else:
-    raise PortError(f'{path} is neither a .safetensors file nor a torch.save file')
-  if tensors and all(n.startswith(PARALLEL_PREFIX) for n in tensors):
-    tensors = {n[len(PARALLEL_PREFIX) :]: t for n, t in tensors.items()}
-  return tensors
+    return TensorFile(_read_safetensors(path))
+  if found == 'pth':
+    return _read_pth(path)
+  raise PortError(f'{path} is neither a .safetensors file nor a torch.save file')
 
 
 def names(path: str | os.PathLike) -> list[str]:
@@ -75,7 +84,7 @@ def names(path: str | os.PathLike) -> list[str]:
         return list(f.keys())
     except Exception as e:  # safetensors raises its own error types for damaged headers
       raise PortError(f'cannot read {path} as .safetensors: {e}') from None
-  return list(read(path))
+  return list(read(path).tensors)
 
 
 def _read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -89,7 +98,7 @@ def _read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise PortError(f'cannot read {path} as .safetensors (truncated or damaged?): {e}') from None
 
 
-def _read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def _read_pth(path: str | os.PathLike) -> TensorFile:
   try:
     import torch
   except ImportError:
@@ -110,26 +119,27 @@ def _read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
     ) from None
   except Exception as e:  # RuntimeError for a damaged zip, EOFError for a cut pickle, ...
     raise PortError(f'cannot read {path} as a torch file (truncated or damaged?): {e}') from None
-  return _state_dict(loaded, path)
+  tensors = {}
+  _flatten(loaded, '', tensors)
+  if not tensors:
+    raise PortError(f'{path} holds no tensors (a {type(loaded).__name__})')
+  metadata = {}
+  if isinstance(loaded, dict):
+    metadata = {str(k): v for k, v in loaded.items() if isinstance(v, (int, float, str, bool))}
+  return TensorFile(tensors, metadata)
 
 
-def _state_dict(loaded: Any, path: str | os.PathLike) -> dict[str, np.ndarray]:
+def _flatten(value: Any, name: str, into: dict[str, np.ndarray]) -> None:
+  """Tensors anywhere in nested dicts, lists and tuples, by '.'-joined path."""
   import torch
 
-  if isinstance(loaded, dict) and not any(isinstance(v, torch.Tensor) for v in loaded.values()):
-    key = next((k for k in WRAPPER_KEYS if isinstance(loaded.get(k), dict)), None)
-    if key is None:
-      raise PortError(
-        f'{path} holds no tensors at its top level nor a state dict under one of '
-        f'{", ".join(WRAPPER_KEYS)}; keys: {", ".join(map(str, list(loaded)[:10]))}'
-      )
-    loaded = loaded[key]
-  if not isinstance(loaded, dict):
-    raise PortError(f'{path} holds a {type(loaded).__name__}, not a state dict')
-  tensors = {}
-  for name, value in loaded.items():
-    if isinstance(value, torch.Tensor):
-      value = value.detach()
-      # bfloat16 has no numpy dtype; float32 keeps every value of it and of float16.
-      tensors[str(name)] = (value.float() if value.is_floating_point() else value).numpy()
-  return tensors
+  if isinstance(value, torch.Tensor):
+    value = value.detach()
+    # bfloat16 has no numpy dtype; float32 keeps every value of it and of float16.
+    into[name] = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+  elif isinstance(value, dict):
+    for key, item in value.items():
+      _flatten(item, f'{name}.{key}' if name else str(key), into)
+  elif isinstance(value, (list, tuple)):
+    for i, item in enumerate(value):
+      _flatten(item, f'{name}.{i}' if name else str(i), into)

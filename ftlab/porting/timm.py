@@ -15,6 +15,7 @@ instead (torchvision's behaviour, the one these weights were trained with).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Mapping
 
@@ -48,20 +49,29 @@ def head_rules(arch: common.Arch) -> list[common.Rule]:
 
 
 def from_tensors(
-  tensors: Mapping[str, np.ndarray], arch: str | None = None, source: str = 'state dict'
+  tensors: Mapping[str, np.ndarray],
+  arch: str | None = None,
+  source: str = 'state dict',
+  *,
+  names: Mapping[str, str] | None = None,
+  allow_nonfinite: bool = False,
 ) -> common.Ported:
-  """Ports a timm VGG state dict (names -> numpy arrays).
+  """Ports a timm VGG state dict (canonical names -> numpy arrays).
 
   Args:
-    tensors: the state dict, e.g. `tensor_files.read(path)`.
+    tensors: the state dict, under timm's names (`torchvision.locate` finds and renames it).
     arch: `vgg16_bn` etc. to require that layout; None to infer it from the conv indices.
     source: the file, for messages.
+    names: canonical name -> name in the file, for messages.
+    allow_nonfinite: see `common.assemble`.
 
   Raises:
-    PortError: the layout cannot be inferred, or the tensors do not match the arch.
+    PortError: the layout cannot be inferred, the tensors do not match the arch, or hold
+      inf/NaN.
   """
+  found = torchvision.infer_depth(tensors)
   depth, batch_norm = common.choose_depth(
-    torchvision.infer_depth(tensors),
+    found,
     arch,
     f'{source} has conv weights at features indices {torchvision.conv_indices(tensors)}, '
     'which is no timm VGG layout',
@@ -78,7 +88,14 @@ def from_tensors(
   )
   rules = torchvision.feature_rules(depth, batch_norm) + head_rules(ported_arch)
   variables = common.assemble(
-    tensors, rules, ported_arch, ignored=torchvision.ignored, source=source
+    tensors,
+    rules,
+    ported_arch,
+    ignored=torchvision.ignored,
+    source=source,
+    names=names,
+    allow_nonfinite=allow_nonfinite,
+    hint=torchvision.forced_arch_hint(found, arch),
   )
   notes = ('exact up to 224 px; above, timm averages its conv head over positions',)
   return common.Ported('timm', ported_arch, variables, common.Preprocessing('torch'), notes)
@@ -86,4 +103,6 @@ def from_tensors(
 
 def read(path: str | os.PathLike, arch: str | None = None) -> common.Ported:
   """Ports a timm VGG `.safetensors` (or `.pth`) file; see `from_tensors`."""
-  return from_tensors(tensor_files.read(path), arch, source=os.fspath(path))
+  located = torchvision.locate(tensor_files.read(path).tensors, source=os.fspath(path))
+  ported = from_tensors(located.tensors, arch, source=os.fspath(path), names=located.names)
+  return dataclasses.replace(ported, found_at=located.found_at, left_out=located.left_out)
