@@ -44,9 +44,51 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
 
+from ftlab import paths
+
 PyTree = Any
 PathLike = str | os.PathLike
 
+
+class MismatchError(ValueError):
+  """A checkpoint whose arrays do not fit what they are restored into.
+
+  Attributes:
+    path: the step directory read.
+    expected: '/'-joined path -> shape of every leaf of the target (`dont_load` ones too).
+    found: '/'-joined path -> shape of every leaf stored under the key read.
+    skipped: paths a `dont_load` regex matched (not compared).
+    unused_dont_load: `dont_load` regexes that match no path.
+  """
+
+  def __init__(
+    self,
+    message: str,
+    path: Any,
+    expected: dict,
+    found: dict,
+    skipped: Iterable[str] = (),
+    unused_dont_load: Iterable[str] = (),
+  ):
+    super().__init__(message)
+    self.path, self.expected, self.found = path, expected, found
+    self.skipped, self.unused_dont_load = set(skipped), list(unused_dont_load)
+
+
+class NonFiniteError(ValueError):
+  """Loaded arrays hold inf or NaN values.
+
+  Attributes:
+    path: the step directory read.
+    counts: '/'-joined path -> what was found, e.g. '1 inf, 2 NaN'.
+  """
+
+  def __init__(self, message: str, path: Any, counts: dict[str, str]):
+    super().__init__(message)
+    self.path, self.counts = path, counts
+
+
+LISTED = 6  # names listed in full in a mismatch message; longer lists are summarised
 STATE = 'state'  # the Composite item holding the pytree
 META = 'meta'  # the Composite item holding the JSON dict
 
@@ -240,19 +282,23 @@ def _stored(path: epath.Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 
 def _differences(expected: Mapping[str, str], found: Mapping[str, str], label: str) -> list[str]:
   """The 'missing', 'unexpected' and '{label}' clauses of a mismatch message; the
-  values are leaf descriptions compared as strings."""
-  missing = [f'{p} (expected {d})' for p, d in expected.items() if p not in found]
-  unexpected = [f'{p} {d}' for p, d in found.items() if p not in expected]
-  mismatch = [
-    f'{p} expected {d} found {found[p]}'
-    for p, d in expected.items()
-    if p in found and found[p] != d
-  ]
-  return [
-    f'{what}: {", ".join(items)}'
-    for what, items in [('missing', missing), ('unexpected', unexpected), (label, mismatch)]
-    if items
-  ]
+  values are leaf descriptions compared as strings. A long clause is summarised: its
+  count, the name prefixes its paths share, and the first few."""
+  missing = [p for p in expected if p not in found]
+  unexpected = [p for p in found if p not in expected]
+  mismatch = [p for p, d in expected.items() if p in found and found[p] != d]
+  clauses = []
+  for what, names, describe in [
+    ('missing', missing, lambda p: f'{p} (expected {expected[p]})'),
+    ('unexpected', unexpected, lambda p: f'{p} {found[p]}'),
+    (label, mismatch, lambda p: f'{p} expected {expected[p]} found {found[p]}'),
+  ]:
+    if not names:
+      continue
+    shared = paths.common_prefix(names)
+    shared = f' under {shared}*' if shared and len(names) > LISTED else ''
+    clauses.append(f'{what} ({len(names)}{shared}): {paths.listing([describe(p) for p in names])}')
+  return clauses
 
 
 def _map(fn, tree: PyTree) -> PyTree:
@@ -285,13 +331,17 @@ def restore(directory: PathLike, target: PyTree, step: int | None = None) -> tup
   expected = {
     p: _describe(*_shape_dtype(x)) for p, x in ocp.tree.to_flat_dict(target, sep='/').items()
   }
-  found = {p: _describe(*s) for p, s in _stored(path).items()}
+  stored = _stored(path)
+  found = {p: _describe(*s) for p, s in stored.items()}
   problems = _differences(expected, found, 'mismatch')
   if problems:
-    raise ValueError(
+    raise MismatchError(
       f'checkpoint {path} does not match the restore target: {"; ".join(problems)}. '
       'Was it written for another model or optimizer? To start a new run or stage from its '
-      'parameters, use load_params'
+      'parameters, use load_params',
+      path,
+      {p: _shape_dtype(x)[0] for p, x in ocp.tree.to_flat_dict(target, sep='/').items()},
+      {p: shape for p, (shape, _) in stored.items()},
     )
   # Restoring as numpy ignores the saved sharding, so any device layout can resume.
   restore_args = _map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), target)
@@ -312,6 +362,7 @@ def load_params(
   dont_load: Iterable[str] = (),
   key: str = 'params',
   step: int | None = None,
+  allow_nonfinite: bool = False,
 ) -> PyTree:
   """Initialises from another checkpoint: its `key` subtree, strictly checked.
 
@@ -329,6 +380,7 @@ def load_params(
     dont_load: regexes of '/'-joined paths (`predictions/.*`) not to load.
     key: the top-level entry to read: `params`, or `batch_stats`.
     step: the step to read; None for the latest complete one.
+    allow_nonfinite: load inf and NaN values instead of refusing them.
 
   Returns:
     A pytree with the structure of `expected`: loaded leaves are numpy arrays cast to
@@ -336,8 +388,11 @@ def load_params(
 
   Raises:
     FileNotFoundError: no such complete step.
-    ValueError: a path is missing, unexpected or of another shape, or a `dont_load`
-      regex is invalid or matches no path; one error lists every problem.
+    MismatchError: a path is missing, unexpected or of another shape, or a `dont_load`
+      regex matches no path; one error lists every problem.
+    NonFiniteError: a loaded leaf holds inf or NaN (a weight file saved after a float16
+      overflow), unless `allow_nonfinite`; the error names each leaf and its counts.
+    ValueError: a `dont_load` regex is invalid.
   """
   path = _step_dir(checkpoint_dir, step)
   prefix = f'{key}/'
@@ -353,9 +408,13 @@ def load_params(
   if unused:
     problems.append(f'dont_load regexes matching no path: {", ".join(map(repr, unused))}')
   if problems:
-    raise ValueError(
-      f'checkpoint {path} does not match the model ({key}): {"; ".join(problems)}; '
-      'to skip parameters (e.g. a new head) add regexes for them to dont_load'
+    raise MismatchError(
+      f'checkpoint {path} does not match the model ({key}): {"; ".join(problems)}',
+      path,
+      {p: _shape_dtype(x)[0] for p, x in flat_expected.items()},
+      {p: shape for p, (shape, _) in stored.items()},
+      skipped=skip,
+      unused_dont_load=unused,
     )
   loaded = {}
   if want:
@@ -368,6 +427,14 @@ def load_params(
     args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
     restored = _restore_items(path, **{STATE: args})[STATE]
     loaded = ocp.tree.to_flat_dict(restored[key], sep='/')
+    bad = {} if allow_nonfinite else paths.nonfinite_counts(loaded)
+    if bad:
+      raise NonFiniteError(
+        f'checkpoint {path} holds non-finite values ({key}) in {len(bad)} array(s): '
+        f'{paths.listing([f"{p} ({c})" for p, c in bad.items()])}',
+        path,
+        bad,
+      )
   flat = {p: loaded[p] if p in want else x for p, x in flat_expected.items()}
   return ocp.tree.from_flat_dict(flat, target=expected, sep='/')
 

@@ -132,18 +132,25 @@ def test_restore_into_another_structure_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError) as e:
     checkpoint.restore(tmp_path, abstract_state(other_tx))
   message = str(e.value)
-  assert message.startswith(f'checkpoint {tmp_path}/1 does not match the restore target: missing: ')
-  assert 'opt_state/inner_states/trainable/inner_state/0/trace/block1_conv1/kernel ' in message
-  assert '; unexpected: opt_state/' in message
+  # Long lists are summarised: the count, the prefix the paths share, the first few paths.
+  trace = 'opt_state/inner_states/trainable/inner_state/0/trace'
+  assert message.startswith(
+    f'checkpoint {tmp_path}/1 does not match the restore target: missing (34 under {trace}/*): '
+  )
+  assert f'{trace}/block1_conv1/kernel (expected (3, 3, 3, 4) float32)' in message
+  assert ', ... and 28 more; unexpected (21 under opt_state/inner_states/trainable/' in message
   assert (
-    'opt_state/inner_states/trainable/inner_state/0/mu/predictions/kernel (32, 5) float32'
+    'opt_state/inner_states/trainable/inner_state/0/mu/block5_conv1/kernel (3, 3, 32, 32) float32'
     in message
   )
   assert message.endswith('use load_params')
+  assert isinstance(e.value, checkpoint.MismatchError)
   # A shape (or dtype) change alone is caught too, not silently read into the target.
   target = abstract_state(saved_tx)
   target = target.replace(step=jax.ShapeDtypeStruct((), jnp.float32))
-  with pytest.raises(ValueError, match=r'mismatch: step expected \(\) float32 found \(\) int32'):
+  with pytest.raises(
+    ValueError, match=r'mismatch \(1\): step expected \(\) float32 found \(\) int32'
+  ):
     checkpoint.restore(tmp_path, target)
 
 
@@ -240,14 +247,16 @@ def test_load_params_lists_every_mismatch_in_one_error(tmp_path):
     checkpoint.load_params(tmp_path, small_params(1, **EXPECTED))
   assert str(e.value) == (
     f'checkpoint {tmp_path}/0 does not match the model (params): '
-    'missing: fc1/kernel (expected (4, 6)); unexpected: fc3/bias (10,); '
-    'shape mismatch: predictions/bias expected (5,) found (10,), '
-    'predictions/kernel expected (4, 5) found (4, 10); '
-    'to skip parameters (e.g. a new head) add regexes for them to dont_load'
+    'missing (1): fc1/kernel (expected (4, 6)); unexpected (1): fc3/bias (10,); '
+    'shape mismatch (2): predictions/bias expected (5,) found (10,), '
+    'predictions/kernel expected (4, 5) found (4, 10)'
   )
+  # The error carries every shape on both sides, for a caller's diagnosis.
+  assert e.value.found['predictions/kernel'] == (4, 10)
+  assert e.value.expected['fc1/kernel'] == (4, 6)
   # A missing collection is every path missing, not a silent empty load.
   with pytest.raises(
-    ValueError, match=r'\(batch_stats\): missing: block1_conv1/bias \(expected \(4,\)\)'
+    ValueError, match=r'\(batch_stats\): missing \(5\): block1_conv1/bias \(expected \(4,\)\)'
   ):
     checkpoint.load_params(tmp_path, small_params(1, **EXPECTED), key='batch_stats')
 
@@ -280,8 +289,9 @@ def test_dont_load_that_matches_nothing_is_an_error(tmp_path):
     checkpoint.load_params(tmp_path, params, dont_load=['head/.*', 'predictions/.*'])
   assert str(e.value) == (
     f'checkpoint {tmp_path}/0 does not match the model (params): dont_load regexes matching '
-    "no path: 'head/.*'; to skip parameters (e.g. a new head) add regexes for them to dont_load"
+    "no path: 'head/.*'"
   )
+  assert e.value.unused_dont_load == ['head/.*']
   # fullmatch, not search: 'predictions' alone names no path.
   with pytest.raises(ValueError, match=r"matching no path: 'predictions'"):
     checkpoint.load_params(tmp_path, params, dont_load=['predictions'])

@@ -11,7 +11,7 @@ device axis batch statistics are averaged.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -358,3 +358,43 @@ def by_name(name: str, **kwargs: Any) -> VGG:
   ):
     raise ValueError(f'unknown model {name!r}; valid: {", ".join(valid)}')
   return VGG(depth=int(base[3:]), batch_norm=suffix == 'bn', **kwargs)
+
+
+def architecture_of(param_shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+  """What a flat `params` tree's shapes say about the VGG they were made for.
+
+  Args:
+    param_shapes: '/'-joined path (`block1_conv1/kernel`) -> shape.
+
+  Returns:
+    `name` (`vgg16_bn`, or None when the conv counts per block are no VGG's), `width` (the
+    first conv's channels over 64), `head` (`imagenet`, `mlp`, `gap` or `none`),
+    `num_classes` (None without `predictions`) and `fc1_inputs` (the features fc1 reads, None
+    without fc1): each None when the shapes do not tell.
+  """
+  counts = [0] * len(BLOCK_CHANNELS)
+  for path in param_shapes:
+    layer = path.split('/')[0]
+    if layer.startswith('block') and '_conv' in layer and not layer.endswith('_bn'):
+      block, conv = layer[len('block') :].split('_conv')
+      if block.isdigit() and conv.isdigit() and 1 <= int(block) <= len(counts):
+        counts[int(block) - 1] = max(counts[int(block) - 1], int(conv))
+  depth = next((d for d, c in CONVS_PER_BLOCK.items() if c == tuple(counts)), None)
+  layers = {p.split('/')[0] for p in param_shapes}
+  first = param_shapes.get('block1_conv1/kernel')
+  predictions = param_shapes.get('predictions/bias')
+  fc1 = param_shapes.get('fc1/kernel')
+  if {'fc1', 'fc2'} <= layers:
+    head = 'imagenet'
+  elif 'fc' in layers:
+    head = 'mlp'
+  else:
+    head = 'gap' if 'predictions' in layers else 'none'
+  batch_norm = any(layer.endswith('_bn') for layer in layers)
+  return {
+    'name': f'vgg{depth}' + ('_bn' if batch_norm else '') if depth else None,
+    'width': first[-1] / BLOCK_CHANNELS[0] if first is not None else None,
+    'head': head,
+    'num_classes': predictions[0] if predictions is not None else None,
+    'fc1_inputs': fc1[0] if fc1 is not None else None,
+  }
