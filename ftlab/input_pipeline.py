@@ -2,7 +2,9 @@
 
 Datasets are named by a string: a tfds catalog name (never downloaded unless `download=True`),
 `fashion_mnist` (built offline from local IDX files by `LocalFashionMnist`) or
-`image_folder:ROOT` (`ROOT/<split>/<class>/*.png|jpg`, read with `tfds.ImageFolder`).
+`image_folder:ROOT` (`ROOT/<split>/<class>/*.jpg|png|...`, read by `ImageFolder`, which is
+`tfds.ImageFolder` without its blind spots: OS and tool clutter is ignored rather than read as
+images or classes, and photos are turned upright by their EXIF orientation).
 
 `build_dataset` resolves a split (slicing, class subset, per-class budget) to a `DataSplit`: the
 positions of the chosen examples in the split's fixed order. Every process computes the same
@@ -17,11 +19,13 @@ with a `'mask'`, in the same number of batches on every process.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import gzip
 import math
 import os
+import random
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -29,14 +33,173 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow.python.eager import context as tf_context
 
+from ftlab import preprocessing
+
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 IMAGE_FOLDER_PREFIX = 'image_folder:'
-PREPROCESSING = ('caffe', 'torch', 'unit')
+PREPROCESSING = preprocessing.CONVENTIONS
 AUGMENTATIONS = ('none', 'flip', 'pad_crop', 'resized_crop')  # both crops also flip
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # 0-255 scale, BGR order
-TORCH_MEAN_RGB = (0.485, 0.456, 0.406)  # [0, 1] scale
-TORCH_STD_RGB = (0.229, 0.224, 0.225)
 _IDX_MAGIC = {'images': 2051, 'labels': 2049}  # uint8 data, 3 and 1 dimensions
+
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')  # what TF decodes
+# Files and folders that operating systems and tools leave in image folders; names starting
+# with '.' (`.DS_Store`, `.ipynb_checkpoints`, `.thumbnails`, macOS `._IMG.jpg`) are too.
+CLUTTER = frozenset(
+  n.lower()
+  for n in ('Thumbs.db', 'ehthumbs.db', 'desktop.ini', '__MACOSX', '@eaDir', '$RECYCLE.BIN')
+)
+EXIF_ORIENTATION = 0x0112  # the TIFF/EXIF tag: 1 = upright, 2-8 = how to turn the pixels
+# Labels are counted per class for the run's record when reading them is cheap (seconds).
+COUNT_LABELS_UP_TO = 20_000
+
+
+class DatasetError(ValueError):
+  """A dataset that cannot be read as configured: unknown, not prepared, a bad file or split."""
+
+
+def is_clutter(name: str) -> bool:
+  """Whether a file or folder name is OS or tool clutter, never data."""
+  return name.startswith('.') or name.lower() in CLUTTER
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderListing:
+  """What an image folder holds, the way `ImageFolder` reads it.
+
+  Attributes:
+    splits: split -> [(image path, class name)], in tfds.ImageFolder's order (sorted, then
+      shuffled with a seed made of the split's name).
+    classes: every class of every split, sorted.
+    ignored: paths under the root that are neither images nor folders of them (clutter,
+      other files, hidden or nested folders), relative to the root.
+  """
+
+  splits: dict[str, list[tuple[str, str]]]
+  classes: tuple[str, ...]
+  ignored: tuple[str, ...]
+
+
+def list_image_folder(root: str) -> FolderListing:
+  """Lists `root/<split>/<class>/<image>`, skipping clutter (see `is_clutter`) and non-images.
+
+  Raises:
+    DatasetError: `root` is not a directory.
+  """
+  if not tf.io.gfile.isdir(root):
+    raise DatasetError(f'image folder {root!r} does not exist (expected ROOT/<split>/<class>/*)')
+  splits, classes, ignored = {}, set(), []
+
+  def entries(directory: str, relative: str) -> tuple[list[str], list[str]]:
+    folders, files = [], []
+    for name in sorted(tf.io.gfile.listdir(directory)):
+      name = name.rstrip('/')
+      path = os.path.join(directory, name)
+      is_dir = tf.io.gfile.isdir(path)
+      if is_clutter(name):
+        ignored.append(os.path.join(relative, name) + ('/' if is_dir else ''))
+      else:
+        (folders if is_dir else files).append(name)
+    return folders, files
+
+  split_names, stray = entries(root, '')
+  ignored += stray
+  for split in split_names:
+    class_names, stray = entries(os.path.join(root, split), split)
+    ignored += [os.path.join(split, f) for f in stray]
+    examples = []
+    for label in class_names:
+      directory = os.path.join(root, split, label)
+      nested, files = entries(directory, os.path.join(split, label))
+      ignored += [os.path.join(split, label, d) + '/' for d in nested]
+      for name in files:
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+          examples.append((os.path.join(directory, name), label))
+        else:
+          ignored.append(os.path.join(split, label, name))
+      classes.add(label)
+    random.Random(split).shuffle(examples)  # tfds.ImageFolder's order, for the same runs
+    splits[split] = examples
+  return FolderListing(splits, tuple(sorted(classes)), tuple(sorted(ignored)))
+
+
+class ImageFolder(tfds.ImageFolder):
+  """`tfds.ImageFolder` over `list_image_folder`'s listing: the same features, splits and
+  example order, without clutter; `orientation(split)` gives each image's EXIF orientation."""
+
+  def __init__(self, root_dir: str):
+    # tfds.ImageFolder.__init__ lists the folder itself (clutter included), and a ClassLabel's
+    # names cannot be set twice: its setup is repeated here over our listing.
+    self.listing = list_image_folder(root_dir)
+    self._image_shape, self._image_dtype = None, None
+    tfds.core.DatasetBuilder.__init__(self, data_dir=root_dir)
+    self._data_dir = root_dir
+    self._split_examples = {
+      split: [_FolderExample(path, label) for path, label in examples]
+      for split, examples in self.listing.splits.items()
+    }
+    self.info.features['label'].names = list(self.listing.classes)
+    self.info.set_splits(
+      tfds.core.SplitDict(
+        [
+          tfds.core.SplitInfo(name=split, shard_lengths=[len(examples)], num_bytes=0)
+          for split, examples in self._split_examples.items()
+        ]
+      )
+    )
+    self._orientations: dict[str, np.ndarray] = {}
+
+  def check_and_orient(self, split: str) -> np.ndarray | None:
+    """Decodes every image of `split` once (so that a bad file fails before training) and
+    reads its EXIF orientation: `[n]` int32 in split order, or None if all are upright.
+
+    Raises:
+      DatasetError: naming the first file that does not decode as an image.
+    """
+    if split not in self._orientations:
+      from PIL import Image
+
+      orientations = np.ones(len(self._split_examples[split]), np.int32)
+      for i, example in enumerate(self._split_examples[split]):
+        path = example.image_path
+        try:
+          tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+        except (tf.errors.InvalidArgumentError, tf.errors.OpError) as e:
+          reason = e.message.splitlines()[0] if e.message else type(e).__name__
+          raise DatasetError(f'unreadable image {path}: {reason}') from None
+        try:
+          with Image.open(path) as image:
+            orientations[i] = image.getexif().get(EXIF_ORIENTATION, 1)
+        except Exception:  # noqa: BLE001 (TF decodes it; an unreadable EXIF block is no tag)
+          pass
+      orientations[(orientations < 1) | (orientations > 8)] = 1
+      self._orientations[split] = orientations
+    orientations = self._orientations[split]
+    return orientations if (orientations != 1).any() else None
+
+
+_FolderExample = collections.namedtuple('_FolderExample', ['image_path', 'label'])
+
+
+def exif_transpose(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+  """An image `[h, w, c]` as a viewer shows it, given its EXIF orientation (1-8).
+
+  The eight values are the four rotations with and without a mirror image; the pixels are
+  moved as `PIL.ImageOps.exif_transpose` moves them.
+  """
+  rotate = lambda k: lambda: tf.image.rot90(image, k)
+  transpose = lambda: tf.transpose(image, [1, 0, 2])
+  branches = [
+    lambda: image,  # 1: upright
+    lambda: tf.image.flip_left_right(image),  # 2: mirrored
+    rotate(2),  # 3: upside down
+    lambda: tf.image.flip_up_down(image),  # 4: mirrored upside down
+    transpose,  # 5: mirrored, rotated 90 degrees
+    rotate(3),  # 6: rotated 90 degrees counter-clockwise (turn clockwise to show)
+    lambda: tf.image.rot90(transpose(), 2),  # 7: mirrored, rotated 270 degrees
+    rotate(1),  # 8: rotated 90 degrees clockwise (turn counter-clockwise to show)
+  ]
+  return tf.switch_case(tf.clip_by_value(orientation - 1, 0, 7), branches)
 
 
 class LocalFashionMnist(tfds.image_classification.FashionMNIST, skip_registration=True):
@@ -104,19 +267,16 @@ def get_builder(
     fashion_mnist_dir: the Fashion-MNIST IDX files (None: the Debian package's directory).
 
   Raises:
-    ValueError: unknown name, or a dataset that is neither prepared nor preparable offline.
+    DatasetError: unknown name, or a dataset that is neither prepared nor preparable offline.
   """
   if name.startswith(IMAGE_FOLDER_PREFIX):
-    root = name[len(IMAGE_FOLDER_PREFIX) :]
-    if not tf.io.gfile.isdir(root):
-      raise ValueError(f'image folder {root!r} does not exist (expected ROOT/<split>/<class>/*)')
-    return tfds.ImageFolder(root)
+    return ImageFolder(name[len(IMAGE_FOLDER_PREFIX) :])
   if name == 'fashion_mnist' and not download:
     idx_dir = fashion_mnist_dir or DEBIAN_FASHION_MNIST_DIR
     builder = LocalFashionMnist(idx_dir=idx_dir, data_dir=data_dir)
     if not builder.is_prepared():
       if not os.path.exists(os.path.join(idx_dir, 'train-images-idx3-ubyte.gz')):
-        raise ValueError(
+        raise DatasetError(
           f"dataset 'fashion_mnist' is not prepared in {builder.data_dir} and its IDX files are "
           f'not in {idx_dir}; `apt-get install dataset-fashion-mnist`, set fashion_mnist_dir, '
           'or set download=True'
@@ -127,11 +287,11 @@ def get_builder(
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     # tfds' own message lists the whole catalog; one line is enough.
-    raise ValueError(f'unknown dataset {name!r}: not in the tfds catalog') from None
+    raise DatasetError(f'unknown dataset {name!r}: not in the tfds catalog') from None
   if download:
     builder.download_and_prepare()
   elif not builder.is_prepared():
-    raise ValueError(
+    raise DatasetError(
       f'dataset {name!r} is not prepared in {builder.data_dir} and download is off; run '
       f'`tfds build {name}` on a machine with internet, point data_dir at its output, or set '
       'download=True (config.dataset.download)'
@@ -149,6 +309,11 @@ class DataSplit:
     indices: positions of the chosen examples in `read_split`'s fixed order, ascending.
     label_map: old label -> new label (-1: dropped), or None to keep the labels.
     class_names: names of the (new) labels, in label order.
+    labels: the (new) label of each chosen example, in `indices` order, where reading them
+      was cheap (an image folder's listing, a class subset or budget, a small split); else
+      None.
+    orientation: the EXIF orientation (1-8) of every example of `read_split`, in its order,
+      for image folders holding rotated photos; else None (all upright).
   """
 
   builder: tfds.core.DatasetBuilder
@@ -156,6 +321,8 @@ class DataSplit:
   indices: np.ndarray
   label_map: np.ndarray | None
   class_names: tuple[str, ...]
+  labels: np.ndarray | None = None
+  orientation: np.ndarray | None = None
 
   @property
   def num_examples(self) -> int:
@@ -164,6 +331,28 @@ class DataSplit:
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+  def class_counts(self) -> dict[str, int] | None:
+    """Examples per class name (None where the labels were not read)."""
+    if self.labels is None:
+      return None
+    counts = np.bincount(self.labels, minlength=self.num_classes)
+    return {name: int(n) for name, n in zip(self.class_names, counts)}
+
+  def describe(self) -> dict:
+    """The split for a run's record: what was read, its classes and their counts."""
+    found = {
+      'split': self.read_split,
+      'examples': self.num_examples,
+      'classes': list(self.class_names),
+      'class_counts': self.class_counts(),
+    }
+    if isinstance(self.builder, ImageFolder):
+      found['ignored_files'] = list(self.builder.listing.ignored)
+      found['rotated_photos'] = (
+        int((self.orientation != 1).sum()) if self.orientation is not None else 0
+      )
+    return found
 
 
 def build_dataset(
@@ -192,47 +381,46 @@ def build_dataset(
     The `DataSplit`, with `num_examples`, `num_classes` and `class_names`.
 
   Raises:
-    ValueError: see `get_builder`; a class out of range or repeated; a class with fewer
-      examples than the budget.
+    DatasetError: see `get_builder`; a split an image folder lacks or an image in it that
+      does not decode.
+    ValueError: a class out of range or repeated; a class with fewer examples than the
+      budget.
   """
   builder = get_builder(
     name, data_dir=data_dir, download=download, fashion_mnist_dir=fashion_mnist_dir
   )
-  read_split, indices = split, None
-  if isinstance(builder, tfds.ImageFolder):
-    # ImageFolder reads whole splits only, so slicing becomes a range of indices here.
-    instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
-    if len({i.splitname for i in instructions}) != 1:
-      raise ValueError(f'{split!r}: image folders read one split at a time')
-    read_split = instructions[0].splitname
-    check_images(os.path.join(name[len(IMAGE_FOLDER_PREFIX) :], read_split))
-    size = builder.info.splits[read_split].num_examples
-    indices = np.concatenate([np.arange(size)[i.from_ : i.to] for i in instructions])  # None: open
+  read_split, indices, labels, orientation = split, None, None, None
   names = tuple(builder.info.features[_keys(builder)[1]].names)
+  if isinstance(builder, ImageFolder):
+    # ImageFolder reads whole splits only, so slicing becomes a range of indices here.
+    try:
+      instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
+    except (ValueError, KeyError) as e:
+      splits = ', '.join(builder.info.splits) or 'none'
+      raise DatasetError(f'{split!r} is no split of image folder {name!r} (splits: {splits}): {e}')
+    if len({i.splitname for i in instructions}) != 1:
+      raise DatasetError(f'{split!r}: image folders read one split at a time')
+    read_split = instructions[0].splitname
+    orientation = builder.check_and_orient(read_split)
+    labels = np.asarray(
+      [names.index(label) for _, label in builder.listing.splits[read_split]], np.int64
+    )
+    size = len(labels)
+    indices = np.concatenate([np.arange(size)[i.from_ : i.to] for i in instructions])  # None: open
   label_map = None
   if classes or examples_per_class:
-    labels = _read_labels(builder, read_split)
+    labels = _read_labels(builder, read_split) if labels is None else labels
     indices = np.arange(len(labels)) if indices is None else indices
     indices, label_map = select(labels, indices, classes, len(names), examples_per_class, seed)
     names = tuple(names[c] for c in classes) if classes else names
   elif indices is None:
     # tfds knows the size of every (sliced) split it reads, mocked ones included.
     indices = np.arange(int(_read(builder, read_split).cardinality()))
-  return DataSplit(builder, read_split, indices, label_map, names)
-
-
-def check_images(directory: str) -> None:
-  """Decodes every image under `directory` once, so a bad file fails before training.
-
-  Raises:
-    ValueError: naming the first file that does not decode as an image.
-  """
-  for path in sorted(tf.io.gfile.glob(os.path.join(directory, '*', '*'))):
-    try:
-      tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
-    except (tf.errors.InvalidArgumentError, tf.errors.OpError) as e:
-      reason = e.message.splitlines()[0] if e.message else type(e).__name__
-      raise ValueError(f'unreadable image {path}: {reason}') from None
+    if len(indices) <= COUNT_LABELS_UP_TO:
+      labels = _read_labels(builder, read_split)
+  if labels is not None:
+    labels = labels[indices] if label_map is None else label_map[labels[indices]]
+  return DataSplit(builder, read_split, indices, label_map, names, labels, orientation)
 
 
 def select(
@@ -310,7 +498,8 @@ def _read_labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
 
 
 def _examples(data: DataSplit, process_index: int, process_count: int) -> tf.data.Dataset:
-  """This process's share of `data`: `{'image': encoded, 'label': int32}`, in split order."""
+  """This process's share of `data`: `{'image': encoded, 'label': int32}` (and
+  `'orientation'` for rotated photos), in split order."""
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count})')
   image_key, label_key = _keys(data.builder)
@@ -319,13 +508,17 @@ def _examples(data: DataSplit, process_index: int, process_count: int) -> tf.dat
   keep[data.indices[process_index::process_count]] = True
   keep = tf.constant(keep)
   label_map = None if data.label_map is None else tf.constant(data.label_map)
+  orientation = None if data.orientation is None else tf.constant(data.orientation)
 
   def kept(index, ex):
     return keep[index]
 
   def relabel(index, ex):
     label = ex[label_key] if label_map is None else tf.gather(label_map, ex[label_key])
-    return {'image': ex[image_key], 'label': tf.cast(label, tf.int32)}
+    found = {'image': ex[image_key], 'label': tf.cast(label, tf.int32)}
+    if orientation is not None:
+      found['orientation'] = orientation[index]
+    return found
 
   ds = ds.enumerate().filter(kept).map(relabel)
   options = tf.data.Options()
@@ -333,8 +526,12 @@ def _examples(data: DataSplit, process_index: int, process_count: int) -> tf.dat
   return ds.with_options(options)
 
 
-def _decode(data: DataSplit, encoded: tf.Tensor) -> tf.Tensor:
-  return data.builder.info.features[_keys(data.builder)[0]].decode_example(encoded)
+def _decode(data: DataSplit, example: dict) -> tf.Tensor:
+  """The example's image, decoded and (for a rotated photo) turned upright."""
+  image = data.builder.info.features[_keys(data.builder)[0]].decode_example(example['image'])
+  if 'orientation' in example:
+    image = exif_transpose(image, example['orientation'])
+  return image
 
 
 def preprocess_image(
@@ -356,8 +553,7 @@ def preprocess_image(
       `resized_crop` (Inception-style random resized crop, flip); training only.
     seed: a stateless seed, shape [2], for the augmentation.
   """
-  if preprocess not in PREPROCESSING:
-    raise ValueError(f'unknown preprocessing {preprocess!r}; valid: {", ".join(PREPROCESSING)}')
+  preprocessing.check(preprocess)
   if augment not in AUGMENTATIONS:
     raise ValueError(f'unknown augmentation {augment!r}; valid: {", ".join(AUGMENTATIONS)}')
   if image.shape[-1] == 1:
@@ -381,16 +577,7 @@ def preprocess_image(
     image = tf.image.stateless_random_crop(image, [image_size, image_size, 3], seed=crop_seed)
   if augment != 'none':
     image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-  return normalize(image, preprocess)
-
-
-def normalize(image: tf.Tensor, preprocess: str) -> tf.Tensor:
-  """RGB float32 on the 0-255 scale -> the convention `preprocess` (see `preprocess_image`)."""
-  if preprocess == 'caffe':
-    return image[..., ::-1] - tf.constant(CAFFE_MEAN_BGR)
-  if preprocess == 'torch':
-    return (image / 255.0 - tf.constant(TORCH_MEAN_RGB)) / tf.constant(TORCH_STD_RGB)
-  return image / 255.0
+  return preprocessing.normalize(image, preprocess)
 
 
 def local_batch_size(global_batch: int, process_count: int) -> int:
@@ -450,7 +637,7 @@ def train_iterator(
   def train_example(position, ex):
     pair = tf.stack([tf.constant(seed, tf.int64), position])
     image = preprocess_image(
-      _decode(data, ex['image']),
+      _decode(data, ex),
       image_size=image_size,
       preprocess=preprocess,
       augment=augment,
@@ -603,9 +790,7 @@ def eval_iterator(
   steps = num_eval_steps(data.num_examples, global_batch)
 
   def eval_example(ex):
-    image = preprocess_image(
-      _decode(data, ex['image']), image_size=image_size, preprocess=preprocess
-    )
+    image = preprocess_image(_decode(data, ex), image_size=image_size, preprocess=preprocess)
     return {'image': image, 'label': ex['label'], 'mask': tf.ones([], tf.float32)}
 
   ds = _examples(data, process_index, process_count).map(eval_example, tf.data.AUTOTUNE)
