@@ -2,7 +2,10 @@
 
 Usage: `python -m ftlab.main --config configs/default.py[:runlocal] --workdir DIR
 [--config.field=value ...]`. The argument after ':' is `key=value,key=value` (a bare key
-means `key=True`); `runlocal` shrinks the run to under a minute on a laptop CPU.
+means `key=True`); `runlocal` is the smoke run: a narrow VGG11-BN trained from scratch for 20
+steps on 1,200 Fashion-MNIST images, about 10 s on a 2-core CPU, that visibly learns (eval
+accuracy about 0.4 on 1,000 test images, where chance is 0.1): the cheapest check that a change
+did not break training.
 """
 
 import ml_collections
@@ -110,11 +113,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.init = ml_collections.ConfigDict()
   config.init.checkpoint = ''  # directory of a checkpoint (train run or ported weights)
   config.init.dont_load = ()  # regexes of parameter paths to keep freshly initialised
+  config.init.allow_nonfinite = False  # load inf/NaN weights (refused: they train to NaN)
 
   config.multi_host = False  # call jax.distributed.initialize() (TPU pods, SLURM)
 
   if args.runlocal:
     shrink(config)
+    # What learns in 20 steps from scratch (measured, eval accuracy on test[:10%]): a plain
+    # VGG11 at this width stays at chance (0.09) under sgd or adam, with the mlp or gap head;
+    # BatchNorm, a global-average-pool head and adam at a constant 1e-2 reach 0.40.
+    config.model.name = 'vgg11_bn'
+    config.model.head = 'gap'
+    config.dataset.augment = 'flip'
+    config.optimizer.name = 'adam'
+    config.optimizer.learning_rate = 1e-2
+    config.optimizer.schedule = 'constant'
   return config
 
 

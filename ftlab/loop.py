@@ -11,6 +11,7 @@ import contextlib
 import functools
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -74,6 +75,10 @@ def init_variables(model: nn.Module, image_size: int, rng: jax.Array, init_cfg: 
   """Fresh variables, then (if `init_cfg.checkpoint`) the checkpoint's, strictly checked.
 
   Parameters matching an `init_cfg.dont_load` regex keep their fresh values (a new head).
+
+  Raises:
+    ValueError: the checkpoint does not fit the model (the message says the likely cause
+      and the flags that fix it) or holds inf/NaN (unless `init_cfg.allow_nonfinite`).
   """
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(rng, x)
@@ -83,15 +88,84 @@ def init_variables(model: nn.Module, image_size: int, rng: jax.Array, init_cfg: 
   source = init_cfg.checkpoint
   if os.path.isdir(os.path.join(source, 'checkpoints')):  # a run's workdir
     source = os.path.join(source, 'checkpoints')
-  loaded = {'params': checkpoint.load_params(source, variables['params'], dont_load=dont_load)}
-  if 'batch_stats' in variables:
-    # The same patterns, less those that name no statistics (a dense head has none).
-    stats_paths = policies.flatten(variables['batch_stats'])
-    stats_dont_load = [p for p in dont_load if any(re.fullmatch(p, q) for q in stats_paths)]
-    loaded['batch_stats'] = checkpoint.load_params(
-      source, variables['batch_stats'], dont_load=stats_dont_load, key='batch_stats'
-    )
+  allow_nonfinite = bool(init_cfg.get('allow_nonfinite', False))
+  load = functools.partial(checkpoint.load_params, source, allow_nonfinite=allow_nonfinite)
+  try:
+    loaded = {'params': load(variables['params'], dont_load=dont_load)}
+    if 'batch_stats' in variables:
+      # The same patterns, less those that name no statistics (a dense head has none).
+      stats_paths = policies.flatten(variables['batch_stats'])
+      stats_dont_load = [p for p in dont_load if any(re.fullmatch(p, q) for q in stats_paths)]
+      loaded['batch_stats'] = load(
+        variables['batch_stats'], dont_load=stats_dont_load, key='batch_stats'
+      )
+  except checkpoint.MismatchError as e:
+    advice = mismatch_advice(e, model, image_size)
+    raise ValueError(f'init.checkpoint: {e}' + (f'. {advice}' if advice else '')) from None
+  except checkpoint.NonFiniteError as e:
+    raise ValueError(
+      f'init.checkpoint: {e}; a run started from them trains to NaN. Re-export the weights '
+      '(a float16 save overflows beyond 65504), or set --config.init.allow_nonfinite=True '
+      'to load them anyway'
+    ) from None
   return loaded
+
+
+def mismatch_advice(error: checkpoint.MismatchError, model: Any, image_size: int) -> str:
+  """The likely cause of a checkpoint that does not fit the model, and the flags that fix it:
+  another VGG (name, width, head), another class count, or an fc1 built for another image
+  size; '' when the shapes tell nothing more than the error."""
+  if error.unused_dont_load:
+    layers = sorted({p.split('/')[0] for p in error.expected})
+    return f'Paths are layer/name (e.g. predictions/kernel); the layers: {", ".join(layers)}'
+  want, have = vgg.architecture_of(error.expected), vgg.architecture_of(error.found)
+  fixes = []
+  if have['name'] and have['name'] != want['name']:
+    fixes.append(f'--config.model.name={have["name"]}')
+  if have['width'] and want['width'] and not np.isclose(have['width'], want['width']):
+    fixes.append(f'--config.model.width={have["width"]:g}')
+  if have['head'] != want['head'] and have['head'] != 'none':
+    fixes.append(f'--config.model.head={have["head"]}')
+  if fixes:
+    found = f'a {have["name"] or "VGG"} (width {have["width"]:g}, {have["head"]} head)'
+    return f'Likely cause: the checkpoint is {found}, another model: {" ".join(fixes)}'
+  advice = []
+  layers = lambda paths: {p.split('/')[0] for p in paths}
+  fresh = sorted(layers(set(error.expected) - error.skipped) - layers(error.found))
+  if fresh and have['head'] == 'none':
+    regexes = ', '.join(f'"{layer}/.*"' for layer in fresh)
+    advice.append(
+      f'the checkpoint has no head: start {", ".join(fresh)} fresh with '
+      f"--config.init.dont_load='({regexes},)'"
+    )
+  differs = lambda p: (
+    p in error.found
+    and p in error.expected
+    and p not in error.skipped
+    and error.found[p] != error.expected[p]
+  )
+  if differs('predictions/kernel'):
+    advice.append(
+      f"the checkpoint's head has {have['num_classes']} classes, this task "
+      f'{want["num_classes"]}: keep a fresh head with '
+      """--config.init.dont_load='("predictions/.*",)'"""
+    )
+  first_dense = (
+    'fc1/kernel' if differs('fc1/kernel') else 'fc/kernel' if differs('fc/kernel') else ''
+  )
+  if first_dense:
+    channels = vgg.scaled(vgg.BLOCK_CHANNELS[-1], model.width)
+    built = math.isqrt(error.found[first_dense][0] // channels)
+    now = math.isqrt(error.expected[first_dense][0] // channels)
+    layer = first_dense.split('/')[0]
+    advice.append(
+      f'{layer} was built for a {built}x{built}x{channels} block-5 map ({built * 32} px images '
+      f'without pooling), and this model gives it {now}x{now} at image_size {image_size}: keep '
+      f'the pretrained {layer} with --config.dataset.image_size={built * 32}, or with '
+      f'--config.model.adaptive_pool={built} (average-pools block 5 to {built}x{built} at any '
+      'image size, as torchvision does)'
+    )
+  return ('Likely cause: ' + '; and '.join(advice)) if advice else ''
 
 
 def evaluate(p_eval_step: Callable, state: TrainState, spread: Any, batches: Any) -> dict:
@@ -118,20 +192,33 @@ class FrozenParametersChanged(RuntimeError):
   """A frozen parameter is not bit-identical to its loaded value at the end of a run."""
 
 
-def _check_finite(pending: list[dict], first_step: int, skip_nonfinite: bool) -> None:
+def _check_finite(
+  pending: list[dict], first_step: int, skip_nonfinite: bool, init_checkpoint: str = ''
+) -> None:
   """Raises FloatingPointError naming the first step with a non-finite metric.
 
-  In skip mode, skipped steps (whose update was not applied) are allowed.
+  In skip mode, skipped steps (whose update was not applied) are allowed. At step 1 no update
+  has been applied yet, so the message points at the initial weights instead of suggesting
+  skips that would skip every step.
   """
   for i, metrics in enumerate(pending):
     if skip_nonfinite and metrics.get('skipped'):
       continue
     bad = [k for k, v in sorted(metrics.items()) if not np.isfinite(v)]
-    if bad:
+    if not bad:
+      continue
+    step = first_step + i
+    what = f'non-finite train/{bad[0]} ({metrics[bad[0]]}) at step {step}'
+    if step == 1:
+      source = f'init.checkpoint={init_checkpoint}' if init_checkpoint else 'the random init'
       raise FloatingPointError(
-        f'non-finite train/{bad[0]} ({metrics[bad[0]]}) at step {first_step + i}; '
-        'stopped, the last checkpoint is kept (config.skip_nonfinite_updates skips such steps)'
+        f'{what}, before any update was applied: the initial weights ({source}) or the input '
+        'data are the likely cause, not the optimizer; check them for inf/NaN'
       )
+    raise FloatingPointError(
+      f'{what}; stopped, the last checkpoint is kept (config.skip_nonfinite_updates skips '
+      'such steps)'
+    )
 
 
 def _mean_metrics(pending: list[dict]) -> dict:
@@ -166,7 +253,7 @@ def _preemption_signals():
       signal.signal(s, handler)
 
 
-def train_and_evaluate(config: Any, workdir: str) -> dict:
+def train_and_evaluate(config: Any, workdir: str, *, allow_config_change: bool = False) -> dict:
   """Trains and evaluates as `config` says, resuming from `workdir` if it holds a checkpoint.
 
   Writes (process 0 only): `config.json`, `plan.txt`, `metrics.jsonl`, TensorBoard events
@@ -174,29 +261,39 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   (`lp_ft`, `gradual_unfreezing`) compiles one step per stage; at a stage boundary the
   parameters carry over and the optimizer state is rebuilt for the new plan.
 
+  A workdir remembers the config it was started with (`config.json`, never overwritten):
+  rerunning into it resumes only under the same config, up to what a resume may change
+  (`RESUMABLE_CHANGES`: a longer `num_train_steps`, the logging and checkpoint cadence, ...).
+  Every launch appends a line to `launches.jsonl` (its first step and what it changed).
+
   Args:
     config: a config from `configs/` (see `configs/default.py` for every field).
     workdir: the run directory.
+    allow_config_change: continue a workdir's run under a config that differs in other
+      fields too (the change is recorded in `launches.jsonl`).
 
   Returns:
     The summary dict written to `summary.json`.
 
   Raises:
-    ConfigError: a bad config or input, before anything is compiled or written.
+    ConfigError: a bad config or input, or a config other than the workdir's run, before
+      anything is compiled or written.
     FloatingPointError: a non-finite loss or gradient norm (unless skipped by config).
     Preempted: SIGTERM or SIGINT; the checkpoint of the last finished step is written.
     FrozenParametersChanged: a frozen parameter moved (a bug; the run's files stay).
   """
   wall_start = time.time()
   parallel.initialize_distributed(config.multi_host)
+  changes = check_config_change(config, workdir, allow_config_change)
   try:
     run = _prepare(config, workdir)
   except (ValueError, KeyError, FileNotFoundError) as e:
-    raise ConfigError(str(e).strip('"\'')) from e
+    # str() of a KeyError quotes its message; its argument is the message itself.
+    raise ConfigError(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)) from e
   spread, data, stage, plan, state = run.spread, run.data, run.stage, run.plan, run.state
   is_writer = jax.process_index() == 0
   if is_writer:
-    _write_run_files(workdir, config, plan, state.params)
+    _record_launch(workdir, config, plan, state, changes, _data_record(run.train_data, run.evals))
   lr_fn = optim.learning_rate_schedule(config.optimizer, config.num_train_steps)
   skip_nonfinite = bool(config.skip_nonfinite_updates)
   compile_for = functools.partial(
@@ -277,7 +374,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         meta['plan'] = plan.name
         logging.info('step %d: stage %s, optimizer state rebuilt', step, plan.name)
         if is_writer:
-          _write_run_files(workdir, config, plan, host_params, append=True)
+          _write_plan(workdir, plan, host_params, append=True)
       batch = next(train_batches)
       if plan.name not in stage_flops and config.record_step_flops:
         stage_flops[plan.name] = parallel.compiled_flops(p_train_step, state, batch, rng_train)
@@ -289,7 +386,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
       if log or save:
         # Nothing non-finite is ever logged as a mean or checkpointed.
         window[checked:] = jax.device_get([spread.unreplicate(m) for m in window[checked:]])
-        _check_finite(window[checked:], window_first + checked, skip_nonfinite)
+        _check_finite(
+          window[checked:], window_first + checked, skip_nonfinite, config.init.checkpoint
+        )
         checked = len(window)
       if log:
         means = _mean_metrics(window)
@@ -333,6 +432,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   if not results:  # resumed at the end: evaluate what was restored
     results = run_evals(first_step)
   writer.close()
+  steps_run = int(jax.device_get(spread.unreplicate(state.step))) - first_step
+  if steps_run and skipped_total == steps_run:
+    raise FloatingPointError(
+      f'every one of the {steps_run} steps of this run was skipped as non-finite '
+      '(skip_nonfinite_updates): nothing was trained; '
+      + (
+        f'the weights loaded from init.checkpoint={config.init.checkpoint} are the likely cause'
+        if config.init.checkpoint
+        else 'check the data and the learning rate'
+      )
+    )
   final_params = jax.device_get(spread.unreplicate(state.params))
   frozen_final = _check_frozen(plan, frozen_reference, final_params)
   n_trainable, n_total = policies.trainable_count(plan, final_params)
@@ -389,16 +499,149 @@ def _stage_summary(stages: list, config: Any, stage_flops: dict) -> list[dict]:
   return rows
 
 
-def _write_run_files(
-  workdir: str, config: Any, plan: policies.Plan, params: PyTree, append: bool = False
+CONFIG_FILE = 'config.json'  # the config a workdir's run was started with
+PLAN_FILE = 'plan.txt'  # the audit table of each stage's plan, as it ran
+DATA_FILE = 'data.json'  # each split's classes and per-class counts, as first read
+LAUNCHES_FILE = 'launches.jsonl'  # one line per launch: first step, config changes
+# Fields a resume may change without changing what the run computes up to now (or, for
+# `num_train_steps`, only extending it). Anything else is another experiment.
+RESUMABLE_CHANGES = (
+  'num_train_steps',
+  'log_every_steps',
+  'eval_every_steps',
+  'checkpoint_every_steps',
+  'keep_checkpoints',
+  'early_stopping_patience',
+  'record_step_flops',
+  'parallelism',
+  'multi_host',
+  'eval_batch_size',
+  'activation_cache',
+  'activation_cache_memory_mb',
+  'dataset.data_dir',
+  'dataset.local_dir',
+  'dataset.download',
+)
+
+
+def _flat_config(tree: dict, prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat_config(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _workdir_config(workdir: str) -> dict | None:
+  """The config the workdir's run last launched with (its latest recorded change, else
+  `config.json`), or None for a new workdir."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    reference = json.load(f)
+  launches = os.path.join(workdir, LAUNCHES_FILE)
+  if os.path.exists(launches):
+    with open(launches) as f:
+      for line in f:
+        record = json.loads(line) if line.strip() else {}
+        reference = record.get('config', reference)
+  return reference
+
+
+def check_config_change(config: Any, workdir: str, allow: bool) -> dict[str, list]:
+  """The fields in which `config` differs from the workdir's run, `{field: [old, new]}`.
+
+  Fields ftlab added or removed since the run started are not differences.
+
+  Raises:
+    ConfigError: a difference a resume may not make (see `RESUMABLE_CHANGES`; a shorter
+      `num_train_steps` among them), unless `allow`.
+  """
+  reference = _workdir_config(workdir)
+  if reference is None:
+    return {}
+  old = _flat_config(reference)
+  new = _flat_config(json.loads(config.to_json_best_effort()))
+  changes = {k: [old[k], new[k]] for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
+  refused = {
+    k: v
+    for k, v in changes.items()
+    if k not in RESUMABLE_CHANGES or (k == 'num_train_steps' and v[1] < v[0])
+  }
+  if refused and not allow:
+    listed = ', '.join(f'{k}={v[1]!r} (was {v[0]!r})' for k, v in refused.items())
+    raise ConfigError(
+      f'{workdir} holds a run started with another config: {listed}; resuming it under this '
+      'one would mix two experiments in one record. Use a new --workdir, or pass '
+      '--allow_config_change to continue this run under the new config (recorded in '
+      f'{LAUNCHES_FILE})'
+    )
+  if changes:
+    logging.warning('config changes since the last launch: %s', changes)
+  return changes
+
+
+def _data_record(train_data: Any, evals: dict[str, Any]) -> dict:
+  """Each split's classes and counts (and an image folder's ignored files), logged."""
+  record = {'train': train_data.describe(), **{k: d.describe() for k, d in evals.items()}}
+  for name, found in record.items():
+    counts = found['class_counts']
+    classes = (
+      ', '.join(f'{c} {n}' for c, n in counts.items()) if counts else ', '.join(found['classes'])
+    )
+    logging.info(
+      'data %s (%s): %d examples, %d classes: %s',
+      name,
+      found['split'],
+      found['examples'],
+      len(found['classes']),
+      classes,
+    )
+    if found.get('ignored_files'):
+      logging.info('  ignored in the image folder: %s', ', '.join(found['ignored_files']))
+    if found.get('rotated_photos'):
+      logging.info('  %d photos turned upright by their EXIF orientation', found['rotated_photos'])
+  return record
+
+
+def _record_launch(
+  workdir: str, config: Any, plan: policies.Plan, state: Any, changes: dict, data: dict
 ) -> None:
-  """config.json and plan.txt (the audit table; a new stage's table is appended)."""
+  """config.json, plan.txt and data.json on the first launch (never rewritten: they record
+  what ran); a line in launches.jsonl on every launch."""
   os.makedirs(workdir, exist_ok=True)
-  if not append:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
       f.write(config.to_json_best_effort(indent=2) + '\n')
+  if not os.path.exists(os.path.join(workdir, PLAN_FILE)):
+    _write_plan(workdir, plan, state.params)
+  data_path = os.path.join(workdir, DATA_FILE)
+  if not os.path.exists(data_path):
+    with open(data_path, 'w') as f:
+      json.dump(data, f, indent=2)
+  else:
+    with open(data_path) as f:
+      if json.load(f) != json.loads(json.dumps(data)):
+        logging.warning('the data differ from what %s recorded at the first launch', data_path)
+  record = {
+    'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+    'first_step': int(state.step),
+    'processes': jax.process_count(),
+    'devices': jax.device_count(),
+  }
+  if changes:
+    record.update(changes=changes, config=json.loads(config.to_json_best_effort()))
+  with open(os.path.join(workdir, LAUNCHES_FILE), 'a') as f:
+    f.write(json.dumps(record) + '\n')
+
+
+def _write_plan(workdir: str, plan: policies.Plan, params: PyTree, append: bool = False) -> None:
+  """plan.txt: the audit table (a new stage's table is appended)."""
   table = policies.audit_table(plan, params)
-  with open(os.path.join(workdir, 'plan.txt'), 'a' if append else 'w') as f:
+  with open(os.path.join(workdir, PLAN_FILE), 'a' if append else 'w') as f:
     f.write(('\n' if append else '') + table + '\n')
   logging.info('\n%s', table)
 
@@ -601,9 +844,9 @@ def _resume(
       restored, plan_changed = _restore_step(
         ckpt_dir, step, create_train_state(variables, tx), plan, tx
       )
+    except checkpoint.MismatchError:  # another model or optimizer: a config problem
+      raise
     except ValueError as e:
-      if 'does not match' in str(e):  # another model or optimizer: a config problem
-        raise
       damaged.append((step, e))
     except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many kinds)
       damaged.append((step, e))

@@ -12,6 +12,11 @@ config_flags.DEFINE_config_file(
   'config', None, 'config file (configs/*.py[:args])', lock_config=True
 )
 flags.DEFINE_string('workdir', None, 'run directory: checkpoints, metrics, summary')
+flags.DEFINE_bool(
+  'allow_config_change',
+  False,
+  "continue a workdir's run under a config that differs from the one it started with",
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # Exit code for a config or input error found before any compute starts.
@@ -36,7 +41,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   checkpoint.quiet_orbax_logs()
   try:
-    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    loop.train_and_evaluate(
+      FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change
+    )
   except loop.ConfigError as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)

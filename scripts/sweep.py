@@ -176,9 +176,20 @@ def record_grid(grid: dict, workdir: str) -> None:
   """WORKDIR/sweep.json: the grid, merged with the earlier plans, seeds and lrs of this sweep."""
   path = os.path.join(workdir, 'sweep.json')
   saved = read_json(path)
-  for key in ('config', 'pretrain', 'overrides') if saved else ():
+  for key in ('config', 'pretrain') if saved else ():
     if saved[key] != grid[key]:
       raise BadInput(f'{workdir} holds a sweep with {key} {saved[key]!r}, not {grid[key]!r}')
+  if saved and saved['overrides'] != grid['overrides']:
+    new = [o for o in grid['overrides'] if o not in saved['overrides']]
+    gone = [o for o in saved['overrides'] if o not in grid['overrides']]
+    raise BadInput(
+      f'{workdir} holds a sweep run with other overrides: '
+      + '; '.join(
+        [f'new {" ".join(new)}'] * bool(new) + [f'was {" ".join(gone)}'] * bool(gone)
+        or [f'same overrides in another order: {" ".join(saved["overrides"])}']
+      )
+      + "; its runs are not this sweep's: use another --workdir"
+    )
   merged = {k: list(dict.fromkeys(saved.get(k, []) + grid[k])) for k in ('plans', 'seeds', 'lrs')}
   os.makedirs(workdir, exist_ok=True)
   write_atomically(path, json.dumps({**grid, **merged}, indent=2) + '\n')

@@ -1,22 +1,32 @@
 """Reading a finished run's files in tests: its checkpointed parameters."""
 
+import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 
-from configs import default
 from ftlab import checkpoint, loop, policies
 
 
-def params_of(workdir, width=1 / 16, num_classes=10, step=None, model='vgg11'):
-  """The flat parameters of a `configs/default.py:runlocal` run (newest or `step`)."""
-  config = default.get_config('runlocal')
-  config.model.name = model
-  config.model.width = width
+def plain_vgg11(config):
+  """`config` on a plain VGG11 with the mlp head: the model whose layers a test counts (the
+  runlocal smoke run trains VGG11-BN with a pooled head, which learns in 20 steps)."""
+  config.model.name, config.model.head = 'vgg11', 'mlp'
+  return config
+
+
+def params_of(workdir, num_classes=10, step=None, model=None):
+  """The flat parameters of a run (newest checkpoint or `step`), for the model its
+  `config.json` records (`model` names another VGG)."""
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.model.name = model or config.model.name
   model = loop.build_model(config.model, num_classes=num_classes)
+  size = config.dataset.image_size
   shapes = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)), train=False)
+    lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3)), train=False)
   )['params']
   fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   ckpt_dir = os.path.join(workdir, 'checkpoints')

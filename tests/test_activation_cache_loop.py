@@ -15,8 +15,8 @@ from tests.run_files import params_of
 
 def config_for(policy, cache='off', steps=8, batch_norm=False):
   config = default.get_config('runlocal')
-  if batch_norm:  # frozen BatchNorm in the prefix: running statistics, cached exactly too
-    config.model.name = 'vgg11_bn'
+  # Frozen BatchNorm in the prefix (running statistics) is cached exactly too.
+  config.model.name = 'vgg11_bn' if batch_norm else 'vgg11'
   config.policy.name = policy
   config.dataset.augment = 'none'
   config.num_train_steps = steps
@@ -35,7 +35,7 @@ def metric_lines(workdir):
   return [{k: v for k, v in r.items() if 'per_sec' not in k} for r in rows]
 
 
-def assert_same_run(a, b, model='vgg11'):
+def assert_same_run(a, b, model='vgg11'):  # config_for's model without batch_norm
   assert metric_lines(a) == metric_lines(b)
   pa, pb = params_of(a, model=model), params_of(b, model=model)
   for p in pa:

@@ -347,3 +347,93 @@ def test_unreadable_image_in_a_folder_is_named_before_training(tmp_path):
   (tmp_path / 'train' / 'cat' / '1.png').write_bytes(b'not an image')
   with pytest.raises(ValueError, match=r'^unreadable image .*train/cat/1\.png: '):
     ip.build_dataset(f'image_folder:{tmp_path}', 'train')
+
+
+# --- Image folders as users bring them: clutter, hidden folders, rotated photos. ------------------
+
+
+def write_png(path, array):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tf.io.write_file(str(path), tf.io.encode_png(array))
+
+
+def test_folder_clutter_is_ignored_alike_by_the_check_and_the_reader(tmp_path):
+  rng = np.random.RandomState(0)
+  image = lambda: rng.randint(0, 256, (6, 6, 3)).astype(np.uint8)
+  for split, n in [('train', 3), ('test', 1)]:
+    for label in ('cat', 'dog'):
+      for i in range(n):
+        write_png(tmp_path / split / label / f'{i}.png', image())
+  finder = b'\x00\x00\x00\x01Bud1' + bytes(range(256))  # what macOS Finder writes
+  clutter = {
+    '.DS_Store': finder,
+    'train/.DS_Store': finder,
+    'train/cat/.DS_Store': finder,
+    'train/cat/._0.png': finder,  # an AppleDouble file: a dotfile named like an image
+    'train/dog/Thumbs.db': b'\xd0\xcf\x11\xe0',
+    'train/dog/desktop.ini': b'[.ShellClassInfo]',
+    'train/dog/notes.txt': b'labels checked by hand',
+    'train/.ipynb_checkpoints/labels-checkpoint.ipynb': b'{}',
+    'train/cat/.ipynb_checkpoints/0-checkpoint.png': b'',
+    '__MACOSX/train/._cat': finder,
+  }
+  for name, data in clutter.items():
+    os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+    (tmp_path / name).write_bytes(data)
+  write_png(tmp_path / 'train' / '.thumbnails' / '0.png', image())  # hidden, and of images
+  write_png(tmp_path / 'train' / 'cat' / 'crops' / '0.png', image())  # nested: not read
+  name = f'image_folder:{tmp_path}'
+  train = ip.build_dataset(name, 'train')  # decodes every image: no clutter reaches it
+  assert train.class_names == ('cat', 'dog')  # no hidden folder became a class
+  assert train.num_examples == 6 and train.class_counts() == {'cat': 3, 'dog': 3}
+  record = train.describe()
+  assert record['ignored_files'] == [
+    '.DS_Store',
+    '__MACOSX/',
+    'train/.DS_Store',
+    'train/.ipynb_checkpoints/',
+    'train/.thumbnails/',
+    'train/cat/.DS_Store',
+    'train/cat/._0.png',
+    'train/cat/.ipynb_checkpoints/',
+    'train/cat/crops/',
+    'train/dog/Thumbs.db',
+    'train/dog/desktop.ini',
+    'train/dog/notes.txt',
+  ]
+  # The reader reads the same six images: every one once.
+  batches = list(ip.eval_iterator(train, global_batch=8, image_size=6, preprocess='unit'))
+  assert batches[0]['mask'].sum() == 6
+  # The order of examples is tfds.ImageFolder's for a clean folder (runs stay reproducible).
+  clean = tmp_path / 'clean'
+  shutil.copytree(tmp_path / 'train', clean / 'train', ignore=shutil.ignore_patterns('.*', '*.db'))
+  shutil.rmtree(clean / 'train' / 'cat' / 'crops')
+  for f in ('desktop.ini', 'notes.txt'):
+    os.remove(clean / 'train' / 'dog' / f)
+  ours = ip.get_builder(f'image_folder:{clean}').listing.splits['train']
+  theirs = tfds.ImageFolder(str(clean))._split_examples['train']
+  assert [(p, c) for p, c in ours] == [(e.image_path, e.label) for e in theirs]
+
+
+@pytest.mark.parametrize('orientation', range(1, 9))
+def test_exif_orientation_turns_photos_as_a_viewer_shows_them(orientation, tmp_path):
+  from PIL import Image, ImageOps
+
+  stored = np.random.RandomState(orientation).randint(0, 256, (6, 10, 3)).astype(np.uint8)
+  exif = Image.Exif()
+  exif[ip.EXIF_ORIENTATION] = orientation
+  path = tmp_path / 'train' / 'a' / 'photo.png'  # PNG: lossless, so pixels compare exactly
+  os.makedirs(path.parent)
+  Image.fromarray(stored).save(path, exif=exif)
+  with Image.open(path) as opened:
+    shown = np.asarray(ImageOps.exif_transpose(opened))  # PIL: the reference
+  train = ip.build_dataset(f'image_folder:{tmp_path}', 'train')
+  assert (train.orientation is None) == (orientation == 1)
+  size = max(shown.shape[:2])
+  (batch,) = ip.eval_iterator(train, global_batch=1, image_size=size, preprocess='unit')
+  want = tf.image.resize(shown.astype(np.float32), [size, size], antialias=True) / 255
+  np.testing.assert_allclose(batch['image'][0], want, atol=1e-6)
+  batch = next(
+    ip.train_iterator(train, global_batch=1, image_size=size, preprocess='unit', augment='none')
+  )
+  np.testing.assert_allclose(batch['image'][0], want, atol=1e-6)

@@ -14,7 +14,7 @@ import pytest
 from configs import default
 from ftlab import checkpoint, input_pipeline, loop, policies
 from ftlab.metric_writers import read_jsonl
-from tests.run_files import params_of
+from tests.run_files import params_of, plain_vgg11
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(
@@ -147,7 +147,7 @@ def test_skip_nonfinite_mode_counts_skipped_steps(tmp_path):
 
 
 def test_frozen_integrity_in_summary_and_mismatch_is_an_error(tmp_path, monkeypatch):
-  config = default.get_config('runlocal')
+  config = plain_vgg11(default.get_config('runlocal'))
   config.policy.name = 'linear_probe'
   config.num_train_steps = 4
   summary = loop.train_and_evaluate(config, str(tmp_path / 'ok'))

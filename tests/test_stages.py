@@ -10,13 +10,13 @@ import pytest
 
 from configs import default
 from ftlab import checkpoint, loop, policies, train
-from tests.run_files import params_of
+from tests.run_files import params_of, plain_vgg11
 
 GRADUAL = 'gradual_unfreezing(stage_steps=2)'
 
 
 def config_for(policy, steps=8):
-  config = default.get_config('runlocal')
+  config = plain_vgg11(default.get_config('runlocal'))
   config.policy.name = policy
   config.num_train_steps = steps
   config.checkpoint_every_steps = 1
