@@ -30,7 +30,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -39,12 +39,11 @@ import numpy as np
 from absl import logging
 from jax import lax
 
-from ftlab import input_pipeline, parallel, policies, train
+from ftlab import datasets, input_pipeline, parallel, paths, policies, train
 
 PyTree = Any
 MODES = ('off', 'auto', 'memory', 'disk')  # auto: memory up to a size limit, else disk
 DEFAULT_MEMORY_LIMIT_MB = 2048
-CACHE_DIR = 'activation_cache'  # under the workdir
 _FORMAT = 1  # bump when the file layout or the fingerprint changes
 
 
@@ -98,14 +97,13 @@ def check(model: nn.Module, plan: policies.Plan, start: str | None, *, augment: 
     )
 
 
-def check_config(config: Any, model: nn.Module, plans: list[policies.Plan]) -> None:
+def check_mode(mode: str, model: nn.Module, plans: list[policies.Plan], *, augment: str) -> None:
   """The run-level check, before anything is computed: a valid mode, no augmentation, and
   at least one of the run's stage plans with a prefix to cache (others run uncached).
 
   Raises:
     ValueError: in one line.
   """
-  mode = config.get('activation_cache', 'off')
   if mode not in MODES:
     raise ValueError(f'activation_cache {mode!r} is not one of {list(MODES)}')
   if mode == 'off':
@@ -113,7 +111,7 @@ def check_config(config: Any, model: nn.Module, plans: list[policies.Plan]) -> N
   starts = [start_block(model, p) for p in plans]
   usable = [(p, s) for p, s in zip(plans, starts) if s is not None]
   plan, start = usable[0] if usable else (plans[0], None)
-  check(model, plan, start, augment=config.dataset.augment)
+  check(model, plan, start, augment=augment)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +158,7 @@ def fingerprint(model: nn.Module, variables: PyTree, start: str, data_key: str) 
   h.update(repr(sorted(fields.items())).encode())
   prefix = _layers(model, model.block_names()[: model.block_names().index(start)])
   for collection in ('params', 'batch_stats'):
-    for path, x in policies.flatten(variables.get(collection, {})).items():
+    for path, x in paths.flatten(variables.get(collection, {})).items():
       if path.split('/')[0] in prefix:
         x = np.asarray(x)
         h.update(f'{collection}/{path}|{x.shape}|{x.dtype}|'.encode())
@@ -168,7 +166,7 @@ def fingerprint(model: nn.Module, variables: PyTree, start: str, data_key: str) 
   return h.hexdigest()[:20]
 
 
-def data_key(data: input_pipeline.DataSplit, *, image_size: int, preprocess: str) -> str:
+def data_key(data: datasets.DataSplit, *, image_size: int, preprocess: str) -> str:
   """What identifies a split's images: dataset, split, chosen examples, labels, preprocessing."""
   h = hashlib.sha256(np.asarray(data.indices, np.int64).tobytes())
   if data.label_map is not None:
@@ -301,37 +299,20 @@ def _stats(variables: PyTree) -> dict:
 
 
 def train_batches(
-  cache: Cache,
-  *,
-  global_batch: int,
-  seed: int = 0,
-  start_step: int = 0,
-  shuffle_buffer: int = 10_000,
-  process_index: int = 0,
-  process_count: int = 1,
+  cache: Cache, order: input_pipeline.BatchOrder, start_step: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
-  """`input_pipeline.train_iterator`'s batches (with `augment='none'` and the same
-  arguments), with each image replaced by its cached prefix output."""
-  for positions in input_pipeline.train_indices(
-    cache.num_examples,
-    global_batch=global_batch,
-    seed=seed,
-    start_step=start_step,
-    shuffle_buffer=shuffle_buffer,
-    process_index=process_index,
-    process_count=process_count,
-  ):
+  """`input_pipeline.train_iterator`'s batches (with `augment='none'` and the same order and
+  start step), with each image replaced by its cached prefix output."""
+  for positions in input_pipeline.train_indices(cache.num_examples, order, start_step=start_step):
     yield cache.batch(positions)
 
 
-def eval_batches(
-  cache: Cache, *, global_batch: int, process_index: int = 0, process_count: int = 1
-) -> Iterator[dict[str, np.ndarray]]:
-  """`input_pipeline.eval_iterator`'s padded batches, each image replaced by its cached
-  prefix output (padding rows are zeros with mask 0)."""
-  batch = input_pipeline.local_batch_size(global_batch, process_count)
-  mine = np.arange(process_index, cache.num_examples, process_count)
-  for k in range(input_pipeline.num_eval_steps(cache.num_examples, global_batch)):
+def eval_batches(cache: Cache, order: input_pipeline.BatchOrder) -> Iterator[dict[str, np.ndarray]]:
+  """`input_pipeline.eval_iterator`'s padded batches (for the same order), each image replaced
+  by its cached prefix output (padding rows are zeros with mask 0)."""
+  batch = order.local_batch
+  mine = np.arange(order.process_index, cache.num_examples, order.process_count)
+  for k in range(input_pipeline.num_eval_steps(cache.num_examples, order.global_batch)):
     positions = mine[k * batch : (k + 1) * batch]
     real = cache.batch(positions)
     out = {
@@ -363,90 +344,79 @@ class Prepared:
 
 
 def prepare(
-  config: Any,
+  mode: str,
   model: nn.Module,
   plan: policies.Plan,
   variables: PyTree,
   spread: parallel.Spread,
-  workdir: str,
+  data: input_pipeline.Data,
   *,
-  train_data: input_pipeline.DataSplit,
-  eval_data: Mapping[str, input_pipeline.DataSplit] | None = None,
+  directory: str,
+  memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB,
 ) -> Prepared | None:
   """The cached model and batches for `plan`, or None when the cache is off or the plan has
-  no prefix to cache (run that stage uncached; `check_config` refuses a run with none).
+  no prefix to cache (run that stage uncached; `check_mode` refuses a run with none).
 
   Args:
-    config: the run's config: `activation_cache` (a mode of `MODES`; absent means off),
-      `activation_cache_memory_mb` (optional, the `auto` threshold), `dataset.augment`,
-      `dataset.image_size`, `dataset.preprocess`, `dataset.shuffle_buffer`, `seed`,
-      `batch_size` and `eval_batch_size`.
+    mode: one of `MODES`.
     model: the unbound model.
     plan: the (stage's) plan.
     variables: `{'params', 'batch_stats'}` as the stage starts (host or device arrays).
     spread: the run's `Spread`.
-    workdir: the run directory; a disk cache goes to `workdir/activation_cache/`.
-    train_data: the training split.
-    eval_data: the evaluated splits by name, cached too.
+    data: the run's splits, order and image preparation; the training split and every
+      evaluated split are cached.
+    directory: where disk caches go (a run keeps them in its workdir, so a resume reuses
+      them).
+    memory_limit_mb: the `auto` threshold, in MiB of activations per split.
 
   Raises:
     ValueError: see `check`.
   """
-  mode = config.get('activation_cache', 'off')
   if mode not in MODES:
     raise ValueError(f'activation_cache {mode!r} is not one of {list(MODES)}')
   start = start_block(model, plan)
   if mode == 'off' or start is None:
     return None
-  check(model, plan, start, augment=config.dataset.augment)
+  check(model, plan, start, augment=data.augment)
   variables = jax.device_get({'params': variables['params'], **_stats(variables)})
-  size, preprocess = config.dataset.image_size, config.dataset.preprocess
-  pipeline = dict(image_size=size, preprocess=preprocess)
-  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  memory_limit_mb = float(config.get('activation_cache_memory_mb', DEFAULT_MEMORY_LIMIT_MB))
+  pipeline = dict(image_size=data.image_size, preprocess=data.preprocess)
   p_prefix = compile_prefix(model, plan, spread, start)
 
-  def cached(name, data, global_batch):
+  def cached(name, split, order):
     # Each split at the batch its step would have run the prefix on: XLA's CPU convolutions
     # pick their kernel by shape, so an example's output bits depend on the per-device batch.
     key = fingerprint(
-      model, variables, start, f'{data_key(data, **pipeline)}|{global_batch}|{spread.num_devices}'
+      model,
+      variables,
+      start,
+      f'{data_key(split, **pipeline)}|{order.global_batch}|{spread.num_devices}',
     )
-    path = os.path.join(workdir, CACHE_DIR, f'{name}-{key}-p{jax.process_index()}')
+    path = os.path.join(directory, f'{name}-{key}-p{order.process_index}')
     if mode != 'memory':
       found = load(path)
-      if found is not None and found.num_examples == data.num_examples:
+      if found is not None and found.num_examples == split.num_examples:
         logging.info('activation cache: reusing %s', path)
         return found
-    batches = input_pipeline.eval_iterator(data, global_batch=global_batch, **pipeline, **process)
+    batches = input_pipeline.eval_iterator(split, order, **pipeline)
     return compute(
       p_prefix,
       variables,
       spread,
       batches,
-      data.num_examples,
+      split.num_examples,
       backend=mode,
       memory_limit_mb=memory_limit_mb,
       path=path,
     )
 
-  train_cache = cached('train', train_data, config.batch_size)
-  eval_caches = {
-    name: cached(name, data, config.eval_batch_size) for name, data in (eval_data or {}).items()
-  }
+  eval_order = data.order.with_batch(data.eval_batch)
+  train_cache = cached('train', data.train, data.order)
+  eval_caches = {name: cached(name, split, eval_order) for name, split in data.evals.items()}
   return Prepared(
     model=model.clone(start_block=start),
     start=start,
-    train_batches=lambda start_step: train_batches(
-      train_cache,
-      global_batch=config.batch_size,
-      seed=config.seed,
-      start_step=start_step,
-      shuffle_buffer=config.dataset.shuffle_buffer,
-      **process,
-    ),
+    train_batches=functools.partial(train_batches, train_cache, data.order),
     eval_batches={
-      name: functools.partial(eval_batches, c, global_batch=config.eval_batch_size, **process)
-      for name, c in eval_caches.items()
+      name: functools.partial(eval_batches, c, eval_order) for name, c in eval_caches.items()
     },
   )

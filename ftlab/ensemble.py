@@ -10,7 +10,7 @@ Ways to combine runs of one architecture (same model, head and label space):
 - WiSE-FT (Wortsman et al., CVPR 2022): `theta(alpha) = (1 - alpha) theta0 + alpha theta1`
   between two runs (`wise`), over a list of alphas.
 
-Every model is scored with the run loop's exact eval (`loop.evaluate`: padded, masked batches,
+Every model is scored with the run loop's exact eval (`train.evaluate`: padded, masked batches,
 sums over devices). Averaged weights make BatchNorm's running statistics stale, so in a BN model
 a parameter average gets fresh statistics from K training batches (`reset_batch_stats`), unless
 its parameters are bit-identical to one run's (a soup of copies, a WiSE endpoint), whose stored
@@ -35,28 +35,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 from jax import lax
 
-from ftlab import checkpoint, input_pipeline, loop, parallel, train
+from ftlab import checkpoint, input_pipeline, parallel, paths, run, soups, train
+from ftlab import workdir as workdir_
 
 PyTree = Any
 
 METHODS = ('logits', 'probs', 'uniform_soup', 'greedy_soup', 'wise')
 OUTPUT_ENSEMBLES = ('logits', 'probs')
-# Fields every combined run must share: what fixes the parameters' shapes (model) and what the
-# outputs mean (label space). Older runs may lack a field; it then takes this default.
-RUN_FIELDS = {
-  'model.name': None,
-  'model.width': None,
-  'model.head': None,
-  'model.adaptive_pool': 0,
-  'model.dtype': 'float32',
-  'dataset.name': None,
-  'dataset.classes': [],
-  'dataset.image_size': None,
-  'dataset.preprocess': None,
-}
 # Fields the eval data must share with the runs, so that eval inputs look like training ones.
 # The eval dataset itself may differ (a shifted test set with the same labels, say).
 EVAL_FIELDS = ('dataset.image_size', 'dataset.preprocess')
@@ -72,119 +59,17 @@ LABELS = {
 }
 
 
-# --- Runs and their configs. ------------------------------------------------------------------
-
-
-def checkpoint_dir(path: str) -> str:
-  """A run's `checkpoints/` directory, given the run's workdir or that directory itself."""
-  inner = os.path.join(path, 'checkpoints')
-  return inner if os.path.isdir(inner) else path
-
-
-def run_name(path: str) -> str:
-  """`workdirs/demo/full` and `workdirs/demo/full/checkpoints` are both `full`."""
-  path = os.path.normpath(path)
-  if os.path.basename(path) == 'checkpoints':
-    path = os.path.dirname(path)
-  return os.path.basename(path) or path
-
-
-def unique_names(paths: Sequence[str]) -> list[str]:
-  """Run names, with `#2`, `#3`, ... for repeats (a soup of copies of one run)."""
-  seen: dict[str, int] = {}
-  names = []
-  for path in paths:
-    name = run_name(path)
-    seen[name] = seen.get(name, 0) + 1
-    names.append(name if seen[name] == 1 else f'{name}#{seen[name]}')
-  return names
-
-
-def read_run(path: str) -> dict:
-  """The config, plan and step of a run's newest checkpoint.
-
-  The config is the one saved with the checkpoint (it wrote those weights); a run whose
-  checkpoint meta has none falls back to `config.json` in its workdir.
-
-  Raises:
-    FileNotFoundError: no complete checkpoint.
-    ValueError: no config anywhere, so the architecture cannot be checked.
-  """
-  directory = checkpoint_dir(path)
-  meta = checkpoint.restore_meta(directory)
-  config = meta.get('config')
-  if config is None:
-    for candidate in (
-      os.path.join(path, 'config.json'),
-      os.path.join(directory, '..', 'config.json'),
-    ):
-      if os.path.exists(candidate):
-        with open(candidate) as f:
-          config = json.load(f)
-        break
-  if config is None:
-    raise ValueError(
-      f'{path}: no config in the checkpoint meta and no config.json, so its architecture is '
-      'unknown; combine runs written by ftlab.loop'
-    )
-  # Through JSON, so tuples and lists compare alike whichever file the config came from.
-  config = json.loads(json.dumps(config))
-  return {'directory': directory, 'config': config, 'plan': meta.get('plan'), 'step': meta['step']}
-
-
-def config_field(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
-  """`config_field(cfg, 'model.width')`; `default` where a level is missing."""
-  value: Any = config
-  for key in dotted.split('.'):
-    if not isinstance(value, Mapping) or key not in value:
-      return default
-    value = value[key]
-  return value
-
-
-def _plain(value: Any) -> Any:
-  if isinstance(value, ml_collections.ConfigDict):
-    value = value.to_dict()
-  return json.loads(json.dumps(value))
-
-
-def check_compatible(configs: Mapping[str, Mapping[str, Any]]) -> dict:
-  """The architecture the runs share (`RUN_FIELDS`), or an error naming every difference.
-
-  Args:
-    configs: run name -> its config (as a dict).
-
-  Returns:
-    `RUN_FIELDS` -> the shared value.
-
-  Raises:
-    ValueError: listing each differing field with every run's value.
-  """
-  values = {
-    field: {name: _plain(config_field(c, field, d)) for name, c in configs.items()}
-    for field, d in RUN_FIELDS.items()
-  }
-  differing = [
-    f'{field} (' + ', '.join(f'{name}: {json.dumps(v)}' for name, v in by_run.items()) + ')'
-    for field, by_run in values.items()
-    if len({json.dumps(v) for v in by_run.values()}) > 1
-  ]
-  if differing:
-    raise ValueError(
-      'cannot combine runs of different architectures or heads; differing fields: '
-      + '; '.join(differing)
-    )
-  return {field: next(iter(by_run.values())) for field, by_run in values.items()}
+# --- The runs' configs. ----------------------------------------------------------------------
 
 
 def check_eval_data(config: Any, architecture: Mapping[str, Any]) -> None:
   """Raises ValueError unless the eval config feeds the runs' image size and preprocessing."""
-  config = _plain(config)
+  config = workdir_.plain(config)
   bad = [
-    f'{f} is {json.dumps(config_field(config, f))} in --config but '
+    f'{f} is {json.dumps(workdir_.config_field(config, f))} in --config but '
     f'{json.dumps(architecture[f])} in the runs'
     for f in EVAL_FIELDS
-    if config_field(config, f) != architecture[f]
+    if workdir_.config_field(config, f) != architecture[f]
   ]
   if bad:
     raise ValueError(f'the eval data does not match the runs: {"; ".join(bad)}')
@@ -204,86 +89,6 @@ def check_methods(methods: Sequence[str], num_runs: int, alphas: Sequence[float]
       raise ValueError(f'wise interpolates two runs (theta0, theta1); got {num_runs}')
     if not alphas or not all(np.isfinite(a) for a in alphas):
       raise ValueError(f'wise needs finite alphas; got {list(alphas)}')
-
-
-# --- Averages that are exact for equal inputs. -----------------------------------------------
-
-
-def mean_tree(trees: Sequence[PyTree]) -> PyTree:
-  """Leafwise mean of pytrees of host arrays, bit-identical to x for N copies of x.
-
-  The sum runs in float64, starting from the first tree: N copies of a float32 x add up to N*x
-  exactly (24 + log2 N significant bits, far below 53), which divides back to x exactly. A
-  float32 `sum / N` would round (x + x + x is not always 3x), and a sum from +0.0 would turn
-  -0.0 into +0.0.
-  """
-
-  def mean(first, *rest):
-    first = np.asarray(first)
-    total = first.astype(np.float64)
-    for x in rest:
-      total += np.asarray(x, np.float64)
-    return (total / (1 + len(rest))).astype(first.dtype)
-
-  return jax.tree.map(mean, *trees)
-
-
-def interpolate(tree0: PyTree, tree1: PyTree, alpha: float) -> PyTree:
-  """WiSE-FT: `(1 - alpha) * tree0 + alpha * tree1` leafwise; `tree0` itself at alpha 0 and
-  `tree1` itself at alpha 1 (in floating point the formula need not reproduce them exactly)."""
-  if alpha == 0:
-    return tree0
-  if alpha == 1:
-    return tree1
-
-  def mix(x0, x1):
-    x0 = np.asarray(x0)
-    mixed = (1 - alpha) * x0.astype(np.float64) + alpha * np.asarray(x1, np.float64)
-    return mixed.astype(x0.dtype)
-
-  return jax.tree.map(mix, tree0, tree1)
-
-
-def trees_identical(a: PyTree, b: PyTree) -> bool:
-  """Same structure and every leaf the same bytes (so -0.0 differs from 0.0)."""
-  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  if jax.tree.structure(a) != jax.tree.structure(b):
-    return False
-  return all(
-    np.shape(x) == np.shape(y) and np.asarray(x).tobytes() == np.asarray(y).tobytes()
-    for x, y in zip(leaves_a, leaves_b)
-  )
-
-
-def greedy_soup(
-  ranked: Sequence[str],
-  make_soup: Callable[[list[str]], PyTree],
-  score: Callable[[PyTree], float],
-) -> tuple[list[str], PyTree, list[dict]]:
-  """Wortsman et al.'s greedy soup over runs already ranked best first.
-
-  Starts from the best run alone, then tries each next run in turn and keeps it when the
-  soup's held-out score does not drop (ties join, as in the paper).
-
-  Args:
-    ranked: run names, best held-out accuracy first.
-    make_soup: names -> the soup's variables (their mean, with fresh BatchNorm statistics).
-    score: variables -> held-out accuracy.
-
-  Returns:
-    The chosen names, the soup, and one `{candidate, held_out_accuracy, accepted}` per trial.
-  """
-  chosen, soup = [ranked[0]], make_soup([ranked[0]])
-  best = score(soup)
-  trials = [{'candidate': ranked[0], 'held_out_accuracy': best, 'accepted': True}]
-  for name in ranked[1:]:
-    trial = make_soup(chosen + [name])
-    trial_score = score(trial)
-    accepted = trial_score >= best
-    trials.append({'candidate': name, 'held_out_accuracy': trial_score, 'accepted': accepted})
-    if accepted:
-      chosen, soup, best = chosen + [name], trial, trial_score
-  return chosen, soup, trials
 
 
 # --- Per-device steps. ------------------------------------------------------------------------
@@ -331,7 +136,7 @@ def ensemble_eval_step(
 
 
 def batch_stats_step(
-  variables: PyTree, batch: dict, *, model: nn.Module, momenta: Mapping[tuple, float]
+  variables: PyTree, batch: dict, *, model: nn.Module, momenta: Mapping[str, float]
 ) -> PyTree:
   """This global batch's BatchNorm statistics (mean and variance per layer), no update.
 
@@ -339,7 +144,7 @@ def batch_stats_step(
     variables: `{'params', 'batch_stats'}` (replicated); only the parameters matter.
     batch: `{'image'}`, this device's share.
     model: the model with every BatchNorm layer in train mode, averaging over `'batch'`.
-    momenta: BatchNorm layer path -> its momentum m (`batch_norm_momenta`).
+    momenta: BatchNorm layer path (`block1_conv1_bn`) -> its momentum m (`batch_norm_momenta`).
 
   Returns:
     A tree shaped like `batch_stats`, the same on every device.
@@ -354,17 +159,17 @@ def batch_stats_step(
     mutable=['batch_stats'],
     rngs={'dropout': jax.random.key(0)},  # the head's dropout: its output is unused here
   )
-  flat = traverse_util.flatten_dict(updated['batch_stats'])
-  return traverse_util.unflatten_dict({k: x / (1 - momenta[k[:-1]]) for k, x in flat.items()})
+  flat = paths.flatten(updated['batch_stats'])
+  return paths.unflatten({p: x / (1 - momenta[p.rsplit('/', 1)[0]]) for p, x in flat.items()})
 
 
-def batch_norm_momenta(model: nn.Module, variables: PyTree, image_size: int) -> dict[tuple, float]:
+def batch_norm_momenta(model: nn.Module, variables: PyTree, image_size: int) -> dict[str, float]:
   """BatchNorm layer path -> momentum, read off the modules as they are called (no compute)."""
   momenta = {}
 
   def record(next_fun, args, kwargs, context):
     if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
-      momenta[tuple(context.module.path)] = float(context.module.momentum)
+      momenta[paths.SEP.join(context.module.path)] = float(context.module.momentum)
     return next_fun(*args, **kwargs)
 
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
@@ -441,12 +246,12 @@ class Evaluator:
       opt_state=(),
     )
     state = self.spread.replicate(state)
-    return loop.evaluate(self._p_eval_step, state, self.spread, self.eval_batches[split]())
+    return train.evaluate(self._p_eval_step, state, self.spread, self.eval_batches[split]())
 
   def evaluate_ensemble(self, members: Sequence[PyTree], combine: str, split: str = 'eval') -> dict:
     """Exact eval of the members' averaged logits (`logits`) or probabilities (`probs`)."""
     replicated = self.spread.replicate(list(members))
-    return loop.evaluate(
+    return train.evaluate(
       self._p_ensemble_steps[combine], replicated, self.spread, self.eval_batches[split]()
     )
 
@@ -492,7 +297,7 @@ def load_variables(directory: str, shapes: PyTree) -> PyTree:
 
 def _init_note(names: Sequence[str], configs: Mapping[str, dict]) -> str | None:
   """A warning when the runs started from different weights (soups need a shared start)."""
-  starts = {n: config_field(configs[n], 'init.checkpoint', '') or '' for n in names}
+  starts = {n: workdir_.config_field(configs[n], 'init.checkpoint', '') or '' for n in names}
   if len(set(starts.values())) < 2:
     return None
   described = ', '.join(f'{n}: {s or "random init"}' for n, s in starts.items())
@@ -538,17 +343,17 @@ def combine(
   methods = list(dict.fromkeys(methods))
   alphas = [float(a) for a in alphas]
   check_methods(methods, len(paths), alphas)
-  names = unique_names(paths)
-  runs = {n: read_run(p) for n, p in zip(names, paths)}
-  architecture = check_compatible({n: r['config'] for n, r in runs.items()})
+  names = workdir_.unique_names(paths)
+  runs = {n: workdir_.read_run(p) for n, p in zip(names, paths)}
+  architecture = workdir_.check_compatible({n: r['config'] for n, r in runs.items()})
   check_eval_data(config, architecture)
   spread = parallel.Spread(config.parallelism)
   parallel.check_divisible(config.eval_batch_size, jax.device_count())
-  train_data, evals = loop.datasets(config)
+  data = run.make_data(config)
   model_cfg = dict(runs[names[0]]['config']['model'])
   model_cfg.update(adaptive_pool=architecture['model.adaptive_pool'])
   model_cfg.update(dtype=architecture['model.dtype'])
-  model = loop.build_model(ml_collections.ConfigDict(model_cfg), train_data.num_classes)
+  model = run.build_model(ml_collections.ConfigDict(model_cfg), data.train.num_classes)
   size = config.dataset.image_size
   shapes = jax.eval_shape(
     functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((1, size, size, 3))
@@ -561,37 +366,41 @@ def combine(
     except ValueError as e:
       raise ValueError(
         f'run {name} does not fit its model on the eval data '
-        f'({train_data.num_classes} classes): {e}'
+        f'({data.train.num_classes} classes): {e}'
       ) from None
   averaging = any(m in ('uniform_soup', 'greedy_soup', 'wise') for m in methods)
   reset_batches = bn_reset_batches if batch_norm and averaging else 0
-  evaluator = _make_evaluator(config, model, spread, train_data, evals, reset_batches)
-  held_out = 'minival' if 'minival' in evals else 'eval'
+  if reset_batches:
+    parallel.check_divisible(config.batch_size, jax.device_count())
+  evaluator = _make_evaluator(data, model, spread, reset_batches)
+  held_out = data.held_out
   splits = ['eval'] + (['minival'] if held_out == 'minival' else [])
 
-  def scores(evaluate_fn):
-    return {s: evaluate_fn(s) for s in splits}
-
-  results = []
-  for name in names:
-    run = runs[name]
-    results.append(
-      {
-        'method': 'run',
-        'name': name,
-        'members': [name],
-        'plan': run['plan'],
-        'step': run['step'],
-        'bn_reset_applied': False,
-        **scores(functools.partial(evaluator.evaluate, variables[name])),
-      }
+  def result(method, name, members, evaluate_fn, reset=False, **extra):
+    scores = {s: evaluate_fn(s) for s in splits}
+    return dict(
+      method=method, name=name, members=members, **extra, bn_reset_applied=reset, **scores
     )
+
+  results = [
+    result(
+      'run',
+      name,
+      [name],
+      functools.partial(evaluator.evaluate, variables[name]),
+      plan=runs[name]['plan'],
+      step=runs[name]['step'],
+    )
+    for name in names
+  ]
   member_scores = {r['name']: r[held_out]['accuracy'] for r in results}
 
   def average(members, weights_fn):
     """The averaged variables and whether their BN statistics were recomputed."""
     mixed = weights_fn([variables[n] for n in members])
-    same_as_a_run = any(trees_identical(mixed['params'], variables[n]['params']) for n in names)
+    same_as_a_run = any(
+      soups.trees_identical(mixed['params'], variables[n]['params']) for n in names
+    )
     if batch_norm and bn_reset_batches and not same_as_a_run:
       return evaluator.reset_batch_stats(mixed), True
     return mixed, False
@@ -599,61 +408,33 @@ def combine(
   for method in methods:
     if method in OUTPUT_ENSEMBLES:
       members = [variables[n] for n in names]
-      results.append(
-        {
-          'method': method,
-          'name': LABELS[method],
-          'members': list(names),
-          'bn_reset_applied': False,
-          **scores(lambda s: evaluator.evaluate_ensemble(members, method, s)),
-        }
-      )
+      evaluate_fn = lambda s: evaluator.evaluate_ensemble(members, method, s)
+      results.append(result(method, LABELS[method], list(names), evaluate_fn))
     elif method == 'uniform_soup':
-      soup, reset = average(names, mean_tree)
-      results.append(
-        {
-          'method': method,
-          'name': LABELS[method],
-          'members': list(names),
-          'bn_reset_applied': reset,
-          **scores(functools.partial(evaluator.evaluate, soup)),
-        }
-      )
+      soup, reset = average(names, soups.mean_tree)
+      evaluate_fn = functools.partial(evaluator.evaluate, soup)
+      results.append(result(method, LABELS[method], list(names), evaluate_fn, reset))
     elif method == 'greedy_soup':
       # Ranked by their own held-out accuracy; sorted() is stable, so ties keep the given order.
       ranked = sorted(names, key=lambda n: -member_scores[n])
-      soups = {}
+      made = {}
 
       def make_soup(members):
-        soups[tuple(members)] = average(members, mean_tree)
-        return soups[tuple(members)][0]
+        made[tuple(members)] = average(members, soups.mean_tree)
+        return made[tuple(members)][0]
 
-      chosen, soup, trials = greedy_soup(
+      chosen, soup, trials = soups.greedy_soup(
         ranked, make_soup, lambda v: evaluator.evaluate(v, held_out)['accuracy']
       )
-      results.append(
-        {
-          'method': method,
-          'name': LABELS[method],
-          'members': chosen,
-          'trials': trials,
-          'bn_reset_applied': soups[tuple(chosen)][1],
-          **scores(functools.partial(evaluator.evaluate, soup)),
-        }
-      )
+      evaluate_fn = functools.partial(evaluator.evaluate, soup)
+      reset = made[tuple(chosen)][1]
+      results.append(result(method, LABELS[method], chosen, evaluate_fn, reset, trials=trials))
     else:  # wise
       for alpha in alphas:
-        mixed, reset = average(names, lambda vs, a=alpha: interpolate(vs[0], vs[1], a))
-        results.append(
-          {
-            'method': method,
-            'name': f'WiSE-FT α={alpha:g}',
-            'alpha': alpha,
-            'members': list(names),
-            'bn_reset_applied': reset,
-            **scores(functools.partial(evaluator.evaluate, mixed)),
-          }
-        )
+        mixed, reset = average(names, lambda vs, a=alpha: soups.interpolate(vs[0], vs[1], a))
+        evaluate_fn = functools.partial(evaluator.evaluate, mixed)
+        name = f'WiSE-FT α={alpha:g}'
+        results.append(result(method, name, list(names), evaluate_fn, reset, alpha=alpha))
 
   notes = []
   if 'greedy_soup' in methods and held_out == 'eval':
@@ -700,104 +481,20 @@ def combine(
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'combine.json'), 'w') as f:
       json.dump(output, f, indent=2, ensure_ascii=False)
-    with open(os.path.join(workdir, 'combine.md'), 'w') as f:
-      f.write(markdown(output) + '\n')
   return output
 
 
-def _make_evaluator(config, model, spread, train_data, evals, reset_batches) -> Evaluator:
-  pipeline = dict(
-    image_size=config.dataset.image_size,
-    preprocess=config.dataset.preprocess,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
+def _make_evaluator(
+  data: input_pipeline.Data, model: nn.Module, spread: parallel.Spread, reset_batches: int
+) -> Evaluator:
   eval_batches = {
-    k: replayable(
-      functools.partial(
-        input_pipeline.eval_iterator, d, global_batch=config.eval_batch_size, **pipeline
-      ),
-      input_pipeline.num_eval_steps(d.num_examples, config.eval_batch_size),
+    name: replayable(
+      functools.partial(data.eval_batches, name),
+      input_pipeline.num_eval_steps(split.num_examples, data.eval_batch),
     )
-    for k, d in evals.items()
+    for name, split in data.evals.items()
   }
   train_batches = None
   if reset_batches:
-    parallel.check_divisible(config.batch_size, jax.device_count())
-    train_batches = replayable(
-      functools.partial(
-        input_pipeline.train_iterator,
-        train_data,
-        global_batch=config.batch_size,
-        augment=config.dataset.augment,
-        seed=config.seed,
-        shuffle_buffer=config.dataset.shuffle_buffer,
-        **pipeline,
-      ),
-      int(reset_batches),
-    )
-  return Evaluator(model, spread, eval_batches, train_batches, config.dataset.image_size)
-
-
-# --- The table. --------------------------------------------------------------------------------
-
-
-def markdown(output: Mapping[str, Any]) -> str:
-  """`combine.json` as a markdown table of accuracies, with its notes."""
-  arch, data = output['architecture'], output['eval']
-  held_out = data['held_out_split'] if not data['held_out_is_eval_split'] else None
-  classes = len(arch['dataset.classes']) or 'all'
-  lines = [
-    f'Runs of {arch["model.name"]} (width {arch["model.width"]:g}, {arch["model.head"]} head, '
-    f'{classes} classes of {arch["dataset.name"]}); exact eval on {data["dataset"]} '
-    f'`{data["eval_split"]}` ({output["results"][0]["eval"]["count"]:,} examples).',
-    '',
-  ]
-  header = ['model', 'combines']
-  if output['batch_norm']:
-    header.append('BatchNorm statistics')
-  if held_out:
-    header.append(f'{held_out} accuracy')
-  header += [f'{data["eval_split"]} accuracy', f'{data["eval_split"]} loss']
-  lines.append('| ' + ' | '.join(header) + ' |')
-  lines.append('|' + '---|' * (len(header) - 2 - bool(held_out)) + '---:|' * (2 + bool(held_out)))
-  for r in output['results']:
-    row = [r['name'], _combines(r)]
-    if output['batch_norm']:
-      row.append(_statistics(r, output['bn_reset_batches']))
-    if held_out:
-      row.append(f'{100 * r[held_out]["accuracy"]:.2f}%')
-    row += [f'{100 * r["eval"]["accuracy"]:.2f}%', f'{r["eval"]["loss"]:.4f}']
-    lines.append('| ' + ' | '.join(row) + ' |')
-  greedy = [r for r in output['results'] if r['method'] == 'greedy_soup']
-  notes = list(output['notes'])
-  for r in greedy:
-    tried = ', '.join(
-      f'+{t["candidate"]} {100 * t["held_out_accuracy"]:.2f}% '
-      f'({"kept" if t["accepted"] else "dropped"})'
-      for t in r['trials']
-    )
-    split = held_out or data['eval_split']
-    notes.append(f'Greedy soup trials ({split} accuracy of the soup with each candidate): {tried}.')
-  if notes:
-    lines += [''] + [f'- {n}' for n in notes]
-  return '\n'.join(lines)
-
-
-def _combines(result: Mapping[str, Any]) -> str:
-  if result['method'] == 'run':
-    return f'run ({result["plan"]}, step {result["step"]})'
-  if result['method'] == 'wise':
-    a, b = result['members']
-    return f'(1-α)·{a} + α·{b}'
-  return ', '.join(result['members'])
-
-
-def _statistics(result: Mapping[str, Any], reset_batches: int) -> str:
-  if result['bn_reset_applied']:
-    return f'recomputed ({reset_batches} batches)'
-  if result['method'] in ('run', *OUTPUT_ENSEMBLES):
-    return 'stored'
-  if reset_batches:
-    return "stored (weights equal a run's)"
-  return 'averaged (not recomputed)'
+    train_batches = replayable(functools.partial(data.train_batches, 0), int(reset_batches))
+  return Evaluator(model, spread, eval_batches, train_batches, data.image_size)

@@ -5,7 +5,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ftlab import checkpoint, loop
+from ftlab import checkpoint, loop, run
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -44,7 +44,7 @@ def main(argv):
     loop.train_and_evaluate(
       FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change
     )
-  except loop.ConfigError as e:
+  except run.ConfigError as e:  # typed errors only: anything else keeps its traceback
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)

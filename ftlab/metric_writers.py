@@ -18,18 +18,18 @@ class MetricWriter:
   """Appends `{'step': n, 'train/loss': ..., ...}` lines and TensorBoard scalars.
 
   Args:
-    workdir: the run directory; writes `metrics.jsonl` and `tensorboard/` in it.
+    jsonl_path: the JSON-lines file, appended to (a resumed run continues it).
+    tensorboard_dir: the TensorBoard event directory.
     enabled: False on processes that must not write.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, jsonl_path: str, tensorboard_dir: str, enabled: bool = True):
     self.enabled = enabled
     self._jsonl = self._tb = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      # Append: a resumed run continues the file of the run it resumes.
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+      os.makedirs(os.path.dirname(jsonl_path) or '.', exist_ok=True)
+      self._jsonl = open(jsonl_path, 'a')
+      self._tb = tf.summary.create_file_writer(tensorboard_dir)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:

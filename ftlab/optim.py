@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ftlab import policies
-from ftlab.policies import Plan
+from ftlab import paths, policies
+from ftlab.policies import Plan, PlanError
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 SCHEDULES = ('cosine', 'constant')
@@ -43,7 +43,7 @@ def learning_rate_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
   warmup = int(_get(cfg, 'warmup_steps', 0))
   name = _get(cfg, 'schedule', 'cosine')
   if name not in SCHEDULES:
-    raise ValueError(f'unknown schedule {name!r}; valid: {", ".join(SCHEDULES)}')
+    raise PlanError(f'unknown schedule {name!r}; valid: {", ".join(SCHEDULES)}')
   if name == 'cosine':
     return optax.warmup_cosine_decay_schedule(
       0.0, lr, warmup, decay_steps=max(int(total_steps), warmup + 1), end_value=0.0
@@ -62,13 +62,11 @@ def scale_by_multipliers(multipliers: Any) -> optax.GradientTransformation:
   )
 
 
-def _path(key_path) -> str:
-  return '/'.join(str(getattr(k, 'key', k)) for k in key_path)
-
-
 def _by_path(values: Mapping[str, Any], params: Any, default: Any = None) -> Any:
   """A tree like `params` (MaskedNodes kept) holding `values[path]` at each leaf."""
-  return jax.tree_util.tree_map_with_path(lambda kp, _: values.get(_path(kp), default), params)
+  return jax.tree_util.tree_map_with_path(
+    lambda kp, _: values.get(paths.from_key_path(kp), default), params
+  )
 
 
 class L2SPState(NamedTuple):
@@ -88,8 +86,10 @@ def add_l2_sp(
 
   def init(params):
     def leaf(kp, x):
-      coef, toward_anchor = coefficients[_path(kp)]
-      return jnp.asarray(anchor[_path(kp)], x.dtype) if toward_anchor and coef else None
+      coef, toward_anchor = coefficients[paths.from_key_path(kp)]
+      return (
+        jnp.asarray(anchor[paths.from_key_path(kp)], x.dtype) if toward_anchor and coef else None
+      )
 
     return L2SPState(jax.tree_util.tree_map_with_path(leaf, params))
 
@@ -181,7 +181,7 @@ def make(
   """
   name = _get(cfg, 'name', 'sgd')
   if name not in OPTIMIZERS:
-    raise ValueError(f'unknown optimizer {name!r}; valid: {", ".join(OPTIMIZERS)}')
+    raise PlanError(f'unknown optimizer {name!r}; valid: {", ".join(OPTIMIZERS)}')
   weight_decay = float(_get(cfg, 'weight_decay', 0.0))
   clip = float(_get(cfg, 'grad_clip_norm', 0.0))
   chain = [optax.clip_by_global_norm(clip)] if clip > 0 else []

@@ -1,17 +1,107 @@
-"""Names of parameters and tensors: separator-joined paths, and how to summarise long lists of them.
+"""Parameter paths: one spelling for every module.
 
-A parameter of ftlab's VGG is named by its pytree path joined with '/'
-(`block1_conv1/kernel`); torch state dicts join with '.' (`features.0.weight`). Error messages
-about many names (a checkpoint that does not fit, a weight file with a VGG inside) stay
-readable by listing a few names and the prefixes the rest share.
+A parameter is named by its pytree path joined with '/': `block1_conv1/kernel`,
+`block1_conv1_bn/scale`, `predictions/bias` (torch state dicts, read by `ftlab.porting`, join
+with '.'). This module turns trees into `{path: leaf}` and back, key paths into paths, matches
+regex rules against whole paths (`re.fullmatch`), splits a tree by a boolean mask and merges
+the parts, and keeps error messages about many names readable (a few names, and the prefixes
+the rest share).
 """
 
 from __future__ import annotations
 
 import collections
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from flax import traverse_util
+
+SEP = '/'
+PyTree = Any
+
+
+def flatten(tree: PyTree) -> dict[str, Any]:
+  """`{'a': {'b': x}}` -> `{'a/b': x}`, in sorted path order (nested dicts only)."""
+  return dict(sorted(traverse_util.flatten_dict(tree, sep=SEP).items()))
+
+
+def unflatten(flat: Mapping[str, Any]) -> PyTree:
+  """`{'a/b': x}` -> `{'a': {'b': x}}`: the inverse of `flatten`."""
+  return traverse_util.unflatten_dict(dict(flat), sep=SEP)
+
+
+def from_key_path(key_path: Sequence[Any]) -> str:
+  """A `jax.tree_util` key path (dict keys, attributes, indices) -> its '/'-joined path."""
+  return SEP.join(
+    str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in key_path
+  )
+
+
+def split(tree: PyTree, mask: PyTree) -> tuple[dict[str, Any], dict[str, Any]]:
+  """`(selected, rest)`: the flat leaves of `tree` where the boolean `mask` tree is True,
+  and the others. `merge(selected, rest)` is `tree` again."""
+  flags, leaves = flatten(mask), flatten(tree)
+  return (
+    {p: x for p, x in leaves.items() if flags[p]},
+    {p: x for p, x in leaves.items() if not flags[p]},
+  )
+
+
+def merge(*parts: Mapping[str, Any]) -> PyTree:
+  """One tree from flat parts with disjoint paths (`split`'s inverse)."""
+  return unflatten({p: x for part in parts for p, x in part.items()})
+
+
+def compile_rules(patterns: Sequence[str], what: str, error: type = ValueError) -> list:
+  """Compiled regexes; `error` names the first that is not a valid regex."""
+  compiled = []
+  for pattern in patterns:
+    try:
+      compiled.append(re.compile(pattern))
+    except re.error as e:
+      raise error(f'{what}: {pattern!r} is not a valid regex ({e})') from None
+  return compiled
+
+
+def match_rules(
+  paths: Sequence[str],
+  patterns: Sequence[str],
+  what: str,
+  *,
+  error: type = ValueError,
+  allow_unused: bool = False,
+) -> dict[str, list[int]]:
+  """For each path, the indices of the patterns that fully match it (`re.fullmatch`).
+
+  Args:
+    paths: the paths to match.
+    patterns: regexes, each matched against whole paths.
+    what: what the rules are, for messages (`policy regex`, `dont_load`).
+    error: the exception class to raise.
+    allow_unused: accept a pattern that matches no path (see `unused`).
+
+  Raises:
+    `error`: a pattern is not a valid regex, or (unless `allow_unused`) matches no path.
+  """
+  compiled = compile_rules(patterns, what, error)
+  matches = {p: [i for i, c in enumerate(compiled) if c.fullmatch(p)] for p in paths}
+  missing = unused(matches, patterns)
+  if missing and not allow_unused:
+    example = f' (paths look like {paths[0]!r})' if paths else ''
+    raise error(f'{what}: regex {", ".join(map(repr, missing))} matches no parameter{example}')
+  return matches
+
+
+def unused(matches: Mapping[str, list[int]], patterns: Sequence[str]) -> list[str]:
+  """The patterns of `match_rules` that match no path."""
+  used = {i for found in matches.values() for i in found}
+  return [pattern for i, pattern in enumerate(patterns) if i not in used]
+
+
+def doubled(matches: Mapping[str, list[int]]) -> list[str]:
+  """The paths that more than one rule of `match_rules` matches."""
+  return [p for p, found in matches.items() if len(found) > 1]
 
 
 def common_prefix(names: Iterable[str], sep: str = '/') -> str:

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
-from flax import traverse_util
 
 from ftlab import policy_syntax, sparse_masks
 from ftlab.models.vgg import BlockStructure
+from ftlab.paths import doubled, flatten, match_rules, unflatten
+from ftlab.policy_syntax import PlanError
 
 PyTree = Any
 PolicyFn = Callable[[list[str], BlockStructure, Any], set[str]]
@@ -83,15 +83,6 @@ class Stage:
     return f'{self.schedule} [stage {self.index + 1}/{self.count}: {inner}]'
 
 
-def flatten(tree: PyTree) -> dict[str, Any]:
-  """`{'a': {'b': x}}` -> `{'a/b': x}`, in sorted path order."""
-  return dict(sorted(traverse_util.flatten_dict(tree, sep='/').items()))
-
-
-def unflatten(flat: Mapping[str, Any]) -> PyTree:
-  return traverse_util.unflatten_dict(dict(flat), sep='/')
-
-
 # --- The policies. Each returns the set of trainable paths. ---------------------------------
 
 
@@ -107,7 +98,7 @@ def _with_head(blocks: list, structure: BlockStructure, cfg: Any) -> list:
 def _check_k(k: Any, structure: BlockStructure, name: str) -> int:
   n = len(structure.blocks)
   if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
-    raise ValueError(f'policy {name}: k={k!r} is not a block count in 1..{n}')
+    raise PlanError(f'policy {name}: k={k!r} is not a block count in 1..{n}')
   return k
 
 
@@ -137,11 +128,11 @@ def blocks(paths, structure, cfg):
   chosen = []
   requested = list(_get(cfg, 'blocks', ()))
   if not requested:
-    raise ValueError(f'policy blocks: blocks=[] names no block; valid: {list(by_name)}')
+    raise PlanError(f'policy blocks: blocks=[] names no block; valid: {list(by_name)}')
   for b in requested:
     name = f'block{b}' if isinstance(b, int) else str(b)
     if name not in by_name:
-      raise ValueError(f'policy blocks: block {b!r} does not exist; valid: {list(by_name)}')
+      raise PlanError(f'policy blocks: block {b!r} does not exist; valid: {list(by_name)}')
     chosen.append(by_name[name])
   return _layers_of(_with_head(chosen, structure, cfg), paths)
 
@@ -158,17 +149,15 @@ def regex(paths, structure, cfg):
   del structure
   rules = [(p, True) for p in _get(cfg, 'trainable', ())]
   rules += [(p, False) for p in _get(cfg, 'frozen', ())]
-  matches = match_rules(paths, [p for p, _ in rules], 'policy regex')
+  matches = match_rules(paths, [p for p, _ in rules], 'policy regex', error=PlanError)
   uncovered = [p for p in paths if not matches[p]]
-  doubled = [
-    f'{p} ({", ".join(rules[i][0] for i in matches[p])})' for p in paths if len(matches[p]) > 1
-  ]
-  if uncovered or doubled:
-    raise ValueError(
+  twice = [f'{p} ({", ".join(rules[i][0] for i in matches[p])})' for p in doubled(matches)]
+  if uncovered or twice:
+    raise PlanError(
       'policy regex: every parameter must match exactly one rule; '
       + (f'uncovered: {", ".join(uncovered)}' if uncovered else '')
-      + ('; ' if uncovered and doubled else '')
-      + (f'matched twice: {"; ".join(doubled)}' if doubled else '')
+      + ('; ' if uncovered and twice else '')
+      + (f'matched twice: {"; ".join(twice)}' if twice else '')
     )
   return {p for p in paths if rules[matches[p][0]][1]}
 
@@ -188,28 +177,6 @@ POLICIES = {**LEAF_POLICIES, **sparse_masks.ELEMENT_POLICIES}
 # --- Rules, config access and the plan. -------------------------------------------------------
 
 
-def match_rules(paths: list[str], patterns: list[str], what: str) -> dict[str, list[int]]:
-  """For each path, the indices of the patterns that fully match it.
-
-  Raises:
-    ValueError: a pattern is not a valid regex, or matches no path.
-  """
-  compiled = []
-  for pattern in patterns:
-    try:
-      compiled.append(re.compile(pattern))
-    except re.error as e:
-      raise ValueError(f'{what}: {pattern!r} is not a valid regex ({e})') from None
-  matches = {p: [i for i, c in enumerate(compiled) if c.fullmatch(p)] for p in paths}
-  unused = [pat for i, pat in enumerate(patterns) if not any(i in m for m in matches.values())]
-  if unused:
-    raise ValueError(
-      f'{what}: regex {", ".join(map(repr, unused))} matches no parameter '
-      f'(paths look like {paths[0]!r})'
-    )
-  return matches
-
-
 def _get(cfg: Any, key: str, default: Any) -> Any:
   if cfg is None:
     return default
@@ -224,10 +191,10 @@ def lr_multipliers(paths: list[str], trainable: set[str], cfg: Any) -> dict[str,
   two rules is an error.
   """
   rules = [(str(p), float(m)) for p, m in _get(cfg, 'lr_multipliers', ())]
-  matches = match_rules(paths, [p for p, _ in rules], 'lr_multipliers')
-  doubled = [p for p in paths if len(matches[p]) > 1]
-  if doubled:
-    raise ValueError(f'lr_multipliers: paths matched by more than one rule: {", ".join(doubled)}')
+  matches = match_rules(paths, [p for p, _ in rules], 'lr_multipliers', error=PlanError)
+  twice = doubled(matches)
+  if twice:
+    raise PlanError(f'lr_multipliers: paths matched by more than one rule: {", ".join(twice)}')
   return {
     p: (rules[matches[p][0]][1] if matches[p] else 1.0) if p in trainable else 0.0 for p in paths
   }
@@ -270,7 +237,7 @@ def _normalise(level: Any) -> Any:
 
 
 def check_policy_name(name: Any, config: Any = None) -> policy_syntax.Expression:
-  """Parses `name` as a plan expression; raises a one-line ValueError if it is not one."""
+  """Parses `name` as a plan expression; raises a one-line PlanError if it is not one."""
   return policy_syntax.parse(name, config)
 
 
@@ -288,7 +255,7 @@ def plan_stages(structure: BlockStructure, cfg: Any, total_steps: int | None = N
   steps_arg = 'probe_steps' if schedule.name == 'lp_ft' else 'stage_steps'
   n = schedule.get(steps_arg)
   if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-    raise ValueError(f'{schedule.name}: {steps_arg}={n!r} is not a positive number of steps')
+    raise PlanError(f'{schedule.name}: {steps_arg}={n!r} is not a positive number of steps')
   if schedule.name == 'lp_ft':
     sets = [policy_syntax.Call('linear_probe'), policy_syntax.Call('full')]
   else:
@@ -298,7 +265,7 @@ def plan_stages(structure: BlockStructure, cfg: Any, total_steps: int | None = N
   starts = [i * n for i in range(len(sets))]
   if total_steps is not None:
     if schedule.name == 'lp_ft' and n >= total_steps:
-      raise ValueError(f'lp_ft: probe_steps={n} leaves no fine-tuning in {total_steps} steps')
+      raise PlanError(f'lp_ft: probe_steps={n} leaves no fine-tuning in {total_steps} steps')
     sets = sets[: max(1, sum(s < total_steps for s in starts))]
   count = len(sets)
   return [
@@ -339,7 +306,7 @@ def _shaped_lr(
     return {p: 1.0 for p in paths}
   if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
     value = rate if 'layerwise' in what else factor
-    raise ValueError(f'{what}={value!r} is out of range (decay in (0, 1], factor >= 1)')
+    raise PlanError(f'{what}={value!r} is out of range (decay in (0, 1], factor >= 1)')
   depth = {layer: i for i, unit in enumerate(units) for layer in unit}
   top = len(units) - 1
   return {p: float(rate ** (top - depth.get(p.split('/')[0], top))) for p in paths}
@@ -354,7 +321,7 @@ def _l2_sp(
   alpha, beta = call.get('alpha', 0.0), call.get('beta', 0.0)
   for key, value in (('alpha', alpha), ('beta', beta)):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-      raise ValueError(f'l2_sp: {key}={value!r} is not a non-negative number')
+      raise PlanError(f'l2_sp: {key}={value!r} is not a non-negative number')
   head = _layers_of([structure.head], paths)
   return {
     p: (float(beta), False) if p in head else (float(alpha), True) for p in paths if p in trainable
@@ -385,7 +352,7 @@ def make_plan(
     The plan.
 
   Raises:
-    ValueError: unknown policy, bad arguments, or a plan that trains nothing.
+    PlanError: unknown policy, bad arguments, or a plan that trains nothing.
   """
   stage = stage or plan_stages(structure, cfg)[0]
   flat = flatten(params)
@@ -399,7 +366,7 @@ def make_plan(
   label = stage.label(str(stage.expression))
   trainable = {p for p, v in levels.items() if np.any(np.asarray(v) > FROZEN)}
   if not trainable:
-    raise ValueError(f'plan {label} trains no parameter; choose a policy that trains something')
+    raise PlanError(f'plan {label} trains no parameter; choose a policy that trains something')
   mods = {m.name: m for m in stage.expression.modifiers}
   shape = _shaped_lr(paths, structure, mods)
   mults = {p: m * shape[p] for p, m in lr_multipliers(paths, trainable, cfg).items()}

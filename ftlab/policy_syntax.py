@@ -51,6 +51,10 @@ CONFIG_FIELDS = ('k', 'blocks', 'train_head', 'trainable', 'frozen')
 OPERATORS = {ast.BitOr: '|', ast.BitAnd: '&', ast.Sub: '-'}
 
 
+class PlanError(ValueError):
+  """A plan that cannot be made: a bad expression, policy argument or rule, in one line."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Call:
   """One policy, modifier or schedule with its arguments (by parameter name)."""
@@ -104,14 +108,14 @@ class Expression:
     return out
 
 
-def _error(text: str, message: str) -> ValueError:
-  return ValueError(f'plan {text!r}: {message}')
+def _error(text: str, message: str) -> PlanError:
+  return PlanError(f'plan {text!r}: {message}')
 
 
-def _unknown(name: str, text: str) -> ValueError:
+def _unknown(name: str, text: str) -> PlanError:
   close = difflib.get_close_matches(name, ALL, n=1)
   hint = f" (did you mean '{close[0]}'?)" if close else ''
-  return ValueError(f'unknown policy {name!r}{hint}; valid: {", ".join(sorted(ALL))}')
+  return PlanError(f'unknown policy {name!r}{hint}; valid: {", ".join(sorted(ALL))}')
 
 
 def _call(node: ast.AST, text: str, config: Any) -> Call:
@@ -178,10 +182,10 @@ def parse(text: Any, config: Any = None) -> Expression:
   """Parses a plan expression; bare names take their arguments from `config` (policy section).
 
   Raises:
-    ValueError: a syntax error, unknown name or argument, or a misplaced term, in one line.
+    PlanError: a syntax error, unknown name or argument, or a misplaced term, in one line.
   """
   if not isinstance(text, str) or not text.strip():
-    raise ValueError(f'policy {text!r} is empty; write e.g. full, last_blocks(2), bitfit | fc')
+    raise PlanError(f'policy {text!r} is empty; write e.g. full, last_blocks(2), bitfit | fc')
   try:
     tree = ast.parse(text.strip(), mode='eval').body
   except SyntaxError as e:

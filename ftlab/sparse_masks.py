@@ -13,6 +13,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from ftlab.policy_syntax import PlanError
+
 # Entry levels of a trainable set, ordered so that union is max and intersection is min.
 FROZEN, RESAMPLED, TRAINED = 0, 1, 2
 
@@ -30,7 +32,7 @@ def _backbone_and_head(paths, structure, cfg) -> tuple[list[str], set[str]]:
 def _check_fraction(cfg: Any, key: str) -> float:
   value = _get(cfg, key, None)
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-    raise ValueError(f'policy {cfg.name}: {key}={value!r} is not a fraction in (0, 1]')
+    raise PlanError(f'policy {cfg.name}: {key}={value!r} is not a fraction in (0, 1]')
   return float(value)
 
 
@@ -73,13 +75,13 @@ def _check_element_args(cfg: Any) -> None:
   which, seed = _get(cfg, 'which', 'largest'), _get(cfg, 'seed', 0)
   num_batches = _get(cfg, 'num_batches', None)
   if which not in ('largest', 'smallest'):
-    raise ValueError(f"policy magnitude: which={which!r} is not 'largest' or 'smallest'")
+    raise PlanError(f"policy magnitude: which={which!r} is not 'largest' or 'smallest'")
   if isinstance(seed, bool) or not isinstance(seed, int):
-    raise ValueError(f'policy {cfg.name}: seed={seed!r} is not an int')
+    raise PlanError(f'policy {cfg.name}: seed={seed!r} is not an int')
   if num_batches is not None and (
     isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
   ):
-    raise ValueError(f'policy {cfg.name}: num_batches={num_batches!r} is not a positive int')
+    raise PlanError(f'policy {cfg.name}: num_batches={num_batches!r} is not a positive int')
 
 
 def _random_scores(paths, cfg, ctx):
@@ -94,7 +96,7 @@ def _magnitude_scores(paths, cfg, ctx):
 
 def _fisher_scores(paths, cfg, ctx):
   if ctx.fisher_fn is None:
-    raise ValueError(f'policy {cfg.name} needs gradients of the training data (fisher_fn)')
+    raise PlanError(f'policy {cfg.name} needs gradients of the training data (fisher_fn)')
   scores = ctx.fisher_fn(_get(cfg, 'num_batches', None))
   return {p: np.asarray(scores[p]) for p in paths}
 

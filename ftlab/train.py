@@ -13,7 +13,7 @@ as the very same arrays.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import flax
 import flax.linen as nn
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from ftlab import policies
+from ftlab import paths, policies
 from ftlab.parallel import AXIS, BROADCAST, REPLICATED, SHARDED
 
 PyTree = Any
@@ -108,13 +108,10 @@ def train_step(
     (global norm of the trainable gradient) and `lr`.
   """
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
-  mask = policies.flatten(trainable_mask)
-  flat_params = policies.flatten(state.params)
-  trainable = {p: x for p, x in flat_params.items() if mask[p]}
-  frozen = {p: x for p, x in flat_params.items() if not mask[p]}
+  trainable, frozen = paths.split(state.params, trainable_mask)
 
   def loss_fn(trainable):
-    params = policies.unflatten({**frozen, **trainable})
+    params = paths.merge(frozen, trainable)
     logits, new_vars = model.apply(
       _variables(params, state.batch_stats),
       batch['image'],
@@ -128,9 +125,9 @@ def train_step(
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
   grads = lax.pmean(grads, AXIS)
   # The optimizer sees the full tree; frozen gradients are constants it maps to zero.
-  full_grads = policies.unflatten({**{p: jnp.zeros_like(x) for p, x in frozen.items()}, **grads})
+  full_grads = paths.merge({p: jnp.zeros_like(x) for p, x in frozen.items()}, grads)
   updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
-  flat_updates = policies.flatten(updates)
+  flat_updates = paths.flatten(updates)
   new_trainable = {p: (x + flat_updates[p]).astype(x.dtype) for p, x in trainable.items()}
   metrics = {
     'loss': loss,
@@ -150,7 +147,7 @@ def train_step(
     metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
   new_state = state.replace(
     step=state.step + 1,
-    params=policies.unflatten({**frozen, **new_trainable}),
+    params=paths.merge(frozen, new_trainable),
     batch_stats=batch_stats,
     opt_state=opt_state,
   )
@@ -200,14 +197,11 @@ def fisher_step(
   Returns:
     `{'squared_grads': {path: sum of g**2}, 'count': number of real examples}`.
   """
-  mask = policies.flatten(trainable_mask)
-  flat_params = policies.flatten(state.params)
-  scored = {p: x for p, x in flat_params.items() if mask[p]}
-  fixed = {p: x for p, x in flat_params.items() if not mask[p]}
+  scored, fixed = paths.split(state.params, trainable_mask)
   weights = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32)).astype(jnp.float32)
 
   def example_loss(leaves, image, label):
-    params = policies.unflatten({**fixed, **leaves})
+    params = paths.merge(fixed, leaves)
     logits = model.apply(_variables(params, state.batch_stats), image[None], train=False)
     return cross_entropy(logits, label[None]).sum()
 
@@ -237,6 +231,25 @@ def eval_metrics(sums: dict) -> dict:
     'accuracy': float(sums['correct']) / count,
     'count': int(sums['count']),
   }
+
+
+def evaluate(p_eval_step: Callable, state: Any, spread: Any, batches: Iterable[dict]) -> dict:
+  """Exact eval: `p_eval_step`'s sums over every (padded, masked) batch, then means on the host.
+
+  Args:
+    p_eval_step: a spread `eval_step` (`compile_steps`), or any step returning its sums.
+    state: what the step takes first (the replicated state).
+    spread: the `Spread` the step was compiled for.
+    batches: this process's padded host batches (`input_pipeline.eval_iterator`).
+
+  Returns:
+    `loss`, `accuracy` and `count` (see `eval_metrics`).
+  """
+  totals = None
+  for batch in batches:
+    sums = p_eval_step(state, spread.shard(batch))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  return eval_metrics(jax.device_get(spread.unreplicate(totals)))
 
 
 def compile_steps(

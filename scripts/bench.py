@@ -87,6 +87,7 @@ def check_args(args: argparse.Namespace) -> None:
       raise BenchError(f'--report-only: no file {args.report_only}')
     return
   from ftlab import policies
+  from ftlab import run as ftlab_run
   from ftlab.models import vgg
 
   args.frameworks = [f.strip() for f in args.frameworks.split(',') if f.strip()]
@@ -105,7 +106,7 @@ def check_args(args: argparse.Namespace) -> None:
     raise BenchError(f'--image-size must be at least {vgg.MIN_INPUT_SIZE}, got {args.image_size}')
   try:
     model = vgg.by_name(args.model, num_classes=args.num_classes, head=args.head, width=args.width)
-    vgg.resolve_conv_lowering(args.conv_lowering)
+    args.conv_lowering = ftlab_run.resolve_conv_lowering(args.conv_lowering)
     shapes = param_shapes(model, args.image_size)
     for plan_name in args.plans:
       cfg = policy_config(plan_name)
@@ -181,10 +182,10 @@ def layer_program(depth: int, batch_norm: bool, width: float, head: str):
 def layer_trainable(plan) -> dict[str, dict[str, bool]]:
   """{layer: {leaf: trains}} from the plan's leaf mask (a partly masked leaf counts as
   trainable: the other frameworks train it whole)."""
-  from ftlab import policies
+  from ftlab import paths
 
   out = {}
-  for path, trains in policies.flatten(plan.trainable_mask).items():
+  for path, trains in paths.flatten(plan.trainable_mask).items():
     layer, leaf = path.split('/')
     out.setdefault(layer, {})[leaf] = bool(trains)
   return out
@@ -241,7 +242,7 @@ class FtlabRunner:
     import jax
 
     from configs import default
-    from ftlab import optim, policies, train
+    from ftlab import optim, paths, policies, train
 
     plan = policies.make_plan(
       self.variables['params'], self.model.block_structure(), policy_config(plan_name)
@@ -255,13 +256,13 @@ class FtlabRunner:
     compile_sec = time.perf_counter() - start
     trainable, total = policies.trainable_count(plan, self.variables['params'])
     nbytes = lambda tree: int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
-    mask = policies.flatten(plan.trainable_mask)
+    mask = paths.flatten(plan.trainable_mask)
     info = {
       'compile_sec': compile_sec,
       'step_flops': flops(compiled),
       'param_bytes': nbytes(self.variables['params']),
       'trainable_param_bytes': nbytes(
-        [x for p, x in policies.flatten(self.variables['params']).items() if mask[p]]
+        [x for p, x in paths.flatten(self.variables['params']).items() if mask[p]]
       ),
       'opt_state_bytes': nbytes(host_state.opt_state),
       'trainable_params': int(trainable),
@@ -576,8 +577,6 @@ def rewrite_readme(path: str, table: str) -> None:
 def run(args) -> dict:
   import jax
 
-  from ftlab.models import vgg
-
   result = {
     'config': {
       'model': args.model,
@@ -595,7 +594,7 @@ def run(args) -> dict:
       'devices': args.devices,
       'device_kind': jax.local_devices()[0].device_kind,
       'backend': jax.default_backend(),
-      'conv_lowering': vgg.resolve_conv_lowering(args.conv_lowering),
+      'conv_lowering': args.conv_lowering,  # resolved for the backend by check_args
       'cpu_count': os.cpu_count(),
       'platform': platform.processor() or platform.machine(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),

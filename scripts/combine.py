@@ -19,10 +19,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from ftlab import checkpoint, ensemble  # noqa: E402
+from scripts.combine_report import markdown  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -84,8 +86,12 @@ def main(argv):
       workdir=FLAGS.workdir,
     )
   except (ValueError, FileNotFoundError) as e:
-    fail(str(e).strip('"\''))
-  print(ensemble.markdown(output))
+    fail(str(e))
+  table = markdown(output)
+  if jax.process_index() == 0:  # as combine.json: one writer
+    with open(os.path.join(FLAGS.workdir, 'combine.md'), 'w') as f:
+      f.write(table + '\n')
+  print(table)
 
 
 if __name__ == '__main__':

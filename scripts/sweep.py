@@ -51,7 +51,7 @@ import jax  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ftlab import loop  # noqa: E402
+from ftlab import run as ftlab_run  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
@@ -133,7 +133,7 @@ def check_grid(grid: dict, runs: list[Run], workdir: str) -> None:
     config = parse_config(run_flags(grid, Run(plan, runs[0].seed, runs[0].lr), workdir))
     try:
       # The class count sizes the head only; it never changes which parameters train.
-      loop.check_plans(config, len(config.dataset.classes) or 10)
+      ftlab_run.check_plans(config, len(config.dataset.classes) or 10)
     except (ValueError, KeyError, TypeError) as e:
       raise BadInput(f'plan {plan!r}: {last_line(str(e))}') from e
   seen = {}

@@ -23,14 +23,14 @@ def eight_devices():
 def fashion_mnist_prepared():
   """Prepares the `runlocal` configs' dataset (tfds default data_dir, Debian IDX files)
   before any test or subprocess reads it: two workers preparing it at once would race."""
-  from ftlab import input_pipeline
+  from ftlab import datasets
 
-  if not os.path.isdir(input_pipeline.DEBIAN_FASHION_MNIST_DIR):
+  if not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR):
     return
   with open(os.path.join(tempfile.gettempdir(), 'ftlab-tests-tfds.lock'), 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-      input_pipeline.build_dataset('fashion_mnist', 'test[:1]')
+      datasets.build_dataset('fashion_mnist', 'test[:1]')
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -39,11 +39,11 @@ def fashion_mnist_prepared():
 def fake(tmp_path_factory):
   """`build_dataset` keyword arguments for a prepared fake Fashion-MNIST whose images carry
   their index (tests/test_input_pipeline.py: `write_fake_fashion_mnist`, `ids_of`)."""
-  from ftlab import input_pipeline
+  from ftlab import datasets
   from tests.test_input_pipeline import write_fake_fashion_mnist
 
   root = tmp_path_factory.mktemp('fake_fashion_mnist')
   write_fake_fashion_mnist(str(root / 'idx'))
   kwargs = dict(data_dir=str(root / 'data'), fashion_mnist_dir=str(root / 'idx'))
-  input_pipeline.build_dataset('fashion_mnist', 'train', **kwargs)  # prepare once
+  datasets.build_dataset('fashion_mnist', 'train', **kwargs)  # prepare once
   return kwargs

@@ -7,7 +7,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ftlab import checkpoint, loop, policies
+from ftlab import checkpoint, loop, paths
 
 
 def plain_vgg11(config):
@@ -30,4 +30,4 @@ def params_of(workdir, num_classes=10, step=None, model=None):
   )['params']
   fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
-  return policies.flatten(checkpoint.load_params(ckpt_dir, fresh, step=step))
+  return paths.flatten(checkpoint.load_params(ckpt_dir, fresh, step=step))

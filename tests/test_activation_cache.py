@@ -9,14 +9,12 @@ import functools
 import itertools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from configs import default
-from ftlab import activation_cache, input_pipeline, optim, parallel, policies, train
-from ftlab.models import vgg
+from ftlab import activation_cache, datasets, input_pipeline, optim, parallel, policies, train
+from tests import fakes
 from tests.test_input_pipeline import eval_ids, ids_of
 from tests.test_train import SGD
 
@@ -24,49 +22,31 @@ BATCH, EVAL_BATCH, STEPS = 16, 32, 8  # 100 training examples: step 7 starts epo
 
 
 def tiny(batch_norm=False, head='gap', **kw):
-  return vgg.VGG(depth=11, batch_norm=batch_norm, num_classes=10, head=head, width=1 / 8, **kw)
-
-
-def random_like(shapes, seed=0):
-  """Variables drawn on the host (no compile): fan-in scaled kernels, and BatchNorm
-  statistics far from init's zeros and ones, so a frozen BatchNorm is no identity."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, x):
-    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
-    if name.endswith('kernel'):
-      return rng.normal(0, np.prod(x.shape[:-1]) ** -0.5, x.shape).astype(x.dtype)
-    if name.endswith(('scale', 'var')):
-      return (1 + 0.3 * rng.random(x.shape)).astype(x.dtype)
-    return rng.normal(0, 0.1, x.shape).astype(x.dtype)  # biases, BatchNorm shift and mean
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+  return fakes.tiny_vgg(batch_norm, head, num_classes=10, width=1 / 8, **kw)
 
 
 def make_plan(model, policy, shapes_only=False):
-  init = functools.partial(model.init, train=False)
-  variables = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  if not shapes_only:
-    variables = random_like(variables)
+  variables = fakes.shapes(model) if shapes_only else fakes.random_variables(model)
   plan = policies.make_plan(variables['params'], model.block_structure(), ConfigDict(policy))
   return variables, plan
 
 
-def config_for(fake, mode='memory', augment='none'):
-  config = default.get_config()
-  config.dataset.data_dir = fake['data_dir']
-  config.dataset.local_dir = fake['fashion_mnist_dir']
-  config.dataset.augment = augment
-  config.dataset.shuffle_buffer = 64  # smaller than the split: the buffer's order matters
-  config.batch_size, config.eval_batch_size = BATCH, EVAL_BATCH
-  config.activation_cache = mode
-  return config
+# A shuffle buffer smaller than the split: the buffer's order matters.
+ORDER = input_pipeline.BatchOrder(BATCH, seed=0, shuffle_buffer=64)
+
+
+def data_for(splits, augment='none'):
+  """The run's `Data` over the fake splits: 32 px, unit preprocessing."""
+  train_data, eval_data = splits
+  return input_pipeline.Data(
+    train_data, {'eval': eval_data}, ORDER, EVAL_BATCH, 32, 'unit', augment
+  )
 
 
 @pytest.fixture(scope='module')
 def splits(fake):
-  train_data = input_pipeline.build_dataset('fashion_mnist', 'train', **fake)
-  eval_data = input_pipeline.build_dataset('fashion_mnist', 'test[:50]', **fake)
+  train_data = datasets.build_dataset('fashion_mnist', 'train', **fake)
+  eval_data = datasets.build_dataset('fashion_mnist', 'test[:50]', **fake)
   return train_data, eval_data
 
 
@@ -129,23 +109,22 @@ def test_refusals(fake, splits):
   with pytest.raises(ValueError, match='trains block5_conv1/bias in the cached prefix'):
     activation_cache.check(tiny(), last, 'head', augment='none')
   with pytest.raises(ValueError, match=r'plan full\(\) leaves no frozen prefix to cache'):
-    activation_cache.check_config(config_for(fake), model, [full])
+    activation_cache.check_mode('memory', model, [full], augment='none')
   with pytest.raises(ValueError, match="augmentation 'flip'"):
-    activation_cache.check_config(config_for(fake, augment='flip'), model, [full, probe])
+    activation_cache.check_mode('memory', model, [full, probe], augment='flip')
   with pytest.raises(ValueError, match="activation_cache 'ram' is not one of"):
-    activation_cache.check_config(config_for(fake, mode='ram'), model, [probe])
-  activation_cache.check_config(config_for(fake), model, [probe, full])  # lp_ft: stage 1
-  activation_cache.check_config(config_for(fake, 'off', 'flip'), model, [full])
-  train_data, _ = splits
+    activation_cache.check_mode('ram', model, [probe], augment='none')
+  activation_cache.check_mode('memory', model, [probe, full], augment='none')  # lp_ft: stage 1
+  activation_cache.check_mode('off', model, [full], augment='flip')
   with pytest.raises(ValueError, match="augmentation 'flip'"):
     activation_cache.prepare(
-      config_for(fake, augment='flip'),
+      'memory',
       model,
       probe,
       variables,
       parallel.Spread(),
-      '/nonexistent',
-      train_data=train_data,
+      data_for(splits, augment='flip'),
+      directory='/nonexistent',
     )
 
 
@@ -155,23 +134,22 @@ def test_refusals(fake, splits):
 )
 def test_order_matches_train_iterator(fake, classes, start_step, process_count):
   """Across epochs, from a resume step, per process, and for a class subset."""
-  data = input_pipeline.build_dataset('fashion_mnist', 'train', classes=classes, **fake)
+  data = datasets.build_dataset('fashion_mnist', 'train', classes=classes, **fake)
   steps = 3 * data.num_examples // BATCH  # three epochs
   # The example at each position of the split (tfds stores the examples shuffled).
   _, ids = eval_ids(data, EVAL_BATCH)
   for process_index in range(process_count):
-    common = dict(
-      global_batch=BATCH,
+    order = input_pipeline.BatchOrder(
+      BATCH,
       seed=3,
-      start_step=start_step,
       shuffle_buffer=32,
       process_index=process_index,
       process_count=process_count,
     )
     images = input_pipeline.train_iterator(
-      data, image_size=28, preprocess='unit', augment='none', **common
+      data, order, image_size=28, preprocess='unit', augment='none', start_step=start_step
     )
-    indices = input_pipeline.train_indices(data.num_examples, **common)
+    indices = input_pipeline.train_indices(data.num_examples, order, start_step=start_step)
     for _ in range(steps - start_step):
       expected = ids_of(next(images)['image'])
       np.testing.assert_array_equal(ids[next(indices)], expected)
@@ -191,19 +169,16 @@ def run(model, variables, plan, spread, train_batches, eval_batches):
   return jax.device_get(spread.unreplicate((metrics, state, sums)))
 
 
-def prepare(fake, splits, model, plan, variables, spread, workdir, mode, **overrides):
-  config = config_for(fake, mode)
-  config.update(overrides)
-  train_data, eval_data = splits
+def prepare(splits, model, plan, variables, spread, workdir, mode, **options):
   return activation_cache.prepare(
-    config,
+    mode,
     model,
     plan,
     variables,
     spread,
-    str(workdir),
-    train_data=train_data,
-    eval_data={'eval': eval_data},
+    data_for(splits),
+    directory=str(workdir / 'activation_cache'),
+    **options,
   )
 
 
@@ -223,22 +198,20 @@ def test_cached_run_is_exact(
   model = tiny(batch_norm, head)
   variables, plan = make_plan(model, policy)
   spread = parallel.Spread(parallelism)
-  prepared = prepare(fake, splits, model, plan, variables, spread, tmp_path, mode)
+  prepared = prepare(splits, model, plan, variables, spread, tmp_path, mode)
   assert (tmp_path / 'activation_cache').exists() == (mode == 'disk')
   if mode == 'disk':
-    check_disk_cache(fake, splits, model, plan, variables, spread, tmp_path, monkeypatch)
+    check_disk_cache(splits, model, plan, variables, spread, tmp_path, monkeypatch)
   train_data, eval_data = splits
   pipeline = dict(image_size=32, preprocess='unit')
-  images = input_pipeline.train_iterator(
-    train_data, global_batch=BATCH, augment='none', seed=0, shuffle_buffer=64, **pipeline
-  )
+  images = input_pipeline.train_iterator(train_data, ORDER, augment='none', **pipeline)
   uncached = run(
     model,
     variables,
     plan,
     spread,
     images,
-    input_pipeline.eval_iterator(eval_data, global_batch=EVAL_BATCH, **pipeline),
+    input_pipeline.eval_iterator(eval_data, ORDER.with_batch(EVAL_BATCH), **pipeline),
   )
   cached = run(
     prepared.model,
@@ -254,14 +227,12 @@ def test_cached_run_is_exact(
   assert uncached[2]['count'] == 50
 
 
-def check_disk_cache(fake, splits, model, plan, variables, spread, workdir, monkeypatch):
+def check_disk_cache(splits, model, plan, variables, spread, workdir, monkeypatch):
   """The disk cache holds what the memory cache holds, and a second run (a resume) reads it;
   'auto' over its memory limit is on disk too."""
   files = sorted(p.name for p in (workdir / 'activation_cache').iterdir())
   assert len(files) == 6 and all(f.endswith(('.bin', '.json', '.labels.npy')) for f in files)
-  caches = lambda mode, **kw: prepare(
-    fake, splits, model, plan, variables, spread, workdir, mode, **kw
-  )
+  caches = lambda mode, **kw: prepare(splits, model, plan, variables, spread, workdir, mode, **kw)
 
   def batches(prepared):
     train_batches = list(itertools.islice(prepared.train_batches(5), 10))
@@ -270,7 +241,7 @@ def check_disk_cache(fake, splits, model, plan, variables, spread, workdir, monk
   memory = batches(caches('memory'))
   with monkeypatch.context() as m:
     m.setattr(activation_cache, 'compute', None)
-    reused = batches(caches('auto', activation_cache_memory_mb=0.0))
+    reused = batches(caches('auto', memory_limit_mb=0.0))
   for a, b in zip(memory, reused):
     assert a.keys() == b.keys()
     for k in a:

@@ -10,7 +10,7 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from ftlab import checkpoint, optim, parallel, policies, train
+from ftlab import checkpoint, optim, parallel, paths, policies, train
 from ftlab.models import vgg
 
 ADAM = dict(name='adam', learning_rate=0.01, schedule='constant')
@@ -232,7 +232,7 @@ def test_load_params_from_a_train_checkpoint_with_another_optimizer(tmp_path):
 def small_params(seed, **shapes):
   rng = np.random.RandomState(seed)
   flat = {p: rng.normal(size=s).astype(np.float32) for p, s in shapes.items()}
-  return policies.unflatten({p.replace('__', '/'): x for p, x in flat.items()})
+  return paths.unflatten({p.replace('__', '/'): x for p, x in flat.items()})
 
 
 STORED = dict(block1_conv1__kernel=(3, 3, 3, 4), block1_conv1__bias=(4,), fc3__bias=(10,))

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from jax import lax
 
+from ftlab import run
 from ftlab.models import vgg
+from ftlab.models.lowering import conv_as_matmul
 
 
 @pytest.mark.parametrize('padding', ['SAME', 'VALID', ((1, 1), (1, 1)), ((2, 0), (0, 1))])
@@ -19,9 +21,9 @@ def test_conv_as_matmul_matches_lax_conv(padding):
   dims = ('NHWC', 'HWIO', 'NHWC')
   conv = lambda f: lambda x, w: f(x, w, (1, 1), padding, dimension_numbers=dims)
   want = conv(lax.conv_general_dilated)(x, w)
-  np.testing.assert_allclose(conv(vgg.conv_as_matmul)(x, w), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(conv(conv_as_matmul)(x, w), want, rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda x, w: jnp.sum(jnp.sin(conv(f)(x, w)))
-  got_grads = jax.grad(loss(vgg.conv_as_matmul), argnums=(0, 1))(x, w)
+  got_grads = jax.grad(loss(conv_as_matmul), argnums=(0, 1))(x, w)
   want_grads = jax.grad(loss(lax.conv_general_dilated), argnums=(0, 1))(x, w)
   for got, expected in zip(got_grads, want_grads):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -33,7 +35,7 @@ def test_conv_as_matmul_falls_back_for_strides():
   args = ((2, 2), 'SAME')
   dims = {'dimension_numbers': ('NHWC', 'HWIO', 'NHWC')}
   np.testing.assert_array_equal(
-    vgg.conv_as_matmul(x, w, *args, **dims), lax.conv_general_dilated(x, w, *args, **dims)
+    conv_as_matmul(x, w, *args, **dims), lax.conv_general_dilated(x, w, *args, **dims)
   )
 
 
@@ -70,9 +72,9 @@ def test_matmul_lowering_matches_conv_forward_and_gradients(name):
 
 
 def test_auto_lowering_is_matmul_on_cpu_and_bad_value_raises():
-  assert vgg.resolve_conv_lowering('auto') == 'matmul'  # the tests run on CPU
+  assert run.resolve_conv_lowering('auto') == 'matmul'  # the tests run on CPU
   with pytest.raises(ValueError, match='conv_lowering'):
-    vgg.resolve_conv_lowering('im2col')
+    run.resolve_conv_lowering('im2col')
 
 
 def test_config_chooses_the_lowering_and_a_bad_one_stops_the_run(tmp_path):
@@ -80,7 +82,8 @@ def test_config_chooses_the_lowering_and_a_bad_one_stops_the_run(tmp_path):
   from ftlab import loop
 
   config = default.get_config('runlocal')
-  assert loop.build_model(config.model, num_classes=10).conv_lowering == 'auto'
+  # `auto` is resolved where the model is built (the model asks no device): matmul on CPU.
+  assert loop.build_model(config.model, num_classes=10).conv_lowering == 'matmul'
   config.model.conv_lowering = 'conv'
   assert loop.build_model(config.model, num_classes=10).conv_lowering == 'conv'
   config.model.conv_lowering = 'im2col'

@@ -7,66 +7,30 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import demo
-from ftlab import checkpoint, ensemble, input_pipeline, loop, parallel
-from ftlab.models import vgg
+from ftlab import checkpoint, datasets, ensemble, loop, parallel, soups, workdir
+from scripts import combine_report
+from tests import fakes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_fashion_mnist = pytest.mark.skipif(
-  not os.path.isdir(input_pipeline.DEBIAN_FASHION_MNIST_DIR),
+  not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
   reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
 )
 
 
 def tiny():
-  return vgg.VGG(depth=11, batch_norm=True, num_classes=5, head='mlp', width=1 / 16)
+  return fakes.tiny_vgg(batch_norm=True, head='mlp')
 
 
-def init(model, seed):
-  """Random variables of the model's shapes, He-scaled, with random running statistics.
-
-  Drawn with numpy from `jax.eval_shape`: nothing to compile (jitting a VGG init on the fake
-  CPU devices takes many seconds).
-  """
-  shapes = jax.eval_shape(
-    functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((1, 32, 32, 3))
-  )
-  rng = np.random.RandomState(seed)
-
-  def draw(path, x):
-    name = jax.tree_util.keystr(path[-1:])
-    if 'kernel' in name:
-      value = rng.normal(size=x.shape) * np.sqrt(2 / np.prod(x.shape[:-1]))
-    elif 'scale' in name:
-      value = 1 + 0.1 * rng.normal(size=x.shape)
-    elif 'var' in name:
-      value = rng.uniform(0.5, 1.5, x.shape)
-    else:
-      value = 0.1 * rng.normal(size=x.shape)
-    return value.astype(x.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+init = fakes.random_variables
 
 
 def image_batches(n, batch_size=16, seed=0, padding=0):
-  """`n` batches, the last `padding` examples of each masked out as eval padding."""
-  rng = np.random.RandomState(seed)
-  out = []
-  for _ in range(n):
-    mask = np.ones(batch_size, np.float32)
-    mask[batch_size - padding :] = 0
-    out.append(
-      {
-        'image': rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32) * 2 + 0.5,
-        'label': rng.randint(0, 5, batch_size).astype(np.int32),
-        'mask': mask,
-      }
-    )
-  return out
+  return fakes.image_batches(n, batch_size, seed, padding=padding)
 
 
 def evaluator(mode='pmap', num_devices=8, eval_data=(), train_data=()):
@@ -89,7 +53,7 @@ def test_mean_of_copies_is_bit_identical(copies):
     'a': (rng.normal(size=1000) * 10.0 ** rng.randint(-30, 30, 1000)).astype(np.float32),
     'b': {'c': np.array([-0.0, 0.0, 1e-45, -3e38, 3.4e38, 1 / 3], np.float32)},
   }
-  assert ensemble.trees_identical(ensemble.mean_tree([tree] * copies), tree)
+  assert soups.trees_identical(soups.mean_tree([tree] * copies), tree)
   if copies in (3, 5, 7):
     # Why not float32 sum / N: it does not give x back.
     naive = sum([tree['a']] * copies) / np.float32(copies)
@@ -99,19 +63,19 @@ def test_mean_of_copies_is_bit_identical(copies):
 def test_mean_and_interpolation_values():
   rng = np.random.RandomState(0)
   trees = [{'w': rng.normal(size=(3, 4)).astype(np.float32)} for _ in range(3)]
-  mean = ensemble.mean_tree(trees)
+  mean = soups.mean_tree(trees)
   assert mean['w'].dtype == np.float32
   np.testing.assert_allclose(mean['w'], np.mean([t['w'] for t in trees], 0), rtol=1e-6)
   a, b = trees[:2]
   # The endpoints are the trees themselves; in between, the formula.
-  assert ensemble.interpolate(a, b, 0.0) is a and ensemble.interpolate(a, b, 1) is b
+  assert soups.interpolate(a, b, 0.0) is a and soups.interpolate(a, b, 1) is b
   np.testing.assert_allclose(
-    ensemble.interpolate(a, b, 0.25)['w'], 0.75 * a['w'] + 0.25 * b['w'], rtol=1e-6
+    soups.interpolate(a, b, 0.25)['w'], 0.75 * a['w'] + 0.25 * b['w'], rtol=1e-6
   )
   np.testing.assert_allclose(
-    ensemble.interpolate(a, b, 0.5)['w'], ensemble.mean_tree([a, b])['w'], rtol=1e-6
+    soups.interpolate(a, b, 0.5)['w'], soups.mean_tree([a, b])['w'], rtol=1e-6
   )
-  assert not ensemble.trees_identical({'x': np.float32(-0.0)}, {'x': np.float32(0.0)})
+  assert not soups.trees_identical({'x': np.float32(-0.0)}, {'x': np.float32(0.0)})
 
 
 def test_greedy_soup_tries_in_rank_order_and_keeps_what_does_not_hurt():
@@ -122,13 +86,13 @@ def test_greedy_soup_tries_in_rank_order_and_keeps_what_does_not_hurt():
     return np.mean([values[n] for n in names])
 
   score = lambda soup: -abs(soup - target)
-  chosen, soup, trials = ensemble.greedy_soup(['c', 'a', 'b', 'd'], make_soup, score)
+  chosen, soup, trials = soups.greedy_soup(['c', 'a', 'b', 'd'], make_soup, score)
   # c alone (0.3 away); +a: mean 1.1 (0.4 away) dropped; +b: 2.1 (0.6) dropped; +d dropped.
   assert chosen == ['c'] and soup == 1.2
   assert [t['accepted'] for t in trials] == [True, False, False, False]
   assert [t['candidate'] for t in trials] == ['c', 'a', 'b', 'd']
   # A trial scoring the same as the soup joins it ("does not drop").
-  chosen, _, _ = ensemble.greedy_soup(['x', 'y'], lambda names: 0.0, lambda soup: 0.5)
+  chosen, _, _ = soups.greedy_soup(['x', 'y'], lambda names: 0.0, lambda soup: 0.5)
   assert chosen == ['x', 'y']
 
 
@@ -152,12 +116,12 @@ def run_config(**changes):
 
 
 def test_runs_of_different_architectures_or_heads_are_a_clear_error():
-  same = ensemble.check_compatible(
+  same = workdir.check_compatible(
     {'a': run_config(), 'b': run_config(model__adaptive_pool=0)}  # missing means 0
   )
   assert same['model.width'] == 0.25 and same['dataset.classes'] == [5, 6, 7, 8, 9]
   with pytest.raises(ValueError) as error:
-    ensemble.check_compatible(
+    workdir.check_compatible(
       {
         'a': run_config(),
         'b': run_config(model__width=0.5),
@@ -219,7 +183,7 @@ def test_batch_norm_reset_averages_batch_statistics_over_devices():
 
   first, second = reset(train_data[:1]), reset(train_data[1:])
   both = reset(train_data)
-  assert not ensemble.trees_identical(first, variables['batch_stats'])
+  assert not soups.trees_identical(first, variables['batch_stats'])
   jax.tree.map(
     lambda b, x, y: np.testing.assert_allclose(b, (x + y) / 2, rtol=1e-5, atol=1e-6),
     both,
@@ -296,7 +260,7 @@ def test_soups_and_ensemble_of_copies_reproduce_the_run(runs):
   assert output['eval']['held_out_split'] == 'minival' and not output['bn_reset_applied']
   assert not any('optimistic' in n for n in output['notes'])
   assert '| model | combines | BatchNorm statistics | minival accuracy | test[:10%] accuracy |' in (
-    ensemble.markdown(output)
+    combine_report.markdown(output)
   )
 
 

@@ -14,7 +14,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from ftlab import datasets
 from ftlab import input_pipeline as ip
+from ftlab.input_pipeline import BatchOrder
 
 N_TRAIN, N_TEST = 100, 1001
 CATALOG_NAMES = tfds.builder('fashion_mnist').info.features['label'].names  # from code, offline
@@ -50,16 +52,8 @@ def ids_of(images):
 
 
 def eval_ids(data, global_batch, process_index=0, process_count=1):
-  batches = list(
-    ip.eval_iterator(
-      data,
-      global_batch=global_batch,
-      image_size=28,
-      preprocess='unit',
-      process_index=process_index,
-      process_count=process_count,
-    )
-  )
+  order = BatchOrder(global_batch, process_index=process_index, process_count=process_count)
+  batches = list(ip.eval_iterator(data, order, image_size=28, preprocess='unit'))
   real = np.concatenate([ids_of(b['image'])[b['mask'] == 1] for b in batches])
   return batches, real
 
@@ -71,14 +65,14 @@ def take(iterator, n):
 def test_read_idx_round_trip_and_bad_magic(tmp_path):
   images = fake_images(5)
   write_idx(tmp_path / 'i.gz', images, 2051)
-  np.testing.assert_array_equal(ip.read_idx(str(tmp_path / 'i.gz'), 'images'), images)
+  np.testing.assert_array_equal(datasets.read_idx(str(tmp_path / 'i.gz'), 'images'), images)
   write_idx(tmp_path / 'l.gz', np.arange(5), 2049)
   with pytest.raises(ValueError, match='magic 2049'):
-    ip.read_idx(str(tmp_path / 'l.gz'), 'images')
+    datasets.read_idx(str(tmp_path / 'l.gz'), 'images')
 
 
 def test_local_fashion_mnist_matches_catalog_and_caches(fake, tmp_path):
-  data = ip.build_dataset('fashion_mnist', 'test', **fake)
+  data = datasets.build_dataset('fashion_mnist', 'test', **fake)
   assert (data.num_examples, data.num_classes) == (N_TEST, 10)
   assert data.class_names == tuple(CATALOG_NAMES)
   catalog = tfds.builder('fashion_mnist').info.features
@@ -93,17 +87,25 @@ def test_local_fashion_mnist_matches_catalog_and_caches(fake, tmp_path):
   idx_copy = str(tmp_path / 'idx')
   shutil.copytree(fake['fashion_mnist_dir'], idx_copy)
   data_dir = str(tmp_path / 'data')
-  ip.build_dataset('fashion_mnist', 'train', data_dir=data_dir, fashion_mnist_dir=idx_copy)
+  datasets.build_dataset('fashion_mnist', 'train', data_dir=data_dir, fashion_mnist_dir=idx_copy)
   shutil.rmtree(idx_copy)
-  again = ip.build_dataset('fashion_mnist', 'train', data_dir=data_dir, fashion_mnist_dir=idx_copy)
+  again = datasets.build_dataset(
+    'fashion_mnist', 'train', data_dir=data_dir, fashion_mnist_dir=idx_copy
+  )
   assert again.num_examples == N_TRAIN
 
 
 def test_real_debian_fashion_mnist(tmp_path):
-  if not os.path.exists(os.path.join(ip.DEBIAN_FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz')):
-    pytest.skip(f'{ip.DEBIAN_FASHION_MNIST_DIR} absent: apt-get install dataset-fashion-mnist')
-  train = ip.build_dataset('fashion_mnist', 'train', data_dir=str(tmp_path))  # ~20 s to prepare
-  test = ip.build_dataset('fashion_mnist', 'test', data_dir=str(tmp_path))
+  if not os.path.exists(
+    os.path.join(datasets.DEBIAN_FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz')
+  ):
+    pytest.skip(
+      f'{datasets.DEBIAN_FASHION_MNIST_DIR} absent: apt-get install dataset-fashion-mnist'
+    )
+  train = datasets.build_dataset(
+    'fashion_mnist', 'train', data_dir=str(tmp_path)
+  )  # ~20 s to prepare
+  test = datasets.build_dataset('fashion_mnist', 'test', data_dir=str(tmp_path))
   assert (train.num_examples, test.num_examples) == (60_000, 10_000)
   assert train.class_names[:2] == ('T-shirt/top', 'Trouser')
   assert train.class_names == tuple(CATALOG_NAMES)
@@ -112,23 +114,25 @@ def test_real_debian_fashion_mnist(tmp_path):
 def test_absent_dataset_fails_fast_with_its_name(tmp_path):
   start = time.time()
   with pytest.raises(ValueError, match="'cifar10' is not prepared.*download") as error:
-    ip.build_dataset('cifar10', 'train', data_dir=str(tmp_path))
+    datasets.build_dataset('cifar10', 'train', data_dir=str(tmp_path))
   assert '\n' not in str(error.value)
   with pytest.raises(ValueError, match="unknown dataset 'no_such_dataset'"):
-    ip.build_dataset('no_such_dataset', 'train', data_dir=str(tmp_path))
+    datasets.build_dataset('no_such_dataset', 'train', data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="'fashion_mnist' is not prepared.*IDX"):
-    ip.build_dataset('fashion_mnist', 'train', data_dir=str(tmp_path), fashion_mnist_dir='/nope')
+    datasets.build_dataset(
+      'fashion_mnist', 'train', data_dir=str(tmp_path), fashion_mnist_dir='/nope'
+    )
   with pytest.raises(ValueError, match='image folder'):
-    ip.build_dataset('image_folder:/nope', 'train')
+    datasets.build_dataset('image_folder:/nope', 'train')
   assert time.time() - start < 10
 
 
 def test_mocked_catalog_dataset_exact_eval():
   # mock_data makes download_and_prepare a no-op, so download=True reads the mock offline.
   with tfds.testing.mock_data(num_examples=1001):
-    data = ip.build_dataset('cifar10', 'test', download=True)
+    data = datasets.build_dataset('cifar10', 'test', download=True)
     assert (data.num_examples, data.num_classes) == (1001, 10)
-    batches = list(ip.eval_iterator(data, global_batch=64, image_size=32, preprocess='caffe'))
+    batches = list(ip.eval_iterator(data, BatchOrder(64), image_size=32, preprocess='caffe'))
   assert len(batches) == 16 == ip.num_eval_steps(1001, 64)
   assert sum(b['mask'].sum() for b in batches) == 1001
   last = batches[-1]
@@ -141,7 +145,7 @@ def test_mocked_catalog_dataset_exact_eval():
 @pytest.mark.parametrize('process_count', [1, 2])
 @pytest.mark.parametrize('n', [N_TEST, 961])  # 961: process 1's 480 fill 15 batches of 16
 def test_exact_eval_every_example_once(fake, process_count, n):
-  data = ip.build_dataset('fashion_mnist', f'test[:{n}]', **fake)
+  data = datasets.build_dataset('fashion_mnist', f'test[:{n}]', **fake)
   shares = [eval_ids(data, 64, p, process_count) for p in range(process_count)]
   for batches, _ in shares:
     assert len(batches) == 16
@@ -149,13 +153,13 @@ def test_exact_eval_every_example_once(fake, process_count, n):
   assert sum(b['mask'].sum() for batches, _ in shares for b in batches) == n
   ids = np.concatenate([ids for _, ids in shares])
   assert len(ids) == len(set(ids)) == n  # none twice
-  _, all_ids = eval_ids(ip.build_dataset('fashion_mnist', 'test', **fake), 1024)
+  _, all_ids = eval_ids(datasets.build_dataset('fashion_mnist', 'test', **fake), 1024)
   np.testing.assert_array_equal(np.sort(ids), np.sort(all_ids[:n]))  # the first n of the split
 
 
 def test_class_subset_is_relabelled_in_order(fake):
   classes = (7, 2, 5)
-  data = ip.build_dataset('fashion_mnist', 'test', classes=classes, **fake)
+  data = datasets.build_dataset('fashion_mnist', 'test', classes=classes, **fake)
   assert data.class_names == tuple(CATALOG_NAMES[c] for c in classes)
   assert data.num_examples == np.isin(labels_of(np.arange(N_TEST)), classes).sum()
   batches, ids = eval_ids(data, 256)
@@ -163,39 +167,41 @@ def test_class_subset_is_relabelled_in_order(fake):
   expected = [classes.index(c) for c in labels_of(ids)]
   np.testing.assert_array_equal(labels, expected)
   with pytest.raises(ValueError, match='distinct labels'):
-    ip.build_dataset('fashion_mnist', 'test', classes=(1, 1), **fake)
+    datasets.build_dataset('fashion_mnist', 'test', classes=(1, 1), **fake)
 
 
 def test_examples_per_class_is_a_seeded_first_n(fake):
-  data = ip.build_dataset('fashion_mnist', 'train', examples_per_class=3, seed=1, **fake)
+  data = datasets.build_dataset('fashion_mnist', 'train', examples_per_class=3, seed=1, **fake)
   assert data.num_examples == 30
   _, ids = eval_ids(data, 64)
   assert np.bincount(labels_of(ids), minlength=10).tolist() == [3] * 10
   # The documented order: positions in the prepared split (tfds shuffled the IDX order when
   # it prepared it), permuted by default_rng(seed).
-  _, position_ids = eval_ids(ip.build_dataset('fashion_mnist', 'train', **fake), 128)
+  _, position_ids = eval_ids(datasets.build_dataset('fashion_mnist', 'train', **fake), 128)
   order = np.random.default_rng(1).permutation(N_TRAIN)
   position_labels = labels_of(position_ids)
   expected = np.concatenate([order[position_labels[order] == c][:3] for c in range(10)])
   np.testing.assert_array_equal(data.indices, np.sort(expected))
   np.testing.assert_array_equal(ids, position_ids[np.sort(expected)])
-  other = ip.build_dataset('fashion_mnist', 'train', examples_per_class=3, seed=2, **fake)
+  other = datasets.build_dataset('fashion_mnist', 'train', examples_per_class=3, seed=2, **fake)
   assert not np.array_equal(other.indices, data.indices)
-  subset = ip.build_dataset('fashion_mnist', 'train', classes=(9, 0), examples_per_class=4, **fake)
+  subset = datasets.build_dataset(
+    'fashion_mnist', 'train', classes=(9, 0), examples_per_class=4, **fake
+  )
   assert subset.num_examples == 8 and subset.num_classes == 2
   with pytest.raises(ValueError, match='fewer than 11'):
-    ip.build_dataset('fashion_mnist', 'train', examples_per_class=11, **fake)
+    datasets.build_dataset('fashion_mnist', 'train', examples_per_class=11, **fake)
 
 
 def test_minival_is_the_disjoint_end_of_train(fake):
-  train_split, minival_split = ip.minival_split('train', '10%')
+  train_split, minival_split = datasets.minival_split('train', '10%')
   assert (train_split, minival_split) == ('train[:-10%]', 'train[-10%:]')
-  train = ip.build_dataset('fashion_mnist', train_split, **fake)
-  minival = ip.build_dataset('fashion_mnist', ip.minival_split('train', 7)[1], **fake)
+  train = datasets.build_dataset('fashion_mnist', train_split, **fake)
+  minival = datasets.build_dataset('fashion_mnist', datasets.minival_split('train', 7)[1], **fake)
   assert (train.num_examples, minival.num_examples) == (90, 7)
   _, train_ids = eval_ids(train, 128)
   _, minival_ids = eval_ids(minival, 128)
-  full = ip.build_dataset('fashion_mnist', 'train', **fake)
+  full = datasets.build_dataset('fashion_mnist', 'train', **fake)
   _, all_ids = eval_ids(full, 128)
   np.testing.assert_array_equal(minival_ids, all_ids[-7:])
   assert not set(train_ids) & set(minival_ids)
@@ -231,7 +237,9 @@ def test_grey_is_tiled_to_rgb():
 
 def train_batches(data, n, **kwargs):
   kwargs = dict(global_batch=16, image_size=28, preprocess='unit', augment='resized_crop') | kwargs
-  return take(ip.train_iterator(data, **kwargs), n)
+  order_fields = ('global_batch', 'seed', 'shuffle_buffer', 'process_index', 'process_count')
+  order = BatchOrder(**{k: kwargs.pop(k) for k in order_fields if k in kwargs})
+  return take(ip.train_iterator(data, order, **kwargs), n)
 
 
 def assert_same_batches(a, b):
@@ -242,7 +250,7 @@ def assert_same_batches(a, b):
 
 
 def test_train_batches_are_a_function_of_the_seed(fake):
-  data = ip.build_dataset('fashion_mnist', 'train', **fake)
+  data = datasets.build_dataset('fashion_mnist', 'train', **fake)
   first = train_batches(data, 3, seed=3)
   assert first[0]['image'].shape == (16, 28, 28, 3) and first[0]['image'].dtype == np.float32
   assert first[0]['label'].shape == (16,) and first[0]['label'].dtype == np.int32
@@ -252,7 +260,7 @@ def test_train_batches_are_a_function_of_the_seed(fake):
 
 
 def test_order_is_reshuffled_per_seed_and_epoch(fake):
-  data = ip.build_dataset('fashion_mnist', 'train', **fake)
+  data = datasets.build_dataset('fashion_mnist', 'train', **fake)
 
   def epochs(seed):
     batches = train_batches(data, 10, global_batch=20, augment='none', seed=seed)
@@ -266,7 +274,7 @@ def test_order_is_reshuffled_per_seed_and_epoch(fake):
 
 
 def test_resume_at_step_equals_continuing(fake):
-  data = ip.build_dataset('fashion_mnist', 'train', **fake)
+  data = datasets.build_dataset('fashion_mnist', 'train', **fake)
   # 100 examples in batches of 16: epochs end inside steps 6 and 12.
   kwargs = dict(seed=5, shuffle_buffer=40)
   uninterrupted = train_batches(data, 14, **kwargs)
@@ -277,7 +285,7 @@ def test_resume_at_step_equals_continuing(fake):
 def test_order_ignores_a_global_tensorflow_seed(fake):
   # Keras' set_random_seed (or tf.random.set_seed) elsewhere in the process must neither
   # change the data order nor break the per-epoch shuffles, and stays set afterwards.
-  data = ip.build_dataset('fashion_mnist', 'train', **fake)
+  data = datasets.build_dataset('fashion_mnist', 'train', **fake)
   kwargs = dict(seed=5, shuffle_buffer=40, augment='none')
   unseeded = train_batches(data, 8, **kwargs)
   tf.random.set_seed(1234)
@@ -292,7 +300,7 @@ def test_order_ignores_a_global_tensorflow_seed(fake):
 
 
 def test_train_shares_are_disjoint_and_cover_an_epoch(fake):
-  data = ip.build_dataset('fashion_mnist', 'train', **fake)
+  data = datasets.build_dataset('fashion_mnist', 'train', **fake)
   ids = []
   for process_index in range(2):
     batches = train_batches(
@@ -311,9 +319,9 @@ def test_train_shares_are_disjoint_and_cover_an_epoch(fake):
       stacked = np.concatenate([parts[0][step][key], parts[1][step][key]])
       np.testing.assert_array_equal(stacked, batch[key])
   with pytest.raises(ValueError, match='not divisible'):
-    ip.train_iterator(data, global_batch=15, image_size=28, preprocess='unit', process_count=2)
+    ip.train_iterator(data, BatchOrder(15, process_count=2), image_size=28, preprocess='unit')
   with pytest.raises(ValueError, match='process_index 2'):
-    ip.eval_iterator(data, global_batch=16, image_size=28, preprocess='unit', process_index=2)
+    ip.eval_iterator(data, BatchOrder(16, process_index=2), image_size=28, preprocess='unit')
 
 
 def test_image_folder(tmp_path):
@@ -326,17 +334,17 @@ def test_image_folder(tmp_path):
         png = tf.io.encode_png(rng.randint(0, 256, shape).astype(np.uint8))
         tf.io.write_file(str(tmp_path / split / label / f'{i}.png'), png)
   name = f'image_folder:{tmp_path}'
-  train = ip.build_dataset(name, 'train')
+  train = datasets.build_dataset(name, 'train')
   assert (train.num_examples, train.class_names) == (8, ('cat', 'dog'))
-  assert ip.build_dataset(name, 'train[:50%]').num_examples == 4
-  batches = list(ip.eval_iterator(train, global_batch=8, image_size=6, preprocess='unit'))
+  assert datasets.build_dataset(name, 'train[:50%]').num_examples == 4
+  batches = list(ip.eval_iterator(train, BatchOrder(8), image_size=6, preprocess='unit'))
   assert len(batches) == 1 and batches[0]['image'].shape == (8, 6, 6, 3)
   images, labels = batches[0]['image'], batches[0]['label']
   assert sorted(labels.tolist()) == [0] * 4 + [1] * 4
   cats = images[labels == 0]
   np.testing.assert_array_equal(cats[..., 0], cats[..., 2])  # grey -> RGB
   assert not np.array_equal(images[labels == 1][..., 0], images[labels == 1][..., 2])
-  batch = next(ip.train_iterator(train, global_batch=4, image_size=6, preprocess='torch'))
+  batch = next(ip.train_iterator(train, BatchOrder(4), image_size=6, preprocess='torch'))
   assert batch['image'].shape == (4, 6, 6, 3)
 
 
@@ -346,7 +354,7 @@ def test_unreadable_image_in_a_folder_is_named_before_training(tmp_path):
   tf.io.write_file(str(tmp_path / 'train' / 'cat' / '0.png'), png)
   (tmp_path / 'train' / 'cat' / '1.png').write_bytes(b'not an image')
   with pytest.raises(ValueError, match=r'^unreadable image .*train/cat/1\.png: '):
-    ip.build_dataset(f'image_folder:{tmp_path}', 'train')
+    datasets.build_dataset(f'image_folder:{tmp_path}', 'train')
 
 
 # --- Image folders as users bring them: clutter, hidden folders, rotated photos. ------------------
@@ -383,7 +391,7 @@ def test_folder_clutter_is_ignored_alike_by_the_check_and_the_reader(tmp_path):
   write_png(tmp_path / 'train' / '.thumbnails' / '0.png', image())  # hidden, and of images
   write_png(tmp_path / 'train' / 'cat' / 'crops' / '0.png', image())  # nested: not read
   name = f'image_folder:{tmp_path}'
-  train = ip.build_dataset(name, 'train')  # decodes every image: no clutter reaches it
+  train = datasets.build_dataset(name, 'train')  # decodes every image: no clutter reaches it
   assert train.class_names == ('cat', 'dog')  # no hidden folder became a class
   assert train.num_examples == 6 and train.class_counts() == {'cat': 3, 'dog': 3}
   record = train.describe()
@@ -402,7 +410,7 @@ def test_folder_clutter_is_ignored_alike_by_the_check_and_the_reader(tmp_path):
     'train/dog/notes.txt',
   ]
   # The reader reads the same six images: every one once.
-  batches = list(ip.eval_iterator(train, global_batch=8, image_size=6, preprocess='unit'))
+  batches = list(ip.eval_iterator(train, BatchOrder(8), image_size=6, preprocess='unit'))
   assert batches[0]['mask'].sum() == 6
   # The order of examples is tfds.ImageFolder's for a clean folder (runs stay reproducible).
   clean = tmp_path / 'clean'
@@ -410,7 +418,7 @@ def test_folder_clutter_is_ignored_alike_by_the_check_and_the_reader(tmp_path):
   shutil.rmtree(clean / 'train' / 'cat' / 'crops')
   for f in ('desktop.ini', 'notes.txt'):
     os.remove(clean / 'train' / 'dog' / f)
-  ours = ip.get_builder(f'image_folder:{clean}').listing.splits['train']
+  ours = datasets.get_builder(f'image_folder:{clean}').listing.splits['train']
   theirs = tfds.ImageFolder(str(clean))._split_examples['train']
   assert [(p, c) for p, c in ours] == [(e.image_path, e.label) for e in theirs]
 
@@ -421,19 +429,19 @@ def test_exif_orientation_turns_photos_as_a_viewer_shows_them(orientation, tmp_p
 
   stored = np.random.RandomState(orientation).randint(0, 256, (6, 10, 3)).astype(np.uint8)
   exif = Image.Exif()
-  exif[ip.EXIF_ORIENTATION] = orientation
+  exif[datasets.EXIF_ORIENTATION] = orientation
   path = tmp_path / 'train' / 'a' / 'photo.png'  # PNG: lossless, so pixels compare exactly
   os.makedirs(path.parent)
   Image.fromarray(stored).save(path, exif=exif)
   with Image.open(path) as opened:
     shown = np.asarray(ImageOps.exif_transpose(opened))  # PIL: the reference
-  train = ip.build_dataset(f'image_folder:{tmp_path}', 'train')
+  train = datasets.build_dataset(f'image_folder:{tmp_path}', 'train')
   assert (train.orientation is None) == (orientation == 1)
   size = max(shown.shape[:2])
-  (batch,) = ip.eval_iterator(train, global_batch=1, image_size=size, preprocess='unit')
+  (batch,) = ip.eval_iterator(train, BatchOrder(1), image_size=size, preprocess='unit')
   want = tf.image.resize(shown.astype(np.float32), [size, size], antialias=True) / 255
   np.testing.assert_allclose(batch['image'][0], want, atol=1e-6)
   batch = next(
-    ip.train_iterator(train, global_batch=1, image_size=size, preprocess='unit', augment='none')
+    ip.train_iterator(train, BatchOrder(1), image_size=size, preprocess='unit', augment='none')
   )
   np.testing.assert_allclose(batch['image'][0], want, atol=1e-6)

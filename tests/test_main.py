@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from configs import default, demo, transfer
-from ftlab import checkpoint, input_pipeline, loop, policies
+from ftlab import checkpoint, datasets, loop, paths
 from ftlab.metric_writers import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_fashion_mnist = pytest.mark.skipif(
-  not os.path.isdir(input_pipeline.DEBIAN_FASHION_MNIST_DIR),
+  not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
   reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
 )
 
@@ -83,8 +83,8 @@ def test_transfer_runlocal_and_demo_stages_chain(tmp_path):
   summary = loop.train_and_evaluate(probe_config, probe_dir)
   assert summary['plan'] == 'linear_probe()'
   # The backbone came from the source run and stayed frozen; the new head trained.
-  source = policies.flatten(final_params(source_dir, demo.get_config('stage=pretrain,runlocal')))
-  probe = policies.flatten(final_params(probe_dir, probe_config))
+  source = paths.flatten(final_params(source_dir, demo.get_config('stage=pretrain,runlocal')))
+  probe = paths.flatten(final_params(probe_dir, probe_config))
   for path in source:
     head = path.startswith(('fc/', 'predictions/'))
     assert np.array_equal(source[path], probe[path]) != head, path
@@ -127,13 +127,13 @@ def test_plan_change_keeps_params_and_rebuilds_optimizer(tmp_path):
   config.policy.name = 'linear_probe'
   config.num_train_steps = 10
   loop.train_and_evaluate(config, str(tmp_path))
-  after_probe = policies.flatten(final_params(tmp_path, config))
+  after_probe = paths.flatten(final_params(tmp_path, config))
   config.policy.name = 'last_blocks'
   config.num_train_steps = 20
   # Another plan in the same workdir is another experiment: asked for explicitly.
   summary = loop.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
   assert summary['plan'] == 'last_blocks(k=1)' and summary['steps'] == 20
-  after = policies.flatten(final_params(tmp_path, config))
+  after = paths.flatten(final_params(tmp_path, config))
   assert np.array_equal(after['block4_conv1/kernel'], after_probe['block4_conv1/kernel'])
   assert not np.array_equal(after['block5_conv1/kernel'], after_probe['block5_conv1/kernel'])
   assert checkpoint.restore_meta(tmp_path / 'checkpoints')['plan'] == 'last_blocks(k=1)'

@@ -11,13 +11,13 @@ import time
 import numpy as np
 import pytest
 
-from ftlab import checkpoint, input_pipeline
+from ftlab import checkpoint, datasets
 from ftlab.metric_writers import read_jsonl
 from tests.run_files import params_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(
-  not os.path.isdir(input_pipeline.DEBIAN_FASHION_MNIST_DIR),
+  not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
   reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
 )
 # A plain VGG11 under SGD, as the tolerances below were set for. Under runlocal's VGG11-BN and

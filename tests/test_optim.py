@@ -7,7 +7,7 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from ftlab import optim, policies
+from ftlab import optim, paths, policies
 from ftlab.models import vgg
 
 MODEL = vgg.VGG(depth=11, num_classes=4, head='mlp', width=1 / 16)
@@ -65,7 +65,7 @@ def test_frozen_updates_are_exact_zeros_and_clipping_ignores_frozen_grads():
   grads = jax.tree.map(jnp.ones_like, PARAMS)
   updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
   mask = plan.flat_mask()
-  flat = policies.flatten(updates)
+  flat = paths.flatten(updates)
   for p, u in flat.items():
     if not mask[p]:
       assert not np.any(np.asarray(u)), p
@@ -80,7 +80,7 @@ def test_lr_multipliers_scale_plain_sgd_updates():
   plan = plan_for(name='full', lr_multipliers=[('predictions/.*', 10.0), ('fc/bias', 0.25)])
   tx = optim.make(plan, opt_config(momentum=0.0), 10)
   grads = jax.tree.map(lambda x: jnp.full_like(x, 2.0), PARAMS)
-  updates = policies.flatten(tx.update(grads, tx.init(PARAMS), PARAMS)[0])
+  updates = paths.flatten(tx.update(grads, tx.init(PARAMS), PARAMS)[0])
   np.testing.assert_allclose(updates['predictions/kernel'], -0.1 * 10 * 2)
   np.testing.assert_allclose(updates['fc/bias'], -0.1 * 0.25 * 2)
   np.testing.assert_allclose(updates['block1_conv1/kernel'], -0.1 * 2)
@@ -90,7 +90,7 @@ def test_weight_decay_reaches_trainable_leaves_only():
   plan = plan_for(name='linear_probe')
   tx = optim.make(plan, opt_config(name='sgd', momentum=0.0, weight_decay=0.5), 10)
   zeros = jax.tree.map(jnp.zeros_like, PARAMS)
-  updates = policies.flatten(tx.update(zeros, tx.init(PARAMS), PARAMS)[0])
+  updates = paths.flatten(tx.update(zeros, tx.init(PARAMS), PARAMS)[0])
   np.testing.assert_allclose(
     updates['predictions/kernel'], -0.1 * 0.5 * PARAMS['predictions']['kernel'], rtol=1e-6
   )

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from ftlab import optim, parallel, policies, policy_syntax, train
+from ftlab import optim, parallel, paths, policies, policy_syntax, train
 from ftlab.models import vgg
+from tests import fakes
 
 MODEL = vgg.VGG(depth=11, num_classes=5, head='gap', width=1 / 16)
 VARIABLES = MODEL.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 PARAMS = VARIABLES['params']
 STRUCTURE = MODEL.block_structure()
 HEAD = ('predictions/bias', 'predictions/kernel')
-PARAMS_SHAPES = {p: x.shape for p, x in policies.flatten(PARAMS).items()}
+PARAMS_SHAPES = {p: x.shape for p, x in paths.flatten(PARAMS).items()}
 OPTIMIZERS = {
   'sgd_momentum': dict(name='sgd', momentum=0.9, weight_decay=1e-3, learning_rate=0.05),
   'adam': dict(name='adam', weight_decay=1e-3, learning_rate=1e-3),
@@ -28,15 +29,7 @@ def opt_config(**kw):
   return ConfigDict(dict(grad_clip_norm=1.0, warmup_steps=0, schedule='constant', **kw))
 
 
-def batches(n, batch_size=16, seed=0):
-  rng = np.random.RandomState(seed)
-  return [
-    {
-      'image': rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32) * 2 + 0.5,
-      'label': rng.randint(0, 5, batch_size).astype(np.int32),
-    }
-    for _ in range(n)
-  ]
+batches = fakes.image_batches
 
 
 def squared_grads_by_loop(params, data):
@@ -54,7 +47,7 @@ def squared_grads_by_loop(params, data):
       g = grad_fn(params, image, label)
       total = jax.tree.map(lambda t, gi: t + np.square(np.asarray(gi, np.float64)), total, g)
       count += 1
-  return {p: v / count for p, v in policies.flatten(total).items()}
+  return {p: v / count for p, v in paths.flatten(total).items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,7 +62,7 @@ def fisher_scores():
   state = spread.replicate(train.TrainState(jnp.zeros((), jnp.int32), PARAMS, {}, ()))
   sums = [p_fisher(state, spread.shard(b)) for b in batches(2, seed=7)]
   total = jax.device_get(spread.unreplicate(jax.tree.map(jnp.add, *sums)))
-  return {p: v / total['count'] for p, v in policies.flatten(total['squared_grads']).items()}
+  return {p: v / total['count'] for p, v in paths.flatten(total['squared_grads']).items()}
 
 
 def plan_for(name, params=PARAMS, **cfg):
@@ -86,15 +79,13 @@ def levels(plan, path):
 
 def train_steps(plan, opt, steps=10, seed=0):
   """`steps` steps of the real spread step (1 device); returns (initial, final) params."""
-  tx = optim.make(plan, opt_config(**opt), steps, anchor=policies.flatten(PARAMS), seed=seed)
+  tx = optim.make(plan, opt_config(**opt), steps, anchor=paths.flatten(PARAMS), seed=seed)
   spread = parallel.Spread('pmap', jax.devices()[:1])
   p_train_step, _ = train.compile_steps(spread, model=MODEL, tx=tx, plan=plan)
   state = spread.replicate(train.create_train_state(VARIABLES, tx))
   for batch in batches(steps):
     state, _ = p_train_step(state, spread.shard(batch), jax.random.key(0))
-  return policies.flatten(PARAMS), policies.flatten(
-    jax.device_get(spread.unreplicate(state)).params
-  )
+  return paths.flatten(PARAMS), paths.flatten(jax.device_get(spread.unreplicate(state)).params)
 
 
 def bits(x):
@@ -176,7 +167,7 @@ def test_fisher_step_matches_per_example_gradients_and_picks_their_top_entries()
 
 def test_l2_sp_pulls_toward_the_loaded_weights_not_zero():
   plan = plan_for('full + l2_sp(alpha=0.5, beta=0.25)')
-  w0 = policies.flatten(PARAMS)
+  w0 = paths.flatten(PARAMS)
   w = {p: x + 1.0 for p, x in w0.items()}  # moved away from the anchor
   lr = 0.1
   tx = optim.make(
@@ -185,10 +176,10 @@ def test_l2_sp_pulls_toward_the_loaded_weights_not_zero():
     10,
     anchor=w0,
   )
-  params = policies.unflatten(w)
+  params = paths.unflatten(w)
   zero_grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero_grads, tx.init(params), params)
-  new = policies.flatten(jax.tree.map(jnp.add, params, updates))
+  new = paths.flatten(jax.tree.map(jnp.add, params, updates))
   for p in w:
     if p in HEAD:  # the new head: plain L2 toward zero
       expected = w[p] - lr * 0.25 * w[p]
@@ -200,19 +191,19 @@ def test_l2_sp_pulls_toward_the_loaded_weights_not_zero():
 
 
 def test_lr_shapes_follow_the_block_order():
-  decay = policies.flatten(plan_for('full + layerwise_lr_decay(0.5)').lr_multipliers)
+  decay = paths.flatten(plan_for('full + layerwise_lr_decay(0.5)').lr_multipliers)
   # Blocks 1..5 then the head: the head at 1, block5 at 0.5, ..., block1 at 0.5**5.
   assert decay['predictions/kernel'] == 1.0
   assert decay['block5_conv2/kernel'] == 0.5
   assert decay['block1_conv1/bias'] == 0.5**5
-  disc = policies.flatten(plan_for('full + discriminative_lr(2.0)').lr_multipliers)
+  disc = paths.flatten(plan_for('full + discriminative_lr(2.0)').lr_multipliers)
   # VGG11: 8 conv layers then the head: one factor per layer going down.
   assert disc['predictions/kernel'] == 1.0
   assert disc['block5_conv2/kernel'] == 0.5
   assert disc['block5_conv1/kernel'] == 0.25
   assert disc['block1_conv1/kernel'] == 0.5**8
   both = plan_for('last_blocks(1) + layerwise_lr_decay(0.5)', lr_multipliers=[('.*/bias', 3.0)])
-  flat = policies.flatten(both.lr_multipliers)
+  flat = paths.flatten(both.lr_multipliers)
   assert flat['block5_conv1/bias'] == 1.5 and flat['block1_conv1/kernel'] == 0.0
 
 

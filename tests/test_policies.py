@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 from ml_collections import ConfigDict
 
-from ftlab import policies
+from ftlab import paths, policies
 from ftlab.models import vgg
 
 
@@ -122,7 +122,7 @@ def test_lr_multipliers_per_leaf():
   plan = plan_for(
     name='last_blocks', k=2, lr_multipliers=[('predictions/.*', 10.0), (r'block5_conv1/.*', 0.5)]
   )
-  mults = policies.flatten(plan.lr_multipliers)
+  mults = paths.flatten(plan.lr_multipliers)
   assert mults['predictions/kernel'] == 10.0
   assert mults['block5_conv1/bias'] == 0.5 and mults['block5_conv2/bias'] == 1.0
   assert mults['block1_conv1/kernel'] == 0.0  # frozen
@@ -137,7 +137,7 @@ def test_audit_table_rows_and_totals():
   table = policies.audit_table(plan, PARAMS)
   lines = table.splitlines()
   assert lines[0] == 'plan: linear_probe()'
-  n_leaves = len(policies.flatten(PARAMS))
+  n_leaves = len(paths.flatten(PARAMS))
   assert len(lines) == 3 + n_leaves + 1
   row = next(l for l in lines if l.startswith('predictions/kernel '))
   assert row.split() == ['predictions/kernel', '(256,', '10)', 'yes', '1']

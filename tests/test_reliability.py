@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import checkpoint, input_pipeline, loop, policies
+from ftlab import checkpoint, datasets, loop, policies
 from ftlab.metric_writers import read_jsonl
 from tests.run_files import params_of, plain_vgg11
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(
-  not os.path.isdir(input_pipeline.DEBIAN_FASHION_MNIST_DIR),
+  not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
   reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
 )
 SOAK = [

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import checkpoint, input_pipeline, loop
+from ftlab import checkpoint, datasets, loop
 from ftlab.metric_writers import read_jsonl
 
 needs_fashion_mnist = pytest.mark.skipif(
-  not os.path.isdir(input_pipeline.DEBIAN_FASHION_MNIST_DIR),
+  not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
   reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
 )
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import checkpoint, loop, policies, train
+from ftlab import checkpoint, loop, paths, train
 from tests.run_files import params_of, plain_vgg11
 
 GRADUAL = 'gradual_unfreezing(stage_steps=2)'
@@ -72,7 +72,7 @@ def test_gradual_unfreezing_trains_what_each_stage_says(gradual_run):
   assert plan_txt.count('plan: gradual_unfreezing') == 4
   # One compile per stage: four traces of the step, each with its stage's mask.
   assert len(traces) == 4
-  assert [sum(policies.flatten(m).values()) for m in traces] == [4, 8, 12, 16]
+  assert [sum(paths.flatten(m).values()) for m in traces] == [4, 8, 12, 16]
 
 
 @pytest.mark.parametrize('resume_at', [3, 4])  # mid-stage; at a stage boundary

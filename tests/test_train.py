@@ -9,8 +9,9 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from ftlab import optim, parallel, policies, train
+from ftlab import optim, parallel, paths, policies, train
 from ftlab.models import vgg
+from tests import fakes
 
 SGD = dict(
   name='sgd',
@@ -36,23 +37,14 @@ POLICIES = {
 }
 
 
-def tiny(batch_norm=False, head='gap', **kw):
-  return vgg.VGG(depth=11, batch_norm=batch_norm, num_classes=5, head=head, width=1 / 16, **kw)
+tiny = fakes.tiny_vgg
 
 
 def init(model):
   return model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 
 
-def batches(n, batch_size=16, seed=0):
-  rng = np.random.RandomState(seed)
-  return [
-    {
-      'image': rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32) * 2 + 0.5,
-      'label': rng.randint(0, 5, batch_size).astype(np.int32),
-    }
-    for _ in range(n)
-  ]
+batches = fakes.image_batches
 
 
 def setup(model, policy, opt=SGD, steps=10):
@@ -71,7 +63,7 @@ def run(model, variables, plan, tx, data, *, mode='pmap', num_devices=8, seed=0)
 
 
 def assert_trees_close(a, b, atol):
-  flat_a, flat_b = policies.flatten(a), policies.flatten(b)
+  flat_a, flat_b = paths.flatten(a), paths.flatten(b)
   assert flat_a.keys() == flat_b.keys()
   for p in flat_a:
     np.testing.assert_allclose(flat_a[p], flat_b[p], atol=atol, rtol=0, err_msg=p)
@@ -83,7 +75,7 @@ def test_frozen_leaves_bit_identical_and_trainable_leaves_move(policy):
   variables, plan, tx = setup(model, POLICIES[policy])
   state, metrics = run(model, variables, plan, tx, batches(5))
   assert int(state.step) == 5 and np.isfinite(metrics['loss'])
-  before, after = policies.flatten(variables['params']), policies.flatten(state.params)
+  before, after = paths.flatten(variables['params']), paths.flatten(state.params)
   for path, trainable in plan.flat_mask().items():
     if trainable:
       assert not np.array_equal(before[path], after[path]), f'{path} did not move'
@@ -91,8 +83,8 @@ def test_frozen_leaves_bit_identical_and_trainable_leaves_move(policy):
       assert np.array_equal(before[path], after[path]), f'frozen {path} changed'
       assert before[path].tobytes() == np.asarray(after[path]).tobytes()  # bit for bit
   # BatchNorm statistics of frozen layers are untouched; trained layers' statistics move.
-  stats_before = policies.flatten(variables['batch_stats'])
-  stats_after = policies.flatten(state.batch_stats)
+  stats_before = paths.flatten(variables['batch_stats'])
+  stats_after = paths.flatten(state.batch_stats)
   for path in stats_before:
     frozen = path.split('/')[0] in plan.frozen_layers
     assert np.array_equal(stats_before[path], stats_after[path]) == frozen, path
@@ -144,10 +136,10 @@ def test_step_matches_hand_written_sgd():
     labels = jax.nn.one_hot(batch['label'], 5)
     return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1))
 
-  grads = policies.flatten(jax.grad(loss_fn)(variables['params']))
-  params, mask = policies.flatten(variables['params']), plan.flat_mask()
+  grads = paths.flatten(jax.grad(loss_fn)(variables['params']))
+  params, mask = paths.flatten(variables['params']), plan.flat_mask()
   expected = {p: params[p] - 0.05 * grads[p] if mask[p] else params[p] for p in params}
-  assert_trees_close(state.params, policies.unflatten(expected), atol=1e-6)
+  assert_trees_close(state.params, paths.unflatten(expected), atol=1e-6)
 
 
 def test_same_seed_is_bit_identical_and_seed_matters():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftlab import policies
+from ftlab import paths
 from ftlab.models import vgg
 
 
@@ -119,7 +119,7 @@ def test_block_structure_covers_every_parameter_once(depth, head):
     names = [b.name for b in structure.blocks]
     assert names[:5] == [f'block{i}' for i in range(1, 6)]
     assert len(structure.blocks[0].layers) == (1 if depth == 11 else 2) * (2 if bn else 1)
-    assert set(policies.flatten(params)) >= {f'{l}/kernel' for l in layers if 'bn' not in l}
+    assert set(paths.flatten(params)) >= {f'{l}/kernel' for l in layers if 'bn' not in l}
 
 
 def test_bad_architecture_and_small_inputs_are_clear_errors():

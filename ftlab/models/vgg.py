@@ -14,9 +14,9 @@ import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-from jax import lax
+
+from ftlab.models import lowering
 
 # Convolutions per block for each depth; channels per block for width 1.
 CONVS_PER_BLOCK = {
@@ -31,9 +31,6 @@ MLP_HEAD_UNITS = 256
 HEADS = ('imagenet', 'gap', 'mlp', 'none')
 # Five 2x2 max-pools: the smallest input that keeps a 1x1 map after block 5.
 MIN_INPUT_SIZE = 2 ** len(BLOCK_CHANNELS)
-# How convolutions and pools become XLA ops (see `VGG.conv_lowering`); the numbers agree to
-# float rounding and the parameters are the same.
-CONV_LOWERINGS = ('auto', 'conv', 'matmul')
 
 # torchvision's initialisation: He (fan-out) for convolutions, N(0, 0.01) for dense layers.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -101,10 +98,11 @@ class VGG(nn.Module):
       parameter-free steps between block 5 and the head's first dense layer (global mean,
       adaptive pool, flatten) belong to block 5, so that boundary is the smallest tensor.
       The parameter tree is the same whatever the range; blocks outside it are not called.
-    conv_lowering: `conv` (XLA's convolution and reduce-window max-pool), `matmul` (each 3x3
-      convolution as one matrix product over image patches, `conv_as_matmul`, and max-pools
-      as a reshape and max), or `auto`: `matmul` when JAX's default backend is the CPU, where
-      XLA's convolutions are several times slower (docs/performance.md), else `conv`.
+    conv_lowering: `conv` (XLA's convolution and reduce-window max-pool) or `matmul` (each
+      3x3 convolution as one matrix product over image patches and max-pools as a reshape
+      and max, `ftlab.models.lowering`): the same parameters and numbers to float rounding;
+      `matmul` is several times faster on CPU (docs/performance.md). The model asks no
+      device: whoever builds it chooses (`ftlab.run.build_model` resolves `auto`).
   """
 
   depth: int = 16
@@ -119,7 +117,7 @@ class VGG(nn.Module):
   frozen_batch_norm: Sequence[str] = ()
   start_block: str | None = None
   stop_block: str | None = None
-  conv_lowering: str = 'auto'
+  conv_lowering: str = 'conv'
 
   def block_names(self) -> tuple[str, ...]:
     """The blocks from input to output, the valid `start_block` / `stop_block` values:
@@ -185,7 +183,11 @@ class VGG(nn.Module):
         f'input size {height}x{width} is too small for VGG: its five 2x2 pools need at '
         f'least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}'
       )
-    as_matmul = resolve_conv_lowering(self.conv_lowering) == 'matmul'
+    if self.conv_lowering not in lowering.LOWERINGS:
+      raise ValueError(
+        f'conv_lowering {self.conv_lowering!r} is not one of {list(lowering.LOWERINGS)}'
+      )
+    as_matmul = self.conv_lowering == 'matmul'
     x = x_BHWC.astype(self.dtype)
     for b, num_convs in enumerate(CONVS_PER_BLOCK[self.depth], start=1):
       if not runs(f'block{b}'):
@@ -199,7 +201,7 @@ class VGG(nn.Module):
           padding='SAME',
           dtype=self.dtype,
           kernel_init=conv_kernel_init,
-          conv_general_dilated=conv_as_matmul if as_matmul else None,
+          conv_general_dilated=lowering.conv_as_matmul if as_matmul else None,
           name=name,
         )(x)
         if self.batch_norm:
@@ -213,7 +215,7 @@ class VGG(nn.Module):
             name=bn_name,
           )(x)
         x = nn.relu(x)
-      x = max_pool_2x2(x) if as_matmul else nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = lowering.max_pool_2x2(x) if as_matmul else nn.max_pool(x, (2, 2), strides=(2, 2))
     if runs(f'block{len(CONVS_PER_BLOCK[self.depth])}'):
       x = self._features(x)
     return self._head(x, train, runs)
@@ -255,87 +257,6 @@ def adaptive_avg_pool(x_BHWC: jnp.ndarray, size: int) -> jnp.ndarray:
     for r0, r1 in bins(height)
   ]
   return jnp.stack(rows, axis=1)
-
-
-def resolve_conv_lowering(conv_lowering: str) -> str:
-  """`conv` or `matmul` for a `VGG.conv_lowering` value (`auto` reads the default backend)."""
-  if conv_lowering not in CONV_LOWERINGS:
-    raise ValueError(f'conv_lowering {conv_lowering!r} is not one of {list(CONV_LOWERINGS)}')
-  if conv_lowering == 'auto':
-    return 'matmul' if jax.default_backend() == 'cpu' else 'conv'
-  return conv_lowering
-
-
-def conv_as_matmul(
-  lhs: jnp.ndarray,
-  rhs: jnp.ndarray,
-  window_strides: Sequence[int],
-  padding: str | Sequence[tuple[int, int]],
-  lhs_dilation: Sequence[int] | None = None,
-  rhs_dilation: Sequence[int] | None = None,
-  dimension_numbers: Any = None,
-  feature_group_count: int = 1,
-  precision: Any = None,
-  preferred_element_type: Any = None,
-) -> jnp.ndarray:
-  """`lax.conv_general_dilated` for NHWC images and HWIO kernels as one matrix product.
-
-  The kh*kw shifted views of the padded image are concatenated along channels (the
-  patches, `[B, H, W, kh*kw*C]`) and multiplied by the kernel reshaped to
-  `[kh*kw*C, features]`; autodiff turns this into matrix products and slice-adds. On CPU,
-  XLA runs these as multi-threaded GEMMs several times faster than its convolution (forward
-  and both gradients). Anything but stride 1, no dilation and one feature group (not used by
-  VGG) falls back to `lax.conv_general_dilated`. A drop-in for `nn.Conv(conv_general_dilated=)`.
-  """
-  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
-  given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  ones = (1,) * (lhs.ndim - 2)
-  if (
-    lhs.ndim != 4
-    or given != nhwc
-    or tuple(window_strides) != ones
-    or tuple(lhs_dilation or ones) != ones
-    or tuple(rhs_dilation or ones) != ones
-    or feature_group_count != 1
-  ):
-    return lax.conv_general_dilated(
-      lhs,
-      rhs,
-      window_strides,
-      padding,
-      lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count,
-      precision=precision,
-      preferred_element_type=preferred_element_type,
-    )
-  kh, kw, channels, features = rhs.shape
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (1, 1), padding)
-  x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
-  out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-  patches = jnp.concatenate(
-    [x[:, i : i + out_h, j : j + out_w] for i in range(kh) for j in range(kw)], axis=-1
-  )
-  # The (i, j, c) order of the patches is the row-major order of the HWIO kernel.
-  return lax.dot_general(
-    patches,
-    rhs.reshape(kh * kw * channels, features),
-    (((3,), (0,)), ((), ())),
-    precision=precision,
-    preferred_element_type=preferred_element_type,
-  )
-
-
-def max_pool_2x2(x_BHWC: jnp.ndarray) -> jnp.ndarray:
-  """`nn.max_pool(x, (2, 2), strides=(2, 2))` as a reshape and a max (odd edges dropped, as
-  'VALID'). Its gradient is elementwise, where XLA's select-and-scatter is slow on CPU; on a
-  tie (measure zero in float32; zeros after ReLU get no gradient anyway) it splits the
-  gradient evenly instead of giving it to the first maximum."""
-  b, h, w, c = x_BHWC.shape
-  x = x_BHWC[:, : h - h % 2, : w - w % 2]
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 def check_architecture(depth: int, head: str) -> None:

@@ -150,10 +150,7 @@ def expected_shapes(arch: Arch) -> dict[str, Shape]:
   x = jnp.zeros((1, SOURCE_IMAGE_SIZE, SOURCE_IMAGE_SIZE, 3), jnp.float32)
   # Shapes only: nothing is computed, so a full VGG19 costs nothing here.
   tree = jax.eval_shape(lambda: arch.model().init(jax.random.key(0), x, train=False))
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    flat['/'.join(k.key for k in path)] = tuple(leaf.shape)
-  return flat
+  return {p: tuple(leaf.shape) for p, leaf in paths.flatten(tree).items()}
 
 
 # --- Layouts: how a source tensor differs from its Flax variable. ------------------------------
