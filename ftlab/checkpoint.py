@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -398,7 +397,9 @@ def load_params(
   prefix = f'{key}/'
   stored = {p[len(prefix) :]: s for p, s in _stored(path).items() if p.startswith(prefix)}
   flat_expected = ocp.tree.to_flat_dict(expected, sep='/')
-  skip, unused = _dont_load(list(dont_load), [*flat_expected, *stored])
+  candidates = list(dict.fromkeys([*flat_expected, *stored]))
+  matches = paths.match_rules(candidates, list(dont_load), 'dont_load', allow_unused=True)
+  skip, unused = {p for p, found in matches.items() if found}, paths.unused(matches, dont_load)
   want = {p: _shape_dtype(x) for p, x in flat_expected.items() if p not in skip}
   problems = _differences(
     {p: _describe(shape) for p, (shape, _) in want.items()},
@@ -437,19 +438,6 @@ def load_params(
       )
   flat = {p: loaded[p] if p in want else x for p, x in flat_expected.items()}
   return ocp.tree.from_flat_dict(flat, target=expected, sep='/')
-
-
-def _dont_load(patterns: list[str], paths: list[str]) -> tuple[set[str], list[str]]:
-  """The paths fully matching a pattern, and the patterns matching none of `paths`."""
-  compiled = []
-  for pattern in patterns:
-    try:
-      compiled.append(re.compile(pattern))
-    except re.error as e:
-      raise ValueError(f'dont_load: {pattern!r} is not a valid regex ({e})') from None
-  skip = {p for p in paths if any(c.fullmatch(p) for c in compiled)}
-  unused = [pat for pat, c in zip(patterns, compiled) if not any(c.fullmatch(p) for p in paths)]
-  return skip, unused
 
 
 def quiet_orbax_logs() -> None:

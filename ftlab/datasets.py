@@ -282,6 +282,8 @@ class DataSplit:
       None.
     orientation: the EXIF orientation (1-8) of every example of `read_split`, in its order,
       for image folders holding rotated photos; else None (all upright).
+    spec: the split as asked for (`test[:10%]`), for records.
+    classes: the labels kept, in their new order (empty: all).
   """
 
   builder: tfds.core.DatasetBuilder
@@ -291,6 +293,8 @@ class DataSplit:
   class_names: tuple[str, ...]
   labels: np.ndarray | None = None
   orientation: np.ndarray | None = None
+  spec: str = ''
+  classes: tuple[int, ...] = ()
 
   @property
   def num_examples(self) -> int:
@@ -390,7 +394,9 @@ def build_dataset(
     names = tuple(names[c] for c in classes) if classes else names
   if labels is not None:
     labels = labels[indices] if label_map is None else label_map[labels[indices]]
-  return DataSplit(builder, read_split, indices, label_map, names, labels, orientation)
+  return DataSplit(
+    builder, read_split, indices, label_map, names, labels, orientation, split, tuple(classes)
+  )
 
 
 def select(

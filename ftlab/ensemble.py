@@ -63,7 +63,8 @@ LABELS = {
 
 
 def check_eval_data(config: Any, architecture: Mapping[str, Any]) -> None:
-  """Raises ValueError unless the eval config feeds the runs' image size and preprocessing."""
+  """Raises ValueError unless the eval data's `dataset.image_size` and `dataset.preprocess`
+  (in a config, or a dict of those) are the runs'."""
   config = workdir_.plain(config)
   bad = [
     f'{f} is {json.dumps(workdir_.config_field(config, f))} in --config but '
@@ -309,7 +310,8 @@ def _init_note(names: Sequence[str], configs: Mapping[str, dict]) -> str | None:
 
 
 def combine(
-  config: Any,
+  data: input_pipeline.Data,
+  spread: parallel.Spread,
   paths: Sequence[str],
   methods: Sequence[str],
   *,
@@ -320,15 +322,16 @@ def combine(
   """Evaluates runs and their ensembles, soups or WiSE-FT interpolations.
 
   Args:
-    config: the eval config (`configs/*.py`): its eval split (`dataset.eval_split`), held-out
-      split (`dataset.minival`, else the eval split), training split (statistics reset),
-      batch sizes and parallelism. The model is read from the runs.
+    data: the eval data (`run.make_data` of an eval config): its `eval` split, held-out split
+      (`minival`, else `eval`), training split (statistics reset), batch sizes and image
+      preparation. The model is read from the runs.
+    spread: how the eval steps run over the devices (a multi-process job joined already).
     paths: run workdirs or their `checkpoints/` directories; the newest step of each is used.
     methods: some of `METHODS`.
     alphas: WiSE-FT coefficients (`wise` only): 0 is `paths[0]`, 1 is `paths[1]`.
     bn_reset_batches: training batches for fresh BatchNorm statistics of parameter averages
       (BN models only; 0 keeps the averaged running statistics).
-    workdir: if given, `combine.json` and `combine.md` are written there (process 0).
+    workdir: if given, `combine.json` is written there (process 0).
 
   Returns:
     The dict written to `combine.json`: the runs, one result per model, and notes.
@@ -338,23 +341,21 @@ def combine(
       not fit them, or a run's checkpoint that does not fit its config.
     FileNotFoundError: a path without a complete checkpoint.
   """
-  # As the run loop does: a multi-process job must be joined before jax touches a device.
-  parallel.initialize_distributed(config.multi_host)
   methods = list(dict.fromkeys(methods))
   alphas = [float(a) for a in alphas]
   check_methods(methods, len(paths), alphas)
   names = workdir_.unique_names(paths)
   runs = {n: workdir_.read_run(p) for n, p in zip(names, paths)}
   architecture = workdir_.check_compatible({n: r['config'] for n, r in runs.items()})
-  check_eval_data(config, architecture)
-  spread = parallel.Spread(config.parallelism)
-  parallel.check_divisible(config.eval_batch_size, jax.device_count())
-  data = run.make_data(config)
+  check_eval_data(
+    {'dataset': {'image_size': data.image_size, 'preprocess': data.preprocess}}, architecture
+  )
+  parallel.check_divisible(data.eval_batch, spread.num_devices)
   model_cfg = dict(runs[names[0]]['config']['model'])
   model_cfg.update(adaptive_pool=architecture['model.adaptive_pool'])
   model_cfg.update(dtype=architecture['model.dtype'])
   model = run.build_model(ml_collections.ConfigDict(model_cfg), data.train.num_classes)
-  size = config.dataset.image_size
+  size = data.image_size
   shapes = jax.eval_shape(
     functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((1, size, size, 3))
   )
@@ -371,7 +372,7 @@ def combine(
   averaging = any(m in ('uniform_soup', 'greedy_soup', 'wise') for m in methods)
   reset_batches = bn_reset_batches if batch_norm and averaging else 0
   if reset_batches:
-    parallel.check_divisible(config.batch_size, jax.device_count())
+    parallel.check_divisible(data.order.global_batch, spread.num_devices)
   evaluator = _make_evaluator(data, model, spread, reset_batches)
   held_out = data.held_out
   splits = ['eval'] + (['minival'] if held_out == 'minival' else [])
@@ -439,15 +440,15 @@ def combine(
   notes = []
   if 'greedy_soup' in methods and held_out == 'eval':
     notes.append(
-      f'The greedy soup ranked and accepted runs on the eval split ({config.dataset.eval_split}): '
+      f'The greedy soup ranked and accepted runs on the eval split ({data.evals["eval"].spec}): '
       'the config has no dataset.minival, so its reported accuracy is optimistic.'
     )
   if averaging and batch_norm:
     if bn_reset_batches:
       notes.append(
         f'BatchNorm statistics of averaged weights were recomputed from {bn_reset_batches} '
-        f'training batches of {config.batch_size} ({config.dataset.train_split}, augment '
-        f'{config.dataset.augment}); averages equal to one run keep its stored statistics.'
+        f'training batches of {data.order.global_batch} ({data.train.spec}, augment '
+        f'{data.augment}); averages equal to one run keep its stored statistics.'
       )
     else:
       notes.append(
@@ -465,9 +466,9 @@ def combine(
     },
     'architecture': architecture,
     'eval': {
-      'dataset': config.dataset.name,
-      'classes': list(config.dataset.classes),
-      'eval_split': config.dataset.eval_split,
+      'dataset': data.dataset,
+      'classes': list(data.evals['eval'].classes),
+      'eval_split': data.evals['eval'].spec,
       'held_out_split': held_out,
       'held_out_is_eval_split': held_out == 'eval',
     },

@@ -350,6 +350,7 @@ class Data:
     image_size: side of the model's input, pixels.
     preprocess: the weights' input convention (`ftlab.preprocessing`).
     augment: the training augmentation (`preprocess_image`).
+    dataset: the dataset's name (`datasets.build_dataset`), for records.
   """
 
   train: DataSplit
@@ -359,6 +360,7 @@ class Data:
   image_size: int
   preprocess: str
   augment: str
+  dataset: str = ''
 
   @property
   def held_out(self) -> str:

@@ -127,8 +127,8 @@ class _Window:
     )
     self.checked = len(self.pending)
 
-  def flush(self, step: int) -> tuple[dict, float]:
-    """The window's means (and examples/s), and its steps/s; a new window starts."""
+  def log(self, step: int, last: int, writer: metric_writers.MetricWriter) -> None:
+    """Writes and logs the window's means (and examples/s); a new window starts."""
     applied = [m for m in self.pending if not m.get('skipped')] or self.pending
     means = {k: float(np.mean([m[k] for m in applied])) for k in self.pending[0] if k != 'skipped'}
     if 'skipped' in self.pending[0]:
@@ -137,7 +137,10 @@ class _Window:
     steps_per_sec = len(self.pending) / (time.time() - self.start)
     means['examples_per_sec'] = steps_per_sec * self.config.batch_size
     self._reset(step + 1)
-    return means, steps_per_sec
+    writer.write(step, {f'train/{k}': v for k, v in means.items()})
+    eta = (last - step) / steps_per_sec
+    logging.info('step %d/%d: loss %.4f, accuracy %.4f, %.2f steps/s, ETA %.0f s', step, last,
+                 means['loss'], means['accuracy'], steps_per_sec, eta)  # fmt: skip
 
 
 class _Best:
@@ -158,18 +161,17 @@ class _Best:
 def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool = False) -> dict:
   """Trains and evaluates as `config` says, resuming from `directory` if it holds a checkpoint.
 
-  Writes (process 0 only) the workdir's record (`ftlab.workdir`), `metrics.jsonl`,
-  TensorBoard events and `summary.json`; every process takes part in `checkpoints/`. A
-  multi-stage plan (`lp_ft`, `gradual_unfreezing`) compiles one step per stage; at a stage
-  boundary the parameters carry over and the optimizer state is rebuilt for the new plan. A
-  rerun into the directory resumes only under the config its run started with, up to what a
-  resume may change (`workdir.RESUMABLE_CHANGES`), unless `allow_config_change`.
+  Writes (process 0) the workdir's record (`ftlab.workdir`), metrics, TensorBoard events and
+  `summary.json`; every process takes part in `checkpoints/`. A multi-stage plan compiles one
+  step per stage; at a boundary the parameters carry over and the optimizer state is rebuilt.
+  A rerun resumes only under the config the run started with, up to what a resume may change
+  (`workdir.RESUMABLE_CHANGES`), unless `allow_config_change`.
 
   Returns:
     The summary dict written to `summary.json`.
 
   Raises:
-    ConfigError: a bad config or input, or a config other than the workdir's run, before
+    ConfigError: a bad config or input, or another config than the workdir's run, before
       anything is compiled or written.
     FloatingPointError: a non-finite loss or gradient norm (unless skipped by config), or a
       run whose every update was skipped.
@@ -183,21 +185,22 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
   if is_writer:
     _record_launch(run)
   current = _enter(run, run.stage, run.state, run.frozen_reference, first)
-  cached = {current.plan.name: current.cached_from} if current.cached_from else {}
+  stages = [current]
   state, rng = spread.replicate(run.state), jax.random.fold_in(jax.random.key(config.seed), 1)
   writer = metric_writers.MetricWriter(
     run.workdir.metrics, run.workdir.tensorboard, enabled=is_writer
   )
-  select, window = run.data.held_out, _Window(first + 1, spread, config)
-  best, stop, results, flops = _Best(config.early_stopping_patience), False, {}, {}
+  window, best = _Window(first + 1, spread, config), _Best(config.early_stopping_patience)
+  stop, results, flops = False, {}, {}
 
   def run_evals(step):
-    found = {}
-    for name, batches in current.eval_sources.items():
-      found[name] = evaluate(current.p_eval_step, state, spread, batches())
-      writer.write(step, {f'{name}/{k}': v for k, v in found[name].items()})
-      logging.info('step %d: %s accuracy %.4f on %d examples', step, name,
-                   found[name]['accuracy'], found[name]['count'])  # fmt: skip
+    found = {
+      n: evaluate(current.p_eval_step, state, spread, b()) for n, b in current.eval_sources.items()
+    }
+    for name, metrics in found.items():
+      writer.write(step, {f'{name}/{k}': v for k, v in metrics.items()})
+      logging.info('step %d: %s accuracy %.4f on %d examples', step, name, metrics['accuracy'],
+                   metrics['count'])  # fmt: skip
     return found
 
   logging.info('training steps %d..%d under %s', first + 1, last, current.plan.name)
@@ -205,7 +208,7 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
     for step in range(first + 1, last + 1):
       if current.end is not None and step > current.end:  # the next stage of a schedule
         current, state = _next_stage(run, current, state, step)
-        cached.update({current.plan.name: current.cached_from} if current.cached_from else {})
+        stages.append(current)
       batch = next(current.train_batches)
       if config.record_step_flops and current.plan.name not in flops:
         flops[current.plan.name] = parallel.compiled_flops(current.p_train_step, state, batch, rng)
@@ -216,43 +219,39 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
       if log or save:  # nothing non-finite is ever logged as a mean or checkpointed
         window.check()
       if log:
-        means, steps_per_sec = window.flush(step)
-        writer.write(step, {f'train/{k}': v for k, v in means.items()})
-        logging.info('step %d/%d: loss %.4f, accuracy %.4f, %.2f steps/s, ETA %.0f s', step,
-                     last, means['loss'], means['accuracy'], steps_per_sec,
-                     (last - step) / steps_per_sec)  # fmt: skip
+        window.log(step, last, writer)
       if is_time(step, config.eval_every_steps, last):
         results = run_evals(step)
-        stop = best.update(step, results[select]['accuracy'])
+        stop = best.update(step, results[run.data.held_out]['accuracy'])
       if save or stop:
-        host_state = jax.device_get(spread.unreplicate(state))
-        meta = {'plan': current.plan.name, 'config': config.to_dict(), 'step': step}
-        checkpoint.save(
-          run.workdir.checkpoints, step, host_state, meta, max_to_keep=config.keep_checkpoints
-        )
+        _save(run, state, current.plan, step)
       if received:
         writer.close()
         raise Preempted(step, received[0])
       if stop:
         logging.info('early stop at step %d: %d evals without a better %s accuracy', step,
-                     best.since, select)  # fmt: skip
+                     best.since, run.data.held_out)  # fmt: skip
         break
   if not results:  # resumed at the end: evaluate what was restored
     results = run_evals(first)
   writer.close()
   final = jax.device_get(spread.unreplicate(state))
   _check_all_skipped(config, int(final.step) - first, window.skipped_total)
-  frozen_final = _check_frozen(current.plan, current.frozen_reference, final.params)
-  summary = _summary(run, final, current.plan, results, best, stop, window, flops, cached)
-  summary.update(
-    frozen_leaves=len(frozen_final),
-    frozen_checksum=policies.combined_checksum(frozen_final),
-    frozen_unchanged=True,
-    wall_time_sec=time.time() - wall_start,
-  )
+  frozen = _check_frozen(current.plan, current.frozen_reference, final.params)
+  summary = _summary(run, final, stages, results, best, stop, window, flops, frozen)
+  summary['wall_time_sec'] = time.time() - wall_start
   if is_writer:
     workdir.write_summary(run.workdir, summary)
   return summary
+
+
+def _save(run: Run, state: TrainState, plan: policies.Plan, step: int) -> None:
+  """Checkpoint `step`: the whole train state, with the plan and config in its meta."""
+  host_state = jax.device_get(run.spread.unreplicate(state))
+  meta = {'plan': plan.name, 'config': run.config.to_dict(), 'step': step}
+  checkpoint.save(
+    run.workdir.checkpoints, step, host_state, meta, max_to_keep=run.config.keep_checkpoints
+  )
 
 
 def _record_launch(run: Run) -> None:
@@ -272,9 +271,10 @@ def _record_launch(run: Run) -> None:
   )
 
 
-def _summary(run, final, plan, results, best, stop, window, flops, cached) -> dict:
-  """`summary.json` but for the frozen check and the wall time."""
-  select = run.data.held_out
+def _summary(run, final, stages, results, best, stop, window, flops, frozen) -> dict:
+  """`summary.json` but for the wall time."""
+  select, plan = run.data.held_out, stages[-1].plan
+  cached = {s.plan.name: s.cached_from for s in stages if s.cached_from}
   n_trainable, n_total = policies.trainable_count(plan, final.params)
   summary = {
     'plan': run.plan_label,
@@ -297,6 +297,12 @@ def _summary(run, final, plan, results, best, stop, window, flops, cached) -> di
     summary['stages'] = _stage_summary(run, flops)
   if cached:  # plans whose steps ran on cached prefix outputs, with the first block they ran
     summary['activation_cache'] = cached
+  # Frozen leaves checked bit for bit against the loaded values (sha256 per leaf).
+  summary.update(
+    frozen_leaves=len(frozen),
+    frozen_checksum=policies.combined_checksum(frozen),
+    frozen_unchanged=True,
+  )
   return summary
 
 

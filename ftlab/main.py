@@ -12,11 +12,7 @@ config_flags.DEFINE_config_file(
   'config', None, 'config file (configs/*.py[:args])', lock_config=True
 )
 flags.DEFINE_string('workdir', None, 'run directory: checkpoints, metrics, summary')
-flags.DEFINE_bool(
-  'allow_config_change',
-  False,
-  "continue a workdir's run under a config that differs from the one it started with",
-)
+flags.DEFINE_bool('allow_config_change', False, "continue a workdir's run under another config")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # Exit code for a config or input error found before any compute starts.
@@ -48,7 +44,7 @@ def main(argv):
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
-  except (FloatingPointError, loop.FrozenParametersChanged) as e:
+  except (FloatingPointError, loop.FrozenParametersChanged) as e:  # the run's files stay
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -122,7 +122,7 @@ def make_data(config: Any) -> input_pipeline.Data:
     process_count=jax.process_count(),
   )
   return input_pipeline.Data(
-    train, evals, order, config.eval_batch_size, ds.image_size, ds.preprocess, ds.augment
+    train, evals, order, config.eval_batch_size, ds.image_size, ds.preprocess, ds.augment, ds.name
   )
 
 

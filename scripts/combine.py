@@ -23,7 +23,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ftlab import checkpoint, ensemble  # noqa: E402
+from ftlab import checkpoint, ensemble, parallel, run  # noqa: E402
 from scripts.combine_report import markdown  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -76,9 +76,14 @@ def main(argv):
   paths = list(FLAGS.checkpoints) + list(argv[1:])
   if 'wise' not in FLAGS.method and (FLAGS.alpha is not None or FLAGS.alphas):
     fail('--alpha and --alphas apply to --method wise only')
+  config = FLAGS.config
+  # As the run loop does: a multi-process job must be joined before jax touches a device.
+  parallel.initialize_distributed(config.multi_host)
   try:
+    spread = parallel.Spread(config.parallelism)
     output = ensemble.combine(
-      FLAGS.config,
+      run.make_data(config),
+      spread,
       paths,
       FLAGS.method,
       alphas=alphas(),

@@ -1,5 +1,7 @@
-"""Test setup: 8 fake CPU devices, set before jax is imported anywhere; the offline
-Fashion-MNIST prepared once, under a lock, when several pytest-xdist workers start at once."""
+"""Test setup: 8 fake CPU devices, set before jax is imported anywhere; JAX's persistent
+compilation cache, shared by the workers and the subprocesses they start (many tests compile
+the same programs: a runlocal run takes 13.5 s cold, 5 s warm, with the same results); the
+offline Fashion-MNIST prepared once, under a lock, when several pytest-xdist workers start."""
 
 import fcntl
 import os
@@ -9,6 +11,10 @@ os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 ).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault(
+  'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), f'ftlab-tests-xla-{os.getuid()}')
+)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -12,6 +12,9 @@ from configs import default
 from ftlab import checkpoint, loop
 from tests.run_files import params_of
 
+# End to end: runs of the loop (the `not slow` tier skips them).
+pytestmark = pytest.mark.slow
+
 
 def config_for(policy, cache='off', steps=8, batch_norm=False):
   config = default.get_config('runlocal')

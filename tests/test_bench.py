@@ -27,6 +27,7 @@ def tiny_result(tmp_path_factory):
     return json.load(f), str(out)
 
 
+@pytest.mark.slow  # the bench in a subprocess (shared fixture)
 def test_json_has_every_field_for_every_framework(tiny_result):
   result, _ = tiny_result
   assert result['config']['frameworks'] == ['ftlab', 'torch', 'keras']
@@ -50,6 +51,7 @@ def test_json_has_every_field_for_every_framework(tiny_result):
     assert len(set(counts.values())) == 1, counts
 
 
+@pytest.mark.slow  # the bench fixture
 def test_linear_probe_step_costs_fewer_flops_and_less_state_than_full(tiny_result):
   plans = tiny_result[0]['results']['float32']['plans']
   full, probe = plans['full']['ftlab'], plans['linear_probe']['ftlab']
@@ -58,6 +60,7 @@ def test_linear_probe_step_costs_fewer_flops_and_less_state_than_full(tiny_resul
   assert probe['param_bytes'] == full['param_bytes']
 
 
+@pytest.mark.slow  # the bench fixture
 def test_readme_table_is_rewritten_between_markers(tiny_result, tmp_path, capsys):
   readme = tmp_path / 'README.md'
   readme.write_text(f'# x\n\nbefore\n{bench.README_START}\nold table\n{bench.README_END}\nafter\n')
@@ -104,6 +107,7 @@ def test_missing_torch_exits_2(monkeypatch, capsys):
   assert 'torch is not installed' in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a subprocess bench
 def test_gpu_check_smoke_mode_runs_its_bench_on_cpu(tmp_path):
   env = {**os.environ, 'FTLAB_GPU_CHECK_SMOKE': '1', 'XLA_FLAGS': ''}
   proc = subprocess.run(
@@ -111,7 +115,7 @@ def test_gpu_check_smoke_mode_runs_its_bench_on_cpu(tmp_path):
     env=env,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=900,  # a hang guard: the script's own limit (600 s in smoke mode) comes first
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   with open(tmp_path / 'bench_gpu.json') as f:

@@ -39,7 +39,8 @@ def test_conv_as_matmul_falls_back_for_strides():
   )
 
 
-@pytest.mark.parametrize('name', ['vgg11', 'vgg11_bn'])
+# The BatchNorm variant runs in the fast tier; the plain one only in the whole suite.
+@pytest.mark.parametrize('name', [pytest.param('vgg11', marks=pytest.mark.slow), 'vgg11_bn'])
 def test_matmul_lowering_matches_conv_forward_and_gradients(name):
   models = {
     lowering: vgg.by_name(name, num_classes=3, head='gap', width=1 / 16, conv_lowering=lowering)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from ftlab import checkpoint, datasets, ensemble, loop, parallel, soups, workdir
+from ftlab import checkpoint, datasets, ensemble, loop, parallel, run, soups, workdir
 from scripts import combine_report
 from tests import fakes
 
@@ -240,6 +240,7 @@ def runs(tmp_path_factory):
   return paths
 
 
+@pytest.mark.slow  # real data, end to end
 @needs_fashion_mnist
 def test_soups_and_ensemble_of_copies_reproduce_the_run(runs):
   tuned = runs['tuned']
@@ -247,7 +248,10 @@ def test_soups_and_ensemble_of_copies_reproduce_the_run(runs):
   config.dataset.train_split = 'train'
   config.dataset.minival = '300'  # the held-out split of the greedy soup
   output = ensemble.combine(
-    config, [tuned, tuned + '/checkpoints', tuned], ['logits', 'uniform_soup', 'greedy_soup']
+    run.make_data(config),
+    parallel.Spread(config.parallelism),
+    [tuned, tuned + '/checkpoints', tuned],
+    ['logits', 'uniform_soup', 'greedy_soup'],
   )
   rows = {r['name']: r for r in output['results']}
   assert list(rows)[:3] == ['tuned', 'tuned#2', 'tuned#3']
@@ -264,6 +268,7 @@ def test_soups_and_ensemble_of_copies_reproduce_the_run(runs):
   )
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 @needs_fashion_mnist
 def test_cli_wise_endpoints_and_another_architecture(runs, tmp_path):
   start, tuned = runs['start'], runs['tuned']

@@ -95,6 +95,7 @@ def test_local_fashion_mnist_matches_catalog_and_caches(fake, tmp_path):
   assert again.num_examples == N_TRAIN
 
 
+@pytest.mark.slow  # prepares the whole dataset
 def test_real_debian_fashion_mnist(tmp_path):
   if not os.path.exists(
     os.path.join(datasets.DEBIAN_FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz')
@@ -124,7 +125,7 @@ def test_absent_dataset_fails_fast_with_its_name(tmp_path):
     )
   with pytest.raises(ValueError, match='image folder'):
     datasets.build_dataset('image_folder:/nope', 'train')
-  assert time.time() - start < 10
+  assert time.time() - start < 60  # a hang guard: offline, nothing waits on the network
 
 
 def test_mocked_catalog_dataset_exact_eval():

@@ -16,10 +16,13 @@ from ftlab.metric_writers import read_jsonl
 from tests.run_files import params_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.skipif(
-  not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
-  reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
-)
+pytestmark = [
+  pytest.mark.slow,
+  pytest.mark.skipif(
+    not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
+    reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
+  ),
+]
 # A plain VGG11 under SGD, as the tolerances below were set for. Under runlocal's VGG11-BN and
 # Adam, a conv bias before BatchNorm gets a gradient of pure rounding noise, which Adam scales
 # up to +-lr per step (the bias, which the function ignores, then differs between reduction

@@ -120,6 +120,7 @@ def test_masked_entries_stay_bit_identical_and_density_is_exact(name, opt):
   assert all(np.any(bits(before[p]) != bits(after[p])) for p in HEAD)
 
 
+@pytest.mark.slow  # many compiled steps
 def test_child_tuning_f_draws_a_fresh_mask_each_step_scaled_by_one_over_p():
   plan = plan_for('child_tuning_f(p=0.3)')
   assert plan.resample_p == 0.3

@@ -95,6 +95,7 @@ def vgg16_bn_torch():
   return TorchSource(batch_norm=True)
 
 
+@pytest.mark.slow  # full-width VGG16
 @pytest.mark.parametrize('name, suffix', [('vgg16', '.pth'), ('vgg16_bn', '.safetensors')])
 def test_torchvision_full_width_matches_torch_at_224_and_96(name, suffix, request, tmp_path):
   source = request.getfixturevalue(f'{name}_torch')
@@ -111,6 +112,7 @@ def test_torchvision_full_width_matches_torch_at_224_and_96(name, suffix, reques
     assert_matches(ftlab_output(ported, images(size)), source.logits[size])
 
 
+@pytest.mark.slow  # full-width VGG16
 def test_timm_layout_full_width_matches_torch(vgg16_torch, tmp_path):
   path = tmp_path / 'vgg16.timm.safetensors'
   save_safetensors(refs.timm_state_dict(vgg16_torch.module.state_dict()), path)
@@ -121,6 +123,7 @@ def test_timm_layout_full_width_matches_torch(vgg16_torch, tmp_path):
   assert_matches(ftlab_output(ported, images(224)), vgg16_torch.logits[224])
 
 
+@pytest.mark.slow  # full-width VGG16
 def test_onnx_full_width_with_folded_batch_norm_matches_torch(vgg16_bn_torch, tmp_path):
   path = tmp_path / 'vgg16_bn.onnx'
   export_onnx(vgg16_bn_torch.module, path)  # eval-mode export folds BatchNorm into the convs
@@ -154,6 +157,7 @@ def keras_file(tmp_path_factory):
   return make
 
 
+@pytest.mark.slow  # full-width Keras VGG16/19
 @pytest.mark.parametrize(
   'depth, include_top, params',
   [(16, True, 138_357_544), (16, False, 14_714_688), (19, True, 143_667_240), (19, False, None)],
@@ -369,6 +373,7 @@ def test_pickle_with_code_is_refused(tmp_path):
 # --- The script, and a port fine-tuned through `python -m ftlab.main`. -----------------------
 
 
+@pytest.mark.slow  # the script and a run in subprocesses
 def test_port_script_then_fine_tune_end_to_end(tmp_path):
   source = tmp_path / 'vgg11.pth'
   torch.save(narrow_torch(11, batch_norm=False).state_dict(), source)

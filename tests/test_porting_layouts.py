@@ -453,6 +453,7 @@ def test_real_tf2onnx_keras_vgg16_from_a_package(tmp_path):
 # --- The script: the report, port.json, and the new flags. ---------------------------------------
 
 
+@pytest.mark.slow  # the script in subprocesses
 def test_port_script_reports_where_and_what_was_left_out(tmp_path):
   net = torch_vgg(11)
   source = tmp_path / 'checkpoint.pth.tar'

@@ -17,10 +17,13 @@ from ftlab.metric_writers import read_jsonl
 from tests.run_files import params_of, plain_vgg11
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.skipif(
-  not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
-  reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
-)
+pytestmark = [
+  pytest.mark.slow,
+  pytest.mark.skipif(
+    not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
+    reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
+  ),
+]
 SOAK = [
   '--config.num_train_steps=200',
   '--config.checkpoint_every_steps=10',

@@ -6,12 +6,16 @@ likely cause and the flags that fix it."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from configs import default
 from ftlab import checkpoint, datasets, loop
 from ftlab.metric_writers import read_jsonl
+
+# End to end: runs of the loop (the `not slow` tier skips them).
+pytestmark = pytest.mark.slow
 
 needs_fashion_mnist = pytest.mark.skipif(
   not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
@@ -28,17 +32,6 @@ def small(steps=4, **fields):
     section, _, field = key.rpartition('__')
     (config[section] if section else config)[field] = value
   return config
-
-
-@needs_fashion_mnist
-def test_smoke_run_learns():
-  """`configs/default.py:runlocal`, the first run a new user makes, learns visibly in its
-  20 steps: chance is 0.10 on Fashion-MNIST (measured: 0.40)."""
-  import tempfile
-
-  with tempfile.TemporaryDirectory() as workdir:
-    summary = loop.train_and_evaluate(default.get_config('runlocal'), workdir)
-  assert summary['final_eval_accuracy'] >= 0.3, summary['final_eval_accuracy']
 
 
 @needs_fashion_mnist
@@ -106,20 +99,19 @@ def test_every_update_skipped_is_an_error_not_a_summary(tmp_path):
   assert not (tmp_path / 'run' / 'summary.json').exists()
 
 
+def _fresh_variables(config, size=32):
+  """The fresh variables of `config`'s model (10 classes), as numpy arrays."""
+  model = loop.build_model(config.model, num_classes=10)
+  variables = model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32), train=False)
+  return jax.tree.map(np.array, jax.device_get(variables))
+
+
 def _nonfinite_source(tmp_path):
   """Variables of runlocal's model, saved as init weights, with one inf in block2_conv1."""
-  import jax
-
-  config = small()
-  model = loop.build_model(config.model, num_classes=10)
-  variables = jax.device_get(
-    model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
-  )
-  variables = jax.tree.map(np.array, variables)
+  variables = _fresh_variables(small())
   variables['params']['block2_conv1']['kernel'][0, 0, 0, 0] = np.inf
-  target = tmp_path / 'inf'
-  checkpoint.save_variables(target, variables, {})
-  return target
+  checkpoint.save_variables(tmp_path / 'inf', variables, {})
+  return tmp_path / 'inf'
 
 
 @needs_fashion_mnist
@@ -141,8 +133,9 @@ def test_nonfinite_init_weights_are_refused_and_a_nan_step_1_blames_them(tmp_pat
 
 @needs_fashion_mnist
 def test_init_checkpoint_that_does_not_fit_says_why_and_how_to_fix_it(tmp_path):
-  source = small(steps=1, model__head='imagenet', dataset__image_size=64)
-  loop.train_and_evaluate(source, str(tmp_path / 'source'))
+  # The weights of a 64 px imagenet-head model, as a port writes them (no training needed).
+  source = small(model__head='imagenet', dataset__image_size=64)
+  checkpoint.save_variables(tmp_path / 'source', _fresh_variables(source, size=64), {})
   init = str(tmp_path / 'source')
 
   def error_for(**fields):

@@ -12,6 +12,9 @@ from configs import default
 from ftlab import checkpoint, loop, paths, train
 from tests.run_files import params_of, plain_vgg11
 
+# End to end: runs of the loop (the `not slow` tier skips them).
+pytestmark = pytest.mark.slow
+
 GRADUAL = 'gradual_unfreezing(stage_steps=2)'
 
 

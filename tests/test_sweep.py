@@ -178,6 +178,7 @@ def test_slugs_and_worker_shares():
   assert all(cores) and not set(cores[0]) & set(cores[1]) or len(os.sched_getaffinity(0)) == 1
 
 
+@pytest.mark.slow  # a real run through the CLI
 @pytest.mark.skipif(not HAS_DATA, reason='needs the dataset-fashion-mnist package')
 def test_end_to_end(tmp_path):
   """One real run of ftlab.main through the command line (about 35 s on 2 cores)."""

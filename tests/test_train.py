@@ -90,7 +90,8 @@ def test_frozen_leaves_bit_identical_and_trainable_leaves_move(policy):
     assert np.array_equal(stats_before[path], stats_after[path]) == frozen, path
 
 
-@pytest.mark.parametrize('batch_norm', [False, True])
+# With BatchNorm (statistics averaged over devices) in the fast tier; without, the whole suite.
+@pytest.mark.parametrize('batch_norm', [pytest.param(False, marks=pytest.mark.slow), True])
 def test_eight_devices_equal_one_device(batch_norm):
   model = tiny(batch_norm=batch_norm)
   variables, plan, tx = setup(model, POLICIES['full'])
@@ -177,6 +178,7 @@ def test_no_retrace_after_first_step(mode):
   assert len(traces) == 1
 
 
+@pytest.mark.slow  # compiles a step per plan
 def test_flops_show_no_backward_work_for_frozen_parts():
   model = vgg.VGG(depth=16, num_classes=10, head='imagenet', width=1 / 8, dropout_rate=0.0)
   variables = init(model)
