@@ -11,14 +11,10 @@ Ways to combine runs of one architecture (same model, head and label space):
   between two runs (`wise`), over a list of alphas.
 
 Every model is scored with the run loop's exact eval (`train.evaluate`: padded, masked batches,
-sums over devices). Averaged weights make BatchNorm's running statistics stale, so in a BN model
-a parameter average gets fresh statistics from K training batches (`reset_batch_stats`), unless
-its parameters are bit-identical to one run's (a soup of copies, a WiSE endpoint), whose stored
-statistics are exact.
-
-Averages are exact for equal inputs: a soup of N copies of a checkpoint is that checkpoint bit
-for bit, WiSE at alpha 0 and 1 returns the endpoints themselves, and so does an output ensemble
-of copies of one model.
+sums over devices). Averaged weights (`ftlab.soups`, exact for equal inputs) make BatchNorm's
+running statistics stale, so in a BN model a parameter average gets fresh statistics from K
+training batches (`reset_batch_stats`), unless its parameters are bit-identical to one run's (a
+soup of copies, a WiSE endpoint); an output ensemble of copies of one model is that model.
 """
 
 from __future__ import annotations
@@ -85,11 +81,10 @@ def check_methods(methods: Sequence[str], num_runs: int, alphas: Sequence[float]
     raise ValueError(f'unknown methods {unknown}; valid: {", ".join(METHODS)}')
   if num_runs < 1:
     raise ValueError('no checkpoints to combine')
-  if 'wise' in methods:
-    if num_runs != 2:
-      raise ValueError(f'wise interpolates two runs (theta0, theta1); got {num_runs}')
-    if not alphas or not all(np.isfinite(a) for a in alphas):
-      raise ValueError(f'wise needs finite alphas; got {list(alphas)}')
+  if 'wise' in methods and num_runs != 2:
+    raise ValueError(f'wise interpolates two runs (theta0, theta1); got {num_runs}')
+  if 'wise' in methods and not (alphas and all(np.isfinite(a) for a in alphas)):
+    raise ValueError(f'wise needs finite alphas; got {list(alphas)}')
 
 
 # --- Per-device steps. ------------------------------------------------------------------------
@@ -286,29 +281,6 @@ class Evaluator:
     return {**variables, 'batch_stats': mean}
 
 
-def load_variables(directory: str, shapes: PyTree) -> PyTree:
-  """A run's `params` (and `batch_stats`), strictly checked against `shapes`."""
-  variables = {'params': checkpoint.load_params(directory, shapes['params'])}
-  if 'batch_stats' in shapes:
-    variables['batch_stats'] = checkpoint.load_params(
-      directory, shapes['batch_stats'], key='batch_stats'
-    )
-  return variables
-
-
-def _init_note(names: Sequence[str], configs: Mapping[str, dict]) -> str | None:
-  """A warning when the runs started from different weights (soups need a shared start)."""
-  starts = {n: workdir_.config_field(configs[n], 'init.checkpoint', '') or '' for n in names}
-  if len(set(starts.values())) < 2:
-    return None
-  described = ', '.join(f'{n}: {s or "random init"}' for n, s in starts.items())
-  return (
-    f'The runs start from different weights ({described}). Averaging the weights of networks '
-    'trained from different starts is not expected to work (their units are not aligned), so '
-    'soups mixing them fall apart; output ensembles do not have this problem.'
-  )
-
-
 def combine(
   data: input_pipeline.Data,
   spread: parallel.Spread,
@@ -347,34 +319,59 @@ def combine(
   names = workdir_.unique_names(paths)
   runs = {n: workdir_.read_run(p) for n, p in zip(names, paths)}
   architecture = workdir_.check_compatible({n: r['config'] for n, r in runs.items()})
-  check_eval_data(
-    {'dataset': {'image_size': data.image_size, 'preprocess': data.preprocess}}, architecture
-  )
+  eval_fields = {'dataset': {'image_size': data.image_size, 'preprocess': data.preprocess}}
+  check_eval_data(eval_fields, architecture)
   parallel.check_divisible(data.eval_batch, spread.num_devices)
-  model_cfg = dict(runs[names[0]]['config']['model'])
-  model_cfg.update(adaptive_pool=architecture['model.adaptive_pool'])
-  model_cfg.update(dtype=architecture['model.dtype'])
-  model = run.build_model(ml_collections.ConfigDict(model_cfg), data.train.num_classes)
-  size = data.image_size
-  shapes = jax.eval_shape(
-    functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((1, size, size, 3))
-  )
-  batch_norm = 'batch_stats' in shapes
-  variables = {}
-  for name in names:
-    try:
-      variables[name] = load_variables(runs[name]['directory'], shapes)
-    except ValueError as e:
-      raise ValueError(
-        f'run {name} does not fit its model on the eval data '
-        f'({data.train.num_classes} classes): {e}'
-      ) from None
+  model, variables = _load_runs(runs, architecture, data)
+  batch_norm = 'batch_stats' in variables[names[0]]
   averaging = any(m in ('uniform_soup', 'greedy_soup', 'wise') for m in methods)
   reset_batches = bn_reset_batches if batch_norm and averaging else 0
   if reset_batches:
     parallel.check_divisible(data.order.global_batch, spread.num_devices)
-  evaluator = _make_evaluator(data, model, spread, reset_batches)
-  held_out = data.held_out
+  # Every model and soup reads the same eval batches again: read once (`replayable`).
+  eval_batches = {
+    name: replayable(
+      functools.partial(data.eval_batches, name),
+      input_pipeline.num_eval_steps(split.num_examples, data.eval_batch),
+    )
+    for name, split in data.evals.items()
+  }
+  train_batches = functools.partial(data.train_batches, 0)
+  train_batches = replayable(train_batches, int(reset_batches)) if reset_batches else None
+  evaluator = Evaluator(model, spread, eval_batches, train_batches, data.image_size)
+  results = _results(evaluator, variables, runs, methods, alphas, data.held_out, reset_batches)
+  notes = _notes(data, runs, methods, batch_norm, bn_reset_batches)
+  output = {
+    'methods': methods,
+    'runs': {
+      n: {'directory': r['directory'], 'step': r['step'], 'plan': r['plan']}
+      for n, r in runs.items()
+    },
+    'architecture': architecture,
+    'eval': {
+      'dataset': data.dataset,
+      'classes': list(data.evals['eval'].classes),
+      'eval_split': data.evals['eval'].spec,
+      'held_out_split': data.held_out,
+      'held_out_is_eval_split': data.held_out == 'eval',
+    },
+    'batch_norm': batch_norm,
+    'bn_reset_batches': bn_reset_batches if batch_norm else 0,
+    'bn_reset_applied': any(r['bn_reset_applied'] for r in results),
+    'results': results,
+    'notes': notes,
+  }
+  if workdir and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'combine.json'), 'w') as f:
+      json.dump(output, f, indent=2, ensure_ascii=False)
+  return output
+
+
+def _results(evaluator, variables, runs, methods, alphas, held_out, reset_batches) -> list:
+  """One result per run, then per method: scores on `eval` (and the held-out split), the
+  members, and whether BatchNorm statistics were recomputed for averaged weights."""
+  names = list(runs)
   splits = ['eval'] + (['minival'] if held_out == 'minival' else [])
 
   def result(method, name, members, evaluate_fn, reset=False, **extra):
@@ -402,7 +399,7 @@ def combine(
     same_as_a_run = any(
       soups.trees_identical(mixed['params'], variables[n]['params']) for n in names
     )
-    if batch_norm and bn_reset_batches and not same_as_a_run:
+    if reset_batches and not same_as_a_run:
       return evaluator.reset_batch_stats(mixed), True
     return mixed, False
 
@@ -437,6 +434,38 @@ def combine(
         name = f'WiSE-FT α={alpha:g}'
         results.append(result(method, name, list(names), evaluate_fn, reset, alpha=alpha))
 
+  return results
+
+
+def _load_runs(runs: Mapping[str, dict], architecture: Mapping[str, Any], data) -> tuple:
+  """The runs' shared model and each run's variables, strictly checked against it."""
+  model_cfg = dict(next(iter(runs.values()))['config']['model'])
+  model_cfg.update(adaptive_pool=architecture['model.adaptive_pool'])
+  model_cfg.update(dtype=architecture['model.dtype'])
+  model = run.build_model(ml_collections.ConfigDict(model_cfg), data.train.num_classes)
+  size = data.image_size
+  shapes = jax.eval_shape(
+    functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((1, size, size, 3))
+  )
+  variables = {}
+  for name, found in runs.items():
+    try:
+      variables[name] = {
+        key: checkpoint.load_params(found['directory'], shapes[key], key=key) for key in shapes
+      }
+    except ValueError as e:
+      raise ValueError(
+        f'run {name} does not fit its model on the eval data '
+        f'({data.train.num_classes} classes): {e}'
+      ) from None
+  return model, variables
+
+
+def _notes(data, runs, methods, batch_norm, bn_reset_batches) -> list[str]:
+  """What a reader of the results must know: an optimistic greedy soup, how BatchNorm
+  statistics of averages were made, runs that start from different weights."""
+  held_out = data.held_out
+  averaging = any(m in ('uniform_soup', 'greedy_soup', 'wise') for m in methods)
   notes = []
   if 'greedy_soup' in methods and held_out == 'eval':
     notes.append(
@@ -455,47 +484,12 @@ def combine(
         'BatchNorm statistics of averaged weights were averaged too, not recomputed '
         '(bn_reset_batches=0): they do not match the averaged weights.'
       )
-  init_note = _init_note(names, {n: r['config'] for n, r in runs.items()})
-  if averaging and init_note:
-    notes.append(init_note)
-  output = {
-    'methods': methods,
-    'runs': {
-      n: {'directory': r['directory'], 'step': r['step'], 'plan': r['plan']}
-      for n, r in runs.items()
-    },
-    'architecture': architecture,
-    'eval': {
-      'dataset': data.dataset,
-      'classes': list(data.evals['eval'].classes),
-      'eval_split': data.evals['eval'].spec,
-      'held_out_split': held_out,
-      'held_out_is_eval_split': held_out == 'eval',
-    },
-    'batch_norm': batch_norm,
-    'bn_reset_batches': bn_reset_batches if batch_norm else 0,
-    'bn_reset_applied': any(r['bn_reset_applied'] for r in results),
-    'results': results,
-    'notes': notes,
-  }
-  if workdir and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'combine.json'), 'w') as f:
-      json.dump(output, f, indent=2, ensure_ascii=False)
-  return output
-
-
-def _make_evaluator(
-  data: input_pipeline.Data, model: nn.Module, spread: parallel.Spread, reset_batches: int
-) -> Evaluator:
-  eval_batches = {
-    name: replayable(
-      functools.partial(data.eval_batches, name),
-      input_pipeline.num_eval_steps(split.num_examples, data.eval_batch),
+  starts = {n: workdir_.config_field(r['config'], 'init.checkpoint', '') for n, r in runs.items()}
+  if averaging and len(set(starts.values())) > 1:
+    described = ', '.join(f'{n}: {s or "random init"}' for n, s in starts.items())
+    notes.append(
+      f'The runs start from different weights ({described}). Averaging the weights of networks '
+      'trained from different starts is not expected to work (their units are not aligned), so '
+      'soups mixing them fall apart; output ensembles do not have this problem.'
     )
-    for name, split in data.evals.items()
-  }
-  train_batches = None
-  if reset_batches:
-    train_batches = replayable(functools.partial(data.train_batches, 0), int(reset_batches))
-  return Evaluator(model, spread, eval_batches, train_batches, data.image_size)
+  return notes

@@ -24,11 +24,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except (flags.Error, KeyError, ValueError, AttributeError, TypeError) as e:
-    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    lines = str(text).strip().splitlines()
-    # A config file that raised comes wrapped in its traceback: its last line is the error.
-    text = lines[-1] if 'Traceback' in str(text) else ' '.join(' '.join(lines).split())
-    print(f'error: bad --config: {text}', file=sys.stderr)
+    print(f'error: bad --config: {run.flag_error_line(e)}', file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
 
 

@@ -16,9 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import math
 import os
-import re
 from typing import Any, Callable, Iterator
 
 import flax.linen as nn
@@ -32,6 +30,7 @@ from ftlab import (
   activation_cache,
   checkpoint,
   datasets,
+  init_from,
   input_pipeline,
   optim,
   parallel,
@@ -58,6 +57,16 @@ def config_errors(*kinds: type[Exception]) -> Iterator[None]:
     yield
   except kinds as e:
     raise ConfigError(str(e)) from e
+
+
+def flag_error_line(error: Exception) -> str:
+  """A bad `--config` flag's error in one line: a config file that raised comes wrapped in
+  its traceback, whose last line is the error; a KeyError's message is its argument."""
+  text = error.args[0] if isinstance(error, KeyError) and error.args else error
+  lines = [line for line in str(text).strip().splitlines() if line.strip()]
+  if any(line.startswith('Traceback') for line in lines):
+    return lines[-1]
+  return ' '.join(' '.join(lines).split())
 
 
 def resolve_conv_lowering(choice: str) -> str:
@@ -154,107 +163,6 @@ def check_plans(config: Any, num_classes: int) -> tuple[nn.Module, list[policies
       config.get('activation_cache', 'off'), model, shaped_plans, augment=config.dataset.augment
     )
   return model, stages
-
-
-# --- The initial variables. ------------------------------------------------------------------
-
-
-def init_variables(model: nn.Module, image_size: int, rng: jax.Array, init_cfg: Any) -> PyTree:
-  """Fresh variables, then (if `init_cfg.checkpoint`) the checkpoint's, strictly checked.
-
-  Parameters matching an `init_cfg.dont_load` regex keep their fresh values (a new head).
-
-  Raises:
-    ConfigError: the checkpoint is missing, does not fit the model (the message says the
-      likely cause and the flags that fix it) or holds inf/NaN (unless
-      `init_cfg.allow_nonfinite`).
-  """
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(rng, x)
-  if not init_cfg.checkpoint:
-    return variables
-  dont_load = tuple(init_cfg.dont_load)
-  source = init_cfg.checkpoint
-  if os.path.isdir(os.path.join(source, 'checkpoints')):  # a run's workdir
-    source = os.path.join(source, 'checkpoints')
-  allow_nonfinite = bool(init_cfg.get('allow_nonfinite', False))
-  load = functools.partial(checkpoint.load_params, source, allow_nonfinite=allow_nonfinite)
-  try:
-    loaded = {'params': load(variables['params'], dont_load=dont_load)}
-    if 'batch_stats' in variables:
-      # The same patterns, less those that name no statistics (a dense head has none).
-      stats_paths = paths.flatten(variables['batch_stats'])
-      stats_dont_load = [p for p in dont_load if any(re.fullmatch(p, q) for q in stats_paths)]
-      loaded['batch_stats'] = load(
-        variables['batch_stats'], dont_load=stats_dont_load, key='batch_stats'
-      )
-  except checkpoint.MismatchError as e:
-    advice = mismatch_advice(e, model, image_size)
-    raise ConfigError(f'init.checkpoint: {e}' + (f'. {advice}' if advice else '')) from None
-  except checkpoint.NonFiniteError as e:
-    raise ConfigError(
-      f'init.checkpoint: {e}; a run started from them trains to NaN. Re-export the weights '
-      '(a float16 save overflows beyond 65504), or set --config.init.allow_nonfinite=True '
-      'to load them anyway'
-    ) from None
-  except FileNotFoundError as e:
-    raise ConfigError(f'init.checkpoint: {e}') from None
-  return loaded
-
-
-def mismatch_advice(error: checkpoint.MismatchError, model: Any, image_size: int) -> str:
-  """The likely cause of a checkpoint that does not fit the model, and the flags that fix it:
-  another VGG (name, width, head), another class count, or an fc1 built for another image
-  size; '' when the shapes tell nothing more than the error."""
-  if error.unused_dont_load:
-    layers = sorted({p.split('/')[0] for p in error.expected})
-    return f'Paths are layer/name (e.g. predictions/kernel); the layers: {", ".join(layers)}'
-  want, have = vgg.architecture_of(error.expected), vgg.architecture_of(error.found)
-  fixes = []
-  if have['name'] and have['name'] != want['name']:
-    fixes.append(f'--config.model.name={have["name"]}')
-  if have['width'] and want['width'] and not np.isclose(have['width'], want['width']):
-    fixes.append(f'--config.model.width={have["width"]:g}')
-  if have['head'] != want['head'] and have['head'] != 'none':
-    fixes.append(f'--config.model.head={have["head"]}')
-  if fixes:
-    found = f'a {have["name"] or "VGG"} (width {have["width"]:g}, {have["head"]} head)'
-    return f'Likely cause: the checkpoint is {found}, another model: {" ".join(fixes)}'
-  advice = []
-  layers = lambda names: {p.split('/')[0] for p in names}
-  fresh = sorted(layers(set(error.expected) - error.skipped) - layers(error.found))
-  if fresh and have['head'] == 'none':
-    regexes = ', '.join(f'"{layer}/.*"' for layer in fresh)
-    advice.append(
-      f'the checkpoint has no head: start {", ".join(fresh)} fresh with '
-      f"--config.init.dont_load='({regexes},)'"
-    )
-  differs = lambda p: (
-    p in error.found
-    and p in error.expected
-    and p not in error.skipped
-    and error.found[p] != error.expected[p]
-  )
-  if differs('predictions/kernel'):
-    advice.append(
-      f"the checkpoint's head has {have['num_classes']} classes, this task "
-      f'{want["num_classes"]}: keep a fresh head with '
-      """--config.init.dont_load='("predictions/.*",)'"""
-    )
-  first_dense = next((p for p in ('fc1/kernel', 'fc/kernel') if differs(p)), '')
-  if first_dense:
-    channels = vgg.scaled(vgg.BLOCK_CHANNELS[-1], model.width)
-    built = math.isqrt(error.found[first_dense][0] // channels)
-    now = math.isqrt(error.expected[first_dense][0] // channels)
-    layer = first_dense.split('/')[0]
-    advice.append(
-      f'{layer} was built for a {built}x{built}x{channels} block-5 map ({built * 32} px images '
-      f'without pooling), and this model gives it {now}x{now} at image_size {image_size}: keep '
-      f'the pretrained {layer} with --config.dataset.image_size={built * 32}, or with '
-      f'--config.model.adaptive_pool={built} (average-pools block 5 to {built}x{built} at any '
-      'image size, as torchvision does)'
-    )
-  return ('Likely cause: ' + '; and '.join(advice)) if advice else ''
 
 
 # --- The run. ---------------------------------------------------------------------------------
@@ -379,7 +287,8 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
   data = make_data(config)
   model, stages = check_plans(config, data.train.num_classes)
   rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
-  variables = init_variables(model, config.dataset.image_size, rng_init, config.init)
+  with config_errors(init_from.InitError):
+    variables = init_from.variables(model, config.dataset.image_size, rng_init, config.init)
   run = Run(config, files, spread, model, data, variables, stages, changes=changes)
   run.stage = stages[0]
   plan, tx = run.setup(run.stage)

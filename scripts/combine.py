@@ -55,9 +55,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except (flags.Error, KeyError, ValueError, AttributeError, TypeError) as e:
-    lines = str(e).strip().splitlines()
-    # A config file that raised comes wrapped in its traceback: its last line is the error.
-    fail(lines[-1] if 'Traceback' in str(e) else ' '.join(' '.join(lines).split()))
+    fail(run.flag_error_line(e))
 
 
 def alphas() -> list[float]:
