@@ -6,7 +6,6 @@ framework's numbers and says what it left out; non-finite values are refused.
 References are independent: torch modules (tests/porting_refs.py), Keras itself, onnxruntime.
 """
 
-import functools
 import glob
 import importlib.util
 import json
@@ -15,7 +14,6 @@ import re
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import porting_refs as refs
 import pytest
@@ -23,30 +21,12 @@ import torch
 
 from ftlab import porting
 from ftlab.porting import PortError
+from tests import test_porting
+from tests.test_porting import NARROW, ftlab_output, images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NARROW = 1 / 16
-MAX_ABS_DIFF = 1e-4
-pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')
-
-
-def images(size, n=2, seed=0):
-  return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-
-
-@functools.cache
-def _apply_fn(arch):
-  return jax.jit(functools.partial(arch.model().apply, train=False))
-
-
-def ftlab_output(ported, images_uint8):
-  return np.asarray(_apply_fn(ported.arch)(ported.variables, ported.preprocessing(images_uint8)))
-
-
-def assert_close(ours, reference):
-  assert ours.shape == reference.shape, (ours.shape, reference.shape)
-  assert float(reference.std()) > 0.1  # of order one: the bound says something
-  assert float(np.abs(ours - reference).max()) <= MAX_ABS_DIFF
+pytestmark = test_porting.pytestmark
+assert_close = test_porting.assert_matches
 
 
 def torch_vgg(depth=11, batch_norm=False, seed=0):
