@@ -300,6 +300,20 @@ def _differences(expected: Mapping[str, str], found: Mapping[str, str], label: s
   return clauses
 
 
+def stored_shapes(
+  directory: PathLike, step: int | None = None, key: str = 'params'
+) -> dict[str, tuple[int, ...]]:
+  """'/'-joined path -> shape of every array under `key` in a step, read from its metadata
+  (no array is read).
+
+  Raises:
+    FileNotFoundError: no such complete step.
+  """
+  prefix = f'{key}/'
+  stored = _stored(_step_dir(directory, step))
+  return {p[len(prefix) :]: shape for p, (shape, _) in stored.items() if p.startswith(prefix)}
+
+
 def _map(fn, tree: PyTree) -> PyTree:
   # Over array leaves only; empty nodes (MaskedNode, EmptyState) keep their place.
   flat = ocp.tree.to_flat_dict(tree)

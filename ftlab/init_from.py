@@ -1,8 +1,15 @@
-"""Starting a run from another run's or a port's weights: strict, with the fix for a mismatch.
+"""Starting a run from pretrained weights: strict, with the fix for a mismatch.
 
-`variables` initialises a model, then loads the checkpoint `config.init` names into it: every
-parameter found and of its shape, except those a `dont_load` regex keeps fresh (a new head),
-and no inf or NaN. A checkpoint that does not fit says why and which flags fix it
+`config.init.checkpoint` names a run's workdir or checkpoint directory, a directory written by
+`scripts/port_weights.py`, or named weights (`keras:vgg16`, `ftlab.porting.weights`), which are
+downloaded, verified and ported once. `source` resolves it, with the port's record (`port.json`):
+the preprocessing the weights expect (`preprocessing` checks the config against it, and
+`auto` takes it), and for named weights the name, URL and checksum for the run's summary.
+
+`variables` initialises a model, then loads the checkpoint into it: every parameter found and
+of its shape, except those a `dont_load` regex keeps fresh (a new head), and no inf or NaN.
+Named weights keep a fresh head by themselves where the task's differs (another class count,
+another head type), and say so. A checkpoint that does not fit says why and which flags fix it
 (`mismatch_advice`): another VGG (name, width, head), another class count (a fresh head), or
 an fc1 built for another image size (the image size or an adaptive pool, not `dont_load`,
 which would throw the pretrained layer away).
@@ -10,7 +17,9 @@ which would throw the pretrained layer away).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
 import os
 import re
@@ -20,9 +29,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from ftlab import checkpoint, paths
 from ftlab.models import vgg
+from ftlab.porting import weights
+from ftlab.porting.common import PortError
 
 PyTree = Any
 
@@ -31,10 +43,115 @@ class InitError(ValueError):
   """The init checkpoint is missing, does not fit the model, or holds inf/NaN (one line)."""
 
 
-def variables(model: nn.Module, image_size: int, rng: jax.Array, init_cfg: Any) -> PyTree:
-  """Fresh variables, then (if `init_cfg.checkpoint`) the checkpoint's, strictly checked.
+SCRATCH = 'scratch'  # `init.checkpoint` for a random start, said explicitly
 
-  Parameters matching an `init_cfg.dont_load` regex keep their fresh values (a new head).
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where the initial weights come from.
+
+  Attributes:
+    checkpoint: the config's value (a path, named weights, or '' / `scratch` for none).
+    directory: the checkpoint directory to read ('' for a random start).
+    record: the port's record (`port.json`) where there is one, else None.
+  """
+
+  checkpoint: str
+  directory: str = ''
+  record: dict | None = None
+
+  @property
+  def named(self) -> bool:
+    return bool(self.record and 'weights' in self.record)
+
+  def summary(self) -> dict:
+    """What a run's summary says of its initial weights."""
+    if not self.directory:
+      return {'checkpoint': 'scratch (random init)'}
+    found = {'checkpoint': self.checkpoint, 'directory': self.directory}
+    if self.record:
+      found['preprocessing'] = self.record.get('preprocessing', {}).get('name')
+      found.update({k: self.record[k] for k in ('weights', 'format', 'arch') if k in self.record})
+    return found
+
+
+def source(init_cfg: Any) -> Source:
+  """Resolves `init_cfg.checkpoint`; named weights are downloaded and ported (once).
+
+  Raises:
+    InitError: unknown named weights, a failed download (offline: the error names the URL and
+      where a file downloaded by hand is picked up), or a file that does not port.
+  """
+  value = str(init_cfg.checkpoint or '')
+  if value in ('', SCRATCH):
+    return Source(value)
+  if weights.is_name(value):
+    try:
+      directory, record = weights.resolve(value)
+    except PortError as e:
+      raise InitError(f'init.checkpoint: {e}') from None
+    return Source(value, directory, record)
+  directory = value
+  if os.path.isdir(os.path.join(directory, 'checkpoints')):  # a run's workdir
+    directory = os.path.join(directory, 'checkpoints')
+  record_path = os.path.join(value, 'port.json')
+  record = None
+  if os.path.exists(record_path):
+    with open(record_path) as f:
+      record = json.load(f)
+  return Source(value, directory, record)
+
+
+def preprocessing(configured: str, found: Source) -> str:
+  """The input convention to train with: the config's, checked against the weights' record;
+  `auto` takes the weights' own.
+
+  Raises:
+    InitError: `auto` without weights that record a convention, or a configured convention
+      other than the one the weights were trained with (unless the record's is a guess).
+  """
+  recorded = (found.record or {}).get('preprocessing', {})
+  name = recorded.get('name')
+  if configured == 'auto':
+    if not name:
+      raise InitError(
+        'dataset.preprocess=auto takes the convention of the init weights, and '
+        f'{found.checkpoint or "a random start"!r} records none; set caffe, torch or unit'
+      )
+    return name
+  if name and configured != name and not recorded.get('guess'):
+    raise InitError(
+      f'init.checkpoint {found.checkpoint} was trained on {name} inputs (its port.json) but '
+      f'dataset.preprocess is {configured!r}: set --config.dataset.preprocess={name} (or auto); '
+      'other inputs run and silently lose accuracy'
+    )
+  if name and configured != name:
+    logging.warning('dataset.preprocess %s overrides the guess %s of %s', configured, name,
+                    found.checkpoint)  # fmt: skip
+  return configured
+
+
+def fresh_head(model: nn.Module, shapes: dict, directory: str) -> tuple[str, ...]:
+  """`dont_load` regexes that keep the task's own head where named weights' differs: head
+  layers the weights lack or shape otherwise (another class count), and weights' layers the
+  model lacks (a top the task does not use)."""
+  stored = checkpoint.stored_shapes(directory)
+  layers = lambda flat: {p.split('/')[0] for p in flat}
+  head = set(model.block_structure().head.layers)
+  differ = {p.split('/')[0] for p, s in shapes.items() if stored.get(p) != s}
+  fresh = sorted((differ & head) | (layers(stored) - layers(shapes)))
+  if fresh:
+    logging.info('named weights: %s start fresh (not in the weights, or another shape)', fresh)
+  return tuple(f'{layer}/.*' for layer in fresh)
+
+
+def variables(
+  model: nn.Module, image_size: int, rng: jax.Array, init_cfg: Any, found: Source | None = None
+) -> PyTree:
+  """Fresh variables, then (if there is a source) the checkpoint's, strictly checked.
+
+  Parameters matching an `init_cfg.dont_load` regex keep their fresh values (a new head); with
+  named weights, so does a head the task shapes otherwise (`fresh_head`).
 
   Raises:
     InitError: the checkpoint is missing, does not fit the model (the message says the
@@ -43,14 +160,18 @@ def variables(model: nn.Module, image_size: int, rng: jax.Array, init_cfg: Any) 
   """
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   fresh = jax.jit(functools.partial(model.init, train=False))(rng, x)
-  if not init_cfg.checkpoint:
+  found = found or source(init_cfg)
+  if not found.directory:
     return fresh
   dont_load = tuple(init_cfg.dont_load)
-  source = init_cfg.checkpoint
-  if os.path.isdir(os.path.join(source, 'checkpoints')):  # a run's workdir
-    source = os.path.join(source, 'checkpoints')
+  source_dir = found.directory
+  if found.named:
+    extra = fresh_head(
+      model, {p: x.shape for p, x in paths.flatten(fresh['params']).items()}, source_dir
+    )
+    dont_load += tuple(r for r in extra if r not in dont_load)
   allow_nonfinite = bool(init_cfg.get('allow_nonfinite', False))
-  load = functools.partial(checkpoint.load_params, source, allow_nonfinite=allow_nonfinite)
+  load = functools.partial(checkpoint.load_params, source_dir, allow_nonfinite=allow_nonfinite)
   try:
     loaded = {'params': load(fresh['params'], dont_load=dont_load)}
     if 'batch_stats' in fresh:

@@ -291,6 +291,7 @@ def _summary(run, final, stages, results, best, stop, window, flops, frozen) -> 
     'trainable_parameters': n_trainable,
     'total_parameters': n_total,
     'trainable_percent': 100.0 * n_trainable / n_total,
+    'init': run.init.summary() if run.init else {},
     **({'train_step_flops': flops[plan.name]} if plan.name in flops else {}),
   }
   if len(run.stages) > 1:

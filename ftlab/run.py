@@ -95,16 +95,20 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
   )
 
 
-def make_data(config: Any) -> input_pipeline.Data:
+def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data:
   """The run's splits (`eval`, and `minival` carved off the training split if configured),
-  their order and image preparation.
+  their order and image preparation (`preprocess`, default the config's).
 
   Raises:
     ConfigError: an unknown preprocessing or augmentation, or a `datasets.DatasetError`.
   """
   ds = config.dataset
+  if preprocess is None and ds.preprocess == 'auto':  # the init weights' own convention
+    with config_errors(init_from.InitError):
+      preprocess = init_from.preprocessing('auto', init_from.source(config.init))
+  preprocess = preprocess or ds.preprocess
   with config_errors(ValueError):
-    preprocessing.check(ds.preprocess)
+    preprocessing.check(preprocess)
   if ds.augment not in input_pipeline.AUGMENTATIONS:
     augmentations = ', '.join(input_pipeline.AUGMENTATIONS)
     raise ConfigError(f'unknown augmentation {ds.augment!r}; valid: {augmentations}')
@@ -131,7 +135,7 @@ def make_data(config: Any) -> input_pipeline.Data:
     process_count=jax.process_count(),
   )
   return input_pipeline.Data(
-    train, evals, order, config.eval_batch_size, ds.image_size, ds.preprocess, ds.augment, ds.name
+    train, evals, order, config.eval_batch_size, ds.image_size, preprocess, ds.augment, ds.name
   )
 
 
@@ -185,6 +189,7 @@ class Run:
     frozen_reference: sha256 of each leaf the stage freezes, as the stage started.
     changes: config fields changed since the workdir's last launch (`{field: [old, new]}`).
     plan_label: the plan's name for the summary (the schedule's, for a multi-stage plan).
+    init: where the initial variables came from (for the summary).
   """
 
   config: Any
@@ -199,6 +204,7 @@ class Run:
   frozen_reference: dict[str, str] = dataclasses.field(default_factory=dict)
   changes: dict[str, list] = dataclasses.field(default_factory=dict)
   plan_label: str = ''
+  init: init_from.Source | None = None
   _setups: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def setup(self, stage: policies.Stage) -> tuple[policies.Plan, optax.GradientTransformation]:
@@ -284,12 +290,16 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
     parallel.check_divisible(config.eval_batch_size, jax.device_count())
   with config_errors(policies.PlanError):
     expression = policies.check_policy_name(config.policy.name, config.policy)
-  data = make_data(config)
+  with config_errors(init_from.InitError):  # named weights are downloaded and ported here
+    source = init_from.source(config.init)
+    preprocess = init_from.preprocessing(config.dataset.preprocess, source)
+  data = make_data(config, preprocess)
   model, stages = check_plans(config, data.train.num_classes)
   rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
   with config_errors(init_from.InitError):
-    variables = init_from.variables(model, config.dataset.image_size, rng_init, config.init)
+    variables = init_from.variables(model, config.dataset.image_size, rng_init, config.init, source)
   run = Run(config, files, spread, model, data, variables, stages, changes=changes)
+  run.init = source
   run.stage = stages[0]
   plan, tx = run.setup(run.stage)
   run.state = create_train_state(variables, tx)
