@@ -158,18 +158,25 @@ def expected_shapes(arch: Arch) -> dict[str, Shape]:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """A source layout: the source shape for a Flax shape, and the conversion to Flax."""
+  """A source layout: the source shape for a Flax shape, the conversion to Flax, and back
+  (`from_flax`, for exports: `from_flax(to_flax(w, s)) == w`)."""
 
   name: str
   source_shape: Callable[[Shape], Shape]
   to_flax: Callable[[np.ndarray, Shape], np.ndarray]
+  from_flax: Callable[[np.ndarray], np.ndarray] = lambda w: w
 
 
 SAME = Layout('same', lambda s: s, lambda w, s: w)
 # torch Conv2d (out, in, kh, kw) -> Flax HWIO.
-OIHW = Layout('oihw', lambda s: (s[3], s[2], s[0], s[1]), lambda w, s: w.transpose(2, 3, 1, 0))
+OIHW = Layout(
+  'oihw',
+  lambda s: (s[3], s[2], s[0], s[1]),
+  lambda w, s: w.transpose(2, 3, 1, 0),
+  lambda w: w.transpose(3, 2, 0, 1),
+)
 # torch Linear (out, in) -> Flax Dense (in, out).
-LINEAR = Layout('linear', lambda s: (s[1], s[0]), lambda w, s: w.T)
+LINEAR = Layout('linear', lambda s: (s[1], s[0]), lambda w, s: w.T, lambda w: w.T)
 
 
 def linear_after_nchw_flatten(channels: int) -> Layout:
@@ -183,7 +190,12 @@ def linear_after_nchw_flatten(channels: int) -> Layout:
     side = math.isqrt(s[0] // channels)
     return w.reshape(s[1], channels, side, side).transpose(0, 2, 3, 1).reshape(s[1], -1).T
 
-  return Layout(f'linear_nchw{channels}', lambda s: (s[1], s[0]), to_flax)
+  def from_flax(kernel):
+    inputs, units = kernel.shape
+    side = math.isqrt(inputs // channels)
+    return kernel.T.reshape(units, side, side, channels).transpose(0, 3, 1, 2).reshape(units, -1)
+
+  return Layout(f'linear_nchw{channels}', lambda s: (s[1], s[0]), to_flax, from_flax)
 
 
 def conv_as_dense(kernel: int) -> Layout:

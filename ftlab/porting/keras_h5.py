@@ -191,7 +191,8 @@ def locate(
       continue
     convs = {c: n for c, n in members.items() if CONV.fullmatch(c.split('/')[0])}
     head = {c: n for c, n in members.items() if c.split('/')[0] in DENSE_LAYERS}
-    if len(head) != 2 * len(DENSE_LAYERS):
+    last_conv = tensors.get(members.get(f'{common.conv_layers(layout[0])[-1][1]}/kernel', ''))
+    if len(head) != 2 * len(DENSE_LAYERS) and not _pooled_predictions(head, last_conv, tensors):
       head = {}  # not the whole top: the VGG ports without it
     found.append(((-sum(counts), -len(head), where.count('/'), where), where, {**convs, **head}))
   if not found:
@@ -207,6 +208,14 @@ def locate(
     left_out=paths.prefix_counts(rest) if rest else '',
     others=tuple(f'a VGG under {w!r} (prefix={w!r} ports it)' for _, w, _ in found[1:]),
   )
+
+
+def _pooled_predictions(head: dict, last_conv: np.ndarray | None, tensors: dict) -> bool:
+  """Whether `head` is one `predictions` layer on globally pooled block-5 features (Keras'
+  `include_top=False, pooling='avg'` and a Dense: ftlab's `gap` head)."""
+  if set(head) != {'predictions/kernel', 'predictions/bias'} or last_conv is None:
+    return False
+  return tensors[head['predictions/kernel']].shape[0] == last_conv.shape[-1]
 
 
 def _nothing_found(tensors, groups, source: str, prefix: str | None) -> str:
@@ -229,6 +238,8 @@ def rules(arch: common.Arch) -> list[common.Rule]:
   layers = [layer for _, layer in common.conv_layers(arch.depth)]
   if arch.head == 'imagenet':
     layers += DENSE_LAYERS
+  elif arch.head == 'gap':
+    layers += ('predictions',)
   return [common.Rule(f'{n}/{w}', f'params/{n}/{w}') for n in layers for w in ('kernel', 'bias')]
 
 
@@ -262,10 +273,10 @@ def read(
     raise PortError(f'{path}: Keras VGG files have no BatchNorm; use arch={f"vgg{depth}"!r}')
   first = tensors.get('block1_conv1/kernel')
   predictions = tensors.get('predictions/bias')
-  headless = not any(n.split('/')[0] in DENSE_LAYERS for n in tensors)
+  head = 'imagenet' if 'fc1/kernel' in tensors else 'gap' if predictions is not None else 'none'
   ported_arch = common.Arch(
     depth=depth,
-    head='none' if headless else 'imagenet',
+    head=head,
     width=common.width_of(first.shape[-1]) if first is not None and first.ndim == 4 else 1.0,
     num_classes=predictions.shape[0] if predictions is not None else 1000,
   )
