@@ -109,6 +109,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # | auto (memory up to activation_cache_memory_mb MiB per split, else disk).
   config.activation_cache = 'off'
   config.activation_cache_memory_mb = 2048.0
+  # Where disk caches go ('' = workdir/activation_cache/). Runs given one directory share
+  # caches: a file is named by a hash of the prefix's layers, weights and data, so runs
+  # reuse only outputs that are theirs bit for bit (e.g. every seed's eval split).
+  config.activation_cache_dir = ''
 
   config.init = ml_collections.ConfigDict()
   config.init.checkpoint = ''  # directory of a checkpoint (train run or ported weights)

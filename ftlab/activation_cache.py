@@ -18,8 +18,10 @@ algorithms are autotuned per program, expect agreement to float rounding rather 
 
 A cache holds every example of a split in `DataSplit.indices` order, with its label; every
 process holds the whole split (a training batch can take any example). A disk cache is a raw
-array (`np.memmap`) plus a JSON file written once it is complete; its name carries a
-fingerprint of the prefix's model, variables and data, so a resumed run reuses it.
+array (`np.memmap`) plus a JSON file, renamed into place once complete; its name carries a
+fingerprint of the prefix's model, variables and data, so a resumed run reuses it, and so do
+other runs given the same `config.activation_cache_dir` (the seeds and plans of a sweep that
+share a frozen prefix and an eval split compute its outputs once).
 """
 
 from __future__ import annotations
@@ -224,6 +226,9 @@ def compute(
     raise ValueError('activation cache: the split has no examples')
   state = spread.replicate({'params': variables['params'], **_stats(variables)})
   activations, labels, written = None, np.zeros(num_examples, np.int32), 0
+  # Written under this process's own names, renamed into place once complete: runs sharing a
+  # cache directory never read (or truncate) a file another run is writing.
+  partial = f'{path}.{os.getpid()}.part'
 
   def allocate(x):
     # The prefix output's shape and dtype are known once the first batch is through.
@@ -243,7 +248,7 @@ def compute(
     if backend == 'memory':
       return np.empty(shape, x.dtype)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    return np.memmap(path + '.bin', dtype=x.dtype, mode='w+', shape=shape)
+    return np.memmap(partial + '.bin', dtype=x.dtype, mode='w+', shape=shape)
 
   def write(k, out):
     # Row r of process q's k-th batch is example k*b + r of its share indices[q::count]
@@ -272,11 +277,14 @@ def compute(
     raise ValueError(f'activation cache: {written} of {num_examples} examples computed')
   if backend == 'disk':
     activations.flush()
-    np.save(path + '.labels.npy', labels)
     description = {'shape': list(activations.shape), 'dtype': activations.dtype.name}
-    with open(path + '.json.tmp', 'w') as f:
+    del activations  # closes the map before the rename
+    np.save(partial + '.labels.npy', labels)
+    with open(partial + '.json', 'w') as f:
       json.dump(description, f)
-    os.replace(path + '.json.tmp', path + '.json')  # the cache counts once this exists
+    os.replace(partial + '.bin', path + '.bin')
+    os.replace(partial + '.labels.npy', path + '.labels.npy')
+    os.replace(partial + '.json', path + '.json')  # the cache counts once this exists
     return load(path)
   return Cache(activations, labels)
 

@@ -405,7 +405,7 @@ def sources(
     {'params': host_state.params, 'batch_stats': host_state.batch_stats},
     run.spread,
     run.data,
-    directory=run.workdir.activation_cache,
+    directory=config.get('activation_cache_dir', '') or run.workdir.activation_cache,
     memory_limit_mb=float(
       config.get('activation_cache_memory_mb', activation_cache.DEFAULT_MEMORY_LIMIT_MB)
     ),

@@ -42,6 +42,7 @@ RESUMABLE_CHANGES = (
   'eval_batch_size',
   'activation_cache',
   'activation_cache_memory_mb',
+  'activation_cache_dir',
   'dataset.data_dir',
   'dataset.local_dir',
   'dataset.download',

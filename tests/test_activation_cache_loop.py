@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from configs import default
-from ftlab import checkpoint, loop
+from ftlab import activation_cache, checkpoint, loop
 from tests.run_files import params_of
 
 # End to end: runs of the loop (the `not slow` tier skips them).
@@ -106,3 +106,29 @@ def test_refused_before_anything_is_written(tmp_path, change, message):
   with pytest.raises(loop.ConfigError, match=message):
     loop.train_and_evaluate(config, workdir)
   assert not os.path.exists(workdir)
+
+
+def test_runs_sharing_a_cache_directory_compute_a_prefix_once(tmp_path, monkeypatch):
+  """A second run (another learning rate) given the first's `activation_cache_dir` reads its
+  caches (the splits and frozen weights are the same) and trains as on a cache of its own.
+  (Here the init is random, so another seed would have other prefix weights, and its own
+  caches; runs from the same pretrained weights share them across seeds.)"""
+  shared = str(tmp_path / 'shared')
+  first = config_for('linear_probe', 'disk')
+  first.activation_cache_dir = shared
+  loop.train_and_evaluate(first, str(tmp_path / 'seed0'))
+  files = sorted(os.listdir(shared))
+  assert len(files) == 6 and not any('.part' in f for f in files), files  # train, eval
+
+  second = config_for('linear_probe', 'disk')
+  second.optimizer.learning_rate, second.activation_cache_dir = 3e-3, shared
+  with monkeypatch.context() as m:
+    m.setattr(activation_cache, 'compute', None)  # a prefix computed again would fail here
+    loop.train_and_evaluate(second, str(tmp_path / 'lr3e-3'))
+  assert sorted(os.listdir(shared)) == files
+  assert not os.path.exists(tmp_path / 'lr3e-3' / 'activation_cache')
+
+  own = config_for('linear_probe', 'disk')
+  own.optimizer.learning_rate = 3e-3
+  loop.train_and_evaluate(own, str(tmp_path / 'own'))
+  assert_same_run(str(tmp_path / 'lr3e-3'), str(tmp_path / 'own'))
