@@ -470,6 +470,33 @@ def read(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
 
 
 def read_labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
+  """Every label of `split` in its fixed order: int64 `[num_examples]`.
+
+  The result is kept for the process's later calls while the
+  split's prepared files are unchanged (path, size and mtime), so the runs of a study that draw
+  few-shot subsets of one split read its labels once.
+  """
   label_key = keys(builder)[1]
+  files = _split_files(builder, split)
+  if files and files in _LABELS:
+    return _LABELS[files].copy()
   batches = read(builder, split).map(lambda ex: ex[label_key], tf.data.AUTOTUNE).batch(8192)
-  return np.concatenate([np.zeros([0], np.int64), *batches.as_numpy_iterator()])
+  labels = np.concatenate([np.zeros([0], np.int64), *batches.as_numpy_iterator()])
+  if files:
+    _LABELS[files] = labels.copy()
+  return labels
+
+
+_LABELS: dict[tuple, np.ndarray] = {}
+
+
+def _split_files(builder: tfds.core.DatasetBuilder, split: str) -> tuple | None:
+  """`(split, (path, size, mtime_ns) of each prepared file)`, or None where the files are
+  not plain local files (mocked or remote data: nothing is kept)."""
+  try:
+    stats = [(str(path), os.stat(path)) for path in builder.info.splits[split].filepaths]
+  except (KeyError, ValueError, OSError, TypeError):
+    return None
+  if not stats:
+    return None
+  return split, tuple((path, st.st_size, st.st_mtime_ns) for path, st in stats)

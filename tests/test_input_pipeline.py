@@ -446,3 +446,19 @@ def test_exif_orientation_turns_photos_as_a_viewer_shows_them(orientation, tmp_p
     ip.train_iterator(train, BatchOrder(1), image_size=size, preprocess='unit', augment='none')
   )
   np.testing.assert_allclose(batch['image'][0], want, atol=1e-6)
+
+
+def test_labels_are_read_once_per_process_until_the_files_change(fake, monkeypatch):
+  builder = datasets.build_dataset('fashion_mnist', 'test', **fake).builder
+  first = datasets.read_labels(builder, 'test')
+  reads = []
+  real_read = datasets.read
+  monkeypatch.setattr(datasets, 'read', lambda *a: reads.append(a) or real_read(*a))
+  first[:] = -1  # the caller's copy: the kept labels are not changed through it
+  again = datasets.read_labels(builder, 'test')
+  assert reads == [] and (again >= 0).all()
+  assert len(datasets.read_labels(builder, 'test[:5]')) == 5 and len(reads) == 1
+  (path,) = builder.info.splits['test'].filepaths
+  os.utime(path, ns=(1, 1))  # rewritten files are read again
+  np.testing.assert_array_equal(datasets.read_labels(builder, 'test'), again)
+  assert len(reads) == 2
