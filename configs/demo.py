@@ -1,6 +1,6 @@
 """The demo: pretrain on Fashion-MNIST classes 0-4, fine-tune on classes 5-9 from 50 labels each.
 
-Run all of it with `bash scripts/demo.sh`. One stage:
+Run all of it with `bash scripts/pretrain_demo.sh`. One stage:
 
   python -m ftlab.main --config configs/demo.py:stage=pretrain --workdir W/source
   python -m ftlab.main --config configs/demo.py:stage=finetune,policy=linear_probe,source=W/source \

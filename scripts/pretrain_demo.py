@@ -1,29 +1,29 @@
-"""The README demo: a real transfer experiment on offline Fashion-MNIST, on a CPU.
+"""A self-pretrained transfer experiment on offline Fashion-MNIST, on a CPU (no ImageNet weights).
 
 Pretrains a narrow VGG11-BN on classes 0-4, then fine-tunes on classes 5-9 from 50 labelled
 images per class under four plans (training from scratch, linear probe, last block, full),
 evaluates each on the full target test split (5,000 images), prints the table and writes
 `results.md`, `results.json` and `results.png` in the workdir. Finished stages are skipped, so
-an interrupted demo resumes. `--readme README.md` also rewrites the README's results section.
+an interrupted demo resumes. `--readme README.md` also rewrites the README's section between the
+pretrain-demo-results markers. The README's first demo (real ImageNet-started weights) is
+`scripts/demo.py`.
 
-  python scripts/demo.py --workdir workdirs/demo [--runlocal] [--readme README.md]
+  python scripts/pretrain_demo.py --workdir workdirs/demo [--runlocal] [--readme README.md]
 """
 
 import json
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # readme_section
 
+import readme_section  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from configs import demo  # noqa: E402
 from ftlab import checkpoint, loop  # noqa: E402
 
-flags.DEFINE_string('workdir', 'workdirs/demo', 'where the stages run and results go')
-flags.DEFINE_bool('runlocal', False, 'seconds-long stages (smoke test)')
-flags.DEFINE_string('readme', '', 'README to update between the demo-results markers')
 FLAGS = flags.FLAGS
 
 LABELS = {
@@ -32,7 +32,7 @@ LABELS = {
   'last_blocks': 'last block + head',
   'full': 'full fine-tuning',
 }
-MARKERS = ('<!-- demo-results:start -->', '<!-- demo-results:end -->')
+MARKERS = ('<!-- pretrain-demo-results:start -->', '<!-- pretrain-demo-results:end -->')
 
 
 def run_stage(workdir: str, arg: str) -> dict:
@@ -91,17 +91,6 @@ def plot(rows: list[dict], path: str) -> None:
   fig.savefig(path, dpi=100)
 
 
-def update_readme(path: str, table: str) -> None:
-  with open(path) as f:
-    text = f.read()
-  pattern = re.escape(MARKERS[0]) + '.*?' + re.escape(MARKERS[1])
-  if not re.search(pattern, text, flags=re.S):
-    raise ValueError(f'{path} has no {MARKERS[0]} ... {MARKERS[1]} section')
-  text = re.sub(pattern, lambda _: f'{MARKERS[0]}\n{table}\n{MARKERS[1]}', text, flags=re.S)
-  with open(path, 'w') as f:
-    f.write(text)
-
-
 def main(argv):
   del argv
   checkpoint.quiet_orbax_logs()
@@ -121,13 +110,21 @@ def main(argv):
     json.dump({'source': source, 'plans': rows}, f, indent=2)
   plot(rows, os.path.join(root, 'results.png'))
   if FLAGS.readme:
-    update_readme(FLAGS.readme, table)
+    readme_section.replace(FLAGS.readme, MARKERS, table)
     # The README shows the plot too: keep a copy next to it.
     docs = os.path.join(os.path.dirname(os.path.abspath(FLAGS.readme)), 'docs')
     os.makedirs(docs, exist_ok=True)
-    plot(rows, os.path.join(docs, 'demo_results.png'))
+    plot(rows, os.path.join(docs, 'pretrain_demo_results.png'))
   print(table)
 
 
+def define_flags() -> None:
+  """The command line (defined when run as a script, so tests can import the module)."""
+  flags.DEFINE_string('workdir', 'workdirs/demo', 'where the stages run and results go')
+  flags.DEFINE_bool('runlocal', False, 'seconds-long stages (smoke test)')
+  flags.DEFINE_string('readme', '', 'README to update between the demo-results markers')
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

