@@ -35,14 +35,20 @@ PLANS = {
   'linear_probe': ('linear_probe', 'linear probe: the new head'),
   'last_block': ('last_blocks(1)', 'last block: block 5 + head'),
   'full': ('full', 'full fine-tuning'),
-  'lp_ft': ('lp_ft(probe_steps={half})', 'LP-FT: probe for half the steps, then everything'),
+  # The probe at 100x the fine-tuning lr: on minival the best linear-probe lr is 100x full
+  # fine-tuning's (configs/fewshot_lrs.json).
+  'lp_ft': (
+    'lp_ft(probe_steps={half}, probe_lr_multiplier=100)',
+    'LP-FT: probe (lr x 100) for half the steps, then everything',
+  ),
   'sparse_top': (
     "(magnitude(density=0.05, which='largest') & blocks([4, 5])) | linear_probe",
     'per-element: largest 5% of blocks 4-5 + head',
   ),
 }
 LEARNING_RATES_FILE = os.path.join(os.path.dirname(__file__), 'fewshot_lrs.json')
-CANDIDATE_LRS = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # Adam; the minival chooses per plan and shots
+# Adam learning rates; the minival chooses one per plan and shots.
+CANDIDATE_LRS = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 
 def learning_rates() -> dict:

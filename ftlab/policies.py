@@ -76,6 +76,7 @@ class Stage:
   end: int | None
   expression: policy_syntax.Expression
   schedule: str = ''
+  lr_scale: float = 1.0  # multiplies every lr multiplier of the stage (lp_ft's probe)
 
   def label(self, inner: str) -> str:
     if not self.schedule:
@@ -244,7 +245,9 @@ def check_policy_name(name: Any, config: Any = None) -> policy_syntax.Expression
 def plan_stages(structure: BlockStructure, cfg: Any, total_steps: int | None = None) -> list[Stage]:
   """The stages of the plan `cfg.name` describes: one for a plain plan, several for a schedule.
 
-  `lp_ft(probe_steps=N)`: a linear probe for N steps, then everything. `gradual_unfreezing(
+  `lp_ft(probe_steps=N, probe_lr_multiplier=m)`: a linear probe for N steps with learning rates
+  times m (default 1: a probe often wants a larger rate than fine-tuning everything, and one
+  run has one schedule), then everything. `gradual_unfreezing(
   stage_steps=S)`: the head for S steps, then one more block from the top every S steps.
   Stages past `total_steps` are dropped; the last one runs to the end.
   """
@@ -256,8 +259,13 @@ def plan_stages(structure: BlockStructure, cfg: Any, total_steps: int | None = N
   n = schedule.get(steps_arg)
   if isinstance(n, bool) or not isinstance(n, int) or n < 1:
     raise PlanError(f'{schedule.name}: {steps_arg}={n!r} is not a positive number of steps')
+  scales = [1.0]
   if schedule.name == 'lp_ft':
     sets = [policy_syntax.Call('linear_probe'), policy_syntax.Call('full')]
+    m = schedule.get('probe_lr_multiplier', 1.0)
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < float('inf'):
+      raise PlanError(f'lp_ft: probe_lr_multiplier={m!r} is not a positive number')
+    scales = [float(m), 1.0]
   else:
     sets = [policy_syntax.Call('linear_probe')] + [
       policy_syntax.Call('last_blocks', (('k', k),)) for k in range(1, len(structure.blocks) + 1)
@@ -276,6 +284,7 @@ def plan_stages(structure: BlockStructure, cfg: Any, total_steps: int | None = N
       starts[i + 1] if i + 1 < count else None,
       policy_syntax.Expression(sets[i], None, mods),
       str(schedule),
+      scales[i] if i < len(scales) else 1.0,
     )
     for i in range(count)
   ]
@@ -369,7 +378,9 @@ def make_plan(
     raise PlanError(f'plan {label} trains no parameter; choose a policy that trains something')
   mods = {m.name: m for m in stage.expression.modifiers}
   shape = _shaped_lr(paths, structure, mods)
-  mults = {p: m * shape[p] for p, m in lr_multipliers(paths, trainable, cfg).items()}
+  mults = {
+    p: m * shape[p] * stage.lr_scale for p, m in lr_multipliers(paths, trainable, cfg).items()
+  }
   layers = sorted({p.split('/')[0] for p in paths})
   frozen_layers = tuple(
     l for l in layers if not any(p in trainable for p in paths if p.split('/')[0] == l)

@@ -42,7 +42,7 @@ MODIFIERS = {
   'l2_sp': ('alpha', 'beta'),
 }
 SCHEDULES = {
-  'lp_ft': ('probe_steps',),
+  'lp_ft': ('probe_steps', 'probe_lr_multiplier'),
   'gradual_unfreezing': ('stage_steps',),
 }
 ALL = {**SETS, **MODIFIERS, **SCHEDULES}

@@ -31,7 +31,7 @@ import readme_section  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from configs import fewshot  # noqa: E402
-from ftlab import checkpoint, loop  # noqa: E402
+from ftlab import checkpoint, loop, workdir  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -42,15 +42,21 @@ def markers(shots: int) -> tuple[str, str]:
 
 
 def run(directory: str, arg: str, shared: str) -> dict:
-  """Runs `configs/fewshot.py:arg` in `directory` unless its summary exists; returns it."""
-  summary_path = os.path.join(directory, 'summary.json')
-  if os.path.exists(summary_path):
+  """Runs `configs/fewshot.py:arg` in `directory` unless it finished before; returns its summary.
+
+  Raises:
+    workdir.ConfigChanged: `directory` holds a run of another config.
+  """
+  config = fewshot.get_config(arg + (',runlocal' if FLAGS.runlocal else ''))
+  config.activation_cache_dir = os.path.join(shared, 'activation_cache')
+  # A finished run counts only under the config it ran with (configs/fewshot.py may change).
+  files = workdir.Workdir(directory)
+  workdir.check_config_change(config, files, allow=False)
+  if os.path.exists(files.summary):
     logging.info('%s: done before, skipped', directory)
   else:
-    config = fewshot.get_config(arg + (',runlocal' if FLAGS.runlocal else ''))
-    config.activation_cache_dir = os.path.join(shared, 'activation_cache')
     loop.train_and_evaluate(config, directory)
-  with open(summary_path) as f:
+  with open(files.summary) as f:
     return json.load(f)
 
 
@@ -198,6 +204,15 @@ def select(root: str) -> None:
 def main(argv):
   del argv
   checkpoint.quiet_orbax_logs()
+  try:
+    study()
+  except workdir.ConfigChanged as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def study() -> None:
+  """The selection or the runs and their results, as the flags say."""
   unknown = sorted(set(FLAGS.plans) - set(fewshot.PLANS))
   if unknown:
     raise app.UsageError(f'--plans: {", ".join(unknown)} not among {", ".join(fewshot.PLANS)}')

@@ -104,7 +104,7 @@ def test_learning_rate_choice_is_the_minival_best_and_merges_into_the_file(tmp_p
 
 def test_fewshot_config_plans_splits_and_refusals(monkeypatch, tmp_path):
   config = fewshot.get_config('plan=lp_ft,shots=50,seed=2')
-  assert config.policy.name == f'lp_ft(probe_steps={fewshot.STEPS // 2})'
+  assert config.policy.name == f'lp_ft(probe_steps={fewshot.STEPS // 2}, probe_lr_multiplier=100)'
   assert (config.dataset.examples_per_class, config.seed) == (50, 2)
   assert config.dataset.train_split == f'train[:-{fewshot.MINIVAL}]'
   assert config.dataset.eval_split == fewshot.EVAL_SPLIT
@@ -118,7 +118,7 @@ def test_fewshot_config_plans_splits_and_refusals(monkeypatch, tmp_path):
   lrs.write_text(json.dumps({'chosen': {'10': {'full': 3e-4}}}))
   monkeypatch.setattr(fewshot, 'LEARNING_RATES_FILE', str(lrs))
   assert fewshot.get_config('plan=full').optimizer.learning_rate == 3e-4
-  assert fewshot.get_config('plan=lp_ft,runlocal').policy.name == 'lp_ft(probe_steps=3)'
+  assert fewshot.get_config('plan=lp_ft,runlocal').policy.name.startswith('lp_ft(probe_steps=3,')
   with pytest.raises(ValueError, match="fewshot plan 'probe' is not one of scratch, linear_probe"):
     fewshot.get_config('plan=probe')
 
@@ -141,6 +141,7 @@ def test_fewshot_demo_end_to_end_resumes_and_writes_the_readme(tmp_path):
   out = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   results = json.loads((tmp_path / 'w' / 'results_10shot.json').read_text())
+  lrs = {row['plan']: row['learning_rate'] for row in results['plans']}
   assert [r['plan'] for r in results['plans']] == ['linear_probe', 'lp_ft']
   for row in results['plans']:
     assert len(row['accuracies']) == 2 and row['mean'] == pytest.approx(np.mean(row['accuracies']))
@@ -154,3 +155,11 @@ def test_fewshot_demo_end_to_end_resumes_and_writes_the_readme(tmp_path):
   # A second call finds every run done.
   again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
   assert again.returncode == 0 and again.stderr.count('done before, skipped') == 4
+  # A finished run of another config (configs/fewshot.py changed since) is not reused.
+  run = tmp_path / 'w' / '10shot' / f'linear_probe_lr{lrs["linear_probe"]:g}' / 'seed0'
+  config = json.loads((run / 'config.json').read_text())
+  config['optimizer']['schedule'] = 'constant'
+  (run / 'config.json').write_text(json.dumps(config))
+  stale = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+  assert stale.returncode == 2
+  assert "optimizer.schedule='cosine' (was 'constant')" in stale.stderr.splitlines()[-1]

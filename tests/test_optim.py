@@ -132,3 +132,21 @@ def test_masked_node_tree_is_optax_compatible():
   tx.update({'x': 1.0, 'y': 2.0}, tx.init({'x': 1.0, 'y': 2.0}))
   expected = jax.tree.structure({'x': 0.0, 'y': optax.MaskedNode()})
   assert seen == [expected]
+
+
+def test_lp_ft_probe_lr_multiplier_scales_the_probe_stage_only():
+  cfg = ConfigDict(dict(name='lp_ft(probe_steps=3, probe_lr_multiplier=30)'))
+  probe_stage, ft_stage = policies.plan_stages(MODEL.block_structure(), cfg, 10)
+  updates = []
+  for stage in (probe_stage, ft_stage):
+    plan = policies.make_plan(PARAMS, MODEL.block_structure(), cfg, stage=stage)
+    tx = optim.make(plan, opt_config(momentum=0.0), 10)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 2.0), PARAMS)
+    updates.append(paths.flatten(tx.update(grads, tx.init(PARAMS), PARAMS)[0]))
+  probe, ft = updates
+  np.testing.assert_allclose(probe['predictions/kernel'], -0.1 * 30 * 2)
+  np.testing.assert_allclose(probe['fc/kernel'], -0.1 * 30 * 2)  # the mlp head's new layer
+  np.testing.assert_array_equal(probe['block1_conv1/kernel'], 0)
+  np.testing.assert_allclose(ft['predictions/kernel'], -0.1 * 2)
+  np.testing.assert_allclose(ft['block1_conv1/kernel'], -0.1 * 2)
+  assert str(probe_stage.expression) == 'linear_probe()' and probe_stage.lr_scale == 30

@@ -278,6 +278,8 @@ def test_schedules_make_stages():
     ('full + layerwise_lr_decay(0.7) + discriminative_lr(2.6)', 'choose one'),
     ('full + layerwise_lr_decay(1.5)', 'out of range'),
     ('lp_ft(probe_steps=0)', 'positive number of steps'),
+    ('lp_ft(10, probe_lr_multiplier=0)', 'probe_lr_multiplier=0 is not a positive number'),
+    ('lp_ft(10, probe_lr_multiplier="x")', "probe_lr_multiplier='x' is not a positive number"),
     ('random_sprase(0.1)', "did you mean 'random_sparse'"),
   ],
 )
