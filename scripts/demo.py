@@ -88,11 +88,19 @@ def aggregate(runs: dict[str, list[dict]], lrs: dict[str, float]) -> list[dict]:
   return rows
 
 
-def results_table(rows: list[dict], shots: int, seeds: list[int], eval_examples: int) -> str:
+def results_table(
+  rows: list[dict], shots: int, seeds: list[int], eval_examples: int, selected: bool = True
+) -> str:
+  """The markdown table of `aggregate`'s rows; `selected`: the rates came from `--select`."""
+  lrs = (
+    'learning rate chosen per plan on minival'
+    if selected
+    else 'default learning rates (none chosen on minival yet: run --select)'
+  )
   lines = [
     f'{shots} labelled images per class (all 10 classes), {len(seeds)} seeds '
     f'({", ".join(map(str, seeds))}); accuracy on the first {eval_examples:,} test images, '
-    'mean ± std (ddof=1) over seeds; learning rate chosen per plan on minival.',
+    f'mean ± std (ddof=1) over seeds; {lrs}.',
     '',
     '| plan | trainable params | trainable % | Adam lr | test accuracy | per seed | s / run |',
     '|---|---:|---:|---:|---:|---|---:|',
@@ -235,7 +243,8 @@ def study() -> None:
       runs[plan].append(run(directory, arg, root))
   rows = aggregate(runs, lrs)
   eval_examples = runs[FLAGS.plans[0]][0]['eval_examples']
-  table = results_table(rows, FLAGS.shots, seeds, eval_examples)
+  selected = set(FLAGS.plans) <= set(fewshot.learning_rates().get(str(FLAGS.shots), {}))
+  table = results_table(rows, FLAGS.shots, seeds, eval_examples, selected)
   record = {}
   if os.path.exists(fewshot.LEARNING_RATES_FILE):
     with open(fewshot.LEARNING_RATES_FILE) as f:

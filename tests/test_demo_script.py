@@ -79,6 +79,9 @@ def test_fewshot_rows_are_mean_and_sample_std_over_seeds(tmp_path):
     in table
   )
   assert '| full fine-tuning | 1,000 | 100.00% | 0.0001 | 80.0 ± 0.0% |' in table
+  assert 'learning rate chosen per plan on minival' in table
+  unselected = demo.results_table(rows, shots=50, seeds=[0], eval_examples=10, selected=False)
+  assert 'none chosen on minival yet: run --select' in unselected
   demo.plot(rows, 10, str(tmp_path / 'plot.png'))
   assert (tmp_path / 'plot.png').read_bytes()[:4] == b'\x89PNG'
 
