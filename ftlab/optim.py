@@ -44,6 +44,10 @@ def learning_rate_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
   name = _get(cfg, 'schedule', 'cosine')
   if name not in SCHEDULES:
     raise PlanError(f'unknown schedule {name!r}; valid: {", ".join(SCHEDULES)}')
+  if name == 'cosine' and not warmup:
+    # optax's warmup-cosine with 0 warmup steps: the same values, without its warning about
+    # a zero-step linear schedule.
+    return optax.cosine_decay_schedule(lr, max(int(total_steps), 1), alpha=0.0)
   if name == 'cosine':
     return optax.warmup_cosine_decay_schedule(
       0.0, lr, warmup, decay_steps=max(int(total_steps), warmup + 1), end_value=0.0

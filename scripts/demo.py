@@ -52,12 +52,18 @@ def run(directory: str, arg: str, shared: str) -> dict:
   # A finished run counts only under the config it ran with (configs/fewshot.py may change).
   files = workdir.Workdir(directory)
   workdir.check_config_change(config, files, allow=False)
-  if os.path.exists(files.summary):
-    logging.info('%s: done before, skipped', directory)
-  else:
+  done = os.path.exists(files.summary)
+  if not done:
     loop.train_and_evaluate(config, directory)
   with open(files.summary) as f:
-    return json.load(f)
+    summary = json.load(f)
+  print(
+    f'{directory}: accuracy {summary["final_eval_accuracy"]:.3f} on '
+    f'{summary["eval_examples"]} examples, '
+    + ('done before, skipped' if done else f'{summary["wall_time_sec"]:.0f} s'),
+    flush=True,
+  )
+  return summary
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -212,6 +218,8 @@ def select(root: str) -> None:
 def main(argv):
   del argv
   checkpoint.quiet_orbax_logs()
+  if not FLAGS.log_runs:
+    logging.set_verbosity(logging.WARNING)  # one line per run instead of each run's log
   try:
     study()
   except workdir.ConfigChanged as e:
@@ -277,6 +285,7 @@ def define_flags() -> None:
   flags.DEFINE_list('seeds', ['0', '1', '2'], 'seeds: each draws its labelled images and head init')
   flags.DEFINE_integer('shots', 10, 'labelled training images per class')
   flags.DEFINE_bool('select', False, 'choose learning rates on minival: configs/fewshot_lrs.json')
+  flags.DEFINE_bool('log_runs', False, "show each run's log (plan table, steps, evals)")
   flags.DEFINE_bool('runlocal', False, 'seconds-long runs of a narrow random VGG (smoke test)')
   flags.DEFINE_string('readme', '', 'README to update between the demo-results-<shots>shot markers')
 

@@ -157,7 +157,7 @@ def test_fewshot_demo_end_to_end_resumes_and_writes_the_readme(tmp_path):
   assert (tmp_path / 'docs' / 'demo_results_10shot.png').exists()
   # A second call finds every run done.
   again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-  assert again.returncode == 0 and again.stderr.count('done before, skipped') == 4
+  assert again.returncode == 0 and again.stdout.count('done before, skipped') == 4
   # A finished run of another config (configs/fewshot.py changed since) is not reused.
   run = tmp_path / 'w' / '10shot' / f'linear_probe_lr{lrs["linear_probe"]:g}' / 'seed0'
   config = json.loads((run / 'config.json').read_text())

@@ -113,6 +113,16 @@ def test_schedules():
   )
 
 
+def test_cosine_without_warmup_is_optax_warmup_cosine_bit_for_bit_without_its_warning(caplog):
+  with caplog.at_level('INFO'):  # optax logs it at INFO
+    cos = optim.learning_rate_schedule(opt_config(schedule='cosine', warmup_steps=0), 40)
+  assert 'non-positive' not in caplog.text
+  reference = optax.warmup_cosine_decay_schedule(0.0, 0.1, 0, decay_steps=40, end_value=0.0)
+  steps = jnp.arange(45)
+  np.testing.assert_array_equal(jax.jit(jax.vmap(cos))(steps), jax.jit(jax.vmap(reference))(steps))
+  assert cos(0) == 0.1 and cos(40) == 0
+
+
 def test_bad_optimizer_and_schedule_names():
   plan = plan_for(name='full')
   with pytest.raises(ValueError, match=r"unknown optimizer 'adamax'; valid: sgd, adam, adamw"):
