@@ -84,6 +84,18 @@ class Arch:
   def name(self) -> str:
     return f'vgg{self.depth}' + ('_bn' if self.batch_norm else '')
 
+  @classmethod
+  def of(cls, model: vgg.VGG) -> Arch:
+    """The architecture of a VGG module (`model()` run backwards)."""
+    return cls(
+      depth=model.depth,
+      batch_norm=model.batch_norm,
+      head=model.head,
+      width=model.width,
+      num_classes=model.num_classes,
+      adaptive_pool=model.adaptive_pool,
+    )
+
   def model(self) -> vgg.VGG:
     return vgg.VGG(
       depth=self.depth,

@@ -30,18 +30,6 @@ TORCHVISION_POOL = 7  # torchvision's AdaptiveAvgPool2d((7, 7)) before the class
 KERAS_SIDE = 7  # Keras' include_top VGGs: 224-pixel inputs, a 7x7 block-5 map flattened
 
 
-def arch_of(model: vgg.VGG) -> common.Arch:
-  """The `Arch` (what a port describes) of a VGG module."""
-  return common.Arch(
-    depth=model.depth,
-    batch_norm=model.batch_norm,
-    head=model.head,
-    width=model.width,
-    num_classes=model.num_classes,
-    adaptive_pool=model.adaptive_pool,
-  )
-
-
 def _pooled_side(model: vgg.VGG, image_size: int) -> int:
   """The side of the map the first dense layer of an `imagenet` head reads."""
   return model.adaptive_pool or image_size // vgg.MIN_INPUT_SIZE
@@ -80,7 +68,7 @@ def torchvision_state_dict(
       f"torchvision's classifier reads a 7x7 block-5 map; this model's fc1 reads {side}x{side} "
       '(adaptive_pool and image_size); train with --config.model.adaptive_pool=7 to export it'
     )
-  arch = arch_of(model)
+  arch = common.Arch.of(model)
   rules = torchvision.feature_rules(model.depth, model.batch_norm)
   rules += torchvision.classifier_rules(arch)
   tensors = _convert(rules, variables)
@@ -111,7 +99,7 @@ def keras_tensors(
       f'{_pooled_side(model, image_size)}: export it as torchvision (with adaptive_pool=7), '
       'or use the gap head'
     )
-  rules = keras_h5.rules(arch_of(model))
+  rules = keras_h5.rules(common.Arch.of(model))
   return _convert(rules, variables)
 
 
