@@ -276,17 +276,20 @@ def compute(
   if written != num_examples:
     raise ValueError(f'activation cache: {written} of {num_examples} examples computed')
   if backend == 'disk':
-    activations.flush()
-    description = {'shape': list(activations.shape), 'dtype': activations.dtype.name}
-    del activations  # closes the map before the rename
-    np.save(partial + '.labels.npy', labels)
-    with open(partial + '.json', 'w') as f:
-      json.dump(description, f)
-    os.replace(partial + '.bin', path + '.bin')
-    os.replace(partial + '.labels.npy', path + '.labels.npy')
-    os.replace(partial + '.json', path + '.json')  # the cache counts once this exists
+    _publish(activations, labels, partial, path)
     return load(path)
   return Cache(activations, labels)
+
+
+def _publish(activations: np.memmap, labels: np.ndarray, partial: str, path: str) -> None:
+  """Completes the disk cache written under the `partial` stem and renames it to `path`'s
+  names, the description last: the cache counts once `path.json` exists."""
+  activations.flush()
+  np.save(partial + '.labels.npy', labels)
+  with open(partial + '.json', 'w') as f:
+    json.dump({'shape': list(activations.shape), 'dtype': activations.dtype.name}, f)
+  for suffix in ('.bin', '.labels.npy', '.json'):
+    os.replace(partial + suffix, path + suffix)
 
 
 def load(path: str) -> Cache | None:

@@ -472,9 +472,8 @@ def read(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
 def read_labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
   """Every label of `split` in its fixed order: int64 `[num_examples]`.
 
-  The result is kept for the process's later calls while the
-  split's prepared files are unchanged (path, size and mtime), so the runs of a study that draw
-  few-shot subsets of one split read its labels once.
+  Kept for the process's later calls while the split's prepared files are unchanged (path,
+  size, mtime): the runs of a study drawing few-shot subsets of one split read it once.
   """
   label_key = keys(builder)[1]
   files = _split_files(builder, split)
@@ -497,6 +496,4 @@ def _split_files(builder: tfds.core.DatasetBuilder, split: str) -> tuple | None:
     stats = [(str(path), os.stat(path)) for path in builder.info.splits[split].filepaths]
   except (KeyError, ValueError, OSError, TypeError):
     return None
-  if not stats:
-    return None
-  return split, tuple((path, st.st_size, st.st_mtime_ns) for path, st in stats)
+  return (split, tuple((p, st.st_size, st.st_mtime_ns) for p, st in stats)) if stats else None
