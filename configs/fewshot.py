@@ -14,7 +14,7 @@ activation cache is exact). The labelled images are drawn per seed from `train[:
 
   python -m ftlab.main --workdir W --config configs/fewshot.py:plan=last_block,shots=10,seed=0
 
-`plan` is one of `PLANS`; `lr` overrides the chosen learning rate (`LEARNING_RATES`, written
+`plan` is one of `PLANS`; `lr` overrides the chosen learning rate (`lr_record`, written
 by `scripts/demo.py --select`); `runlocal` is a seconds-long smoke run (narrow VGG,
 random init: no pretrained VGG is that narrow).
 """
@@ -51,12 +51,15 @@ LEARNING_RATES_FILE = os.path.join(os.path.dirname(__file__), 'fewshot_lrs.json'
 CANDIDATE_LRS = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 
-def learning_rates() -> dict:
-  """`{'10': {'full': 1e-4, ...}, '50': ...}` as `--select` wrote them, or {} before."""
-  if not os.path.exists(LEARNING_RATES_FILE):
-    return {}
-  with open(LEARNING_RATES_FILE) as f:
-    return json.load(f)['chosen']
+def lr_record(path: str | None = None) -> dict:
+  """What `--select` wrote to `LEARNING_RATES_FILE` (or `path`): `{'chosen': {'10': {'full':
+  1e-4, ...}, '50': ...}, 'minival': {'10': {'full': {'0.0001': accuracy, ...}}}}`; both
+  sections empty before any selection."""
+  path = path or LEARNING_RATES_FILE
+  if not os.path.exists(path):
+    return {'chosen': {}, 'minival': {}}
+  with open(path) as f:
+    return json.load(f)
 
 
 def get_config(arg: str | None = None):
@@ -76,7 +79,7 @@ def get_config(arg: str | None = None):
   config.dataset.examples_per_class = args.shots
   config.optimizer.name = 'adam'
   config.optimizer.schedule = 'cosine'
-  config.optimizer.learning_rate = args.lr or learning_rates().get(str(args.shots), {}).get(
+  config.optimizer.learning_rate = args.lr or lr_record()['chosen'].get(str(args.shots), {}).get(
     args.plan, 1e-3 if args.plan in ('scratch', 'linear_probe') else 1e-4
   )
   config.batch_size = BATCH

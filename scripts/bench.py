@@ -31,7 +31,6 @@ import functools
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -40,6 +39,9 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # readme_section
+
+import readme_section  # noqa: E402
 
 FRAMEWORKS = ('ftlab', 'torch', 'keras')
 DTYPES = ('float32', 'bfloat16')
@@ -564,14 +566,10 @@ def markdown_table(result: dict) -> str:
 
 def rewrite_readme(path: str, table: str) -> None:
   """Replaces the text between the bench-results markers of `path` with `table`."""
-  with open(path) as f:
-    text = f.read()
-  pattern = re.compile(re.escape(README_START) + r'.*?' + re.escape(README_END), re.S)
-  if not pattern.search(text):
-    raise BenchError(f'{path} has no {README_START} ... {README_END} markers')
-  text = pattern.sub(lambda _: f'{README_START}\n{table}\n{README_END}', text, count=1)
-  with open(path, 'w') as f:
-    f.write(text)
+  try:
+    readme_section.replace(path, (README_START, README_END), table)
+  except readme_section.ReadmeError as e:
+    raise BenchError(str(e)) from None
 
 
 def run(args) -> dict:

@@ -49,11 +49,13 @@ def run(directory: str, arg: str, shared: str) -> dict:
   """
   config = fewshot.get_config(arg + (',runlocal' if FLAGS.runlocal else ''))
   config.activation_cache_dir = os.path.join(shared, 'activation_cache')
-  # A finished run counts only under the config it ran with (configs/fewshot.py may change).
   files = workdir.Workdir(directory)
-  workdir.check_config_change(config, files, allow=False)
   done = os.path.exists(files.summary)
-  if not done:
+  if done:
+    # A finished run counts only under the config it ran with (configs/fewshot.py may have
+    # changed since); an unfinished one is checked by train_and_evaluate as it resumes.
+    workdir.check_config_change(config, files, allow=False)
+  else:
     loop.train_and_evaluate(config, directory)
   with open(files.summary) as f:
     summary = json.load(f)
@@ -188,10 +190,7 @@ def choose(minival: dict[str, dict[str, float]]) -> dict[str, float]:
 def record_choice(path: str, shots: int, minival: dict[str, dict[str, float]]) -> dict:
   """Adds the plans' choice for `shots` and the minival scores behind it to the JSON file
   at `path` (other plans' and shots' entries stay)."""
-  record = {'chosen': {}, 'minival': {}}
-  if os.path.exists(path):
-    with open(path) as f:
-      record = json.load(f)
+  record = fewshot.lr_record(path)
   record['chosen'].setdefault(str(shots), {}).update(choose(minival))
   record['minival'].setdefault(str(shots), {}).update(minival)
   with open(path, 'w') as f:
@@ -222,7 +221,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # one line per run instead of each run's log
   try:
     study()
-  except workdir.ConfigChanged as e:
+  except (workdir.ConfigChanged, readme_section.ReadmeError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
@@ -232,6 +231,11 @@ def study() -> None:
   unknown = sorted(set(FLAGS.plans) - set(fewshot.PLANS))
   if unknown:
     raise app.UsageError(f'--plans: {", ".join(unknown)} not among {", ".join(fewshot.PLANS)}')
+  if FLAGS.readme:  # a README that cannot take the table fails now, not after the runs
+    try:
+      readme_section.check(FLAGS.readme, markers(FLAGS.shots))
+    except OSError as e:
+      raise readme_section.ReadmeError(f'--readme {FLAGS.readme}: {e.strerror}') from None
   root = FLAGS.workdir
   jax.config.update('jax_compilation_cache_dir', os.path.join(root, 'xla_cache'))
   if FLAGS.select:
@@ -251,13 +255,10 @@ def study() -> None:
       runs[plan].append(run(directory, arg, root))
   rows = aggregate(runs, lrs)
   eval_examples = runs[FLAGS.plans[0]][0]['eval_examples']
-  selected = set(FLAGS.plans) <= set(fewshot.learning_rates().get(str(FLAGS.shots), {}))
+  record = fewshot.lr_record()
+  selected = set(FLAGS.plans) <= set(record['chosen'].get(str(FLAGS.shots), {}))
   table = results_table(rows, FLAGS.shots, seeds, eval_examples, selected)
-  record = {}
-  if os.path.exists(fewshot.LEARNING_RATES_FILE):
-    with open(fewshot.LEARNING_RATES_FILE) as f:
-      record = json.load(f)
-  minival = record.get('minival', {}).get(str(FLAGS.shots))
+  minival = record['minival'].get(str(FLAGS.shots))
   if minival and not FLAGS.runlocal:
     table += (
       '\n\nMinival accuracy (`train[-1000:]`, seed 0) of each candidate learning rate; the'

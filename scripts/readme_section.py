@@ -1,19 +1,51 @@
-"""Rewrites one generated section of a README (between two HTML comment markers)."""
+"""Rewrites one generated section of a README (between two HTML comment markers).
 
+Used by scripts/demo.py, pretrain_demo.py, sweep.py and bench.py.
+"""
+
+import os
 import re
 
 
-def replace(path: str, markers: tuple[str, str], text: str) -> None:
-  """Replaces what stands between `markers` in the file at `path` with `text`.
+class ReadmeError(ValueError):
+  """A README without the section, in one line."""
+
+
+def check(path: str, markers: tuple[str, str]) -> str:
+  """The text of the file at `path`, which has a section between `markers`.
+
+  Call it before long work that ends in `replace`, so a bad README fails first.
 
   Raises:
-    ValueError: the file has no such section.
+    OSError: the file cannot be read.
+    ReadmeError: the file has no such section.
   """
   with open(path) as f:
     content = f.read()
-  pattern = re.escape(markers[0]) + '.*?' + re.escape(markers[1])
-  if not re.search(pattern, content, flags=re.S):
-    raise ValueError(f'{path} has no {markers[0]} ... {markers[1]} section')
-  content = re.sub(pattern, lambda _: f'{markers[0]}\n{text}\n{markers[1]}', content, flags=re.S)
-  with open(path, 'w') as f:
+  if not re.search(_pattern(markers), content, flags=re.S):
+    raise ReadmeError(
+      f'{path} has no {markers[0]} ... {markers[1]} section (the markers that enclose the '
+      'generated text)'
+    )
+  return content
+
+
+def replace(path: str, markers: tuple[str, str], text: str) -> None:
+  """Replaces what stands between `markers` in the file at `path` with `text`; readers never
+  see half a file.
+
+  Raises:
+    OSError: the file cannot be read or written.
+    ReadmeError: the file has no such section.
+  """
+  content = check(path, markers)
+  section = f'{markers[0]}\n{text}\n{markers[1]}'
+  content = re.sub(_pattern(markers), lambda _: section, content, count=1, flags=re.S)
+  partial = f'{path}.tmp{os.getpid()}'
+  with open(partial, 'w') as f:
     f.write(content)
+  os.replace(partial, path)
+
+
+def _pattern(markers: tuple[str, str]) -> str:
+  return re.escape(markers[0]) + '.*?' + re.escape(markers[1])

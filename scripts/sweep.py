@@ -46,8 +46,10 @@ import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))  # readme_section
 
 import jax  # noqa: E402
+import readme_section  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -429,24 +431,20 @@ def write_report(workdir: str) -> str:
 README_MARKERS = ('<!-- sweep-results:start -->', '<!-- sweep-results:end -->')
 
 
-def readme_section(readme: str) -> tuple[str, str]:
-  """(README text, the pattern of its sweep-results section); BadInput if it has none."""
+def check_readme(readme: str) -> None:
+  """BadInput unless the README has the sweep-results section."""
   try:
-    with open(readme) as f:
-      text = f.read()
+    readme_section.check(readme, README_MARKERS)
   except OSError as e:
     raise BadInput(f'--readme {readme}: {e.strerror}') from None
-  pattern = re.escape(README_MARKERS[0]) + '.*?' + re.escape(README_MARKERS[1])
-  if not re.search(pattern, text, flags=re.S):
-    raise BadInput(f'{readme} has no {README_MARKERS[0]} ... {README_MARKERS[1]} section')
-  return text, pattern
+  except readme_section.ReadmeError as e:
+    raise BadInput(str(e)) from None
 
 
 def update_readme(readme: str, workdir: str, table: str) -> None:
   """Replaces the README's sweep-results section with `table`; the plot goes to docs/."""
-  text, pattern = readme_section(readme)
-  section = f'{README_MARKERS[0]}\n{table.rstrip()}\n{README_MARKERS[1]}'
-  write_atomically(readme, re.sub(pattern, lambda _: section, text, flags=re.S))
+  check_readme(readme)
+  readme_section.replace(readme, README_MARKERS, table.rstrip())
   docs = os.path.join(os.path.dirname(os.path.abspath(readme)), 'docs')
   os.makedirs(docs, exist_ok=True)
   shutil.copyfile(os.path.join(workdir, 'results.png'), os.path.join(docs, 'sweep_results.png'))
@@ -486,7 +484,7 @@ def main(argv: list[str], command_fn=ftlab_main) -> int:
     args, overrides = parse_args(argv)
     workdir = args.workdir
     if args.readme:
-      readme_section(args.readme)  # a README without the section fails now, not after the runs
+      check_readme(args.readme)  # a README without the section fails now, not after the runs
     if args.report_only:
       table = write_report(workdir)
       if args.readme:

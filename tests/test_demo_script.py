@@ -141,6 +141,13 @@ def test_fewshot_demo_end_to_end_resumes_and_writes_the_readme(tmp_path):
     '--plans=linear_probe,lp_ft',
     f'--readme={readme}',
   ]
+  # A README without the section is refused before any run, in one line.
+  (tmp_path / 'OTHER.md').write_text('no section\n')
+  other = f'--readme={tmp_path / "OTHER.md"}'
+  bad = [other if c.startswith('--readme') else c for c in command]
+  refused = subprocess.run(bad, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+  assert refused.returncode == 2 and not (tmp_path / 'w').exists()
+  assert 'has no <!-- demo-results-10shot:start -->' in refused.stderr.splitlines()[-1]
   out = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   results = json.loads((tmp_path / 'w' / 'results_10shot.json').read_text())
