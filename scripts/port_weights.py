@@ -17,7 +17,6 @@ status 2 (with one line on stderr) for a file that cannot be ported (non-finite 
 included) or an output directory already in use.
 """
 
-import hashlib
 import json
 import os
 import shlex
@@ -28,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from ftlab import checkpoint, porting  # noqa: E402
+from ftlab.porting import weights  # noqa: E402
 
 flags.DEFINE_string('input', None, 'the weight file (.h5, .pth, .safetensors, .onnx)')
 flags.DEFINE_string('output', None, 'directory for the checkpoint and port.json (new)')
@@ -40,14 +40,6 @@ flags.mark_flags_as_required(['input', 'output'])
 FLAGS = flags.FLAGS
 
 EXIT_BAD_INPUT = 2
-
-
-def sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 def config_flags(ported: porting.Ported, output: str) -> list[str]:
@@ -69,15 +61,8 @@ def config_flags(ported: porting.Ported, output: str) -> list[str]:
 def port_record(ported: porting.Ported, source: str, output: str) -> dict:
   """What port.json (and the checkpoint's meta) says about the port."""
   return {
-    'source': os.path.abspath(source),
-    'sha256': sha256(source),
-    'format': ported.format,
-    'arch': ported.arch.to_json(),
-    'found_at': ported.found_at,
-    'left_out': ported.left_out,
-    'preprocessing': ported.preprocessing.to_json(),
-    'param_count': porting.param_count(ported.variables),
-    'notes': list(ported.notes),
+    **ported.record(source),
+    'sha256': weights.file_digest(source),
     'config_flags': config_flags(ported, output),
   }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -375,6 +376,20 @@ class Ported:
   notes: tuple[str, ...] = ()
   found_at: str = ''
   left_out: str = ''
+
+  def record(self, source: str) -> dict:
+    """What `port.json` says about this port of the file `source` (scripts/port_weights.py
+    and named weights add their own fields)."""
+    return {
+      'source': os.path.abspath(source),
+      'format': self.format,
+      'arch': self.arch.to_json(),
+      'found_at': self.found_at,
+      'left_out': self.left_out,
+      'preprocessing': self.preprocessing.to_json(),
+      'param_count': param_count(self.variables),
+      'notes': list(self.notes),
+    }
 
   def report(self) -> str:
     """The port in a few lines: what, from where, what was left out, and the notes."""

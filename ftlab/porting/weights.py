@@ -282,7 +282,8 @@ def _remove(path: str) -> None:
     os.remove(path)
 
 
-def _file_digest(path: str, kind: str) -> str:
+def file_digest(path: str, kind: str = 'sha256') -> str:
+  """The hex digest (`md5` or `sha256`) of the file at `path`."""
   digest = _digest(kind)
   with open(path, 'rb') as f:
     while chunk := f.read(CHUNK):
@@ -309,7 +310,7 @@ def fetch(name: str) -> tuple[str, str]:
       kind = weights.checksum.partition(':')[0]
       if kind == 'etag':
         return path, 'unverified: a file placed by hand (the hub sends its sha256 on download)'
-      record = _verified(weights, _file_digest(path, kind), None, path)
+      record = _verified(weights, file_digest(path, kind), None, path)
       with open(path + '.verified', 'w') as f:
         f.write(record + '\n')
       return path, record
@@ -326,7 +327,7 @@ def _packaged(weights: Weights) -> tuple[str, str]:
     )
   path = os.path.join(list(spec.submodule_search_locations)[0], inner)
   kind = weights.checksum.partition(':')[0]
-  return path, _verified(weights, _file_digest(path, kind), None, path)
+  return path, _verified(weights, file_digest(path, kind), None, path)
 
 
 def resolve(name: str) -> tuple[str, dict]:
@@ -347,22 +348,8 @@ def resolve(name: str) -> tuple[str, dict]:
     if checkpoint.latest_step(directory) is None:
       path, verified = fetch(weights.name)
       ported = porting.read(path, weights.format, preprocess=weights.preprocess)
-      record = {
-        'weights': {
-          'name': weights.name,
-          'url': weights.url,
-          'checksum': verified,
-          'about': weights.about,
-        },
-        'source': path,
-        'format': ported.format,
-        'arch': ported.arch.to_json(),
-        'preprocessing': ported.preprocessing.to_json(),
-        'found_at': ported.found_at,
-        'left_out': ported.left_out,
-        'param_count': porting.param_count(ported.variables),
-        'notes': list(ported.notes),
-      }
+      about = {'name': weights.name, 'url': weights.url, 'checksum': verified}
+      record = {'weights': {**about, 'about': weights.about}, **ported.record(path)}
       checkpoint.save_variables(directory, ported.variables, record)
       with open(record_path + '.tmp', 'w') as f:
         json.dump(record, f, indent=2)
