@@ -7,10 +7,8 @@ is compiled or written, and raised as a `ConfigError` (exit code 2 on the comman
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import signal
-import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -204,7 +202,7 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
     return found
 
   logging.info('training steps %d..%d under %s', first + 1, last, current.plan.name)
-  with _preemption_signals() as received:
+  with parallel.PreemptionNotice() as notice:
     for step in range(first + 1, last + 1):
       if current.end is not None and step > current.end:  # the next stage of a schedule
         current, state = _next_stage(run, current, state, step)
@@ -214,8 +212,9 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
         flops[current.plan.name] = parallel.compiled_flops(current.p_train_step, state, batch, rng)
       state, metrics = current.p_train_step(state, batch, rng)
       window.add(metrics)
+      preempted = notice.reached(step)  # the same answer on every process
       log = is_time(step, config.log_every_steps, last)
-      save = is_time(step, config.checkpoint_every_steps, last) or bool(received)
+      save = is_time(step, config.checkpoint_every_steps, last) or bool(preempted)
       if log or save:  # nothing non-finite is ever logged as a mean or checkpointed
         window.check()
       if log:
@@ -225,9 +224,9 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
         stop = best.update(step, results[run.data.held_out]['accuracy'])
       if save or stop:
         _save(run, state, current.plan, step)
-      if received:
+      if preempted:
         writer.close()
-        raise Preempted(step, received[0])
+        raise Preempted(step, preempted)
       if stop:
         logging.info('early stop at step %d: %d evals without a better %s accuracy', step,
                      best.since, run.data.held_out)  # fmt: skip
@@ -371,26 +370,3 @@ def _check_frozen(plan: policies.Plan, reference: dict, params: Any) -> dict[str
       f'frozen parameters differ from their loaded values: {", ".join(moved)}'
     )
   return final
-
-
-@contextlib.contextmanager
-def _preemption_signals():
-  """Records SIGTERM/SIGINT instead of dying mid-step; yields the list of signals received."""
-  received: list[int] = []
-  if threading.current_thread() is not threading.main_thread():
-    yield received  # signal handlers can only be installed from the main thread
-    return
-
-  def record(signum, frame):
-    del frame
-    logging.warning(
-      '%s received: finishing the step, then checkpointing', signal.Signals(signum).name
-    )
-    received.append(signum)
-
-  previous = {s: signal.signal(s, record) for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    yield received
-  finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)

@@ -20,10 +20,14 @@ import collections
 import dataclasses
 import functools
 import os
+import signal
+import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -50,6 +54,59 @@ def initialize_distributed(multi_host: bool) -> None:
     )
   elif multi_host:
     jax.distributed.initialize()
+
+
+class PreemptionNotice:
+  """Whether the job was asked to stop (SIGTERM or SIGINT), agreed by every process at one step.
+
+  One process: the signal is recorded by a Python handler and seen at the next `reached`.
+  Several processes (`jax.distributed`): a SIGTERM to any one of them is caught by JAX's
+  preemption service (TSL's SIGTERM notifier, installed by `jax.distributed.initialize`),
+  which tells the coordination service; `multihost_utils.reached_preemption_sync_point`
+  then answers True on every process at the same step (the largest step any process has
+  reported, plus one), so all write one checkpoint of that step and stop. The agreement
+  goes through the coordinator, not through files. A SIGINT is turned into a SIGTERM to the
+  process itself, so it reaches the job the same way.
+
+  Use as a context manager (handlers are installed on entry, from the main thread only) and
+  call `reached(step)` after every step, on every process, from the run's first step on.
+  """
+
+  def __init__(self):
+    self.received: list[int] = []
+    self._previous: dict[int, Any] = {}
+    self._job_wide = jax.process_count() > 1
+
+  def reached(self, step: int) -> int | None:
+    """The signal number if the job stops after `step` (every process gets the same answer)."""
+    if self._job_wide:
+      return signal.SIGTERM if multihost_utils.reached_preemption_sync_point(step) else None
+    return self.received[0] if self.received else None
+
+  def _record(self, signum, frame):
+    del frame
+    logging.warning(
+      '%s received: finishing the step, then checkpointing', signal.Signals(signum).name
+    )
+    self.received.append(signum)
+
+  def _forward(self, signum, frame):
+    del frame
+    logging.warning('%s received: passed to the job as SIGTERM', signal.Signals(signum).name)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  def __enter__(self) -> PreemptionNotice:
+    if threading.current_thread() is not threading.main_thread():
+      return self  # signal handlers can only be installed from the main thread
+    if self._job_wide:  # SIGTERM stays with JAX's preemption service
+      self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._forward)}
+    else:
+      self._previous = {s: signal.signal(s, self._record) for s in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
 
 
 def check_divisible(global_batch: int, num_devices: int) -> None:

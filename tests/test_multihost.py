@@ -82,6 +82,19 @@ def one_by_eight(tmp_path_factory):
   return workdir
 
 
+def started_pids(proc, until, output):
+  """Reads the launcher's output into `output` until `until()`; the processes' pids."""
+  pids = {}
+  for line in proc.stdout:
+    output.append(line)
+    started = re.match(r'launch_local: started process (\d) \(pid (\d+)\)', line)
+    if started:
+      pids[int(started[1])] = int(started[2])
+    if until():
+      return pids
+  raise AssertionError('the launch ended first:\n' + ''.join(output[-60:]))
+
+
 @pytest.mark.parametrize('parallelism', ['pmap', 'shard_map'])
 def test_two_processes_equal_one(tmp_path, one_by_eight, parallelism):
   launch(tmp_path, 2, 4, f'--config.parallelism={parallelism}')
@@ -105,14 +118,8 @@ def test_two_processes_equal_one(tmp_path, one_by_eight, parallelism):
 
 def test_lost_peer_ends_the_job_and_relaunch_resumes(tmp_path, one_by_eight):
   proc = launch(tmp_path, 2, 4, '--config.checkpoint_every_steps=5', wait=False)
-  pids, output = {}, []
-  for line in proc.stdout:
-    output.append(line)
-    started = re.match(r'launch_local: started process (\d) \(pid (\d+)\)', line)
-    if started:
-      pids[int(started[1])] = int(started[2])
-    if checkpoint.latest_step(tmp_path / 'checkpoints') is not None:
-      break
+  output = []
+  pids = started_pids(proc, lambda: checkpoint.latest_step(tmp_path / 'checkpoints'), output)
   killed_at = time.time()
   os.kill(pids[1], signal.SIGKILL)
   rest, _ = proc.communicate(timeout=120)
@@ -123,3 +130,32 @@ def test_lost_peer_ends_the_job_and_relaunch_resumes(tmp_path, one_by_eight):
   # The same command resumes from the last checkpoint and ends as if never stopped.
   launch(tmp_path, 2, 4, '--config.checkpoint_every_steps=5')
   assert_same_run(tmp_path, one_by_eight)
+
+
+def test_sigterm_to_one_process_stops_the_job_at_one_step(tmp_path, tmp_path_factory):
+  """Only process 1 is signalled; both stop after the same step (agreed through JAX's
+  coordination service), one checkpoint of that step is written, and the relaunch ends
+  bit-identical to an uninterrupted 2 x 4 run."""
+  longer = ['--config.num_train_steps=40', '--config.checkpoint_every_steps=40']
+  reference = tmp_path_factory.mktemp('two_by_four')
+  launch(reference, 2, 4, *longer)
+  proc = launch(tmp_path, 2, 4, *longer, wait=False)
+  output = []
+  # Process 0 logs step 5's metrics once the loop runs (and the handlers are installed).
+  pids = started_pids(proc, lambda: re.search(r'\[p0\].*step 5/40', output[-1]), output)
+  os.kill(pids[1], signal.SIGTERM)
+  rest, _ = proc.communicate(timeout=120)
+  text = ''.join(output) + rest
+  stopped = {int(p): int(s) for p, s in re.findall(r'\[p(\d)\].*preempted at step (\d+)', text)}
+  assert sorted(stopped) == [0, 1], text[-3000:]
+  assert stopped[0] == stopped[1] < 40
+  assert proc.returncode == 128 + signal.SIGTERM
+  assert checkpoint.all_steps(tmp_path / 'checkpoints') == [stopped[0]]
+  assert not os.path.exists(tmp_path / 'summary.json')
+  launch(tmp_path, 2, 4, *longer)
+  pa, pb = params_of(tmp_path), params_of(reference)
+  for path in pa:
+    np.testing.assert_array_equal(pa[path], pb[path], err_msg=path)
+  sa, sb = (json.load(open(os.path.join(w, 'summary.json'))) for w in (tmp_path, reference))
+  assert sa['final_eval_loss'] == sb['final_eval_loss']
+  assert sa['final_eval_accuracy'] == sb['final_eval_accuracy']
