@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from tensorflow.python.eager import context as tf_context
 
 from ftlab import datasets, preprocessing
@@ -32,11 +33,20 @@ AUGMENTATIONS = ('none', 'flip', 'pad_crop', 'resized_crop')  # both crops also 
 class BatchOrder:
   """Which examples go into which batch, on which process.
 
+  The training split is cut into `shards` contiguous parts of its examples; each part is
+  shuffled on its own and fills its `global_batch / shards` rows of every global batch
+  (shard 0 the first rows). Process p holds rows [p*b, (p+1)*b) of each global batch
+  (b = `local_batch`) and reads only the shards those rows come from: with `shards` a
+  multiple of the process count, a 1/process_count share of the records. The batches depend
+  on the seed, the shards and the step, never on the process count.
+
   Attributes:
     global_batch: examples per step over all processes.
     seed: the data seed (shuffle order and augmentation).
-    shuffle_buffer: examples in the shuffle buffer (capped at the split's size).
+    shuffle_buffer: examples in the shuffle buffer (capped at the shard's size).
     process_index, process_count: `jax.process_index()` and `jax.process_count()`.
+    shards: parts of the training split (1: one shuffle of the whole split, read by every
+      process).
   """
 
   global_batch: int
@@ -44,6 +54,7 @@ class BatchOrder:
   shuffle_buffer: int = 10_000
   process_index: int = 0
   process_count: int = 1
+  shards: int = 1
 
   def __post_init__(self):
     if not 0 <= self.process_index < self.process_count:
@@ -51,6 +62,11 @@ class BatchOrder:
     if self.global_batch % self.process_count:
       raise ValueError(
         f'global batch {self.global_batch} is not divisible by {self.process_count} processes'
+      )
+    if self.shards < 1 or self.global_batch % self.shards:
+      raise ValueError(
+        f'data shards {self.shards}: need a divisor of the global batch {self.global_batch} '
+        f'(e.g. {self.process_count}, one per process)'
       )
 
   @property
@@ -60,6 +76,56 @@ class BatchOrder:
 
   def with_batch(self, global_batch: int) -> BatchOrder:
     return dataclasses.replace(self, global_batch=global_batch)
+
+  def shard_rows(self) -> list[tuple[int, int, int]]:
+    """`(shard, first, end)`: the shards holding this process's rows of a global batch, in
+    row order, with the rows [first, end) it takes of each one's `global_batch / shards`."""
+    b = self.global_batch // self.shards
+    lo, hi = self.process_index * self.local_batch, (self.process_index + 1) * self.local_batch
+    return [
+      (j, max(lo, j * b) - j * b, min(hi, (j + 1) * b) - j * b) for j in range(lo // b, -(-hi // b))
+    ]
+
+
+def parts(num_examples: int, count: int) -> list[np.ndarray]:
+  """Positions 0..num_examples-1 cut into `count` contiguous parts (sizes differ by <= 1):
+  the training split's shards, and each process's share of an eval split."""
+  return np.array_split(np.arange(num_examples), count)
+
+
+def narrow(data: DataSplit, positions: np.ndarray) -> DataSplit:
+  """The examples of `data` at `positions` (ascending, into `data.indices`), as a split that
+  reads only the records from the first to the last of them (per part of a `a+b` split).
+
+  tfds reads a slice through the files that hold it, so a process reading its share of a
+  split stored in many files (ImageNet's 1,024) opens about its share of them. Image folders
+  are listed whole (`datasets.ImageFolder` reads whole splits), as are splits whose sizes
+  tfds does not record (its mock data); their records are filtered, not narrowed.
+  """
+  chosen = data.indices[positions]
+  labels = None if data.labels is None else data.labels[positions]
+  whole = dataclasses.replace(data, indices=chosen, labels=labels)
+  splits = data.builder.info.splits
+  try:
+    instructions = tfds.core.ReadInstruction.from_spec(data.read_split).to_absolute(splits)
+  except (ValueError, KeyError):  # no split sizes recorded (tfds' mock data): read it whole
+    return whole
+  if isinstance(data.builder, datasets.ImageFolder) or not len(chosen):
+    return whole
+  specs, indices, start, offset = [], [], 0, 0
+  for part in instructions:
+    base = part.from_ or 0
+    size = (splits[part.splitname].num_examples if part.to is None else part.to) - base
+    mine = chosen[(chosen >= start) & (chosen < start + size)] - start
+    if len(mine):
+      lo, hi = int(mine[0]), int(mine[-1]) + 1
+      specs.append(f'{part.splitname}[{base + lo}:{base + hi}]')
+      indices.append(offset + mine - lo)
+      offset += hi - lo
+    start += size
+  return dataclasses.replace(
+    data, read_split='+'.join(specs), indices=np.concatenate(indices), labels=labels
+  )
 
 
 def exif_transpose(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
@@ -83,15 +149,13 @@ def exif_transpose(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
   return tf.switch_case(tf.clip_by_value(orientation - 1, 0, 7), branches)
 
 
-def _examples(data: DataSplit, process_index: int, process_count: int) -> tf.data.Dataset:
-  """This process's share of `data`: `{'image': encoded, 'label': int32}` (and
-  `'orientation'` for rotated photos), in split order."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+def _examples(data: DataSplit) -> tf.data.Dataset:
+  """Every example of `data`: `{'image': encoded, 'label': int32}` (and `'orientation'` for
+  rotated photos), in split order."""
   image_key, label_key = datasets.keys(data.builder)
   ds = datasets.read(data.builder, data.read_split)
   keep = np.zeros(int(ds.cardinality()), bool)
-  keep[data.indices[process_index::process_count]] = True
+  keep[data.indices] = True
   keep = tf.constant(keep)
   label_map = None if data.label_map is None else tf.constant(data.label_map)
   orientation = None if data.orientation is None else tf.constant(data.orientation)
@@ -181,11 +245,13 @@ def train_iterator(
 ) -> Iterator[dict[str, np.ndarray]]:
   """Endless shuffled, augmented training batches for this process.
 
-  Epoch e is the split shuffled with a seed made of (`order.seed`, e), and the epochs are read
-  as one stream cut into global batches; process p keeps rows [p*b, (p+1)*b) of each. The
-  augmentation of the example at stream position q uses the stateless seed (seed, q). So the
-  global batches depend on the seed and step only, not on the process count, and starting at
-  `start_step` skips at most one epoch of still-encoded records.
+  Epoch e of each shard (`BatchOrder`) is the shard shuffled with a seed made of
+  (`order.seed`, shard, e), and its epochs are read as one stream cut into its rows of the
+  global batches; process p keeps rows [p*b, (p+1)*b) of each global batch and reads only
+  the shards they come from. The augmentation of the example at global stream position q
+  uses the stateless seed (seed, q). So the global batches depend on the seed, the shards
+  and the step only, not on the process count, and starting at `start_step` skips at most
+  one epoch of still-encoded records.
 
   Args:
     data: the split to train on (`datasets.build_dataset`).
@@ -195,17 +261,18 @@ def train_iterator(
     augment: see `preprocess_image`.
     start_step: the first step to yield: the number of batches already consumed.
     prefetch: batches prepared ahead.
-    cache: keep the split in memory, still encoded (off for splits bigger than RAM).
+    cache: keep the process's shards in memory, still encoded (off where they outgrow RAM).
 
   Returns:
     An iterator of `{'image': [b, image_size, image_size, 3] float32, 'label': [b] int32}`,
     with b = `order.local_batch`.
   """
-  share = _examples(data, 0, 1)
-  if cache:
-    # The encoded records, read once: without this, every epoch rereads the whole split to
-    # filter it again (seconds per epoch for a few-shot subset of a large split).
-    share = share.cache()
+
+  def records(positions):
+    share = _examples(narrow(data, positions))
+    # The encoded records, read once: without this, every epoch rereads the shard to filter
+    # it again (seconds per epoch for a few-shot subset of a large split).
+    return share.cache() if cache else share
 
   def train_example(position, ex):
     pair = tf.stack([tf.constant(order.seed, tf.int64), position])
@@ -218,9 +285,8 @@ def train_iterator(
     )
     return {'image': image, 'label': ex['label']}
 
-  ds = _train_stream(share, data.num_examples, order, start_step)
-  ds = ds.map(train_example, tf.data.AUTOTUNE)
-  return ds.batch(order.local_batch, drop_remainder=True).prefetch(prefetch).as_numpy_iterator()
+  ds = _batches(records, data.num_examples, order, start_step, train_example)
+  return ds.prefetch(prefetch).as_numpy_iterator()
 
 
 def train_indices(
@@ -237,38 +303,56 @@ def train_indices(
   Returns:
     An iterator of int64 `[order.local_batch]` position arrays.
   """
-  ds = _train_stream(tf.data.Dataset.range(num_examples), num_examples, order, start_step)
-  ds = ds.map(lambda position, index: index)
-  return ds.batch(order.local_batch, drop_remainder=True).prefetch(prefetch).as_numpy_iterator()
+  records = lambda positions: tf.data.Dataset.from_tensor_slices(positions)
+  ds = _batches(records, num_examples, order, start_step, lambda position, index: index)
+  return ds.prefetch(prefetch).as_numpy_iterator()
 
 
-def _train_stream(
-  share: tf.data.Dataset, size: int, order: BatchOrder, start_step: int
+def _batches(
+  records: Callable[[np.ndarray], tf.data.Dataset],
+  size: int,
+  order: BatchOrder,
+  start_step: int,
+  prepare: Callable,
 ) -> tf.data.Dataset:
-  """`share` (the split's `size` elements, in split order) shuffled per epoch, read as one
-  stream from step `start_step` on: this process's `(stream position, element)` pairs."""
+  """This process's batches from step `start_step` on: the rows of each of its shards
+  (`BatchOrder.shard_rows`), `prepare(stream position, record)`d, side by side.
+
+  `records(positions)` gives the records at those positions of the split, in order. Shard j
+  is shuffled per epoch with a seed made of (`order.seed`, j, epoch), and its epochs are read
+  as one stream; its t-th element fills row t mod r of shard j's r rows of global batch
+  t div r, so its position in the global stream (the augmentation's seed) is
+  (t div r) * global_batch + j * r + t mod r, the same for any process count.
+  """
   if size == 0:
     raise ValueError('the training split has no examples')
-  global_batch, batch = order.global_batch, order.local_batch
-  # Every process walks the same global stream of (still encoded) examples and keeps its
-  # rows of each global batch, so the global batches, and so the run, do not depend on how
-  # many processes share them.
-  first_epoch, offset = divmod(start_step * global_batch, size)
+  if size < order.shards:
+    raise ValueError(f'{order.shards} data shards for {size} training examples; use fewer')
+  rows, shard_positions, streams = order.global_batch // order.shards, parts(size, order.shards), []
+  for j, first, end in order.shard_rows():
+    positions = shard_positions[j]
+    n = len(positions)
+    first_epoch, offset = divmod(start_step * rows, n)
 
-  def epoch(e):
-    # Distinct seeds per (seed, epoch); int64 leaves room for any realistic epoch count.
-    return share.shuffle(min(order.shuffle_buffer, size), seed=order.seed * 1_000_003 + e)
+    def epoch(e, share=records(positions), n=n, j=j):
+      # Distinct seeds per (seed, shard, epoch) in int64; shard 0 keeps one shard's seeds.
+      seed = order.seed * 1_000_003 + e + j * 2**32
+      return share.shuffle(min(order.shuffle_buffer, n), seed=seed)
 
-  def mine(position, ex):
-    del ex
-    return (position % global_batch) // batch == order.process_index
+    def global_position(t, ex, j=j):
+      return (t // rows) * order.global_batch + j * rows + t % rows, ex
 
-  with _no_global_tf_seed():  # the shuffles' seeds are fixed when flat_map traces `epoch`
-    ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
-  ds = ds.enumerate(start=start_step * global_batch)
-  if order.process_count > 1:
-    ds = ds.filter(mine)
-  return ds
+    with _no_global_tf_seed():  # the shuffles' seeds are fixed when flat_map traces `epoch`
+      ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
+    ds = ds.enumerate(start=start_step * rows)
+    if (first, end) != (0, rows):  # rows of this shard that other processes take
+      ds = ds.filter(lambda t, ex, first=first, end=end: (first <= t % rows) & (t % rows < end))
+    ds = ds.map(global_position).map(prepare, tf.data.AUTOTUNE)
+    streams.append(ds.batch(end - first, drop_remainder=True))
+  if len(streams) == 1:
+    return streams[0]
+  concat = lambda *batches: tf.nest.map_structure(lambda *x: tf.concat(x, 0), *batches)
+  return tf.data.Dataset.zip(tuple(streams)).map(concat)
 
 
 @contextlib.contextmanager
@@ -296,6 +380,11 @@ def num_eval_steps(num_examples: int, global_batch: int) -> int:
   return -(-num_examples // global_batch)
 
 
+def eval_share(num_examples: int, order: BatchOrder) -> np.ndarray:
+  """The positions (into `DataSplit.indices`) this process evaluates: its contiguous part."""
+  return parts(num_examples, order.process_count)[order.process_index]
+
+
 def eval_iterator(
   data: DataSplit, order: BatchOrder, *, image_size: int, preprocess: str
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -317,7 +406,7 @@ def eval_iterator(
     image = preprocess_image(_decode(data, ex), image_size=image_size, preprocess=preprocess)
     return {'image': image, 'label': ex['label'], 'mask': tf.ones([], tf.float32)}
 
-  ds = _examples(data, order.process_index, order.process_count)
+  ds = _examples(narrow(data, eval_share(data.num_examples, order)))
   ds = ds.map(eval_example, tf.data.AUTOTUNE)
   zeros = {
     'image': np.zeros([batch, image_size, image_size, 3], np.float32),
