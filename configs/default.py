@@ -61,7 +61,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.preprocess = 'unit'  # caffe | torch | unit: the pretrained weights' convention
   config.dataset.augment = 'pad_crop'  # training only: none | flip | pad_crop | resized_crop
   config.dataset.minival = ''  # hold out the end of train_split ('10%' or '5000') as minival
-  config.dataset.shuffle_buffer = 10_000  # examples
+  config.dataset.shuffle_buffer = 10_000  # examples (per data shard)
+  # The training split cut into this many contiguous parts, each shuffled on its own and
+  # filling batch_size / shards rows of every batch. A process reads only the shards its rows
+  # come from (shards = the process count or a multiple: a 1/process_count share of the
+  # records; 1: every process reads all). The data order depends on it, never on how many
+  # processes run, so pick it once for a study (input_pipeline.BatchOrder).
+  config.dataset.shards = 1
 
   config.policy = ml_collections.ConfigDict()
   # A plan expression (ftlab/policy_syntax.py): a policy (full, linear_probe, last_blocks,

@@ -118,22 +118,27 @@ def check_mode(mode: str, model: nn.Module, plans: list[policies.Plan], *, augme
 
 @dataclasses.dataclass(frozen=True)
 class Cache:
-  """The prefix outputs of one split, in `DataSplit.indices` order.
+  """The prefix outputs of this process's share of one split, in `DataSplit.indices` order.
 
   Attributes:
-    activations: `[n, ...]`, an array in memory or an `np.memmap`.
-    labels: `[n]` int32.
+    activations: `[m, ...]`, an array in memory or an `np.memmap`.
+    labels: `[m]` int32.
+    positions: the split positions held, ascending (`[m]` int64), or None for all of them.
   """
 
   activations: np.ndarray
   labels: np.ndarray
+  positions: np.ndarray | None = None
 
   @property
   def num_examples(self) -> int:
+    """Examples held by this process."""
     return len(self.labels)
 
   def batch(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-    return {'image': np.asarray(self.activations[positions]), 'label': self.labels[positions]}
+    """The cached rows of split `positions` (all held by this process)."""
+    rows = positions if self.positions is None else np.searchsorted(self.positions, positions)
+    return {'image': np.asarray(self.activations[rows]), 'label': self.labels[rows]}
 
 
 def _layers(model: nn.Module, blocks: list[str] | tuple[str, ...]) -> set[str]:
@@ -201,16 +206,22 @@ def compute(
   backend: str = 'auto',
   memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB,
   path: str | None = None,
+  keep: np.ndarray | None = None,
 ) -> Cache:
-  """The prefix outputs of every example of a split.
+  """The prefix outputs of a split's examples that this process keeps.
+
+  Every process feeds its contiguous part of the split and every process sees every output
+  (the prefix step gathers them); each keeps only the positions in `keep`.
 
   Args:
     p_prefix: from `compile_prefix`.
     variables: `{'params', 'batch_stats'}` as the step will see them.
     spread: the run's `Spread`; every process takes part.
     batches: this process's padded batches of the split, `{'image', 'label', 'mask'}` as
-      `input_pipeline.eval_iterator(data, process_index, process_count)` yields them.
+      `input_pipeline.eval_iterator` yields them (process q's batches hold its part
+      `input_pipeline.parts(num_examples, process_count)[q]`, in order).
     num_examples: examples in the split.
+    keep: the split positions this process keeps, ascending (None: all).
     backend: `memory`, `disk` or `auto` (memory up to `memory_limit_mb`, else disk).
     memory_limit_mb: the `auto` threshold, in MiB of activations.
     path: file stem of the disk backend (`.bin` array, `.labels.npy`, `.json` description).
@@ -225,7 +236,11 @@ def compute(
   if num_examples == 0:
     raise ValueError('activation cache: the split has no examples')
   state = spread.replicate({'params': variables['params'], **_stats(variables)})
-  activations, labels, written = None, np.zeros(num_examples, np.int32), 0
+  count = jax.process_count()
+  starts = [int(part[0]) if len(part) else 0 for part in input_pipeline.parts(num_examples, count)]
+  ends = [s + len(p) for s, p in zip(starts, input_pipeline.parts(num_examples, count))]
+  kept = num_examples if keep is None else len(keep)
+  activations, labels, written = None, np.zeros(kept, np.int32), 0
   # Written under this process's own names, renamed into place once complete: runs sharing a
   # cache directory never read (or truncate) a file another run is writing.
   partial = f'{path}.{os.getpid()}.part'
@@ -233,13 +248,13 @@ def compute(
   def allocate(x):
     # The prefix output's shape and dtype are known once the first batch is through.
     nonlocal backend
-    shape = (num_examples,) + x.shape[1:]
+    shape = (kept,) + x.shape[1:]
     size_mb = math.prod(shape) * x.dtype.itemsize / 2**20
     if backend == 'auto':
       backend = 'memory' if size_mb <= memory_limit_mb else 'disk'
     logging.info(
       'activation cache: %d x %s %s, %.1f MiB (%s)',
-      num_examples,
+      kept,
       shape[1:],
       x.dtype,
       size_mb,
@@ -251,20 +266,23 @@ def compute(
     return np.memmap(partial + '.bin', dtype=x.dtype, mode='w+', shape=shape)
 
   def write(k, out):
-    # Row r of process q's k-th batch is example k*b + r of its share indices[q::count]
-    # (eval_iterator's order), i.e. position q + count * (k*b + r) of the split.
+    # Row r of process q's k-th batch is example k*b + r of its part (eval_iterator's
+    # order), i.e. position starts[q] + k*b + r of the split.
     nonlocal activations, written
     out = jax.device_get(spread.unreplicate(out))
     if activations is None:
       activations = allocate(out['x'])
-    count = jax.process_count()
     b = len(out['mask']) // count
     q, r = np.divmod(np.arange(len(out['mask'])), b)
-    real = out['mask'] > 0
-    positions = (q + count * (k * b + r))[real]
-    activations[positions] = out['x'][real]
-    labels[positions] = out['label'][real]
-    written += len(positions)
+    positions = np.asarray(starts)[q] + k * b + r
+    real = (out['mask'] > 0) & (positions < np.asarray(ends)[q])
+    rows = positions[real] if keep is None else np.searchsorted(keep, positions[real])
+    if keep is not None:
+      mine = (rows < len(keep)) & (keep[np.minimum(rows, len(keep) - 1)] == positions[real])
+      rows, real = rows[mine], np.flatnonzero(real)[mine]
+    activations[rows] = out['x'][real]
+    labels[rows] = out['label'][real]
+    written += len(rows)
 
   pending = []
   for k, batch in enumerate(batches):
@@ -273,12 +291,12 @@ def compute(
       write(*pending.pop(0))
   for item in pending:
     write(*item)
-  if written != num_examples:
-    raise ValueError(f'activation cache: {written} of {num_examples} examples computed')
+  if written != kept:
+    raise ValueError(f'activation cache: {written} of {kept} examples computed')
   if backend == 'disk':
     _publish(activations, labels, partial, path)
-    return load(path)
-  return Cache(activations, labels)
+    return load(path, keep)
+  return Cache(activations, labels, keep)
 
 
 def _publish(activations: np.memmap, labels: np.ndarray, partial: str, path: str) -> None:
@@ -292,8 +310,8 @@ def _publish(activations: np.memmap, labels: np.ndarray, partial: str, path: str
     os.replace(partial + suffix, path + suffix)
 
 
-def load(path: str) -> Cache | None:
-  """A complete disk cache at `path` (see `compute`), or None."""
+def load(path: str, keep: np.ndarray | None = None) -> Cache | None:
+  """A complete disk cache at `path` (see `compute`) holding the positions `keep`, or None."""
   if not os.path.exists(path + '.json'):
     return None
   with open(path + '.json') as f:
@@ -301,7 +319,7 @@ def load(path: str) -> Cache | None:
   dtype = np.dtype(jnp.dtype(description['dtype']))  # jnp knows bfloat16
   shape = tuple(description['shape'])
   activations = np.memmap(path + '.bin', dtype=dtype, mode='r', shape=shape)
-  return Cache(activations, np.load(path + '.labels.npy'))
+  return Cache(activations, np.load(path + '.labels.npy'), keep)
 
 
 def _stats(variables: PyTree) -> dict:
@@ -310,20 +328,24 @@ def _stats(variables: PyTree) -> dict:
 
 
 def train_batches(
-  cache: Cache, order: input_pipeline.BatchOrder, start_step: int = 0
+  cache: Cache, order: input_pipeline.BatchOrder, num_examples: int, start_step: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
-  """`input_pipeline.train_iterator`'s batches (with `augment='none'` and the same order and
-  start step), with each image replaced by its cached prefix output."""
-  for positions in input_pipeline.train_indices(cache.num_examples, order, start_step=start_step):
+  """`input_pipeline.train_iterator`'s batches of a split of `num_examples` (with
+  `augment='none'` and the same order and start step), each image replaced by its cached
+  prefix output."""
+  for positions in input_pipeline.train_indices(num_examples, order, start_step=start_step):
     yield cache.batch(positions)
 
 
-def eval_batches(cache: Cache, order: input_pipeline.BatchOrder) -> Iterator[dict[str, np.ndarray]]:
-  """`input_pipeline.eval_iterator`'s padded batches (for the same order), each image replaced
-  by its cached prefix output (padding rows are zeros with mask 0)."""
+def eval_batches(
+  cache: Cache, order: input_pipeline.BatchOrder, num_examples: int
+) -> Iterator[dict[str, np.ndarray]]:
+  """`input_pipeline.eval_iterator`'s padded batches (for the same order) of a split of
+  `num_examples`, each image replaced by its cached prefix output (padding rows are zeros
+  with mask 0)."""
   batch = order.local_batch
-  mine = np.arange(order.process_index, cache.num_examples, order.process_count)
-  for k in range(input_pipeline.num_eval_steps(cache.num_examples, order.global_batch)):
+  mine = input_pipeline.eval_share(num_examples, order)
+  for k in range(input_pipeline.num_eval_steps(num_examples, order.global_batch)):
     positions = mine[k * batch : (k + 1) * batch]
     real = cache.batch(positions)
     out = {
@@ -393,19 +415,21 @@ def prepare(
   pipeline = dict(image_size=data.image_size, preprocess=data.preprocess)
   p_prefix = compile_prefix(model, plan, spread, start)
 
-  def cached(name, split, order):
+  def cached(name, split, order, keep):
     # Each split at the batch its step would have run the prefix on: XLA's CPU convolutions
     # pick their kernel by shape, so an example's output bits depend on the per-device batch.
+    # The process's share (`keep`) depends on the process count and the data shards.
     key = fingerprint(
       model,
       variables,
       start,
-      f'{data_key(split, **pipeline)}|{order.global_batch}|{spread.num_devices}',
+      f'{data_key(split, **pipeline)}|{order.global_batch}|{spread.num_devices}|'
+      f'{order.process_count}|{order.shards}',
     )
     path = os.path.join(directory, f'{name}-{key}-p{order.process_index}')
     if mode != 'memory':
-      found = load(path)
-      if found is not None and found.num_examples == split.num_examples:
+      found = load(path, keep)
+      if found is not None and found.num_examples == len(keep):
         logging.info('activation cache: reusing %s', path)
         return found
     batches = input_pipeline.eval_iterator(split, order, **pipeline)
@@ -418,16 +442,27 @@ def prepare(
       backend=mode,
       memory_limit_mb=memory_limit_mb,
       path=path,
+      keep=keep,
     )
 
+  # Each process holds the training shards its rows come from and its part of each eval split.
+  shards = input_pipeline.parts(data.train.num_examples, data.order.shards)
+  train_keep = np.concatenate([shards[j] for j, _, _ in data.order.shard_rows()])
   eval_order = data.order.with_batch(data.eval_batch)
-  train_cache = cached('train', data.train, data.order)
-  eval_caches = {name: cached(name, split, eval_order) for name, split in data.evals.items()}
+  train_cache = cached('train', data.train, data.order, np.unique(train_keep))
+  eval_caches = {
+    name: cached(name, split, eval_order, input_pipeline.eval_share(split.num_examples, eval_order))
+    for name, split in data.evals.items()
+  }
+  n = {name: split.num_examples for name, split in data.evals.items()}
   return Prepared(
     model=model.clone(start_block=start),
     start=start,
-    train_batches=functools.partial(train_batches, train_cache, data.order),
+    train_batches=functools.partial(
+      train_batches, train_cache, data.order, data.train.num_examples
+    ),
     eval_batches={
-      name: functools.partial(eval_batches, c, eval_order) for name, c in eval_caches.items()
+      name: functools.partial(eval_batches, c, eval_order, n[name])
+      for name, c in eval_caches.items()
     },
   )

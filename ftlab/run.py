@@ -127,13 +127,24 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
       ds.name, train_split, examples_per_class=ds.examples_per_class, **common
     )
     evals = {k: datasets.build_dataset(ds.name, s, **common) for k, s in splits.items()}
-  order = input_pipeline.BatchOrder(
-    config.batch_size,
-    seed=config.seed,
-    shuffle_buffer=ds.shuffle_buffer,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
+  with config_errors(ValueError):
+    order = input_pipeline.BatchOrder(
+      config.batch_size,
+      seed=config.seed,
+      shuffle_buffer=ds.shuffle_buffer,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      shards=ds.get('shards', 1),
+    )
+  if order.shards > train.num_examples:
+    raise ConfigError(
+      f'dataset.shards={order.shards} exceeds the {train.num_examples} training examples'
+    )
+  shards = [j for j, _, _ in order.shard_rows()]
+  share = sum(len(input_pipeline.parts(train.num_examples, order.shards)[j]) for j in shards)
+  logging.info('process %d of %d reads training shards %s of %d: %d of %d examples',
+               order.process_index, order.process_count, shards, order.shards, share,
+               train.num_examples)  # fmt: skip
   return input_pipeline.Data(
     train, evals, order, config.eval_batch_size, ds.image_size, preprocess, ds.augment, ds.name
   )

@@ -129,11 +129,11 @@ def test_refusals(fake, splits):
 
 
 @pytest.mark.parametrize(
-  'classes,start_step,process_count',
-  [((), 0, 1), ((), 9, 1), ((), 0, 2), ((2, 5, 7), 3, 1)],
+  'classes,start_step,process_count,shards',
+  [((), 0, 1, 1), ((), 9, 1, 1), ((), 0, 2, 1), ((2, 5, 7), 3, 1, 1), ((), 5, 2, 2), ((), 2, 2, 4)],
 )
-def test_order_matches_train_iterator(fake, classes, start_step, process_count):
-  """Across epochs, from a resume step, per process, and for a class subset."""
+def test_order_matches_train_iterator(fake, classes, start_step, process_count, shards):
+  """Across epochs, from a resume step, per process, for a class subset and data shards."""
   data = datasets.build_dataset('fashion_mnist', 'train', classes=classes, **fake)
   steps = 3 * data.num_examples // BATCH  # three epochs
   # The example at each position of the split (tfds stores the examples shuffled).
@@ -145,6 +145,7 @@ def test_order_matches_train_iterator(fake, classes, start_step, process_count):
       shuffle_buffer=32,
       process_index=process_index,
       process_count=process_count,
+      shards=shards,
     )
     images = input_pipeline.train_iterator(
       data, order, image_size=28, preprocess='unit', augment='none', start_step=start_step

@@ -239,6 +239,7 @@ def test_grey_is_tiled_to_rgb():
 def train_batches(data, n, **kwargs):
   kwargs = dict(global_batch=16, image_size=28, preprocess='unit', augment='resized_crop') | kwargs
   order_fields = ('global_batch', 'seed', 'shuffle_buffer', 'process_index', 'process_count')
+  order_fields += ('shards',)
   order = BatchOrder(**{k: kwargs.pop(k) for k in order_fields if k in kwargs})
   return take(ip.train_iterator(data, order, **kwargs), n)
 
@@ -323,6 +324,87 @@ def test_train_shares_are_disjoint_and_cover_an_epoch(fake):
     ip.train_iterator(data, BatchOrder(15, process_count=2), image_size=28, preprocess='unit')
   with pytest.raises(ValueError, match='process_index 2'):
     ip.eval_iterator(data, BatchOrder(16, process_index=2), image_size=28, preprocess='unit')
+
+
+@pytest.mark.parametrize('shards,process_counts', [(2, (1, 2)), (4, (1, 2, 4)), (3, (1, 2))])
+def test_data_shards_give_batches_that_do_not_depend_on_the_process_count(
+  fake, shards, process_counts
+):
+  """Global batches from data shards: the processes' rows of each step, stacked, equal the
+  one-process batch (augmentation included), across epochs and from a resume step."""
+  data = datasets.build_dataset('fashion_mnist', 'train', **fake)
+  kwargs = dict(global_batch=12, augment='pad_crop', seed=5, start_step=3, shards=shards)
+  whole = train_batches(data, 12, **kwargs)  # 144 examples: past an epoch of every shard
+  for count in process_counts[1:]:
+    parts = [
+      train_batches(data, 12, process_index=p, process_count=count, **kwargs) for p in range(count)
+    ]
+    for step, batch in enumerate(whole):
+      for key in ('image', 'label'):
+        stacked = np.concatenate([parts[p][step][key] for p in range(count)])
+        np.testing.assert_array_equal(stacked, batch[key], err_msg=f'{count} processes, {step}')
+  # Shard j fills rows [3j, 3j + 3) of every batch (global_batch 12 / 4 shards) with its own
+  # contiguous part of the split, and an epoch of each shard holds each of its examples once.
+  if shards == 4:
+    _, in_order = eval_ids(data, 16)  # example ids in the split's (tfds) order
+    plain = train_batches(data, 25, global_batch=12, augment='none', seed=5, shards=4)
+    ids = np.stack([ids_of(b['image']) for b in plain])  # [25 steps, 12 rows]
+    for j, part in enumerate(ip.parts(N_TRAIN, 4)):
+      rows = ids[:, 3 * j : 3 * j + 3].reshape(-1)
+      np.testing.assert_array_equal(np.sort(rows[:25]), np.sort(in_order[part]))  # one epoch
+      assert set(rows) == set(in_order[part])
+
+
+def test_each_process_reads_only_its_shards(fake, monkeypatch):
+  """With as many shards as processes, a process reads a contiguous 1/P of the records (a
+  tfds slice), and the records it reads are the ones its batches hold."""
+  data = datasets.build_dataset('fashion_mnist', 'train', **fake)
+  reads = []
+  read = datasets.read
+
+  def counting_read(builder, split):
+    ds = read(builder, split)
+    reads.append((split, int(ds.cardinality())))
+    return ds
+
+  _, in_order = eval_ids(data, 16)  # example ids in the split's (tfds) order
+  monkeypatch.setattr(datasets, 'read', counting_read)
+  shares = ip.parts(N_TRAIN, 2)
+  for p in range(2):
+    reads.clear()
+    batches = train_batches(
+      data, 10, global_batch=10, augment='none', process_index=p, process_count=2, shards=2
+    )
+    assert reads == [(f'train[{shares[p][0]}:{shares[p][-1] + 1}]', N_TRAIN // 2)]
+    seen = np.concatenate([ids_of(b['image']) for b in batches])
+    np.testing.assert_array_equal(np.sort(seen), np.sort(in_order[shares[p]]))  # an epoch
+  # A few-shot subset spread over the split: each process reads the range of its shard only.
+  subset = datasets.build_dataset('fashion_mnist', 'train', examples_per_class=2, **fake)
+  for p in range(2):
+    reads.clear()
+    batches = train_batches(
+      subset, 2, global_batch=10, augment='none', process_index=p, process_count=2, shards=2
+    )
+    mine = subset.indices[ip.parts(subset.num_examples, 2)[p]]
+    assert reads == [(f'train[{mine[0]}:{mine[-1] + 1}]', mine[-1] + 1 - mine[0])]
+    assert set(np.concatenate([ids_of(b['image']) for b in batches])) == set(in_order[mine])
+  with pytest.raises(ValueError, match='data shards 3: need a divisor of the global batch 10'):
+    BatchOrder(10, shards=3)
+
+
+def test_narrow_reads_slices_of_summed_and_sliced_splits(fake):
+  """`narrow` keeps the examples, and their order, of sliced and `a+b` splits."""
+  for split in ('train[10:90]+test[:30]', 'train[-40:]', 'test[5:]+train'):
+    data = datasets.build_dataset('fashion_mnist', split, **fake)
+    _, all_ids = eval_ids(data, 16)
+    labels = np.concatenate([b['label'][b['mask'] == 1] for b in eval_ids(data, 16)[0]])
+    for part in (np.arange(3, 25), np.arange(data.num_examples - 7, data.num_examples)):
+      narrowed = ip.narrow(data, part)
+      assert narrowed.num_examples == len(part)
+      batches, ids = eval_ids(narrowed, 16)
+      np.testing.assert_array_equal(ids, all_ids[part], err_msg=f'{split} {narrowed.read_split}')
+      got = np.concatenate([b['label'][b['mask'] == 1] for b in batches])
+      np.testing.assert_array_equal(got, labels[part])
 
 
 def test_image_folder(tmp_path):

@@ -159,3 +159,42 @@ def test_sigterm_to_one_process_stops_the_job_at_one_step(tmp_path, tmp_path_fac
   sa, sb = (json.load(open(os.path.join(w, 'summary.json'))) for w in (tmp_path, reference))
   assert sa['final_eval_loss'] == sb['final_eval_loss']
   assert sa['final_eval_accuracy'] == sb['final_eval_accuracy']
+
+
+def test_data_shards_two_processes_read_half_and_equal_one(tmp_path_factory):
+  """With 2 data shards each of 2 processes reads half of the training records, and the
+  activation cache runs across them, each process holding its share: the run equals 1 x 8."""
+  cached = [
+    '--config.dataset.shards=2',
+    '--config.dataset.augment=none',
+    '--config.policy.name=last_blocks(2)',
+    '--config.activation_cache=disk',
+  ]
+  runs = {}
+  for processes, devices in [(1, 8), (2, 4)]:
+    runs[processes] = tmp_path_factory.mktemp(f'shards_{processes}x{devices}')
+    result = launch(runs[processes], processes, devices, *cached)
+    reads = re.findall(
+      r'process (\d) of (\d) reads training shards \[([\d, ]*)\] of 2: (\d+) of (\d+)',
+      result.stdout,
+    )
+    expected = (
+      [('0', '1', '0, 1', '1200', '1200')]
+      if processes == 1
+      else [('0', '2', '0', '600', '1200'), ('1', '2', '1', '600', '1200')]
+    )
+    assert sorted(reads) == expected, result.stdout[-3000:]
+  assert_same_run(runs[2], runs[1])
+  # Each process's cache holds its share: its training shard and its part of the eval split.
+  sizes = {}
+  for f in (runs[2] / 'activation_cache').glob('*.labels.npy'):
+    split, process = f.name.split('-')[0], f.name.split('-')[-1].split('.')[0]
+    sizes[split, process] = len(np.load(f))
+  assert sizes == {
+    ('train', 'p0'): 600,
+    ('train', 'p1'): 600,
+    ('eval', 'p0'): 501,
+    ('eval', 'p1'): 500,
+  }
+  summary = json.load(open(runs[2] / 'summary.json'))
+  assert summary['activation_cache'] == {'last_blocks(k=2)': 'block4'}
