@@ -187,6 +187,8 @@ def test_frozen_integrity_in_summary_and_mismatch_is_an_error(tmp_path, monkeypa
     (('dataset.classes', (3, 12)), r'12'),
     (('parallelism', 'pjit'), r"unknown parallelism 'pjit'"),
     (('model.name', 'vgg17'), r"unknown model 'vgg17'"),
+    (('dataset.shards', 3), r'data shards 3: need a divisor of the global batch 32'),
+    (('dataset.shards', 2000), r'dataset.shards=2000 exceeds the 1200 training examples'),
   ],
 )
 def test_bad_input_is_one_line_before_anything_is_written(tmp_path, override, message):
