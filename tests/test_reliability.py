@@ -188,7 +188,6 @@ def test_frozen_integrity_in_summary_and_mismatch_is_an_error(tmp_path, monkeypa
     (('parallelism', 'pjit'), r"unknown parallelism 'pjit'"),
     (('model.name', 'vgg17'), r"unknown model 'vgg17'"),
     (('dataset.shards', 3), r'data shards 3: need a divisor of the global batch 32'),
-    (('dataset.shards', 2000), r'dataset.shards=2000 exceeds the 1200 training examples'),
   ],
 )
 def test_bad_input_is_one_line_before_anything_is_written(tmp_path, override, message):
@@ -199,6 +198,14 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path, override, me
   with pytest.raises(loop.ConfigError, match=message) as e:
     loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert '\n' not in str(e.value)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_more_data_shards_than_examples_is_one_line(tmp_path):
+  config = default.get_config('runlocal')
+  config.dataset.examples_per_class, config.dataset.shards = 1, 16
+  with pytest.raises(loop.ConfigError, match=r'dataset.shards=16 exceeds the 10 training'):
+    loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
 
 
