@@ -75,7 +75,9 @@ class PreemptionNotice:
   def __init__(self):
     self.received: list[int] = []
     self._previous: dict[int, Any] = {}
-    self._job_wide = jax.process_count() > 1
+    # Without JAX's preemption service (jax_enable_preemption_service=False) each process
+    # only sees its own signals, as a single process would.
+    self._job_wide = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
 
   def reached(self, step: int) -> int | None:
     """The signal number if the job stops after `step` (every process gets the same answer)."""
