@@ -93,6 +93,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.b2 = 0.999  # adam/adamw
   config.optimizer.eps = 1e-8  # adam/adamw
   config.optimizer.weight_decay = 0.0  # sgd/adam: L2 on gradients; adamw: decoupled
+  # Decay groups: ((regex, multiplier), ...), the first full match gives a trainable path its
+  # multiplier of weight_decay, unmatched paths are not decayed; () = all x1. E.g. no decay
+  # on biases and BatchNorm: (('.*/kernel', 1.0),).
+  config.optimizer.wd_mults = ()
   config.optimizer.grad_clip_norm = 0.0  # global norm of the trainable gradient (0 = off)
   config.optimizer.warmup_steps = 0  # linear warmup, steps
   config.optimizer.schedule = 'cosine'  # cosine (to 0 at num_train_steps) | constant

@@ -73,6 +73,54 @@ def _by_path(values: Mapping[str, Any], params: Any, default: Any = None) -> Any
   )
 
 
+def decay_multipliers(rules: Any, all_paths: list[str]) -> dict[str, float]:
+  """Weight-decay multipliers by parameter path, from `(regex, multiplier)` rules.
+
+  As big_vision's `config.wd_mults`: a path gets the multiplier of the first rule that fully
+  matches it, and a path no rule matches is not decayed (e.g. `(('.*/kernel', 1.0),)`: no
+  decay on biases and BatchNorm). No rules: every path gets 1. Frozen leaves are never
+  decayed, whatever the rules say (`make` decays the trainable group only).
+
+  Args:
+    rules: a sequence of `(regex, multiplier)` pairs (`config.optimizer.wd_mults`).
+    all_paths: every parameter path.
+
+  Raises:
+    PlanError: a rule that is not a (regex, number >= 0) pair, an invalid regex, or a regex
+      that matches no parameter.
+  """
+  if not rules:
+    return dict.fromkeys(all_paths, 1.0)
+  bad = [r for r in rules if len(r) != 2 or not isinstance(r[1], (int, float)) or r[1] < 0]
+  if bad:
+    raise PlanError(
+      f'optimizer.wd_mults: {bad[0]!r} is not a (regex, multiplier >= 0) pair, '
+      "e.g. (('.*/kernel', 1.0),)"
+    )
+  patterns = [r[0] for r in rules]
+  matches = paths.match_rules(all_paths, patterns, 'optimizer.wd_mults', error=PlanError)
+  return {p: float(rules[found[0]][1]) if found else 0.0 for p, found in matches.items()}
+
+
+def add_decayed_weights(
+  weight_decay: float, multipliers: Mapping[str, float]
+) -> optax.GradientTransformation:
+  """Adds `weight_decay * multiplier * w` to each update (leaves with multiplier 0 untouched).
+
+  Args:
+    weight_decay: the coefficient (`config.optimizer.weight_decay`).
+    multipliers: `{path: multiplier}` from `decay_multipliers`.
+  """
+
+  def update(updates, params=None):
+    mults = _by_path(multipliers, updates, 0.0)
+    return jax.tree.map(
+      lambda u, m, w: u + weight_decay * m * w if m else u, updates, mults, params
+    )
+
+  return optax.stateless(update)
+
+
 class L2SPState(NamedTuple):
   anchor: Any  # the loaded value of each pretrained leaf (None for the head: toward 0)
 
@@ -173,7 +221,8 @@ def make(
     plan: which leaves (and entries) train, their lr multipliers and regulariser.
     cfg: optimizer config: `name` (sgd | adam | adamw), `learning_rate`, `momentum` (sgd),
       `b1`, `b2`, `eps` (adam/adamw), `weight_decay` (sgd/adam: L2 added to the gradient;
-      adamw: decoupled), `grad_clip_norm` (0 = off), `warmup_steps`, `schedule`.
+      adamw: decoupled), `wd_mults` (`decay_multipliers`), `grad_clip_norm` (0 = off),
+      `warmup_steps`, `schedule`.
     total_steps: length of the run, for the schedule.
     first_step: the run's step at which this optimizer starts (a later stage of a
       schedule): the learning rate follows the run's one schedule across stages.
@@ -187,6 +236,7 @@ def make(
   if name not in OPTIMIZERS:
     raise PlanError(f'unknown optimizer {name!r}; valid: {", ".join(OPTIMIZERS)}')
   weight_decay = float(_get(cfg, 'weight_decay', 0.0))
+  decay = decay_multipliers(_get(cfg, 'wd_mults', ()), list(paths.flatten(plan.trainable_mask)))
   clip = float(_get(cfg, 'grad_clip_norm', 0.0))
   chain = [optax.clip_by_global_norm(clip)] if clip > 0 else []
   if plan.l2_sp:
@@ -194,7 +244,7 @@ def make(
       raise ValueError('plan uses l2_sp but no anchor (the loaded parameters) was given')
     chain.append(add_l2_sp(plan.l2_sp, anchor))
   if weight_decay and name != 'adamw':
-    chain.append(optax.add_decayed_weights(weight_decay))
+    chain.append(add_decayed_weights(weight_decay, decay))
   if name == 'sgd':
     momentum = float(_get(cfg, 'momentum', 0.9))
     if momentum:
@@ -208,7 +258,7 @@ def make(
       )
     )
     if weight_decay and name == 'adamw':
-      chain.append(optax.add_decayed_weights(weight_decay))
+      chain.append(add_decayed_weights(weight_decay, decay))
   schedule = learning_rate_schedule(cfg, total_steps)
   if first_step:
     schedule = lambda count, schedule=schedule: schedule(count + first_step)

@@ -102,6 +102,32 @@ def test_weight_decay_reaches_trainable_leaves_only():
   assert not np.any(updates['block5_conv2/kernel']) and not np.any(updates['block1_conv1/kernel'])
 
 
+@pytest.mark.parametrize('name', ['sgd', 'adamw'])
+def test_decay_groups_leaf_by_leaf(name):
+  """wd_mults: the first matching rule's multiplier, unmatched leaves and frozen leaves not
+  decayed; checked against w * wd * mult for every leaf (zero gradients: the update is the
+  decay alone, for sgd's L2 and adamw's decoupled decay alike)."""
+  plan = plan_for(name='last_blocks', k=1)
+  rules = (('fc/kernel', 3.0), ('.*/kernel', 1.0), ('block5_conv1/bias', 0.5))
+  cfg = opt_config(name=name, momentum=0.0, weight_decay=0.5, wd_mults=rules)
+  tx = optim.make(plan, cfg, 10)
+  zeros = jax.tree.map(jnp.zeros_like, PARAMS)
+  updates = paths.flatten(tx.update(zeros, tx.init(PARAMS), PARAMS)[0])
+  trainable = paths.flatten(plan.trainable_mask)
+  checked = set()
+  for path, w in paths.flatten(PARAMS).items():
+    mult = 3.0 if path == 'fc/kernel' else 1.0 if path.endswith('/kernel') else 0.0
+    mult = 0.5 if path == 'block5_conv1/bias' else mult
+    expected = -0.1 * 0.5 * mult * np.asarray(w) if trainable[path] else np.zeros_like(w)
+    np.testing.assert_allclose(updates[path], expected, rtol=1e-6, atol=0, err_msg=path)
+    checked.add((trainable[path], mult))
+  assert checked >= {(True, 3.0), (True, 1.0), (True, 0.5), (True, 0.0), (False, 1.0)}
+  with pytest.raises(policies.PlanError, match=r"optimizer.wd_mults: regex '.*/scale' matches"):
+    optim.make(plan, opt_config(weight_decay=0.5, wd_mults=(('.*/scale', 0.0),)), 10)
+  with pytest.raises(policies.PlanError, match=r"\('.*', -1.0\) is not a \(regex, mult"):
+    optim.make(plan, opt_config(weight_decay=0.5, wd_mults=(('.*', -1.0),)), 10)
+
+
 def test_schedules():
   cos = optim.learning_rate_schedule(opt_config(schedule='cosine', warmup_steps=10), 110)
   np.testing.assert_allclose(
