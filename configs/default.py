@@ -124,6 +124,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # reuse only outputs that are theirs bit for bit (e.g. every seed's eval split).
   config.activation_cache_dir = ''
 
+  # Closed-form few-shot probe at every eval (ftlab/fewshot_probe.py): ridge regression on the
+  # current weights' features of a few examples per class, tested on test_split; metrics
+  # fewshot/<k>shot_accuracy. Shows how a plan changes the representation, not the head.
+  config.evals = ml_collections.ConfigDict()
+  config.evals.fewshot = ml_collections.ConfigDict()
+  config.evals.fewshot.shots = ()  # examples per class, e.g. (1, 5, 10, 25); () = off
+  config.evals.fewshot.layer = 'pre_logits'  # pre_logits | block1..block5 | fc (pooled output)
+  config.evals.fewshot.train_split = ''  # drawn from this split ('' = dataset.train_split)
+  config.evals.fewshot.test_split = ''  # '' = dataset.eval_split
+  config.evals.fewshot.l2_reg = 1024.0  # ridge coefficient (big_vision's few-shot default)
+
   config.init = ml_collections.ConfigDict()
   config.init.checkpoint = ''  # directory of a checkpoint (train run or ported weights)
   config.init.dont_load = ()  # regexes of parameter paths to keep freshly initialised

@@ -237,8 +237,6 @@ def compute(
     raise ValueError('activation cache: the split has no examples')
   state = spread.replicate({'params': variables['params'], **_stats(variables)})
   count = jax.process_count()
-  starts = [int(part[0]) if len(part) else 0 for part in input_pipeline.parts(num_examples, count)]
-  ends = [s + len(p) for s, p in zip(starts, input_pipeline.parts(num_examples, count))]
   kept = num_examples if keep is None else len(keep)
   activations, labels, written = None, np.zeros(kept, np.int32), 0
   # Written under this process's own names, renamed into place once complete: runs sharing a
@@ -266,16 +264,12 @@ def compute(
     return np.memmap(partial + '.bin', dtype=x.dtype, mode='w+', shape=shape)
 
   def write(k, out):
-    # Row r of process q's k-th batch is example k*b + r of its part (eval_iterator's
-    # order), i.e. position starts[q] + k*b + r of the split.
     nonlocal activations, written
     out = jax.device_get(spread.unreplicate(out))
     if activations is None:
       activations = allocate(out['x'])
-    b = len(out['mask']) // count
-    q, r = np.divmod(np.arange(len(out['mask'])), b)
-    positions = np.asarray(starts)[q] + k * b + r
-    real = (out['mask'] > 0) & (positions < np.asarray(ends)[q])
+    positions = input_pipeline.gathered_positions(num_examples, count, len(out['mask']) // count, k)
+    real = (out['mask'] > 0) & (positions >= 0)
     rows = positions[real] if keep is None else np.searchsorted(keep, positions[real])
     if keep is not None:
       mine = (rows < len(keep)) & (keep[np.minimum(rows, len(keep) - 1)] == positions[real])

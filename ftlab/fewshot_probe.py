@@ -6,13 +6,29 @@ examples take the class of the highest score. As big_vision's few-shot evaluator
 (`big_vision/evaluators/fewshot.py`, from Kolesnikov et al., "Big Transfer", 2020), which
 fits the same regression on pre-logit features to track a representation during training.
 Fitting takes milliseconds for 25 shots of 100 classes, so it can run at every eval.
+
+During training (`config.evals.fewshot`) the features are those of the current weights,
+in inference mode, at the input of the `predictions` layer (`pre_logits`) or at a block's
+output (average-pooled over space), so the probe shows how a plan changes the
+representation, not only the head.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
+
+from ftlab import input_pipeline, parallel
+from ftlab.datasets import DataSplit
+
+PRE_LOGITS = 'pre_logits'
 
 DEFAULT_L2_REG = 2.0**10  # big_vision's few-shot default
 
@@ -100,3 +116,110 @@ def probe_accuracies(
     rows = first_shots(train_y, k, num_classes)
     found[k] = probe_accuracy(train_x[rows], train_y[rows], test_x, test_y, num_classes, l2_reg)
   return found
+
+
+def feature_fn(model: nn.Module, layer: str) -> Callable[[Any, jnp.ndarray], jnp.ndarray]:
+  """`fn(variables, images) -> features`, float32 `[b, d]`, of `model` in inference mode.
+
+  Args:
+    model: the unbound VGG (full, not a cached suffix).
+    layer: `pre_logits` (what the `predictions` layer sees: the head's last hidden layer,
+      or the pooled or flattened block-5 map where the head has none) or a block name
+      (`block1`.. and `fc`): its output, average-pooled over space when it is a map.
+
+  Raises:
+    ValueError: an unknown layer, or `pre_logits` of a model without a head.
+  """
+  names = model.block_names()
+  if layer == PRE_LOGITS:
+    if model.head == 'none':
+      raise ValueError("few-shot probe: layer 'pre_logits' needs a head; name a block instead")
+
+    def pre_logits(variables, images):
+      found = []
+
+      def grab(next_fun, args, kwargs, context):
+        if context.module.name == 'predictions' and context.method_name == '__call__':
+          found.append(args[0])
+        return next_fun(*args, **kwargs)
+
+      with nn.intercept_methods(grab):
+        model.apply(variables, images, train=False)
+      return found[0].astype(jnp.float32)
+
+    return pre_logits
+  if layer not in names[:-1]:
+    raise ValueError(f'few-shot probe: layer {layer!r} is not one of {[PRE_LOGITS, *names[:-1]]}')
+  prefix = model.clone(stop_block=names[names.index(layer) + 1])
+
+  def block_output(variables, images):
+    x = prefix.apply(variables, images, train=False)
+    return (x.mean(axis=(1, 2)) if x.ndim == 4 else x).astype(jnp.float32)
+
+  return block_output
+
+
+def _feature_step(state: Any, batch: dict, *, features: Callable) -> dict:
+  stats = {'batch_stats': state.batch_stats} if state.batch_stats else {}
+  x = features({'params': state.params, **stats}, batch['image'])
+  # Gathered: every process sees every example's features and fits the same probe.
+  found = {'x': x, 'label': batch['label'], 'mask': batch['mask']}
+  return lax.all_gather(found, parallel.AXIS, tiled=True)
+
+
+def compile_features(model: nn.Module, layer: str, spread: parallel.Spread) -> Callable:
+  """`p_features(state, batch)`: `feature_fn`'s features of a sharded padded batch,
+  gathered so every device holds the global batch's `{'x', 'label', 'mask'}`."""
+  step = functools.partial(_feature_step, features=feature_fn(model, layer))
+  return spread.compile(step, in_kinds=(parallel.REPLICATED, parallel.SHARDED))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sets:
+  """What the probe reads during training.
+
+  Attributes:
+    train: the few-shot training examples (at least `max(shots)` per class).
+    test: the examples it is tested on.
+    shots: the shot counts, examples per class.
+    layer: `PRE_LOGITS` or a block name (`feature_fn`).
+    l2_reg: the ridge coefficient.
+    order: the eval order (global batch, this process's place).
+    image_size, preprocess: how images are prepared (the run's).
+  """
+
+  train: DataSplit
+  test: DataSplit
+  shots: tuple[int, ...]
+  layer: str
+  l2_reg: float
+  order: input_pipeline.BatchOrder
+  image_size: int
+  preprocess: str
+
+  def features(self, p_features: Callable, state: Any, spread: Any, split: DataSplit):
+    """Features and labels of every example of `split`, in split order."""
+    batches = input_pipeline.eval_iterator(
+      split, self.order, image_size=self.image_size, preprocess=self.preprocess
+    )
+    x, labels = None, np.zeros(split.num_examples, np.int64)
+    count = self.order.process_count
+    for k, batch in enumerate(batches):
+      out = jax.device_get(spread.unreplicate(p_features(state, spread.shard(batch))))
+      positions = input_pipeline.gathered_positions(
+        split.num_examples, count, self.order.local_batch, k
+      )
+      real = (out['mask'] > 0) & (positions >= 0)
+      if x is None:
+        x = np.zeros((split.num_examples, out['x'].shape[-1]), np.float32)
+      x[positions[real]], labels[positions[real]] = out['x'][real], out['label'][real]
+    return x, labels
+
+  def evaluate(self, p_features: Callable, state: Any, spread: Any) -> dict[str, float]:
+    """`{'<k>shot_accuracy': accuracy}` of the probe on the current weights in `state`."""
+    train_x, train_y = self.features(p_features, state, spread, self.train)
+    test_x, test_y = self.features(p_features, state, spread, self.test)
+    found = probe_accuracies(
+      train_x, train_y, test_x, test_y, self.train.num_classes, self.shots, self.l2_reg
+    )
+    return {f'{k}shot_accuracy': v for k, v in found.items()}

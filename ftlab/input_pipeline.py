@@ -385,6 +385,19 @@ def eval_share(num_examples: int, order: BatchOrder) -> np.ndarray:
   return parts(num_examples, order.process_count)[order.process_index]
 
 
+def gathered_positions(
+  num_examples: int, process_count: int, local_batch: int, step: int
+) -> np.ndarray:
+  """The split positions of the rows of eval step `step` gathered over processes (process q's
+  `local_batch` rows after process q-1's, as `lax.all_gather(..., tiled=True)` stacks
+  them), -1 for padding rows: where each output of an `eval_iterator` batch belongs."""
+  sizes = np.array([len(p) for p in parts(num_examples, process_count)])
+  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  q, r = np.divmod(np.arange(process_count * local_batch), local_batch)
+  offset = step * local_batch + r
+  return np.where(offset < sizes[q], starts[q] + offset, -1)
+
+
 def eval_iterator(
   data: DataSplit, order: BatchOrder, *, image_size: int, preprocess: str
 ) -> Iterator[dict[str, np.ndarray]]:

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from ftlab import checkpoint, metric_writers, optim, parallel, policies, workdir
+from ftlab import checkpoint, fewshot_probe, metric_writers, optim, parallel, policies, workdir
 from ftlab.run import ConfigError, Run, build_model, make_run, sources
 from ftlab.train import TrainState, compile_steps, evaluate
 
@@ -190,6 +190,8 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
   )
   window, best = _Window(first + 1, spread, config), _Best(config.early_stopping_patience)
   stop, results, flops = False, {}, {}
+  probe = run.fewshot
+  p_features = probe and fewshot_probe.compile_features(run.model, probe.layer, spread)
 
   def run_evals(step):
     found = {
@@ -199,6 +201,10 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
       writer.write(step, {f'{name}/{k}': v for k, v in metrics.items()})
       logging.info('step %d: %s accuracy %.4f on %d examples', step, name, metrics['accuracy'],
                    metrics['count'])  # fmt: skip
+    if probe:
+      found['fewshot'] = probe.evaluate(p_features, state, spread)
+      writer.write(step, {f'fewshot/{k}': v for k, v in found['fewshot'].items()})
+      logging.info('step %d: few-shot probe (%s) %s', step, probe.layer, found['fewshot'])
     return found
 
   logging.info('training steps %d..%d under %s', first + 1, last, current.plan.name)
@@ -282,6 +288,7 @@ def _summary(run, final, stages, results, best, stop, window, flops, frozen) -> 
     'final_eval_loss': results['eval']['loss'],
     'eval_examples': results['eval']['count'],
     **({'final_minival_accuracy': results['minival']['accuracy']} if 'minival' in results else {}),
+    **({'final_fewshot': results['fewshot']} if 'fewshot' in results else {}),
     f'best_{select}_accuracy': best.accuracy,
     f'best_{select}_step': best.step,
     'stopped_early': stop,

@@ -30,6 +30,7 @@ from ftlab import (
   activation_cache,
   checkpoint,
   datasets,
+  fewshot_probe,
   init_from,
   input_pipeline,
   optim,
@@ -150,6 +151,40 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
   )
 
 
+def make_fewshot(config: Any, data: input_pipeline.Data, model: nn.Module):
+  """The few-shot probe's sets (`config.evals.fewshot`), or None when it is off.
+
+  Raises:
+    ConfigError: bad shots or layer, a split the dataset lacks, a class with fewer examples
+      than the largest shot count.
+  """
+  cfg = config.get('evals', {}).get('fewshot', {})
+  shots = tuple(cfg.get('shots', ()) or ())
+  if not shots:
+    return None
+  if not all(isinstance(k, int) and k > 0 for k in shots):
+    raise ConfigError(f'evals.fewshot.shots={shots}: need positive integers, e.g. (1, 5, 10)')
+  with config_errors(ValueError):
+    fewshot_probe.feature_fn(model, cfg.layer)
+  ds = config.dataset
+  common = dict(
+    data_dir=ds.data_dir or None,
+    download=ds.download,
+    fashion_mnist_dir=ds.local_dir or None,
+    classes=tuple(ds.classes),
+    seed=config.seed,
+  )
+  with config_errors(datasets.DatasetError):
+    train = datasets.build_dataset(
+      ds.name, cfg.train_split or ds.train_split, examples_per_class=max(shots), **common
+    )
+    test = datasets.build_dataset(ds.name, cfg.test_split or ds.eval_split, **common)
+  order = data.order.with_batch(data.eval_batch)
+  return fewshot_probe.Sets(
+    train, test, shots, cfg.layer, float(cfg.l2_reg), order, data.image_size, data.preprocess
+  )
+
+
 def check_plans(config: Any, num_classes: int) -> tuple[nn.Module, list[policies.Stage]]:
   """The model and the stages of its plan, with every stage's plan and optimizer built on
   parameter shapes: a check of the config's model, policy and optimizer that reads no data
@@ -201,6 +236,7 @@ class Run:
     changes: config fields changed since the workdir's last launch (`{field: [old, new]}`).
     plan_label: the plan's name for the summary (the schedule's, for a multi-stage plan).
     init: where the initial variables came from (for the summary).
+    fewshot: the few-shot probe's sets (`config.evals.fewshot`), or None.
   """
 
   config: Any
@@ -216,6 +252,7 @@ class Run:
   changes: dict[str, list] = dataclasses.field(default_factory=dict)
   plan_label: str = ''
   init: init_from.Source | None = None
+  fewshot: fewshot_probe.Sets | None = None
   _setups: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def setup(self, stage: policies.Stage) -> tuple[policies.Plan, optax.GradientTransformation]:
@@ -306,11 +343,12 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
     preprocess = init_from.preprocessing(config.dataset.preprocess, source)
   data = make_data(config, preprocess)
   model, stages = check_plans(config, data.train.num_classes)
+  fewshot = make_fewshot(config, data, model)
   rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
   with config_errors(init_from.InitError):
     variables = init_from.variables(model, config.dataset.image_size, rng_init, config.init, source)
   run = Run(config, files, spread, model, data, variables, stages, changes=changes)
-  run.init = source
+  run.init, run.fewshot = source, fewshot
   run.stage = stages[0]
   plan, tx = run.setup(run.stage)
   run.state = create_train_state(variables, tx)

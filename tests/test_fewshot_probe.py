@@ -3,7 +3,10 @@
 import numpy as np
 import pytest
 
-from ftlab import fewshot_probe
+from configs import default
+from ftlab import datasets, fewshot_probe, input_pipeline, loop, parallel, train
+from ftlab.metric_writers import read_jsonl
+from tests import fakes
 
 
 def reference_accuracy(train_x, train_y, test_x, test_y, num_classes, l2_reg):
@@ -50,3 +53,88 @@ def test_shots_are_the_first_per_class_and_nested():
   assert set(found) == {1, 3}
   with pytest.raises(ValueError, match='l2_reg 0.0 must be > 0'):
     fewshot_probe.ridge_weights(x, x, 0.0)
+
+
+@pytest.mark.parametrize('head', ['gap', 'mlp', 'imagenet'])
+def test_pre_logits_are_what_predictions_sees_and_blocks_are_pooled(head):
+  model = fakes.tiny_vgg(batch_norm=True, head=head)
+  variables = fakes.random_variables(model)
+  images = fakes.image_batches(1)[0]['image']
+  logits = model.apply(variables, images, train=False)
+  x = fewshot_probe.feature_fn(model, 'pre_logits')(variables, images)
+  w = variables['params']['predictions']
+  np.testing.assert_allclose(x @ w['kernel'] + w['bias'], logits, rtol=1e-5, atol=1e-5)
+  block3 = fewshot_probe.feature_fn(model, 'block3')(variables, images)
+  maps = model.clone(stop_block='block4').apply(variables, images, train=False)
+  np.testing.assert_allclose(block3, maps.mean(axis=(1, 2)), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"layer 'block9' is not one of \['pre_logits', 'block1'"):
+    fewshot_probe.feature_fn(model, 'block9')
+
+
+def test_probe_during_training_on_8_devices_equals_numpy_ridge(fake):
+  """`Sets.evaluate` on 8 devices: the features are the single-device ones (to rounding)
+  in split order, and the accuracies are numpy's ridge solution on those features."""
+  model = fakes.tiny_vgg(num_classes=10, head='mlp')
+  variables = fakes.random_variables(model)
+  order = input_pipeline.BatchOrder(16)
+  sets = fewshot_probe.Sets(
+    train=datasets.build_dataset('fashion_mnist', 'train', examples_per_class=5, **fake),
+    test=datasets.build_dataset('fashion_mnist', 'test[:200]', **fake),
+    shots=(1, 5),
+    layer='pre_logits',
+    l2_reg=8.0,
+    order=order,
+    image_size=32,
+    preprocess='unit',
+  )
+  spread = parallel.Spread('pmap')
+  state = spread.replicate(train.TrainState(0, variables['params'], {}, {}))
+  p_features = fewshot_probe.compile_features(model, 'pre_logits', spread)
+  features = {
+    s: sets.features(p_features, state, spread, getattr(sets, s)) for s in ('train', 'test')
+  }
+  one_device = fewshot_probe.feature_fn(model, 'pre_logits')
+  for name, (x, labels) in features.items():
+    split = getattr(sets, name)
+    batches = input_pipeline.eval_iterator(split, order, image_size=32, preprocess='unit')
+    expected = np.concatenate([one_device(variables, b['image'])[b['mask'] > 0] for b in batches])
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(labels, split.labels)
+  found = sets.evaluate(p_features, state, spread)
+  (train_x, train_y), (test_x, test_y) = features['train'], features['test']
+  for k in (1, 5):
+    rows = fewshot_probe.first_shots(train_y, k, 10)
+    assert len(rows) == 10 * k
+    expected, _ = reference_accuracy(train_x[rows], train_y[rows], test_x, test_y, 10, 8.0)
+    assert found[f'{k}shot_accuracy'] == expected
+
+
+def runlocal(**fewshot):
+  config = default.get_config('runlocal')
+  config.evals.fewshot.update(fewshot)
+  return config
+
+
+@pytest.mark.slow
+def test_run_records_the_probe_at_every_eval(tmp_path, fashion_mnist_prepared):
+  summary = loop.train_and_evaluate(runlocal(shots=(1, 5), layer='block5'), str(tmp_path))
+  rows = [r for r in read_jsonl(tmp_path / 'metrics.jsonl') if 'fewshot/1shot_accuracy' in r]
+  assert [r['step'] for r in rows] == [10, 20]
+  assert set(summary['final_fewshot']) == {'1shot_accuracy', '5shot_accuracy'}
+  assert summary['final_fewshot']['5shot_accuracy'] == rows[-1]['fewshot/5shot_accuracy']
+  assert 0.1 < summary['final_fewshot']['5shot_accuracy'] <= 1.0  # chance is 0.1
+
+
+@pytest.mark.parametrize(
+  'fewshot, message',
+  [
+    (dict(shots=(0, 5)), r'evals.fewshot.shots=\(0, 5\): need positive integers'),
+    (dict(shots=(5,), layer='block7'), r"few-shot probe: layer 'block7' is not one of"),
+    (dict(shots=(5,), test_split='validation'), r"'validation' is no split"),
+  ],
+)
+def test_bad_probe_config_is_one_line_before_anything_is_written(tmp_path, fewshot, message):
+  with pytest.raises(loop.ConfigError, match=message) as e:
+    loop.train_and_evaluate(runlocal(**fewshot), str(tmp_path / 'run'))
+  assert '\n' not in str(e.value)
+  assert not (tmp_path / 'run').exists()
