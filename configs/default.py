@@ -112,6 +112,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2  # newest checkpoints kept (>= 2: never lose the last good one)
   config.early_stopping_patience = 0  # stop after this many evals without improvement (0 = off)
   config.record_step_flops = True  # XLA's FLOP count of each stage's compiled step, in summary
+  # Gradient accumulation: each device's share of batch_size cut into this many
+  # micro-batches, one update on their mean gradient (batch_size stays the global batch;
+  # BatchNorm normalises per micro-batch). Memory of one micro-batch's activations.
+  config.accum_steps = 1
+  # Moving average of the weights that train (per step; e.g. 0.999, 0 = off), evaluated
+  # beside them as <split>/ema_accuracy and checkpointed with the state.
+  config.ema_decay = 0.0
   config.skip_nonfinite_updates = False  # skip (count, log) non-finite steps instead of stopping
   # Frozen-prefix activation cache (exact; needs dataset.augment='none' and a plan that trains
   # nothing, and draws no dropout, in the first blocks): the prefix runs once per example and

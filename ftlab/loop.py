@@ -16,9 +16,18 @@ import jax
 import numpy as np
 from absl import logging
 
-from ftlab import checkpoint, fewshot_probe, metric_writers, optim, parallel, policies, workdir
+from ftlab import (
+  checkpoint,
+  fewshot_probe,
+  metric_writers,
+  optim,
+  parallel,
+  policies,
+  train,
+  workdir,
+)
 from ftlab.run import ConfigError, Run, build_model, make_run, sources
-from ftlab.train import TrainState, compile_steps, evaluate
+from ftlab.train import TrainState, compile_ema_state, compile_steps, evaluate
 
 __all__ = [
   'ConfigError',
@@ -57,6 +66,7 @@ class _Stage:
   end: int | None  # the stage's last step (None: the run's)
   p_train_step: Callable
   p_eval_step: Callable
+  p_ema_state: Callable | None  # the state with its EMA as parameters (None: no EMA)
   train_batches: Iterator
   eval_sources: dict[str, Callable[[], Iterator]]
   frozen_reference: dict[str, str]
@@ -76,10 +86,21 @@ def _enter(run: Run, stage: policies.Stage, host: TrainState, reference: dict, s
     label_smoothing=config.label_smoothing,
     learning_rate_fn=optim.learning_rate_schedule(config.optimizer, config.num_train_steps),
     skip_nonfinite=bool(config.skip_nonfinite_updates),
+    accum_steps=config.get('accum_steps', 1),
+    ema_decay=config.get('ema_decay', 0.0),
   )
+  p_ema_state = compile_ema_state(run.spread, plan) if config.get('ema_decay', 0.0) else None
   train_batches = parallel.prefetch_to_devices(train_source(step), run.spread)
   return _Stage(
-    plan, stage.end, p_train_step, p_eval_step, train_batches, eval_sources, reference, cached_from
+    plan,
+    stage.end,
+    p_train_step,
+    p_eval_step,
+    p_ema_state,
+    train_batches,
+    eval_sources,
+    reference,
+    cached_from,
   )
 
 
@@ -90,7 +111,9 @@ def _next_stage(run: Run, current: _Stage, state: TrainState, step: int):
   _check_frozen(current.plan, current.frozen_reference, host.params)
   stage = policies.stage_at(run.stages, step - 1)
   plan, tx = run.setup(stage)
-  host = host.replace(opt_state=tx.init(host.params))
+  # The EMA, like the optimizer state, restarts from the current weights for the new plan.
+  ema = train.init_ema(host.params, train.ema_entries(plan)) if host.ema else {}
+  host = host.replace(opt_state=tx.init(host.params), ema=ema)
   following = _enter(run, stage, host, policies.frozen_checksums(plan, host.params), step - 1)
   logging.info('step %d: stage %s, optimizer state rebuilt', step, plan.name)
   if jax.process_index() == 0:
@@ -201,6 +224,15 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
       writer.write(step, {f'{name}/{k}': v for k, v in metrics.items()})
       logging.info('step %d: %s accuracy %.4f on %d examples', step, name, metrics['accuracy'],
                    metrics['count'])  # fmt: skip
+    if current.p_ema_state:  # the averaged weights on the same splits
+      averaged = current.p_ema_state(state)
+      for name, batches in current.eval_sources.items():
+        metrics = evaluate(current.p_eval_step, averaged, spread, batches())
+        found[name].update(ema_accuracy=metrics['accuracy'], ema_loss=metrics['loss'])
+        writer.write(
+          step, {f'{name}/ema_accuracy': metrics['accuracy'], f'{name}/ema_loss': metrics['loss']}
+        )
+        logging.info('step %d: %s EMA accuracy %.4f', step, name, metrics['accuracy'])
     if probe:
       found['fewshot'] = probe.evaluate(p_features, state, spread)
       writer.write(step, {f'fewshot/{k}': v for k, v in found['fewshot'].items()})
@@ -289,6 +321,11 @@ def _summary(run, final, stages, results, best, stop, window, flops, frozen) -> 
     'eval_examples': results['eval']['count'],
     **({'final_minival_accuracy': results['minival']['accuracy']} if 'minival' in results else {}),
     **({'final_fewshot': results['fewshot']} if 'fewshot' in results else {}),
+    **(
+      {'final_ema_eval_accuracy': results['eval']['ema_accuracy']}
+      if 'ema_accuracy' in results['eval']
+      else {}
+    ),
     f'best_{select}_accuracy': best.accuracy,
     f'best_{select}_step': best.step,
     'stopped_early': stop,

@@ -38,6 +38,7 @@ from ftlab import (
   paths,
   policies,
   preprocessing,
+  train,
   workdir,
 )
 from ftlab.models import lowering, vgg
@@ -149,6 +150,21 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
   return input_pipeline.Data(
     train, evals, order, config.eval_batch_size, ds.image_size, preprocess, ds.augment, ds.name
   )
+
+
+def check_step_options(config: Any) -> None:
+  """Raises ConfigError for an `accum_steps` that does not split each device's share of the
+  batch evenly, or an `ema_decay` outside [0, 1)."""
+  accum = config.get('accum_steps', 1)
+  per_device = config.batch_size // jax.device_count()
+  if not isinstance(accum, int) or accum < 1 or per_device % accum:
+    raise ConfigError(
+      f'accum_steps={accum} must divide the {per_device} examples each of the '
+      f'{jax.device_count()} devices gets of batch_size {config.batch_size}'
+    )
+  decay = config.get('ema_decay', 0.0)
+  if not 0.0 <= decay < 1.0:
+    raise ConfigError(f'ema_decay={decay} is not in [0, 1) (e.g. 0.999; 0 = no EMA)')
 
 
 def make_fewshot(config: Any, data: input_pipeline.Data, model: nn.Module):
@@ -277,6 +293,12 @@ class Run:
       self._setups[stage.index] = plan, tx
     return self._setups[stage.index]
 
+  def initial_state(self, plan: policies.Plan, tx: optax.GradientTransformation) -> TrainState:
+    """The step-0 state from the initial variables under `plan`, with an EMA of its
+    entries when `config.ema_decay` is set."""
+    ema = train.ema_entries(plan) if self.config.get('ema_decay', 0.0) else None
+    return create_train_state(self.variables, tx, ema)
+
   def fisher(self, num_batches: int | None) -> dict[str, np.ndarray]:
     """Mean squared per-example gradient of every leaf a plan could train (the empirical
     Fisher's diagonal, for `fisher` and `child_tuning_d`): over `num_batches` shuffled
@@ -336,6 +358,7 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
     spread = parallel.Spread(config.parallelism)
     parallel.check_divisible(config.batch_size, jax.device_count())
     parallel.check_divisible(config.eval_batch_size, jax.device_count())
+  check_step_options(config)
   with config_errors(policies.PlanError):
     expression = policies.check_policy_name(config.policy.name, config.policy)
   with config_errors(init_from.InitError):  # named weights are downloaded and ported here
@@ -351,7 +374,7 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
   run.init, run.fewshot = source, fewshot
   run.stage = stages[0]
   plan, tx = run.setup(run.stage)
-  run.state = create_train_state(variables, tx)
+  run.state = run.initial_state(plan, tx)
   run.frozen_reference = policies.frozen_checksums(plan, run.state.params)
   if checkpoint.latest_step(files.checkpoints) is not None:
     run.state, run.stage, plan_changed = _resume(files.checkpoints, run)
@@ -383,9 +406,7 @@ def _resume(ckpt_dir: str, run: Run) -> tuple[TrainState, policies.Stage, bool]:
     stage = policies.stage_at(run.stages, step)
     plan, tx = run.setup(stage)
     try:
-      restored, plan_changed = _restore_step(
-        ckpt_dir, step, create_train_state(run.variables, tx), plan, tx
-      )
+      restored, plan_changed = _restore_step(ckpt_dir, step, run.initial_state(plan, tx), plan, tx)
     except checkpoint.MismatchError as e:  # another model or optimizer: a config problem
       raise ConfigError(str(e)) from e
     except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many kinds)
@@ -436,6 +457,7 @@ def _restore_step(
     params=params,
     batch_stats=stats,
     opt_state=tx.init(params),
+    ema=train.init_ema(params, train.ema_entries(plan)) if state.ema else {},
   ), True
 
 

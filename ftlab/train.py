@@ -8,17 +8,23 @@ Everything static (the model, the optimizer, the mask) is keyword-only and bound
 The gradient is taken with respect to the trainable leaves only, so no backward work,
 all-reduce or norm ever touches a frozen parameter; frozen leaves pass through the step
 as the very same arrays.
+
+Two options of the step: gradient accumulation (`accum_steps` micro-batches per device,
+one optimizer update on their mean gradient, activations of one micro-batch at a time) and
+an exponential moving average of the weights (`ema_decay`), kept for the entries that can
+change only.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -37,23 +43,78 @@ class TrainState:
     params: the model parameters.
     batch_stats: BatchNorm running statistics (empty for models without BatchNorm).
     opt_state: optimizer state (nothing for frozen leaves).
+    ema: the moving average of the entries that can change (`ema_entries`), as a tree like
+      `params` holding only those leaves (empty without an EMA).
   """
 
   step: jnp.ndarray
   params: PyTree
   batch_stats: PyTree
   opt_state: PyTree
+  ema: PyTree = flax.struct.field(default_factory=dict)
 
 
-def create_train_state(variables: PyTree, tx: optax.GradientTransformation) -> TrainState:
-  """A state at step 0 from model variables (`{'params': ..., 'batch_stats': ...}`)."""
+def create_train_state(
+  variables: PyTree,
+  tx: optax.GradientTransformation,
+  ema: Mapping[str, np.ndarray | None] | None = None,
+) -> TrainState:
+  """A state at step 0 from model variables (`{'params': ..., 'batch_stats': ...}`), with
+  an EMA of the `ema` entries (`ema_entries`) starting at their loaded values."""
   params = variables['params']
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     batch_stats=variables.get('batch_stats', {}),
     opt_state=tx.init(params),
+    ema=init_ema(params, ema) if ema else {},
   )
+
+
+def ema_entries(plan: policies.Plan) -> dict[str, np.ndarray | None]:
+  """Which entries an EMA of the weights keeps: each trainable leaf whole (None), or the flat
+  indices of the entries a per-element plan trains (or resamples). Frozen leaves and frozen
+  entries never change, so their average is their value: nothing is stored for them."""
+  found = {}
+  for path, trainable in plan.flat_mask().items():
+    levels = plan.element_levels.get(path)
+    if not trainable:
+      continue
+    whole = levels is None or (np.ndim(levels) == 0 and levels == policies.TRAINED)
+    found[path] = None if whole else np.flatnonzero(np.ravel(levels) != policies.FROZEN)
+  return found
+
+
+def _kept(x: jnp.ndarray, indices: np.ndarray | None) -> jnp.ndarray:
+  return x if indices is None else x.reshape(-1)[indices]
+
+
+def init_ema(params: PyTree, entries: Mapping[str, np.ndarray | None]) -> PyTree:
+  """The EMA's starting value: the kept entries of `params` (`ema_entries`)."""
+  flat = paths.flatten(params)
+  return paths.unflatten({p: jnp.asarray(_kept(flat[p], i)) for p, i in entries.items()})
+
+
+def update_ema(
+  ema: PyTree, params: PyTree, entries: Mapping[str, np.ndarray | None], decay: float
+) -> PyTree:
+  """`decay * ema + (1 - decay) * params` on the kept entries."""
+  flat, old = paths.flatten(params), paths.flatten(ema)
+  return paths.unflatten(
+    {p: decay * old[p] + (1.0 - decay) * _kept(flat[p], i) for p, i in entries.items()}
+  )
+
+
+def ema_params(params: PyTree, ema: PyTree, entries: Mapping[str, np.ndarray | None]) -> PyTree:
+  """`params` with the EMA in place of the kept entries: the averaged model's parameters."""
+  flat, averaged = paths.flatten(params), paths.flatten(ema)
+  for p, i in entries.items():
+    x = flat[p]
+    if i is None:
+      flat[p] = averaged[p]
+    else:
+      flat[p] = jnp.asarray(x).reshape(-1).at[i].set(averaged[p]).reshape(x.shape)
+  return paths.unflatten(flat)
 
 
 def bind_model(model: nn.Module, plan: policies.Plan, axis_name: str | None = AXIS) -> nn.Module:
@@ -87,6 +148,9 @@ def train_step(
   label_smoothing: float = 0.0,
   learning_rate_fn: Callable | None = None,
   skip_nonfinite: bool = False,
+  accum_steps: int = 1,
+  ema_decay: float = 0.0,
+  ema: Mapping[str, np.ndarray | None] | None = None,
 ) -> tuple[TrainState, dict]:
   """One optimizer step on this device's share of the batch.
 
@@ -100,8 +164,15 @@ def train_step(
     label_smoothing: label smoothing of the cross-entropy.
     learning_rate_fn: the schedule, reported as `lr` when given.
     skip_nonfinite: when the loss or gradient norm is not finite, keep the parameters,
-      statistics and optimizer state as they were (the step count still advances) and
+      statistics, optimizer state and EMA as they were (the step count still advances) and
       report `skipped` = 1.
+    accum_steps: micro-batches the share is cut into (b must be divisible by it): each runs
+      forward and backward in turn, and the update uses their mean gradient, which for a
+      model without BatchNorm is the whole share's gradient up to float rounding. BatchNorm
+      normalises each micro-batch by its own statistics and updates its running statistics
+      once per micro-batch, as `accum_steps` smaller steps would.
+    ema_decay: the EMA's decay per step (0: no EMA).
+    ema: the entries the EMA keeps (`ema_entries`).
 
   Returns:
     The new state and metrics averaged over devices: `loss`, `accuracy`, `grad_norm`
@@ -110,46 +181,66 @@ def train_step(
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
   trainable, frozen = paths.split(state.params, trainable_mask)
 
-  def loss_fn(trainable):
+  def loss_fn(trainable, batch, batch_stats, rng):
     params = paths.merge(frozen, trainable)
     logits, new_vars = model.apply(
-      _variables(params, state.batch_stats),
+      _variables(params, batch_stats),
       batch['image'],
       train=True,
       mutable=['batch_stats'],
       rngs={'dropout': rng},
     )
     loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
-    return loss, (logits, new_vars.get('batch_stats', {}))
+    correct = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+    return loss, (correct, new_vars.get('batch_stats', {}))
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  gradients = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (loss, (accuracy, batch_stats)), grads = gradients(trainable, batch, state.batch_stats, rng)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
+
+    def micro_step(carry, xs):
+      grads_sum, batch_stats = carry
+      micro_batch, i = xs
+      (loss, (correct, batch_stats)), grads = gradients(
+        trainable, micro_batch, batch_stats, jax.random.fold_in(rng, i)
+      )
+      return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), (loss, correct)
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    (grads, batch_stats), (losses, correct) = lax.scan(
+      micro_step, (zeros, state.batch_stats), (micro, jnp.arange(accum_steps))
+    )
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    loss, accuracy = jnp.mean(losses), jnp.mean(correct)
   grads = lax.pmean(grads, AXIS)
   # The optimizer sees the full tree; frozen gradients are constants it maps to zero.
   full_grads = paths.merge({p: jnp.zeros_like(x) for p, x in frozen.items()}, grads)
   updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
   flat_updates = paths.flatten(updates)
   new_trainable = {p: (x + flat_updates[p]).astype(x.dtype) for p, x in trainable.items()}
-  metrics = {
-    'loss': loss,
-    'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-    'grad_norm': optax.tree.norm(grads),
-  }
+  metrics = {'loss': loss, 'accuracy': accuracy, 'grad_norm': optax.tree.norm(grads)}
   metrics = lax.pmean(metrics, AXIS)
   if learning_rate_fn is not None:
     metrics['lr'] = learning_rate_fn(state.step)
+  new_params = paths.merge(frozen, new_trainable)
+  new_ema = update_ema(state.ema, new_params, ema, ema_decay) if ema_decay else state.ema
   if skip_nonfinite:
     # The metrics are averaged over devices, so every device takes the same decision.
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
     keep = lambda new, old: jnp.where(finite, new, old)
-    new_trainable = jax.tree.map(keep, new_trainable, trainable)
+    new_params = paths.merge(frozen, jax.tree.map(keep, new_trainable, trainable))
     batch_stats = jax.tree.map(keep, batch_stats, state.batch_stats)
     opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    new_ema = jax.tree.map(keep, new_ema, state.ema)
     metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
   new_state = state.replace(
     step=state.step + 1,
-    params=paths.merge(frozen, new_trainable),
+    params=new_params,
     batch_stats=batch_stats,
     opt_state=opt_state,
+    ema=new_ema,
   )
   return new_state, metrics
 
@@ -261,6 +352,8 @@ def compile_steps(
   label_smoothing: float = 0.0,
   learning_rate_fn: Callable | None = None,
   skip_nonfinite: bool = False,
+  accum_steps: int = 1,
+  ema_decay: float = 0.0,
 ) -> tuple[Callable, Callable]:
   """The spread train and eval steps for `plan`: `p_train_step(state, batch, rng)` with the
   state donated, and `p_eval_step(state, batch)`.
@@ -272,7 +365,8 @@ def compile_steps(
     plan: the fine-tuning plan.
     label_smoothing: label smoothing of the training loss.
     learning_rate_fn: the schedule, reported as the `lr` metric.
-    skip_nonfinite: see `train_step`.
+    skip_nonfinite, accum_steps, ema_decay: see `train_step` (the EMA keeps the plan's
+      `ema_entries`).
   """
   bound = bind_model(model, plan)
   train_fn = functools.partial(
@@ -283,6 +377,9 @@ def compile_steps(
     label_smoothing=label_smoothing,
     learning_rate_fn=learning_rate_fn,
     skip_nonfinite=skip_nonfinite,
+    accum_steps=accum_steps,
+    ema_decay=ema_decay,
+    ema=ema_entries(plan) if ema_decay else None,
   )
   eval_fn = functools.partial(eval_step, model=bound)
   p_train_step = spread.compile(
@@ -290,3 +387,11 @@ def compile_steps(
   )
   p_eval_step = spread.compile(eval_fn, in_kinds=(REPLICATED, SHARDED))
   return p_train_step, p_eval_step
+
+
+def compile_ema_state(spread: Any, plan: policies.Plan) -> Callable:
+  """`p_ema_state(state)`: the replicated state with the EMA in place of the parameters it
+  averages, for the eval step (BatchNorm keeps its running statistics)."""
+  entries = ema_entries(plan)
+  swap = lambda state: state.replace(params=ema_params(state.params, state.ema, entries))
+  return spread.compile(swap, in_kinds=(REPLICATED,))
