@@ -74,6 +74,21 @@ def objects(url: str, bucket: str, prefix: str) -> list[str]:
       return sorted(names)
 
 
+def read(url: str, bucket: str, name: str) -> bytes:
+  """An object's bytes, from the emulator's JSON API."""
+  quoted = urllib.parse.quote(name, safe='')
+  return urllib.request.urlopen(f'{url}/storage/v1/b/{bucket}/o/{quoted}?alt=media').read()
+
+
+def write(url: str, bucket: str, name: str, data: bytes) -> None:
+  """Uploads `data` as the object `name` (replacing it)."""
+  query = urllib.parse.urlencode({'uploadType': 'media', 'name': name})
+  request = urllib.request.Request(
+    f'{url}/upload/storage/v1/b/{bucket}/o?{query}', data=data, method='POST'
+  )
+  urllib.request.urlopen(request).read()
+
+
 def serve(port: int, bucket: str) -> None:
   import logging
   from http import HTTPStatus
@@ -108,12 +123,28 @@ def serve(port: int, bucket: str) -> None:
     except NotFound:
       response.status = HTTPStatus.NOT_FOUND
 
+  download = handlers.download
+
+  def download_with_generation(request, response, storage, *args, **kwargs):
+    # TensorStore (Orbax's OCDBT manifests) reads an object's generation from this header,
+    # as GCS sends it; the emulator leaves it out ("Malformed StorageGeneration").
+    download(request, response, storage, *args, **kwargs)
+    if response.status == HTTPStatus.OK or response.status == HTTPStatus.PARTIAL_CONTENT:
+      obj = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
+      response['x-goog-generation'] = obj['generation']
+      response['x-goog-metageneration'] = obj['metageneration']
+
+  handlers.download = download_with_generation  # `get` with alt=media calls it by name
   server.Response.close = quiet_close
   route = (
     r'^/storage/v1/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)'
     r'/moveTo/o/(?P<dest_object_id>.*[^/]+)$'
   )
-  server.HANDLERS = ((route, {'POST': move}),) + tuple(server.HANDLERS)
+  routes = [
+    (regex, {m: download_with_generation if f is download else f for m, f in methods.items()})
+    for regex, methods in server.HANDLERS
+  ]
+  server.HANDLERS = ((route, {'POST': move}), *routes)
   server.create_server('127.0.0.1', port, in_memory=True, default_bucket=bucket).run()
 
 
