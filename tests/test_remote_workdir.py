@@ -183,6 +183,8 @@ def test_run_resume_fallback_and_combine_in_a_gs_workdir(emulator, tmp_path):
   # A damaged newest checkpoint: moved aside in the bucket, the previous one resumed.
   for obj in gcs_emulator.objects(emulator, BUCKET, 'run/checkpoints/30/state/'):
     gcs_emulator.write(emulator, BUCKET, obj, b'x')  # cut short, as by a failing upload
+  # And a step whose save was cut short (no commit marker): ignored, then replaced.
+  gcs_emulator.write(emulator, BUCKET, 'run/checkpoints/40/state/_METADATA', b'x')
   fallback = launch(emulator, dirs, config, f'--workdir={work}', '--config.num_train_steps=40')
   assert fallback.returncode == 0, fallback.stderr[-3000:]
   assert 'checkpoint step 30 is damaged' in fallback.stderr
