@@ -43,7 +43,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
 
-from ftlab import paths
+from ftlab import paths, storage
 
 PyTree = Any
 PathLike = str | os.PathLike
@@ -107,8 +107,7 @@ def _registry() -> ocp.handlers.CheckpointHandlerRegistry:
 
 def _path(directory: PathLike) -> epath.Path:
   # Orbax's tensorstore writer rejects relative local paths; URLs (gs://) stay as they are.
-  directory = os.fspath(directory)
-  return epath.Path(directory if '://' in directory else os.path.abspath(directory))
+  return storage.path(directory, 'checkpoint directory')
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -203,8 +202,10 @@ def save(
       f'checkpoint step {step} is not newer than step {latest} already in {directory}; '
       'resume from it (restore) or use a fresh directory'
     )
-  if (directory / str(step)).exists():
-    # Not deleted here: a checkpoint of an Orbax version without the marker looks alike.
+  if (directory / str(step)).exists() and storage.scheme(directory) != 'gs':
+    # Not deleted here: a checkpoint of an Orbax version without the marker looks alike. On
+    # GCS every Orbax version wrote the marker, so a step without one is a save cut short,
+    # which the manager's tmp cleanup below deletes.
     raise ValueError(
       f'{directory / str(step)} exists but is not a complete checkpoint (no '
       f'{ocp.path.atomicity_types.COMMIT_SUCCESS_FILE}); move it away to save step {step}'

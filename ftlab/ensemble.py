@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
@@ -33,7 +32,7 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from ftlab import checkpoint, input_pipeline, parallel, paths, run, soups, train
+from ftlab import checkpoint, input_pipeline, parallel, paths, run, soups, storage, train
 from ftlab import workdir as workdir_
 
 PyTree = Any
@@ -303,16 +302,19 @@ def combine(
     alphas: WiSE-FT coefficients (`wise` only): 0 is `paths[0]`, 1 is `paths[1]`.
     bn_reset_batches: training batches for fresh BatchNorm statistics of parameter averages
       (BN models only; 0 keeps the averaged running statistics).
-    workdir: if given, `combine.json` is written there (process 0).
+    workdir: if given, `combine.json` is written there (process 0); a local path or a URL.
 
   Returns:
     The dict written to `combine.json`: the runs, one result per model, and notes.
 
   Raises:
     ValueError: unknown method, runs of different architectures or heads, eval data that do
-      not fit them, or a run's checkpoint that does not fit its config.
+      not fit them, or a run's checkpoint that does not fit its config; a
+      `storage.UnsupportedPath` for a URL `workdir` or path of another scheme.
     FileNotFoundError: a path without a complete checkpoint.
   """
+  if workdir:
+    storage.check(workdir, 'workdir')
   methods = list(dict.fromkeys(methods))
   alphas = [float(a) for a in alphas]
   check_methods(methods, len(paths), alphas)
@@ -362,9 +364,10 @@ def combine(
     'notes': notes,
   }
   if workdir and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'combine.json'), 'w') as f:
-      json.dump(output, f, indent=2, ensure_ascii=False)
+    storage.path(workdir).mkdir(parents=True, exist_ok=True)
+    (storage.path(workdir) / 'combine.json').write_text(
+      json.dumps(output, indent=2, ensure_ascii=False)
+    )
   return output
 
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ftlab import checkpoint, paths
+from ftlab import checkpoint, paths, storage
 from ftlab.models import vgg
 from ftlab.porting import weights
 from ftlab.porting.common import PortError
@@ -91,14 +91,16 @@ def source(init_cfg: Any) -> Source:
     except PortError as e:
       raise InitError(f'init.checkpoint: {e}') from None
     return Source(value, directory, record)
+  try:
+    root = storage.path(value, 'init.checkpoint')
+  except storage.UnsupportedPath as e:
+    raise InitError(str(e)) from None
   directory = value
-  if os.path.isdir(os.path.join(directory, 'checkpoints')):  # a run's workdir
+  if (root / 'checkpoints').is_dir():  # a run's workdir
     directory = os.path.join(directory, 'checkpoints')
-  record_path = os.path.join(value, 'port.json')
   record = None
-  if os.path.exists(record_path):
-    with open(record_path) as f:
-      record = json.load(f)
+  if (root / 'port.json').exists():
+    record = json.loads((root / 'port.json').read_text())
   return Source(value, directory, record)
 
 

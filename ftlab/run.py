@@ -38,10 +38,12 @@ from ftlab import (
   paths,
   policies,
   preprocessing,
+  storage,
   train,
   workdir,
 )
 from ftlab.models import lowering, vgg
+from ftlab.porting import weights
 from ftlab.train import TrainState, bind_model, create_train_state, fisher_step
 
 PyTree = Any
@@ -253,6 +255,7 @@ class Run:
     plan_label: the plan's name for the summary (the schedule's, for a multi-stage plan).
     init: where the initial variables came from (for the summary).
     fewshot: the few-shot probe's sets (`config.evals.fewshot`), or None.
+    activation_cache_dir: where disk activation caches go (`activation_cache_dir`).
   """
 
   config: Any
@@ -269,6 +272,7 @@ class Run:
   plan_label: str = ''
   init: init_from.Source | None = None
   fewshot: fewshot_probe.Sets | None = None
+  activation_cache_dir: str = ''
   _setups: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def setup(self, stage: policies.Stage) -> tuple[policies.Plan, optax.GradientTransformation]:
@@ -350,8 +354,10 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
     ConfigError: a bad config or input, or a config other than the workdir's run (unless
       `allow_config_change`); nothing is compiled or written before.
   """
+  with config_errors(storage.UnsupportedPath):
+    files = workdir.Workdir(directory)
+    cache_dir = activation_cache_dir(config, files)
   parallel.initialize_distributed(config.multi_host)
-  files = workdir.Workdir(directory)
   with config_errors(workdir.ConfigChanged):
     changes = workdir.check_config_change(config, files, allow_config_change)
   with config_errors(ValueError):
@@ -371,6 +377,7 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
   with config_errors(init_from.InitError):
     variables = init_from.variables(model, config.dataset.image_size, rng_init, config.init, source)
   run = Run(config, files, spread, model, data, variables, stages, changes=changes)
+  run.activation_cache_dir = cache_dir
   run.init, run.fewshot = source, fewshot
   run.stage = stages[0]
   plan, tx = run.setup(run.stage)
@@ -384,6 +391,32 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
     run.frozen_reference = policies.frozen_checksums(plan, reference)
   run.plan_label = plan.name if len(stages) == 1 else str(expression)
   return run
+
+
+def activation_cache_dir(config: Any, files: workdir.Workdir) -> str:
+  """Where disk activation caches go: `config.activation_cache_dir`, else the workdir's
+  `activation_cache/`; for a workdir on an object store, a local directory under the ftlab
+  cache (`$FTLAB_CACHE`, `~/.cache/ftlab`): a disk cache is a memory-mapped file, which an
+  object store cannot hold, and a derived one (its name is a fingerprint of the weights,
+  prefix and data), so any run on the machine may reuse it.
+
+  Raises:
+    storage.UnsupportedPath: `config.activation_cache_dir` is a URL while the cache may use
+      the disk (`disk`, `auto`).
+  """
+  configured = config.get('activation_cache_dir', '')
+  mode = config.get('activation_cache', 'off')
+  if configured and storage.is_remote(configured) and mode in ('disk', 'auto'):
+    storage.check(configured, 'activation_cache_dir')
+    raise storage.UnsupportedPath(
+      f'activation_cache_dir {configured!r}: the disk activation cache memory-maps local files; '
+      'give a local directory (or activation_cache=memory)'
+    )
+  if configured:
+    return configured
+  if storage.is_remote(files.root):
+    return os.path.join(weights.cache_root(), 'activation_cache')
+  return os.fspath(files.activation_cache)
 
 
 # --- Resuming. --------------------------------------------------------------------------------
@@ -422,10 +455,9 @@ def _resume(ckpt_dir: str, run: Run) -> tuple[TrainState, policies.Stage, bool]:
           step,
           bad_step,
         )
-        if jax.process_index() == 0:
-          os.rename(
-            os.path.join(ckpt_dir, str(bad_step)), os.path.join(ckpt_dir, f'damaged-{bad_step}')
-          )
+        if jax.process_index() == 0:  # on an object store: a copy and a delete of each object
+          bad = storage.path(ckpt_dir) / str(bad_step)
+          bad.rename(bad.parent / f'damaged-{bad_step}')
       return restored, stage, plan_changed
   raise ConfigError(
     f'no readable checkpoint in {ckpt_dir}; damaged steps: '
@@ -476,7 +508,7 @@ def sources(
     {'params': host_state.params, 'batch_stats': host_state.batch_stats},
     run.spread,
     run.data,
-    directory=config.get('activation_cache_dir', '') or run.workdir.activation_cache,
+    directory=run.activation_cache_dir,
     memory_limit_mb=float(
       config.get('activation_cache_memory_mb', activation_cache.DEFAULT_MEMORY_LIMIT_MB)
     ),

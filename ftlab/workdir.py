@@ -24,8 +24,9 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 from absl import logging
+from etils import epath
 
-from ftlab import checkpoint
+from ftlab import checkpoint, storage
 
 # Fields a resume may change without changing what the run computed so far (or, for
 # `num_train_steps`, only extending it). Anything else is another experiment.
@@ -55,47 +56,55 @@ class ConfigChanged(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Workdir:
-  """The file names of a run directory (see the module docstring)."""
+  """The file names of a run directory (see the module docstring): a local directory or an
+  object store URL (`gs://bucket/run`; `storage.SCHEMES`).
+
+  Raises:
+    storage.UnsupportedPath: `root` is a URL of another scheme.
+  """
 
   root: str
 
-  def _join(self, name: str) -> str:
-    return os.path.join(self.root, name)
+  def __post_init__(self):
+    storage.check(self.root, 'workdir')
+
+  def _join(self, name: str) -> epath.Path:
+    return storage.path(self.root) / name
 
   @property
-  def config(self) -> str:
+  def config(self) -> epath.Path:
     return self._join('config.json')
 
   @property
-  def plan(self) -> str:
+  def plan(self) -> epath.Path:
     return self._join('plan.txt')
 
   @property
-  def data(self) -> str:
+  def data(self) -> epath.Path:
     return self._join('data.json')
 
   @property
-  def launches(self) -> str:
+  def launches(self) -> epath.Path:
     return self._join('launches.jsonl')
 
   @property
-  def summary(self) -> str:
+  def summary(self) -> epath.Path:
     return self._join('summary.json')
 
   @property
-  def metrics(self) -> str:
+  def metrics(self) -> epath.Path:
     return self._join('metrics.jsonl')
 
   @property
-  def tensorboard(self) -> str:
+  def tensorboard(self) -> epath.Path:
     return self._join('tensorboard')
 
   @property
-  def checkpoints(self) -> str:
+  def checkpoints(self) -> epath.Path:
     return self._join('checkpoints')
 
   @property
-  def activation_cache(self) -> str:
+  def activation_cache(self) -> epath.Path:
     return self._join('activation_cache')
 
 
@@ -117,15 +126,13 @@ def as_json(config: Any) -> dict:
 def last_config(workdir: Workdir) -> dict | None:
   """The config the workdir's run last launched with (its latest recorded change, else
   `config.json`), or None for a new workdir."""
-  if not os.path.exists(workdir.config):
+  if not workdir.config.exists():
     return None
-  with open(workdir.config) as f:
-    reference = json.load(f)
-  if os.path.exists(workdir.launches):
-    with open(workdir.launches) as f:
-      for line in f:
-        record = json.loads(line) if line.strip() else {}
-        reference = record.get('config', reference)
+  reference = json.loads(workdir.config.read_text())
+  if workdir.launches.exists():
+    for line in workdir.launches.read_text().splitlines():
+      record = json.loads(line) if line.strip() else {}
+      reference = record.get('config', reference)
   return reference
 
 
@@ -154,7 +161,7 @@ def check_config_change(config: Any, workdir: Workdir, allow: bool) -> dict[str,
       f'{workdir.root} holds a run started with another config: {listed}; resuming it under '
       'this one would mix two experiments in one record. Use a new --workdir, or pass '
       '--allow_config_change to continue this run under the new config (recorded in '
-      f'{os.path.basename(workdir.launches)})'
+      f'{workdir.launches.name})'
     )
   if changes:
     logging.warning('config changes since the last launch: %s', changes)
@@ -163,8 +170,10 @@ def check_config_change(config: Any, workdir: Workdir, allow: bool) -> dict[str,
 
 def write_plan(workdir: Workdir, table: str, append: bool = False) -> None:
   """plan.txt: a stage's audit table (`policies.audit_table`); later stages are appended."""
-  with open(workdir.plan, 'a' if append else 'w') as f:
-    f.write(('\n' if append else '') + table + '\n')
+  if append:
+    storage.append_text(workdir.plan, '\n' + table + '\n')
+  else:
+    workdir.plan.write_text(table + '\n')
   logging.info('\n%s', table)
 
 
@@ -182,19 +191,15 @@ def record_launch(
   """config.json, plan.txt and data.json on the first launch (never rewritten: they record
   what ran); a line in launches.jsonl on every launch. A later launch that reads other data
   than the first is warned about."""
-  os.makedirs(workdir.root, exist_ok=True)
-  if not os.path.exists(workdir.config):
-    with open(workdir.config, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2) + '\n')
-  if not os.path.exists(workdir.plan):
+  storage.path(workdir.root).mkdir(parents=True, exist_ok=True)
+  if not workdir.config.exists():
+    workdir.config.write_text(config.to_json_best_effort(indent=2) + '\n')
+  if not workdir.plan.exists():
     write_plan(workdir, plan_table)
-  if not os.path.exists(workdir.data):
-    with open(workdir.data, 'w') as f:
-      json.dump(data, f, indent=2)
-  else:
-    with open(workdir.data) as f:
-      if json.load(f) != json.loads(json.dumps(data)):
-        logging.warning('the data differ from what %s recorded at the first launch', workdir.data)
+  if not workdir.data.exists():
+    workdir.data.write_text(json.dumps(data, indent=2))
+  elif json.loads(workdir.data.read_text()) != json.loads(json.dumps(data)):
+    logging.warning('the data differ from what %s recorded at the first launch', workdir.data)
   record = {
     'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
     'first_step': first_step,
@@ -203,13 +208,11 @@ def record_launch(
   }
   if changes:
     record.update(changes=changes, config=as_json(config))
-  with open(workdir.launches, 'a') as f:
-    f.write(json.dumps(record) + '\n')
+  storage.append_text(workdir.launches, json.dumps(record) + '\n')
 
 
 def write_summary(workdir: Workdir, summary: dict) -> None:
-  with open(workdir.summary, 'w') as f:
-    json.dump(summary, f, indent=2)
+  workdir.summary.write_text(json.dumps(summary, indent=2))
 
 
 def log_data(record: dict) -> None:
@@ -252,13 +255,18 @@ RUN_FIELDS = {
 
 
 def checkpoint_dir(path: str) -> str:
-  """A run's `checkpoints/` directory, given the run's workdir or that directory itself."""
+  """A run's `checkpoints/` directory, given the run's workdir or that directory itself (a
+  local path or a URL, as given).
+
+  Raises:
+    storage.UnsupportedPath: a URL of a scheme ftlab cannot read.
+  """
   inner = os.path.join(path, 'checkpoints')
-  return inner if os.path.isdir(inner) else path
+  return inner if storage.path(inner, 'run').is_dir() else path
 
 
 def run_name(path: str) -> str:
-  """`workdirs/demo/full` and `workdirs/demo/full/checkpoints` are both `full`."""
+  """`workdirs/demo/full`, `workdirs/demo/full/checkpoints` and `gs://b/full` are `full`."""
   path = os.path.normpath(path)
   if os.path.basename(path) == 'checkpoints':
     path = os.path.dirname(path)
@@ -291,12 +299,11 @@ def read_run(path: str) -> dict:
   config = meta.get('config')
   if config is None:
     for candidate in (
-      os.path.join(path, 'config.json'),
-      os.path.join(directory, '..', 'config.json'),
+      storage.path(path) / 'config.json',
+      storage.path(directory).parent / 'config.json',
     ):
-      if os.path.exists(candidate):
-        with open(candidate) as f:
-          config = json.load(f)
+      if candidate.exists():
+        config = json.loads(candidate.read_text())
         break
   if config is None:
     raise ValueError(

@@ -23,7 +23,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ftlab import checkpoint, ensemble, parallel, run  # noqa: E402
+from ftlab import checkpoint, ensemble, parallel, run, storage  # noqa: E402
 from scripts.combine_report import markdown  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -92,8 +92,7 @@ def main(argv):
     fail(str(e))
   table = markdown(output)
   if jax.process_index() == 0:  # as combine.json: one writer
-    with open(os.path.join(FLAGS.workdir, 'combine.md'), 'w') as f:
-      f.write(table + '\n')
+    (storage.path(FLAGS.workdir) / 'combine.md').write_text(table + '\n')
   print(table)
 
 
