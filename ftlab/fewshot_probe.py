@@ -223,3 +223,39 @@ class Sets:
       train_x, train_y, test_x, test_y, self.train.num_classes, self.shots, self.l2_reg
     )
     return {f'{k}shot_accuracy': v for k, v in found.items()}
+
+
+def make_sets(
+  cfg: Any,
+  train_split: str,
+  eval_split: str,
+  build: Callable[..., DataSplit],
+  data: input_pipeline.Data,
+  model: nn.Module,
+) -> Sets | None:
+  """The probe's sets from its config (`shots`, `layer`, `train_split`, `test_split`,
+  `l2_reg`), or None when `shots` is empty.
+
+  Args:
+    cfg: the `evals.fewshot` config.
+    train_split, eval_split: the run's splits, used where the config names none.
+    build: `build(split, examples_per_class=0) -> DataSplit` for the run's dataset.
+    data: the run's data (eval batch size, order, image preparation).
+    model: the run's model.
+
+  Raises:
+    ValueError: shots that are not positive integers, or an unknown layer.
+    datasets.DatasetError: from `build`.
+  """
+  shots = tuple(cfg.get('shots', ()) or ())
+  if not shots:
+    return None
+  if not all(isinstance(k, int) and k > 0 for k in shots):
+    raise ValueError(f'evals.fewshot.shots={shots}: need positive integers, e.g. (1, 5, 10)')
+  feature_fn(model, cfg.layer)  # checks the layer
+  train = build(cfg.train_split or train_split, max(shots))
+  test = build(cfg.test_split or eval_split)
+  order = data.order.with_batch(data.eval_batch)
+  return Sets(
+    train, test, shots, cfg.layer, float(cfg.l2_reg), order, data.image_size, data.preprocess
+  )

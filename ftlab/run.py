@@ -99,6 +99,17 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
   )
 
 
+def _dataset_kwargs(config: Any) -> dict:
+  ds = config.dataset
+  return dict(
+    data_dir=ds.data_dir or None,
+    download=ds.download,
+    fashion_mnist_dir=ds.local_dir or None,
+    classes=tuple(ds.classes),
+    seed=config.seed,
+  )
+
+
 def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data:
   """The run's splits (`eval`, and `minival` carved off the training split if configured),
   their order and image preparation (`preprocess`, default the config's).
@@ -116,13 +127,7 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
   if ds.augment not in input_pipeline.AUGMENTATIONS:
     augmentations = ', '.join(input_pipeline.AUGMENTATIONS)
     raise ConfigError(f'unknown augmentation {ds.augment!r}; valid: {augmentations}')
-  common = dict(
-    data_dir=ds.data_dir or None,
-    download=ds.download,
-    fashion_mnist_dir=ds.local_dir or None,
-    classes=tuple(ds.classes),
-    seed=config.seed,
-  )
+  common = _dataset_kwargs(config)
   with config_errors(datasets.DatasetError):
     train_split, splits = ds.train_split, {'eval': ds.eval_split}
     if ds.minival:
@@ -154,53 +159,20 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
   )
 
 
-def check_step_options(config: Any) -> None:
-  """Raises ConfigError for an `accum_steps` that does not split each device's share of the
-  batch evenly, or an `ema_decay` outside [0, 1)."""
-  accum = config.get('accum_steps', 1)
-  per_device = config.batch_size // jax.device_count()
-  if not isinstance(accum, int) or accum < 1 or per_device % accum:
-    raise ConfigError(
-      f'accum_steps={accum} must divide the {per_device} examples each of the '
-      f'{jax.device_count()} devices gets of batch_size {config.batch_size}'
-    )
-  decay = config.get('ema_decay', 0.0)
-  if not 0.0 <= decay < 1.0:
-    raise ConfigError(f'ema_decay={decay} is not in [0, 1) (e.g. 0.999; 0 = no EMA)')
-
-
 def make_fewshot(config: Any, data: input_pipeline.Data, model: nn.Module):
-  """The few-shot probe's sets (`config.evals.fewshot`), or None when it is off.
+  """The few-shot probe's sets (`config.evals.fewshot`, `fewshot_probe.make_sets`) or None.
 
   Raises:
     ConfigError: bad shots or layer, a split the dataset lacks, a class with fewer examples
       than the largest shot count.
   """
-  cfg = config.get('evals', {}).get('fewshot', {})
-  shots = tuple(cfg.get('shots', ()) or ())
-  if not shots:
-    return None
-  if not all(isinstance(k, int) and k > 0 for k in shots):
-    raise ConfigError(f'evals.fewshot.shots={shots}: need positive integers, e.g. (1, 5, 10)')
-  with config_errors(ValueError):
-    fewshot_probe.feature_fn(model, cfg.layer)
   ds = config.dataset
-  common = dict(
-    data_dir=ds.data_dir or None,
-    download=ds.download,
-    fashion_mnist_dir=ds.local_dir or None,
-    classes=tuple(ds.classes),
-    seed=config.seed,
+  build = lambda split, n=0: datasets.build_dataset(
+    ds.name, split, examples_per_class=n, **_dataset_kwargs(config)
   )
-  with config_errors(datasets.DatasetError):
-    train = datasets.build_dataset(
-      ds.name, cfg.train_split or ds.train_split, examples_per_class=max(shots), **common
-    )
-    test = datasets.build_dataset(ds.name, cfg.test_split or ds.eval_split, **common)
-  order = data.order.with_batch(data.eval_batch)
-  return fewshot_probe.Sets(
-    train, test, shots, cfg.layer, float(cfg.l2_reg), order, data.image_size, data.preprocess
-  )
+  with config_errors(ValueError, datasets.DatasetError):
+    cfg = config.get('evals', {}).get('fewshot', {})
+    return fewshot_probe.make_sets(cfg, ds.train_split, ds.eval_split, build, data, model)
 
 
 def check_plans(config: Any, num_classes: int) -> tuple[nn.Module, list[policies.Stage]]:
@@ -364,7 +336,9 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
     spread = parallel.Spread(config.parallelism)
     parallel.check_divisible(config.batch_size, jax.device_count())
     parallel.check_divisible(config.eval_batch_size, jax.device_count())
-  check_step_options(config)
+    train.check_step_options(
+      config.get('accum_steps', 1), config.get('ema_decay', 0.0), config.batch_size
+    )
   with config_errors(policies.PlanError):
     expression = policies.check_policy_name(config.policy.name, config.policy)
   with config_errors(init_from.InitError):  # named weights are downloaded and ported here

@@ -71,6 +71,19 @@ def create_train_state(
   )
 
 
+def check_step_options(accum_steps: int, ema_decay: float, global_batch: int) -> None:
+  """Raises ValueError, in one line, for an `accum_steps` that does not split each device's
+  share of `global_batch` evenly or an `ema_decay` outside [0, 1)."""
+  per_device = global_batch // jax.device_count()
+  if not isinstance(accum_steps, int) or accum_steps < 1 or per_device % accum_steps:
+    raise ValueError(
+      f'accum_steps={accum_steps} must divide the {per_device} examples each of the '
+      f'{jax.device_count()} devices gets of batch_size {global_batch}'
+    )
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f'ema_decay={ema_decay} is not in [0, 1) (e.g. 0.999; 0 = no EMA)')
+
+
 def ema_entries(plan: policies.Plan) -> dict[str, np.ndarray | None]:
   """Which entries an EMA of the weights keeps: each trainable leaf whole (None), or the flat
   indices of the entries a per-element plan trains (or resamples). Frozen leaves and frozen
