@@ -106,6 +106,22 @@ class Appender:
       self._local.close()
 
 
+def write_whole(file: PathLike, data: Union[str, bytes]) -> None:
+  """Writes `file` so that no reader sees part of it (parent directories created): locally a
+  temporary file renamed into place, on an object store the object itself (an upload
+  replaces an object at once)."""
+  target = path(file)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  binary = isinstance(data, bytes)
+  if is_remote(target):
+    (target.write_bytes if binary else target.write_text)(data)
+    return
+  partial = f'{target}.tmp{os.getpid()}'
+  with open(partial, 'wb' if binary else 'w') as f:
+    f.write(data)
+  os.replace(partial, target)
+
+
 def append_text(file: PathLike, text: str) -> None:
   """Appends `text` to `file` (see `Appender`)."""
   appender = Appender(file)

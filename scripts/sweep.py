@@ -28,6 +28,7 @@ share, FLOPs of the compiled train step) and results.png (accuracy against train
 """
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import importlib.util
@@ -41,6 +42,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
@@ -54,6 +56,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from ftlab import run as ftlab_run  # noqa: E402
+from ftlab import storage  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
@@ -83,17 +86,18 @@ def slug(plan: str) -> str:
 
 def read_json(path: str) -> dict:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(storage.path(path).read_text())
   except (FileNotFoundError, json.JSONDecodeError):
     return {}
 
 
-def write_atomically(path: str, text: str) -> None:
-  """Readers (other shards, --report-only) never see half a file."""
-  with open(f'{path}.tmp{os.getpid()}', 'w') as f:
-    f.write(text)
-  os.replace(f'{path}.tmp{os.getpid()}', path)
+def write_atomically(path: str, data: str | bytes) -> None:
+  """Readers (other shards, --report-only) never see half a file (local or gs://)."""
+  storage.write_whole(path, data)
+
+
+def exists(path: str) -> bool:
+  return storage.path(path).exists()
 
 
 def last_line(text: str) -> str:
@@ -193,7 +197,6 @@ def record_grid(grid: dict, workdir: str) -> None:
       + "; its runs are not this sweep's: use another --workdir"
     )
   merged = {k: list(dict.fromkeys(saved.get(k, []) + grid[k])) for k in ('plans', 'seeds', 'lrs')}
-  os.makedirs(workdir, exist_ok=True)
   write_atomically(path, json.dumps({**grid, **merged}, indent=2) + '\n')
 
 
@@ -244,22 +247,32 @@ def run_all(jobs: list[tuple[dict, list[str]]], slots: list, command_fn=ftlab_ma
   def start(i, slot):
     info, main_flags = jobs[i]
     run_dir = main_flags[-1].split('=', 1)[1]
-    os.makedirs(run_dir, exist_ok=True)
     argv = command_fn(main_flags)
     write_atomically(f'{run_dir}/sweep_run.json', json.dumps(dict(info, command=shlex.join(argv))))
     env, cpus = slots[slot]
     every_cpu = os.sched_getaffinity(0)
     # The child inherits this thread's CPU set (preexec_fn is unsafe in a threaded process).
     os.sched_setaffinity(0, cpus or every_cpu)
+    remote = storage.is_remote(run_dir)
     try:
-      with open(os.path.join(run_dir, 'log.txt'), 'a') as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+      # Locally the log is the child's stdout; on an object store the output is collected and
+      # appended to the log object when the run ends (an object is written whole).
+      with open(f'{run_dir}/log.txt', 'a') if not remote else contextlib.nullcontext() as log:
+        out = subprocess.PIPE if remote else log
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, text=True)
     finally:
       os.sched_setaffinity(0, every_cpu)
-    running[slot] = (i, proc, time.time(), run_dir)
+    output, reader = [], None
+    if remote:
+      reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+      reader.start()
+    running[slot] = (i, proc, time.time(), run_dir, (reader, output))
 
   def finish(slot):
-    i, proc, start_time, run_dir = running.pop(slot)
+    i, proc, start_time, run_dir, (reader, output) = running.pop(slot)
+    if reader:  # the output read to its end, then appended to the log object
+      reader.join()
+      storage.append_text(f'{run_dir}/log.txt', ''.join(output))
     codes[i], seconds = proc.returncode, time.time() - start_time
     info = dict(read_json(f'{run_dir}/sweep_run.json'), returncode=codes[i], seconds=seconds)
     write_atomically(f'{run_dir}/sweep_run.json', json.dumps(info, indent=2) + '\n')
@@ -267,8 +280,8 @@ def run_all(jobs: list[tuple[dict, list[str]]], slots: list, command_fn=ftlab_ma
     if codes[i] == 0 and summary:
       status = f'{100 * summary["final_eval_accuracy"]:.2f}% in {seconds:.0f} s'
     else:
-      with open(f'{run_dir}/log.txt') as f:
-        status = f'FAILED (exit {codes[i]}): {last_line(f.read()[-2000:])} (log: {run_dir}/log.txt)'
+      text = storage.path(f'{run_dir}/log.txt').read_text()
+      status = f'FAILED (exit {codes[i]}): {last_line(text[-2000:])} (log: {run_dir}/log.txt)'
     done = sum(c is not None for c in codes)
     print(f'[{done}/{len(jobs)}] {os.path.basename(run_dir)}: {status}', flush=True)
 
@@ -292,7 +305,7 @@ def run_all(jobs: list[tuple[dict, list[str]]], slots: list, command_fn=ftlab_ma
 def pretrain(grid: dict, workdir: str, index: int, command_fn) -> int:
   """Trains the source model once, in share 0 (the others wait for it); its exit code."""
   source = os.path.join(workdir, 'source')
-  while not os.path.exists(f'{source}/summary.json'):
+  while not exists(f'{source}/summary.json'):
     if index == 0:
       job = ({'config': grid['pretrain']}, [f'--config={grid["pretrain"]}', f'--workdir={source}'])
       return run_all([job], worker_slots(1, []), command_fn)[0]
@@ -410,7 +423,9 @@ def plot(rows: list[dict], path: str) -> None:
   if ax.containers:  # at least one plan has a finished run
     ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1))
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  image = io.BytesIO()
+  fig.savefig(image, format='png', dpi=100)
+  write_atomically(path, image.getvalue())
   plt.close(fig)
 
 
@@ -447,7 +462,9 @@ def update_readme(readme: str, workdir: str, table: str) -> None:
   readme_section.replace(readme, README_MARKERS, table.rstrip())
   docs = os.path.join(os.path.dirname(os.path.abspath(readme)), 'docs')
   os.makedirs(docs, exist_ok=True)
-  shutil.copyfile(os.path.join(workdir, 'results.png'), os.path.join(docs, 'sweep_results.png'))
+  plot_file = storage.path(os.path.join(workdir, 'results.png')).read_bytes()
+  with open(os.path.join(docs, 'sweep_results.png'), 'wb') as f:
+    f.write(plot_file)
 
 
 class Parser(argparse.ArgumentParser):
@@ -500,7 +517,7 @@ def main(argv: list[str], command_fn=ftlab_main) -> int:
     return EXIT_BAD_INPUT
   index, count = map(int, args.shard.split('/'))
   mine = runs[index::count]
-  todo = [r for r in mine if not os.path.exists(os.path.join(workdir, r.name, 'summary.json'))]
+  todo = [r for r in mine if not exists(os.path.join(workdir, r.name, 'summary.json'))]
   print(f'{len(runs)} runs in the grid, {len(mine)} in this share, {len(todo)} to run', flush=True)
   codes = []
   try:

@@ -144,7 +144,7 @@ def written_locally(dirs):
 @pytest.mark.slow
 @needs_emulator
 @needs_fashion_mnist
-def test_run_resume_fallback_and_combine_in_a_gs_workdir(emulator, tmp_path):
+def test_run_resume_fallback_combine_and_sweep_in_a_gs_workdir(emulator, tmp_path):
   dirs = fresh_dirs(tmp_path)
   config = f'--config={ROOT}/configs/default.py:runlocal'
   work = f'gs://{BUCKET}/run'
@@ -211,6 +211,31 @@ def test_run_resume_fallback_and_combine_in_a_gs_workdir(emulator, tmp_path):
   assert rows['logit ensemble']['eval'] == rows['run']['eval']  # an ensemble of copies
   table = gcs_emulator.read(emulator, BUCKET, 'combined/combine.md').decode()
   assert table.strip() in result.stdout
+
+  # A sweep of one run into gs://: its grid, the run, its log and the report in the bucket.
+  sweep = launch(
+    emulator,
+    dirs,
+    f'--workdir=gs://{BUCKET}/sweep',
+    f'--config={ROOT}/configs/default.py:runlocal',
+    '--plans=linear_probe',
+    '--seeds=1',
+    '--',
+    '--config.num_train_steps=2',
+    script=(f'{ROOT}/scripts/sweep.py',),
+  )
+  assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
+  names = set(gcs_emulator.objects(emulator, BUCKET, 'sweep/'))
+  run_files = {
+    f'sweep/linear_probe-seed1/{f}' for f in ('summary.json', 'sweep_run.json', 'log.txt')
+  }
+  assert (
+    run_files | {f'sweep/{f}' for f in ('sweep.json', 'results.csv', 'results.md', 'results.png')}
+    <= names
+  )
+  log = gcs_emulator.read(emulator, BUCKET, 'sweep/linear_probe-seed1/log.txt').decode()
+  assert 'training steps 1..2 under linear_probe' in log
+  assert '| `linear_probe` |' in gcs_emulator.read(emulator, BUCKET, 'sweep/results.md').decode()
   assert written_locally(dirs) == []
 
 
