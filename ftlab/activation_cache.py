@@ -18,7 +18,8 @@ algorithms are autotuned per program, expect agreement to float rounding rather 
 
 A cache holds every example of a split in `DataSplit.indices` order, with its label; every
 process holds the whole split (a training batch can take any example). A disk cache is a raw
-array (`np.memmap`) plus a JSON file, renamed into place once complete; its name carries a
+array (`np.memmap`; on an object store, objects read into memory) plus a JSON file, put in
+place once complete; its name carries a
 fingerprint of the prefix's model, variables and data, so a resumed run reuses it, and so do
 other runs given the same `config.activation_cache_dir` (the seeds and plans of a sweep that
 share a frozen prefix and an eval split compute its outputs once).
@@ -29,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -41,7 +43,7 @@ import numpy as np
 from absl import logging
 from jax import lax
 
-from ftlab import datasets, input_pipeline, parallel, paths, policies, train
+from ftlab import datasets, input_pipeline, parallel, paths, policies, storage, train
 
 PyTree = Any
 MODES = ('off', 'auto', 'memory', 'disk')  # auto: memory up to a size limit, else disk
@@ -258,7 +260,7 @@ def compute(
       size_mb,
       backend,
     )
-    if backend == 'memory':
+    if backend == 'memory' or storage.is_remote(path):  # a remote cache is uploaded whole
       return np.empty(shape, x.dtype)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     return np.memmap(partial + '.bin', dtype=x.dtype, mode='w+', shape=shape)
@@ -293,27 +295,43 @@ def compute(
   return Cache(activations, labels, keep)
 
 
-def _publish(activations: np.memmap, labels: np.ndarray, partial: str, path: str) -> None:
-  """Completes the disk cache written under the `partial` stem and renames it to `path`'s
-  names, the description last: the cache counts once `path.json` exists."""
+def _publish(activations: np.ndarray, labels: np.ndarray, partial: str, path: str) -> None:
+  """Completes the disk cache and puts it at `path`'s names, the description last: the cache
+  counts once `path.json` exists. Locally the memory map written under the `partial` stem is
+  renamed into place; on an object store each object is uploaded whole."""
+  description = json.dumps({'shape': list(activations.shape), 'dtype': activations.dtype.name})
+  labels_npy = io.BytesIO()
+  np.save(labels_npy, labels)
+  if storage.is_remote(path):
+    storage.write_whole(path + '.bin', np.ascontiguousarray(activations).tobytes())
+    storage.write_whole(path + '.labels.npy', labels_npy.getvalue())
+    storage.write_whole(path + '.json', description)
+    return
   activations.flush()
-  np.save(partial + '.labels.npy', labels)
+  with open(partial + '.labels.npy', 'wb') as f:
+    f.write(labels_npy.getvalue())
   with open(partial + '.json', 'w') as f:
-    json.dump({'shape': list(activations.shape), 'dtype': activations.dtype.name}, f)
+    f.write(description)
   for suffix in ('.bin', '.labels.npy', '.json'):
     os.replace(partial + suffix, path + suffix)
 
 
 def load(path: str, keep: np.ndarray | None = None) -> Cache | None:
-  """A complete disk cache at `path` (see `compute`) holding the positions `keep`, or None."""
-  if not os.path.exists(path + '.json'):
+  """A complete disk cache at `path` (see `compute`) holding the positions `keep`, or None.
+
+  A local cache is memory-mapped; one on an object store is read into memory.
+  """
+  if not storage.path(path + '.json').exists():
     return None
-  with open(path + '.json') as f:
-    description = json.load(f)
+  description = json.loads(storage.path(path + '.json').read_text())
   dtype = np.dtype(jnp.dtype(description['dtype']))  # jnp knows bfloat16
   shape = tuple(description['shape'])
+  labels = np.load(io.BytesIO(storage.path(path + '.labels.npy').read_bytes()))
+  if storage.is_remote(path):
+    raw = storage.path(path + '.bin').read_bytes()
+    return Cache(np.frombuffer(raw, dtype).reshape(shape), labels, keep)
   activations = np.memmap(path + '.bin', dtype=dtype, mode='r', shape=shape)
-  return Cache(activations, np.load(path + '.labels.npy'), keep)
+  return Cache(activations, labels, keep)
 
 
 def _stats(variables: PyTree) -> dict:

@@ -43,7 +43,6 @@ from ftlab import (
   workdir,
 )
 from ftlab.models import lowering, vgg
-from ftlab.porting import weights
 from ftlab.train import TrainState, bind_model, create_train_state, fisher_step
 
 PyTree = Any
@@ -369,27 +368,16 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
 
 def activation_cache_dir(config: Any, files: workdir.Workdir) -> str:
   """Where disk activation caches go: `config.activation_cache_dir`, else the workdir's
-  `activation_cache/`; for a workdir on an object store, a local directory under the ftlab
-  cache (`$FTLAB_CACHE`, `~/.cache/ftlab`): a disk cache is a memory-mapped file, which an
-  object store cannot hold, and a derived one (its name is a fingerprint of the weights,
-  prefix and data), so any run on the machine may reuse it.
+  `activation_cache/` (on an object store too: there a cache is read into memory, not
+  memory-mapped, and a resumed run on another machine still finds it).
 
   Raises:
-    storage.UnsupportedPath: `config.activation_cache_dir` is a URL while the cache may use
-      the disk (`disk`, `auto`).
+    storage.UnsupportedPath: `config.activation_cache_dir` is a URL of an unknown scheme.
   """
   configured = config.get('activation_cache_dir', '')
-  mode = config.get('activation_cache', 'off')
-  if configured and storage.is_remote(configured) and mode in ('disk', 'auto'):
-    storage.check(configured, 'activation_cache_dir')
-    raise storage.UnsupportedPath(
-      f'activation_cache_dir {configured!r}: the disk activation cache memory-maps local files; '
-      'give a local directory (or activation_cache=memory)'
-    )
   if configured:
+    storage.check(configured, 'activation_cache_dir')
     return configured
-  if storage.is_remote(files.root):
-    return os.path.join(weights.cache_root(), 'activation_cache')
   return os.fspath(files.activation_cache)
 
 

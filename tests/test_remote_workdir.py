@@ -55,8 +55,8 @@ def test_unknown_scheme_is_one_line_naming_the_valid_ones(tmp_path):
   config = default.get_config('runlocal')
   with pytest.raises(run.ConfigError, match=r"^workdir 'ram://x/run': unsupported scheme ram://"):
     run.make_run(config, 'ram://x/run')  # before any data is read or anything compiled
-  config.activation_cache, config.activation_cache_dir = 'disk', 'gs://b/cache'
-  with pytest.raises(run.ConfigError, match='memory-maps local files'):
+  config.activation_cache, config.activation_cache_dir = 'disk', 'memory://b/cache'
+  with pytest.raises(run.ConfigError, match=r"^activation_cache_dir 'memory://b/cache': unsup"):
     run.make_run(config, str(tmp_path))
   assert not os.listdir(tmp_path)
   storage.check('gs://b/run')
@@ -236,6 +236,19 @@ def test_run_resume_fallback_combine_and_sweep_in_a_gs_workdir(emulator, tmp_pat
   log = gcs_emulator.read(emulator, BUCKET, 'sweep/linear_probe-seed1/log.txt').decode()
   assert 'training steps 1..2 under linear_probe' in log
   assert '| `linear_probe` |' in gcs_emulator.read(emulator, BUCKET, 'sweep/results.md').decode()
+
+  # The disk activation cache in the gs:// workdir: uploaded whole, reused by the resume.
+  cached = [config, f'--workdir=gs://{BUCKET}/cached', '--config.activation_cache=disk']
+  cached += ['--config.policy.name=last_blocks(1)', '--config.dataset.augment=none']
+  first = launch(emulator, dirs, *cached, '--config.num_train_steps=10')
+  assert first.returncode == 0, first.stderr[-3000:]
+  files = gcs_emulator.objects(emulator, BUCKET, 'cached/activation_cache/')
+  assert sorted({f.rsplit('.', 1)[-1] for f in files}) == ['bin', 'json', 'npy'] and len(files) == 6
+  again = launch(emulator, dirs, *cached, '--config.num_train_steps=20')
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stderr.count('activation cache: reusing gs://') == 2  # train and eval
+  summary = json.loads(gcs_emulator.read(emulator, BUCKET, 'cached/summary.json'))
+  assert summary['steps'] == 20 and summary['activation_cache'] == {'last_blocks(k=1)': 'block5'}
   assert written_locally(dirs) == []
 
 
