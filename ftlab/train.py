@@ -223,6 +223,33 @@ def fisher_step(
   return lax.psum({'squared_grads': total, 'count': jnp.sum(weights)}, AXIS)
 
 
+def gradient_step(
+  state: TrainState, batch: dict, *, model: nn.Module, trainable_mask: PyTree
+) -> dict:
+  """The gradient of the summed loss over the real examples of the global batch, with the
+  model in inference mode (RigL's growth criterion, `ftlab.dynamic_masks`).
+
+  Args:
+    state: the replicated train state.
+    batch: `{'image', 'label'}` and optionally `'mask'`, this device's share.
+    model: the bound model.
+    trainable_mask: which leaves to differentiate.
+
+  Returns:
+    `{'grads': {path: summed gradient}, 'count': number of real examples}`.
+  """
+  scored, fixed = paths.split(state.params, trainable_mask)
+  weights = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32)).astype(jnp.float32)
+
+  def loss_fn(leaves):
+    params = paths.merge(fixed, leaves)
+    logits = model.apply(_variables(params, state.batch_stats), batch['image'], train=False)
+    return jnp.sum(cross_entropy(logits, batch['label']) * weights)
+
+  grads = jax.grad(loss_fn)(scored)
+  return lax.psum({'grads': grads, 'count': jnp.sum(weights)}, AXIS)
+
+
 def eval_metrics(sums: dict) -> dict:
   """`loss` and `accuracy` from summed eval counts (of one or many batches)."""
   count = max(float(sums['count']), 1.0)
