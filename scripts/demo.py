@@ -83,7 +83,8 @@ def aggregate(runs: dict[str, list[dict]], lrs: dict[str, float]) -> list[dict]:
     rows.append(
       dict(
         plan=plan,
-        label=fewshot.PLANS[plan][1],
+        label=fewshot.PLANS[plan][1]
+        + (f' (lr of {fewshot.LR_FROM[plan]})' if plan in fewshot.LR_FROM else ''),
         learning_rate=lrs[plan],
         trainable_parameters=summaries[0]['trainable_parameters'],
         trainable_percent=summaries[0]['trainable_percent'],
@@ -256,7 +257,8 @@ def study() -> None:
   rows = aggregate(runs, lrs)
   eval_examples = runs[FLAGS.plans[0]][0]['eval_examples']
   record = fewshot.lr_record()
-  selected = set(FLAGS.plans) <= set(record['chosen'].get(str(FLAGS.shots), {}))
+  chosen = set(record['chosen'].get(str(FLAGS.shots), {}))
+  selected = all(plan in chosen or fewshot.LR_FROM.get(plan) in chosen for plan in FLAGS.plans)
   table = results_table(rows, FLAGS.shots, seeds, eval_examples, selected)
   minival = record['minival'].get(str(FLAGS.shots))
   if minival and not FLAGS.runlocal:
