@@ -75,6 +75,18 @@ def _entry_levels(ckpt_dir: str, step: int) -> dict[str, np.ndarray]:
   return {p.split(LEVELS, 1)[1]: np.asarray(x) for p, x in found.items() if LEVELS in p}
 
 
+def _leaves_with_state(ckpt_dir, step, initial, final, mask) -> dict[str, bool]:
+  """Which leaves a per-element plan trains, read from the checkpoint: a leaf without entry
+  levels trains whole if it has optimizer moments, else it is frozen; with a stateless
+  optimizer (SGD without momentum), if it changed."""
+  stored = checkpoint.stored_shapes(ckpt_dir, step, key='opt_state')
+  marks = ('/mu/', '/trace/')
+  stateful = {p.split(m, 1)[1] for p in stored for m in marks if m in p}
+  if stateful:
+    return {p: mask[p] and p in stateful for p in mask}
+  return {p: mask[p] and _digest(initial[p]) != _digest(final[p]) for p in mask}
+
+
 def read_run(directory: str, step: int | None = None) -> RunWeights:
   """A finished run's initial and final parameters and its trained entries.
 
@@ -110,13 +122,15 @@ def read_run(directory: str, step: int | None = None) -> RunWeights:
                               config.policy, stage=stage)  # fmt: skip
   levels = _entry_levels(ckpt_dir, step)
   mask = shaped.flat_mask()
+  if shaped.masks_pending:  # which leaves a per-element plan trains whole or not at all
+    mask = _leaves_with_state(ckpt_dir, step, initial, final, mask)
   trained = {
     p: levels[p] == policies.TRAINED if p in levels else np.full(x.shape, mask[p])
     for p, x in initial.items()
   }
-  moved = [
-    p for p, t in trained.items() if not t.any() and _digest(initial[p]) != _digest(final[p])
-  ]
+  # Leaves the plan freezes (on shapes: whatever masks are chosen) never move.
+  frozen = [p for p, t in shaped.flat_mask().items() if not t]
+  moved = [p for p in frozen if _digest(initial[p]) != _digest(final[p])]
   if moved:
     raise RunError(
       f"{directory}: the rebuilt initial weights differ from the run's frozen leaves "
