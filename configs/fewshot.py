@@ -15,7 +15,8 @@ activation cache is exact). The labelled images are drawn per seed from `train[:
   python -m ftlab.main --workdir W --config configs/fewshot.py:plan=last_block,shots=10,seed=0
 
 `plan` is one of `PLANS`; `lr` overrides the chosen learning rate (`lr_record`, written
-by `scripts/demo.py --select`); `runlocal` is a seconds-long smoke run (narrow VGG,
+by `scripts/demo.py --select`; the dynamic-mask plans take sparse_top's, `LR_FROM`);
+`runlocal` is a seconds-long smoke run (narrow VGG,
 random init: no pretrained VGG is that narrow).
 """
 
@@ -45,6 +46,26 @@ PLANS = {
     "(magnitude(density=0.05, which='largest') & blocks([4, 5])) | linear_probe",
     'per-element: largest 5% of blocks 4-5 + head',
   ),
+  # Dynamic masks over blocks 4-5 at sparse_top's budget (3.52% of blocks 4-5: 456,868 of
+  # 12,979,200 entries, sparse_top trains 457,090 there), changed every quarter of the run.
+  'reselect_magnitude': (
+    'reselect(magnitude(0.0352), every={quarter}, blocks=[4, 5])',
+    'dynamic: largest 3.5% of blocks 4-5 by magnitude, re-chosen every 10 steps + head',
+  ),
+  'reselect_fisher': (
+    'reselect(fisher(0.0352, num_batches=2), every={quarter}, blocks=[4, 5])',
+    'dynamic: top 3.5% of blocks 4-5 by Fisher (2 batches), re-estimated every 10 steps + head',
+  ),
+  'rigl': (
+    'rigl(0.0352, every={quarter}, fraction=0.3, blocks=[4, 5])',
+    'dynamic: RigL, 3.5% of blocks 4-5, 30% dropped and regrown every 10 steps + head',
+  ),
+}
+# Plans that take another plan's minival-chosen learning rate (not selected on their own).
+LR_FROM = {
+  'reselect_magnitude': 'sparse_top',
+  'reselect_fisher': 'sparse_top',
+  'rigl': 'sparse_top',
 }
 LEARNING_RATES_FILE = os.path.join(os.path.dirname(__file__), 'fewshot_lrs.json')
 # Adam learning rates; the minival chooses one per plan and shots.
@@ -79,8 +100,10 @@ def get_config(arg: str | None = None):
   config.dataset.examples_per_class = args.shots
   config.optimizer.name = 'adam'
   config.optimizer.schedule = 'cosine'
-  config.optimizer.learning_rate = args.lr or lr_record()['chosen'].get(str(args.shots), {}).get(
-    args.plan, 1e-3 if args.plan in ('scratch', 'linear_probe') else 1e-4
+  chosen = lr_record()['chosen'].get(str(args.shots), {})
+  config.optimizer.learning_rate = args.lr or chosen.get(
+    args.plan,
+    chosen.get(LR_FROM.get(args.plan), 1e-3 if args.plan in ('scratch', 'linear_probe') else 1e-4),
   )
   config.batch_size = BATCH
   config.eval_batch_size = 500
@@ -101,5 +124,6 @@ def get_config(arg: str | None = None):
     config.init.checkpoint = 'scratch'
     config.num_train_steps = 6
     config.eval_every_steps = config.checkpoint_every_steps = 6
-  config.policy.name = PLANS[args.plan][0].format(half=config.num_train_steps // 2)
+  steps = config.num_train_steps
+  config.policy.name = PLANS[args.plan][0].format(half=steps // 2, quarter=max(steps // 4, 1))
   return config

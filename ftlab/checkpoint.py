@@ -455,6 +455,21 @@ def load_params(
   return ocp.tree.from_flat_dict(flat, target=expected, sep='/')
 
 
+def load_tree(directory: PathLike, step: int | None = None) -> PyTree:
+  """The whole state of the latest (or given) complete step as it was stored, with numpy
+  leaves and no target: nested dicts and lists (a tuple of optimizer states comes back as a
+  list), for readers that want what is there (a run's masks in its optimizer state).
+
+  Raises:
+    FileNotFoundError: no such complete step.
+  """
+  path = _step_dir(directory, step)
+  with _checkpointer() as ckptr:
+    tree = ckptr.metadata(path).item_metadata[STATE].tree
+  restore_args = _map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return _restore_items(path, **{STATE: ocp.args.PyTreeRestore(restore_args=restore_args)})[STATE]
+
+
 def quiet_orbax_logs() -> None:
   """Drops Orbax's INFO chatter (dozens of lines per save) from absl's log; keeps warnings."""
 

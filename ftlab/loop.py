@@ -245,6 +245,7 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
       if current.end is not None and step > current.end:  # the next stage of a schedule
         current, state = _next_stage(run, current, state, step)
         stages.append(current)
+      state = run.remask(current.plan, state, step - 1)  # a dynamic mask's next one, if due
       batch = next(current.train_batches)
       if config.record_step_flops and current.plan.name not in flops:
         flops[current.plan.name] = parallel.compiled_flops(current.p_train_step, state, batch, rng)

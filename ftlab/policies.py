@@ -51,6 +51,9 @@ class Plan:
       toward their loaded values, the new head toward zero; None without L2-SP.
     masks_pending: the plan was made from shapes, so per-element masks are not chosen
       yet (the leaf mask then marks every leaf a per-element policy might train).
+    dynamic: how the per-element mask changes during training (`reselect`, `rigl`), or
+      None for a mask fixed at step 0. Every leaf of its scope is trainable, with entry
+      levels, even one none of whose entries the first mask chooses.
   """
 
   name: str
@@ -61,6 +64,7 @@ class Plan:
   resample_p: float | None = None
   l2_sp: Mapping[str, tuple[float, bool]] | None = None
   masks_pending: bool = False
+  dynamic: sparse_masks.DynamicMask | None = None
 
   def flat_mask(self) -> dict[str, bool]:
     return flatten(self.trainable_mask)
@@ -210,6 +214,7 @@ class _Context:
   fisher_fn: Callable | None
   pending: bool = False
   resample_p: float | None = None
+  dynamic: sparse_masks.DynamicMask | None = None
 
 
 def _evaluate(node: Any, paths: list[str], structure: BlockStructure, ctx: _Context) -> dict:
@@ -374,6 +379,9 @@ def make_plan(
   }
   label = stage.label(str(stage.expression))
   trainable = {p for p, v in levels.items() if np.any(np.asarray(v) > FROZEN)}
+  # A dynamic mask may later choose entries of any leaf of its scope.
+  scope = set(ctx.dynamic.scope) if ctx.dynamic else set()
+  trainable |= scope
   if not trainable:
     raise PlanError(f'plan {label} trains no parameter; choose a policy that trains something')
   mods = {m.name: m for m in stage.expression.modifiers}
@@ -388,7 +396,7 @@ def make_plan(
   element = {
     p: np.full(np.shape(flat[p]), v, np.uint8) if np.ndim(v) == 0 else v
     for p, v in levels.items()
-    if p in trainable and not (np.ndim(v) == 0 and v == TRAINED)
+    if p in trainable and (p in scope or not (np.ndim(v) == 0 and v == TRAINED))
   }
   return Plan(
     name=label,
@@ -399,13 +407,14 @@ def make_plan(
     resample_p=ctx.resample_p,
     l2_sp=_l2_sp(paths, structure, trainable, mods),
     masks_pending=ctx.pending,
+    dynamic=ctx.dynamic,
   )
 
 
 def needs_gradients(plan_cfg: Any) -> bool:
   """Whether the plan chooses entries by training gradients (fisher, child_tuning_d)."""
   expression = check_policy_name(_get(plan_cfg, 'name', None), plan_cfg)
-  return any(c.name in sparse_masks.NEEDS_GRADIENTS for c in expression.calls())
+  return any(sparse_masks.needs_gradients(c) for c in expression.calls())
 
 
 def _entries(plan: Plan, path: str, size: int) -> int:
@@ -457,6 +466,14 @@ def audit_table(plan: Plan, params: PyTree) -> str:
     )
   if plan.masks_pending:
     lines.append('per-element masks are chosen when the weights are loaded')
+  if plan.dynamic:
+    d = plan.dynamic
+    how = f'drop and grow {d.fraction:g} of them' if d.kind == 'rigl' else 'chosen again'
+    lines.append(
+      f'dynamic mask ({d.kind}): {d.count:,} entries of {len(d.scope)} leaves, {how} by '
+      f'{d.score} every {d.every} steps; the optimizer moments of entries that enter or '
+      'leave the mask are reset to zero'
+    )
   if plan.l2_sp:
     lines.append('L2-SP: pretrained leaves pulled toward their loaded values, the head toward 0')
   return '\n'.join(lines)

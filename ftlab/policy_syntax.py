@@ -7,11 +7,16 @@
   full - bitfit                          difference
   (bitfit | last_blocks(1)) + l2_sp(alpha=0.01, beta=0.01)   `+` adds modifiers to the plan
   lp_ft(probe_steps=100) + layerwise_lr_decay(0.7)            a multi-stage plan
+  reselect(fisher(0.01), every=100)      a per-element mask chosen again every 100 steps
+  rigl(0.01, every=100, fraction=0.3)    RigL drop-and-grow every 100 steps
 
-Three kinds of terms: *sets* (which parameters train, combined with | & -), *modifiers*
-(learning-rate shapes and regularisers; they apply to the whole plan wherever written) and
-*schedules* (multi-stage plans; they stand alone, with modifiers only). Arguments are
-Python literals. This module only parses and checks; `ftlab.policies` gives the meaning.
+Four kinds of terms: *sets* (which parameters train, combined with | & -), *modifiers*
+(learning-rate shapes and regularisers; they apply to the whole plan wherever written),
+*schedules* (multi-stage plans; they stand alone, with modifiers only) and *dynamic masks*
+(a per-element mask that changes during training; they stand alone, with modifiers only).
+Arguments are Python literals, except the first argument of `reselect`: the per-element
+policy (`fisher(...)` or `magnitude(...)`) whose scores choose each new mask. This module
+only parses and checks; `ftlab.policies` gives the meaning.
 """
 
 from __future__ import annotations
@@ -45,7 +50,13 @@ SCHEDULES = {
   'lp_ft': ('probe_steps', 'probe_lr_multiplier'),
   'gradual_unfreezing': ('stage_steps',),
 }
-ALL = {**SETS, **MODIFIERS, **SCHEDULES}
+DYNAMIC = {
+  'reselect': ('policy', 'every', 'blocks', 'train_head'),
+  'rigl': ('density', 'every', 'fraction', 'num_batches', 'seed', 'blocks', 'train_head'),
+}
+# The per-element policies whose scores `reselect` can compute again during training.
+RESELECTABLE = ('fisher', 'magnitude')
+ALL = {**SETS, **MODIFIERS, **SCHEDULES, **DYNAMIC}
 # Arguments a bare name may take from config.policy (the config fields predate expressions).
 CONFIG_FIELDS = ('k', 'blocks', 'train_head', 'trainable', 'frozen')
 OPERATORS = {ast.BitOr: '|', ast.BitAnd: '&', ast.Sub: '-'}
@@ -66,7 +77,8 @@ class Call:
     return dict(self.args).get(key, default)
 
   def __str__(self) -> str:
-    return f'{self.name}({", ".join(f"{k}={v!r}" for k, v in self.args)})'
+    text = lambda v: str(v) if isinstance(v, Call) else repr(v)
+    return f'{self.name}({", ".join(f"{k}={text(v)}" for k, v in self.args)})'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,11 +144,11 @@ def _call(node: ast.AST, text: str, config: Any) -> Call:
     raise _error(text, f'{name} takes at most {len(params)} positional arguments {params}')
   args = {}
   for param, arg in zip(params, positional):
-    args[param] = _literal(arg, text)
+    args[param] = _argument(name, param, arg, text)
   for kw in keywords:
     if kw.arg not in params:
       raise _error(text, f'{name} has no argument {kw.arg!r}; valid: {", ".join(params) or "none"}')
-    args[kw.arg] = _literal(kw.value, text)
+    args[kw.arg] = _argument(name, kw.arg, kw.value, text)
   if isinstance(node, ast.Name) and config is not None:  # a bare name: config fields
     for field in CONFIG_FIELDS:
       value = config.get(field, None) if hasattr(config, 'get') else None
@@ -144,6 +156,16 @@ def _call(node: ast.AST, text: str, config: Any) -> Call:
       if field in params and value is not None and not (field == 'train_head' and value):
         args[field] = list(value) if isinstance(value, tuple) else value
   return Call(name, tuple((p, args[p]) for p in params if p in args))
+
+
+def _argument(name: str, param: str, node: ast.AST, text: str) -> Any:
+  """A literal, or for `reselect`'s `policy` a per-element policy call."""
+  if not (name == 'reselect' and param == 'policy'):
+    return _literal(node, text)
+  inner = _call(node, text, None)
+  if inner.name not in RESELECTABLE:
+    raise _error(text, f'reselect chooses by {" or ".join(RESELECTABLE)}, not {inner.name}')
+  return inner
 
 
 def _literal(node: ast.AST, text: str) -> Any:
@@ -166,14 +188,16 @@ def _walk(node: ast.AST, text: str, config: Any) -> tuple[Any, list[Call], list[
     sel_l, sch_l, mod_l = _walk(node.left, text, config)
     sel_r, sch_r, mod_r = _walk(node.right, text, config)
     if sch_l or sch_r:
-      raise _error(text, 'a schedule (lp_ft, gradual_unfreezing) cannot be combined with | & -')
+      raise _error(
+        text, 'a schedule or dynamic mask stands alone: it cannot be combined with | & -'
+      )
     if sel_l is None or sel_r is None:
       raise _error(text, f'{OPERATORS[type(node.op)]} needs a trainable set on both sides')
     return SetOp(OPERATORS[type(node.op)], sel_l, sel_r), [], mod_l + mod_r
   call = _call(node, text, config)
   if call.name in MODIFIERS:
     return None, [], [call]
-  if call.name in SCHEDULES:
+  if call.name in SCHEDULES or call.name in DYNAMIC:
     return None, [call], []
   return call, [], []
 
@@ -192,15 +216,23 @@ def parse(text: Any, config: Any = None) -> Expression:
     raise _error(text, f'syntax error at column {e.offset}: {e.msg}') from None
   selection, schedules, modifiers = _walk(tree, text, config)
   if len(schedules) > 1:
-    raise _error(text, 'at most one schedule (lp_ft, gradual_unfreezing)')
+    raise _error(text, 'at most one schedule or dynamic mask (lp_ft, gradual_unfreezing, ...)')
   if schedules and selection is not None:
     raise _error(text, f'{schedules[0].name} chooses its own trainable sets; drop the set terms')
+  if schedules and schedules[0].name in DYNAMIC:  # a dynamic mask is a set that stands alone
+    return Expression(schedules[0], None, tuple(_check_modifiers(text, modifiers)))
   if not schedules and selection is None:
     raise _error(text, 'no trainable set: add one, e.g. full + l2_sp(alpha=0.01)')
+  return Expression(
+    selection, schedules[0] if schedules else None, _check_modifiers(text, modifiers)
+  )
+
+
+def _check_modifiers(text: str, modifiers: list[Call]) -> tuple[Call, ...]:
   names = [m.name for m in modifiers]
   doubled = sorted({n for n in names if names.count(n) > 1})
   if doubled:
     raise _error(text, f'modifier {doubled[0]} given twice')
   if 'layerwise_lr_decay' in names and 'discriminative_lr' in names:
     raise _error(text, 'choose one of layerwise_lr_decay and discriminative_lr')
-  return Expression(selection, schedules[0] if schedules else None, tuple(modifiers))
+  return tuple(modifiers)

