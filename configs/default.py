@@ -141,6 +141,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.evals.fewshot.train_split = ''  # drawn from this split ('' = dataset.train_split)
   config.evals.fewshot.test_split = ''  # '' = dataset.eval_split
   config.evals.fewshot.l2_reg = 1024.0  # ridge coefficient (big_vision's few-shot default)
+  # Forgetting (ftlab/forgetting.py): the loaded weights' own head (e.g. ImageNet's) put back
+  # on the current backbone; forgetting/agreement = share of these images whose top-1 is the
+  # loaded model's (1.0 while the backbone is unchanged). A split of the dataset; '' = off.
+  config.evals.forgetting = ml_collections.ConfigDict()
+  config.evals.forgetting.split = ''
 
   config.init = ml_collections.ConfigDict()
   config.init.checkpoint = ''  # directory of a checkpoint (train run or ported weights)

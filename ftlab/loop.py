@@ -215,6 +215,12 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
   stop, results, flops = False, {}, {}
   probe = run.fewshot
   p_features = probe and fewshot_probe.compile_features(run.model, probe.layer, spread)
+  drift = run.drift
+  p_predict = drift and drift.compile(run.model, spread)
+  if drift:  # the loaded model's own predictions, the reference of the agreement
+    variables = run.variables
+    loaded = TrainState(0, variables['params'], variables.get('batch_stats', {}), ())
+    drift.start(p_predict, spread.replicate(loaded), spread)
 
   def run_evals(step):
     found = {
@@ -233,6 +239,10 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
           step, {f'{name}/ema_accuracy': metrics['accuracy'], f'{name}/ema_loss': metrics['loss']}
         )
         logging.info('step %d: %s EMA accuracy %.4f', step, name, metrics['accuracy'])
+    if drift:
+      found['forgetting'] = drift.agreement(p_predict, state, spread)
+      writer.write(step, {'forgetting/agreement': found['forgetting']['agreement']})
+      logging.info('step %d: source head agreement %.4f', step, found['forgetting']['agreement'])
     if probe:
       found['fewshot'] = probe.evaluate(p_features, state, spread)
       writer.write(step, {f'fewshot/{k}': v for k, v in found['fewshot'].items()})
@@ -322,6 +332,11 @@ def _summary(run, final, stages, results, best, stop, window, flops, frozen) -> 
     'eval_examples': results['eval']['count'],
     **({'final_minival_accuracy': results['minival']['accuracy']} if 'minival' in results else {}),
     **({'final_fewshot': results['fewshot']} if 'fewshot' in results else {}),
+    **(
+      {'final_source_agreement': results['forgetting']['agreement']}
+      if 'forgetting' in results
+      else {}
+    ),
     **(
       {'final_ema_eval_accuracy': results['eval']['ema_accuracy']}
       if 'ema_accuracy' in results['eval']

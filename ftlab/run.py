@@ -3,11 +3,11 @@
 `make_run(config, workdir)` is everything `ftlab.loop` needs before its first step: the
 model (its convolutions lowered for the backend it runs on), the `Data` read once, the
 initial variables (a checkpoint's, strictly checked, with the likely cause and the flags that
-fix a mismatch), the stages of the plan and each stage's `(plan, tx)`, the Fisher pass that
-per-element plans choose their entries by, and the state to start from (fresh, or resumed from
-the newest readable checkpoint, a damaged one moved aside). Every config or input problem is a
-one-line `ConfigError` raised here, before anything is compiled or written; only typed errors
-of the checks become one (a programming error keeps its traceback).
+fix a mismatch), the stages of the plan and each stage's `(plan, tx)`, the Fisher and gradient
+passes that per-element and dynamic plans choose entries by, the extra evaluators, and the
+state to start from (fresh, or resumed from the newest readable checkpoint, a damaged one
+moved aside). Every config or input problem is a one-line `ConfigError` raised here, before
+anything is compiled or written; a programming error keeps its traceback.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ftlab import (
   datasets,
   dynamic_masks,
   fewshot_probe,
+  forgetting,
   init_from,
   input_pipeline,
   optim,
@@ -160,20 +161,22 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
   )
 
 
-def make_fewshot(config: Any, data: input_pipeline.Data, model: nn.Module):
-  """The few-shot probe's sets (`config.evals.fewshot`, `fewshot_probe.make_sets`) or None.
+def make_evals(config: Any, data: input_pipeline.Data, model: nn.Module, variables, source):
+  """The few-shot probe's sets (`fewshot_probe.make_sets`) and the source head's drift
+  (`forgetting.make_drift`) from `config.evals`, each None when off.
 
   Raises:
-    ConfigError: bad shots or layer, a split the dataset lacks, a class with fewer examples
-      than the largest shot count.
+    ConfigError: what those raise (bad shots, layer or split; no loaded head).
   """
-  ds = config.dataset
-  build = lambda split, n=0: datasets.build_dataset(
-    ds.name, split, examples_per_class=n, **_dataset_kwargs(config)
-  )
+  ds, evals, kwargs = config.dataset, config.get('evals', {}), _dataset_kwargs(config)
+  build = lambda split, n=0: datasets.build_dataset(ds.name, split, examples_per_class=n, **kwargs)
   with config_errors(ValueError, datasets.DatasetError):
-    cfg = config.get('evals', {}).get('fewshot', {})
-    return fewshot_probe.make_sets(cfg, ds.train_split, ds.eval_split, build, data, model)
+    fewshot = fewshot_probe.make_sets(
+      evals.get('fewshot', {}), ds.train_split, ds.eval_split, build, data, model
+    )
+    directory = source.directory if source else ''
+    drift = forgetting.make_drift(evals.get('forgetting', {}), build, data, variables, directory)
+  return fewshot, drift
 
 
 def check_plans(config: Any, num_classes: int) -> tuple[nn.Module, list[policies.Stage]]:
@@ -231,6 +234,7 @@ class Run:
     plan_label: the plan's name for the summary (the schedule's, for a multi-stage plan).
     init: where the initial variables came from (for the summary).
     fewshot: the few-shot probe's sets (`config.evals.fewshot`), or None.
+    drift: the source head's agreement with the loaded model (`config.evals.forgetting`).
     activation_cache_dir: where disk activation caches go (`activation_cache_dir`).
   """
 
@@ -248,6 +252,7 @@ class Run:
   plan_label: str = ''
   init: init_from.Source | None = None
   fewshot: fewshot_probe.Sets | None = None
+  drift: forgetting.Drift | None = None
   activation_cache_dir: str = ''
   _setups: dict = dataclasses.field(default_factory=dict, repr=False)
   _compiled: dict = dataclasses.field(default_factory=dict, repr=False)  # gradient passes, remask
@@ -373,13 +378,13 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
     preprocess = init_from.preprocessing(config.dataset.preprocess, source)
   data = make_data(config, preprocess)
   model, stages = check_plans(config, data.train.num_classes)
-  fewshot = make_fewshot(config, data, model)
   rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
   with config_errors(init_from.InitError):
     variables = init_from.variables(model, config.dataset.image_size, rng_init, config.init, source)
+  fewshot, drift = make_evals(config, data, model, variables, source)
   run = Run(config, files, spread, model, data, variables, stages, changes=changes)
   run.activation_cache_dir = cache_dir
-  run.init, run.fewshot = source, fewshot
+  run.init, run.fewshot, run.drift = source, fewshot, drift
   run.stage = stages[0]
   plan, tx = run.setup(run.stage)
   run.state = run.initial_state(plan, tx)

@@ -1,0 +1,142 @@
+"""Forgetting: how fine-tuning moves the source model's own predictions.
+
+When the loaded weights carry a classifier head of their own (ImageNet's 1,000 classes), the
+run replaces it with the task's head, but the source head can still be put back on the current
+backbone. On a fixed set of images, the fraction whose source-head prediction (top-1) is the
+loaded model's is the *agreement*: 1.0 while the backbone is untouched (a linear probe), and
+it falls as fine-tuning rewrites the features the source head reads. It measures drift of the
+source function, as in studies of catastrophic forgetting under fine-tuning (e.g. Kumar et
+al., ICLR 2022, "Fine-Tuning can Distort Pretrained Features"), without the source labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ftlab import checkpoint, input_pipeline, parallel
+from ftlab.datasets import DataSplit
+
+PyTree = Any
+HEAD = 'predictions'  # the layer that a task's head replaces
+
+
+class ForgettingError(ValueError):
+  """The loaded weights have no head of their own to compare, or one the model cannot take."""
+
+
+def load_source_head(directory: str, params: PyTree) -> dict:
+  """The `predictions` layer of the checkpoint in `directory` (the run's initial weights).
+
+  Args:
+    directory: the init checkpoint's directory.
+    params: the run's parameters (to check that the head reads the same features).
+
+  Raises:
+    ForgettingError: the checkpoint holds no head, or one whose input width is not the
+      run's (another head type: the source head would need layers the model lacks).
+  """
+  shapes = checkpoint.stored_shapes(directory)
+  kernel = shapes.get(f'{HEAD}/kernel')
+  if kernel is None:
+    raise ForgettingError(f'evals.forgetting: the loaded weights ({directory}) have no head')
+  width = params[HEAD]['kernel'].shape[0]
+  if kernel[0] != width:
+    raise ForgettingError(
+      f'evals.forgetting: the loaded head reads {kernel[0]} features, this model gives {width} '
+      "(use the loaded weights' own head type, e.g. model.head='imagenet')"
+    )
+  expected = {HEAD: {k: np.zeros(shapes[f'{HEAD}/{k}'], np.float32) for k in ('kernel', 'bias')}}
+  found = checkpoint.load_params(directory, expected, dont_load=(rf'(?!{HEAD}/).*',))
+  return jax.tree.map(np.asarray, found[HEAD])
+
+
+def _predict_step(state: Any, batch: dict, *, model: nn.Module, head: dict) -> dict:
+  params = {**state.params, HEAD: head}
+  stats = {'batch_stats': state.batch_stats} if state.batch_stats else {}
+  logits = model.apply({'params': params, **stats}, batch['image'], train=False)
+  found = {'top1': jnp.argmax(logits, -1), 'mask': batch['mask']}
+  return lax.all_gather(found, parallel.AXIS, tiled=True)
+
+
+@dataclasses.dataclass
+class Drift:
+  """The source head's agreement with the loaded model on a fixed split, during training.
+
+  Attributes:
+    split: the images compared.
+    head: the source `predictions` layer (`load_source_head`).
+    order: the eval order (global batch, this process's place).
+    image_size, preprocess: how images are prepared (the run's).
+    reference: the loaded model's top-1 per image, set by `start`.
+  """
+
+  split: DataSplit
+  head: dict
+  order: input_pipeline.BatchOrder
+  image_size: int
+  preprocess: str
+  reference: np.ndarray | None = None
+
+  def compile(self, model: nn.Module, spread: parallel.Spread) -> Callable:
+    """`p_predict(state, batch)`: the source head's top-1 on the state's backbone."""
+    source = model.clone(num_classes=self.head['bias'].shape[0])
+    step = functools.partial(_predict_step, model=source, head=self.head)
+    return spread.compile(step, in_kinds=(parallel.REPLICATED, parallel.SHARDED))
+
+  def predictions(self, p_predict: Callable, state: Any, spread: Any) -> np.ndarray:
+    """The source head's top-1 class of every image, in split order: int `[n]`."""
+    batches = input_pipeline.eval_iterator(
+      self.split, self.order, image_size=self.image_size, preprocess=self.preprocess
+    )
+    found = np.full(self.split.num_examples, -1, np.int64)
+    for k, batch in enumerate(batches):
+      out = jax.device_get(spread.unreplicate(p_predict(state, spread.shard(batch))))
+      positions = input_pipeline.gathered_positions(
+        self.split.num_examples, self.order.process_count, self.order.local_batch, k
+      )
+      real = (out['mask'] > 0) & (positions >= 0)
+      found[positions[real]] = out['top1'][real]
+    return found
+
+  def start(self, p_predict: Callable, loaded_state: Any, spread: Any) -> None:
+    """Records the loaded model's predictions (its own weights and head)."""
+    self.reference = self.predictions(p_predict, loaded_state, spread)
+
+  def agreement(self, p_predict: Callable, state: Any, spread: Any) -> dict[str, float]:
+    """`{'agreement': fraction of images whose top-1 is the loaded model's}`."""
+    return {
+      'agreement': float(np.mean(self.predictions(p_predict, state, spread) == self.reference))
+    }
+
+
+def make_drift(
+  cfg: Any, build: Callable[[str], DataSplit], data: Any, variables: PyTree, directory: str
+) -> Drift | None:
+  """The drift measure from its config (`split`; '' = off), or None.
+
+  Args:
+    cfg: the `evals.forgetting` config.
+    build: `build(split) -> DataSplit` for the run's dataset.
+    data: the run's `input_pipeline.Data` (eval batch size, order, image preparation).
+    variables: the run's initial variables.
+    directory: the init checkpoint's directory ('' for a random start).
+
+  Raises:
+    ForgettingError: no loaded weights, or no head in them the model can take.
+  """
+  split = cfg.get('split', '')
+  if not split:
+    return None
+  if not directory:
+    raise ForgettingError('evals.forgetting: needs loaded weights (init.checkpoint) with a head')
+  head = load_source_head(directory, variables['params'])
+  order = data.order.with_batch(data.eval_batch)
+  return Drift(build(split), head, order, data.image_size, data.preprocess)
