@@ -34,7 +34,7 @@ import io
 import json
 import math
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -380,12 +380,14 @@ class Prepared:
     start: the first block the steps run.
     train_batches: `start_step -> iterator` of host batches, as `train_iterator`'s.
     eval_batches: `{name: () -> iterator}` of padded host batches, as `eval_iterator`'s.
+    extra_batches: the same for the `extra` splits of `prepare` (e.g. the few-shot probe's).
   """
 
   model: nn.Module
   start: str
   train_batches: Callable[[int], Iterator[dict]]
   eval_batches: dict[str, Callable[[], Iterator[dict]]]
+  extra_batches: dict[str, Callable[[], Iterator[dict]]] = dataclasses.field(default_factory=dict)
 
 
 def prepare(
@@ -398,6 +400,7 @@ def prepare(
   *,
   directory: str,
   memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB,
+  extra: Mapping[str, datasets.DataSplit] | None = None,
 ) -> Prepared | None:
   """The cached model and batches for `plan`, or None when the cache is off or the plan has
   no prefix to cache (run that stage uncached; `check_mode` refuses a run with none).
@@ -413,6 +416,7 @@ def prepare(
     directory: where disk caches go (a run keeps them in its workdir, so a resume reuses
       them).
     memory_limit_mb: the `auto` threshold, in MiB of activations per split.
+    extra: more splits to cache at the eval batch size, by name (`Prepared.extra_batches`).
 
   Raises:
     ValueError: see `check`.
@@ -462,19 +466,21 @@ def prepare(
   train_keep = np.concatenate([shards[j] for j, _, _ in data.order.shard_rows()])
   eval_order = data.order.with_batch(data.eval_batch)
   train_cache = cached('train', data.train, data.order, np.unique(train_keep))
+  splits = {**data.evals, **(extra or {})}
   eval_caches = {
     name: cached(name, split, eval_order, input_pipeline.eval_share(split.num_examples, eval_order))
-    for name, split in data.evals.items()
+    for name, split in splits.items()
   }
-  n = {name: split.num_examples for name, split in data.evals.items()}
+  n = {name: split.num_examples for name, split in splits.items()}
+  batches = {
+    name: functools.partial(eval_batches, c, eval_order, n[name]) for name, c in eval_caches.items()
+  }
   return Prepared(
     model=model.clone(start_block=start),
     start=start,
     train_batches=functools.partial(
       train_batches, train_cache, data.order, data.train.num_examples
     ),
-    eval_batches={
-      name: functools.partial(eval_batches, c, eval_order, n[name])
-      for name, c in eval_caches.items()
-    },
+    eval_batches={name: batches[name] for name in data.evals},
+    extra_batches={name: batches[name] for name in extra or {}},
   )

@@ -159,6 +159,13 @@ def feature_fn(model: nn.Module, layer: str) -> Callable[[Any, jnp.ndarray], jnp
   return block_output
 
 
+def runs_after(model: nn.Module, layer: str, start: str) -> bool:
+  """Whether `layer`'s features can be computed by `model` from the output of the blocks
+  before `start` (a cached prefix): `pre_logits`, or a block from `start` on."""
+  names = model.block_names()
+  return layer == PRE_LOGITS or names.index(layer) >= names.index(start)
+
+
 def _feature_step(state: Any, batch: dict, *, features: Callable) -> dict:
   stats = {'batch_stats': state.batch_stats} if state.batch_stats else {}
   x = features({'params': state.params, **stats}, batch['image'])
@@ -197,11 +204,13 @@ class Sets:
   image_size: int
   preprocess: str
 
-  def features(self, p_features: Callable, state: Any, spread: Any, split: DataSplit):
-    """Features and labels of every example of `split`, in split order."""
-    batches = input_pipeline.eval_iterator(
-      split, self.order, image_size=self.image_size, preprocess=self.preprocess
-    )
+  def features(self, p_features: Callable, state: Any, spread: Any, split: DataSplit, batches=None):
+    """Features and labels of every example of `split`, in split order, from its images or
+    from `batches` (its padded eval batches of cached prefix outputs)."""
+    if batches is None:
+      batches = input_pipeline.eval_iterator(
+        split, self.order, image_size=self.image_size, preprocess=self.preprocess
+      )
     x, labels = None, np.zeros(split.num_examples, np.int64)
     count = self.order.process_count
     for k, batch in enumerate(batches):
@@ -215,10 +224,15 @@ class Sets:
       x[positions[real]], labels[positions[real]] = out['x'][real], out['label'][real]
     return x, labels
 
-  def evaluate(self, p_features: Callable, state: Any, spread: Any) -> dict[str, float]:
-    """`{'<k>shot_accuracy': accuracy}` of the probe on the current weights in `state`."""
-    train_x, train_y = self.features(p_features, state, spread, self.train)
-    test_x, test_y = self.features(p_features, state, spread, self.test)
+  def evaluate(
+    self, p_features: Callable, state: Any, spread: Any, cached: dict | None = None
+  ) -> dict[str, float]:
+    """`{'<k>shot_accuracy': accuracy}` of the probe on the current weights in `state`;
+    `cached`: `{'fewshot_train', 'fewshot_test': () -> batches}` of prefix outputs
+    (`activation_cache.Prepared.extra_batches`), for a `p_features` of the rest."""
+    train, test = (cached['fewshot_train'](), cached['fewshot_test']()) if cached else (None, None)
+    train_x, train_y = self.features(p_features, state, spread, self.train, train)
+    test_x, test_y = self.features(p_features, state, spread, self.test, test)
     found = probe_accuracies(
       train_x, train_y, test_x, test_y, self.train.num_classes, self.shots, self.l2_reg
     )

@@ -26,7 +26,7 @@ from ftlab import (
   train,
   workdir,
 )
-from ftlab.run import ConfigError, Run, build_model, make_run, sources
+from ftlab.run import ConfigError, Run, build_model, cached_sources, make_run
 from ftlab.train import TrainState, compile_ema_state, compile_steps, evaluate
 
 __all__ = [
@@ -71,13 +71,25 @@ class _Stage:
   eval_sources: dict[str, Callable[[], Iterator]]
   frozen_reference: dict[str, str]
   cached_from: str | None
+  p_features: Callable | None  # the few-shot probe's features (None: no probe)
+  probe_batches: dict | None  # the probe's splits as cached prefix outputs (None: images)
 
 
 def _enter(run: Run, stage: policies.Stage, host: TrainState, reference: dict, step: int):
   """The stage starting after `step` from the host state `host`, its steps compiled."""
   plan, tx = run.setup(stage)
-  model, train_source, eval_sources, cached_from = sources(run, plan, host)
-  config = run.config
+  cached, config = cached_sources(run, plan, host), run.config
+  model, train_source, eval_sources = run.model, run.data.train_batches, run.data.eval_sources()
+  if cached:
+    logging.info('activation cache: %s runs from %s on cached outputs', plan.name, cached.start)
+    model, train_source, eval_sources = cached.model, cached.train_batches, cached.eval_batches
+  p_features, probe_batches = None, None
+  if run.fewshot:  # its features from the cached prefix outputs when its layer comes later
+    on_cache = cached and fewshot_probe.runs_after(model, run.fewshot.layer, cached.start)
+    p_features = fewshot_probe.compile_features(
+      model if on_cache else run.model, run.fewshot.layer, run.spread
+    )
+    probe_batches = cached.extra_batches if on_cache else None
   p_train_step, p_eval_step = compile_steps(
     run.spread,
     model=model,
@@ -100,7 +112,9 @@ def _enter(run: Run, stage: policies.Stage, host: TrainState, reference: dict, s
     train_batches,
     eval_sources,
     reference,
-    cached_from,
+    cached and cached.start,
+    p_features,
+    probe_batches,
   )
 
 
@@ -214,7 +228,6 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
   window, best = _Window(first + 1, spread, config), _Best(config.early_stopping_patience)
   stop, results, flops = False, {}, {}
   probe = run.fewshot
-  p_features = probe and fewshot_probe.compile_features(run.model, probe.layer, spread)
   drift = run.drift
   p_predict = drift and drift.compile(run.model, spread)
   if drift:  # the loaded model's own predictions, the reference of the agreement
@@ -244,7 +257,7 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
       writer.write(step, {'forgetting/agreement': found['forgetting']['agreement']})
       logging.info('step %d: source head agreement %.4f', step, found['forgetting']['agreement'])
     if probe:
-      found['fewshot'] = probe.evaluate(p_features, state, spread)
+      found['fewshot'] = probe.evaluate(current.p_features, state, spread, current.probe_batches)
       writer.write(step, {f'fewshot/{k}': v for k, v in found['fewshot'].items()})
       logging.info('step %d: few-shot probe (%s) %s', step, probe.layer, found['fewshot'])
     return found

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import itertools
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
@@ -473,15 +473,12 @@ def _restore_step(
   ), True
 
 
-def sources(
-  run: Run, plan: policies.Plan, host_state: TrainState
-) -> tuple[nn.Module, Callable, dict, str | None]:
-  """The model a stage's steps run, their batch sources (`start_step -> batches`, and
-  `{split: () -> batches}`) and the first block they run when a prefix is cached: with
-  `config.activation_cache` on and a frozen prefix, the rest of the network on cached
-  prefix outputs."""
-  config = run.config
-  cached = activation_cache.prepare(
+def cached_sources(run: Run, plan: policies.Plan, host_state: TrainState):
+  """`activation_cache.prepare` for a stage (`config.activation_cache`): the rest of the
+  network and its batches on cached prefix outputs (the few-shot probe's splits too), or None
+  when the stage runs uncached."""
+  config, probe = run.config, run.fewshot
+  return activation_cache.prepare(
     config.get('activation_cache', 'off'),
     run.model,
     plan,
@@ -492,8 +489,5 @@ def sources(
     memory_limit_mb=float(
       config.get('activation_cache_memory_mb', activation_cache.DEFAULT_MEMORY_LIMIT_MB)
     ),
+    extra={'fewshot_train': probe.train, 'fewshot_test': probe.test} if probe else None,
   )
-  if cached is None:
-    return run.model, run.data.train_batches, run.data.eval_sources(), None
-  logging.info('activation cache: %s runs from %s on cached outputs', plan.name, cached.start)
-  return cached.model, cached.train_batches, cached.eval_batches, cached.start

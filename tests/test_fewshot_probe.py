@@ -138,3 +138,23 @@ def test_bad_probe_config_is_one_line_before_anything_is_written(tmp_path, fewsh
     loop.train_and_evaluate(runlocal(**fewshot), str(tmp_path / 'run'))
   assert '\n' not in str(e.value)
   assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.slow
+def test_probe_on_cached_prefix_outputs_equals_the_probe_on_images(
+  tmp_path, fashion_mnist_prepared
+):
+  """With the activation cache on, the probe's splits are cached too and its features come
+  from the rest of the network: the same accuracies as from the images."""
+  results = {}
+  for cache in ('off', 'disk'):
+    config = runlocal(shots=(1, 5))
+    config.policy.name, config.dataset.augment = 'last_blocks(1)', 'none'
+    config.activation_cache = cache
+    results[cache] = loop.train_and_evaluate(config, str(tmp_path / cache))
+  assert results['disk']['activation_cache'] == {'last_blocks(k=1)': 'block5'}
+  assert results['disk']['final_fewshot'] == results['off']['final_fewshot']
+  cached = sorted(
+    {p.name.split('-')[0] for p in (tmp_path / 'disk' / 'activation_cache').iterdir()}
+  )
+  assert cached == ['eval', 'fewshot_test', 'fewshot_train', 'train']
