@@ -43,7 +43,7 @@ import numpy as np
 from absl import logging
 from jax import lax
 
-from ftlab import datasets, input_pipeline, parallel, paths, policies, storage, train
+from ftlab import datasets, input_pipeline, lora, parallel, paths, policies, storage, train
 
 PyTree = Any
 MODES = ('off', 'auto', 'memory', 'disk')  # auto: memory up to a size limit, else disk
@@ -152,7 +152,9 @@ def _prefix_step(variables: PyTree, batch: dict, *, model: nn.Module) -> dict:
   # train=True as in the train step (frozen BatchNorm on running statistics); a prefix that
   # needed a dropout key would fail here. The gather gives every device the global batch,
   # so every process gets every example's output.
-  x = model.apply(variables, batch['image'], train=True)
+  x = model.apply(
+    {**variables, 'params': lora.fold(variables['params'])}, batch['image'], train=True
+  )
   return lax.all_gather(
     {'x': x, 'label': batch['label'], 'mask': batch['mask']}, parallel.AXIS, tiled=True
   )

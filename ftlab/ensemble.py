@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from ftlab import checkpoint, input_pipeline, parallel, paths, run, soups, storage, train
+from ftlab import input_pipeline, lora, parallel, paths, run, soups, storage, train
 from ftlab import workdir as workdir_
 
 PyTree = Any
@@ -454,7 +454,7 @@ def _load_runs(runs: Mapping[str, dict], architecture: Mapping[str, Any], data) 
   for name, found in runs.items():
     try:
       variables[name] = {
-        key: checkpoint.load_params(found['directory'], shapes[key], key=key) for key in shapes
+        key: lora.load_params(found['directory'], shapes[key], key=key) for key in shapes
       }
     except ValueError as e:
       raise ValueError(

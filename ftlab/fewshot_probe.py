@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ftlab import input_pipeline, parallel
+from ftlab import input_pipeline, lora, parallel
 from ftlab.datasets import DataSplit
 
 PRE_LOGITS = 'pre_logits'
@@ -168,7 +168,7 @@ def runs_after(model: nn.Module, layer: str, start: str) -> bool:
 
 def _feature_step(state: Any, batch: dict, *, features: Callable) -> dict:
   stats = {'batch_stats': state.batch_stats} if state.batch_stats else {}
-  x = features({'params': state.params, **stats}, batch['image'])
+  x = features({'params': lora.fold(state.params), **stats}, batch['image'])
   # Gathered: every process sees every example's features and fits the same probe.
   found = {'x': x, 'label': batch['label'], 'mask': batch['mask']}
   return lax.all_gather(found, parallel.AXIS, tiled=True)

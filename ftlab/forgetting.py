@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ftlab import checkpoint, input_pipeline, parallel
+from ftlab import checkpoint, input_pipeline, lora, parallel
 from ftlab.datasets import DataSplit
 
 PyTree = Any
@@ -59,7 +59,7 @@ def load_source_head(directory: str, params: PyTree) -> dict:
 
 
 def _predict_step(state: Any, batch: dict, *, model: nn.Module, head: dict) -> dict:
-  params = {**state.params, HEAD: head}
+  params = lora.fold({**state.params, HEAD: head})  # adapters folded: a plain VGG
   stats = {'batch_stats': state.batch_stats} if state.batch_stats else {}
   logits = model.apply({'params': params, **stats}, batch['image'], train=False)
   found = {'top1': jnp.argmax(logits, -1), 'mask': batch['mask']}

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ftlab import checkpoint, paths, storage
+from ftlab import checkpoint, lora, paths, storage
 from ftlab.models import vgg
 from ftlab.porting import weights
 from ftlab.porting.common import PortError
@@ -173,7 +173,7 @@ def variables(
     )
     dont_load += tuple(r for r in extra if r not in dont_load)
   allow_nonfinite = bool(init_cfg.get('allow_nonfinite', False))
-  load = functools.partial(checkpoint.load_params, source_dir, allow_nonfinite=allow_nonfinite)
+  load = functools.partial(lora.load_params, source_dir, allow_nonfinite=allow_nonfinite)
   try:
     loaded = {'params': load(fresh['params'], dont_load=dont_load)}
     if 'batch_stats' in fresh:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import numpy as np
 
-from ftlab import policy_syntax, sparse_masks
+from ftlab import lora, policy_syntax, sparse_masks
 from ftlab.models.vgg import BlockStructure
 from ftlab.paths import doubled, flatten, match_rules, unflatten
 from ftlab.policy_syntax import PlanError
@@ -175,6 +175,7 @@ LEAF_POLICIES: dict[str, PolicyFn] = {
   'blocks': blocks,
   'bitfit': bitfit,
   'regex': regex,
+  'lora': lora.policy,  # adapters next to frozen kernels (ftlab.lora)
 }
 POLICIES = {**LEAF_POLICIES, **sparse_masks.ELEMENT_POLICIES}
 
@@ -266,7 +267,8 @@ def plan_stages(structure: BlockStructure, cfg: Any, total_steps: int | None = N
     raise PlanError(f'{schedule.name}: {steps_arg}={n!r} is not a positive number of steps')
   scales = [1.0]
   if schedule.name == 'lp_ft':
-    sets = [policy_syntax.Call('linear_probe'), policy_syntax.Call('full')]
+    # The second stage: everything, or the LoRA set written after the schedule.
+    sets = [policy_syntax.Call('linear_probe'), expression.selection or policy_syntax.Call('full')]
     m = schedule.get('probe_lr_multiplier', 1.0)
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < float('inf'):
       raise PlanError(f'lp_ft: probe_lr_multiplier={m!r} is not a positive number')
@@ -327,11 +329,11 @@ def _shaped_lr(
 
 
 def _l2_sp(
-  paths: list[str], structure: BlockStructure, trainable: set[str], mods: dict
+  paths: list[str], structure: BlockStructure, trainable: set[str], mods: tuple
 ) -> dict[str, tuple[float, bool]] | None:
-  if 'l2_sp' not in mods:
+  call = next((m for m in mods if m.name == 'l2_sp'), None)
+  if call is None:
     return None
-  call = mods['l2_sp']
   alpha, beta = call.get('alpha', 0.0), call.get('beta', 0.0)
   for key, value in (('alpha', alpha), ('beta', beta)):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -384,15 +386,12 @@ def make_plan(
   trainable |= scope
   if not trainable:
     raise PlanError(f'plan {label} trains no parameter; choose a policy that trains something')
-  mods = {m.name: m for m in stage.expression.modifiers}
-  shape = _shaped_lr(paths, structure, mods)
+  shape = _shaped_lr(paths, structure, {m.name: m for m in stage.expression.modifiers})
   mults = {
     p: m * shape[p] * stage.lr_scale for p, m in lr_multipliers(paths, trainable, cfg).items()
   }
-  layers = sorted({p.split('/')[0] for p in paths})
-  frozen_layers = tuple(
-    l for l in layers if not any(p in trainable for p in paths if p.split('/')[0] == l)
-  )
+  moving = {p.split('/')[0] for p in trainable}
+  frozen_layers = tuple(sorted({p.split('/')[0] for p in paths} - moving))
   element = {
     p: np.full(np.shape(flat[p]), v, np.uint8) if np.ndim(v) == 0 else v
     for p, v in levels.items()
@@ -405,7 +404,7 @@ def make_plan(
     frozen_layers=frozen_layers,
     element_levels=element,
     resample_p=ctx.resample_p,
-    l2_sp=_l2_sp(paths, structure, trainable, mods),
+    l2_sp=_l2_sp(paths, structure, trainable, stage.expression.modifiers),
     masks_pending=ctx.pending,
     dynamic=ctx.dynamic,
   )
@@ -424,10 +423,12 @@ def _entries(plan: Plan, path: str, size: int) -> int:
 
 def trainable_count(plan: Plan, params: PyTree) -> tuple[int, int]:
   """(trainable, total) parameter counts; per-element plans count their chosen entries
-  (Child-Tuning_F: every entry that may be sampled)."""
+  (Child-Tuning_F: every entry that may be sampled), LoRA its adapters; the total is the
+  plain model's (adapters are not part of it, so percentages of LoRA and masks compare)."""
   mask = plan.flat_mask()
   sizes = {p: int(np.prod(x.shape)) for p, x in flatten(params).items()}
-  return sum(_entries(plan, p, n) for p, n in sizes.items() if mask[p]), sum(sizes.values())
+  total = sum(n for p, n in sizes.items() if not lora.is_adapter(p))
+  return sum(_entries(plan, p, n) for p, n in sizes.items() if mask[p]), total
 
 
 def audit_table(plan: Plan, params: PyTree) -> str:
@@ -474,6 +475,8 @@ def audit_table(plan: Plan, params: PyTree) -> str:
       f'{d.score} every {d.every} steps; the optimizer moments of entries that enter or '
       'leave the mask are reset to zero'
     )
+  if lora.counts(params):
+    lines.append(lora.describe(params))
   if plan.l2_sp:
     lines.append('L2-SP: pretrained leaves pulled toward their loaded values, the head toward 0')
   return '\n'.join(lines)

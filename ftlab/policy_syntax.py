@@ -9,6 +9,8 @@
   lp_ft(probe_steps=100) + layerwise_lr_decay(0.7)            a multi-stage plan
   reselect(fisher(0.01), every=100)      a per-element mask chosen again every 100 steps
   rigl(0.01, every=100, fraction=0.3)    RigL drop-and-grow every 100 steps
+  lora(8) & blocks([4, 5])               low-rank adapters on blocks 4-5's kernels (+ head)
+  lp_ft(probe_steps=100) + lora(8)       a probe, then LoRA (the one set a schedule takes)
 
 Four kinds of terms: *sets* (which parameters train, combined with | & -), *modifiers*
 (learning-rate shapes and regularisers; they apply to the whole plan wherever written),
@@ -40,6 +42,7 @@ SETS = {
   'fisher': ('density', 'num_batches', 'train_head'),
   'child_tuning_f': ('p', 'train_head'),
   'child_tuning_d': ('p', 'num_batches', 'train_head'),
+  'lora': ('rank', 'alpha', 'train_head'),
 }
 MODIFIERS = {
   'layerwise_lr_decay': ('decay',),
@@ -54,6 +57,8 @@ DYNAMIC = {
   'reselect': ('policy', 'every', 'blocks', 'train_head'),
   'rigl': ('density', 'every', 'fraction', 'num_batches', 'seed', 'blocks', 'train_head'),
 }
+# Per-element policies: a LoRA adapter is a whole leaf, so these do not combine with lora().
+PER_ELEMENT = ('random_sparse', 'magnitude', 'fisher', 'child_tuning_f', 'child_tuning_d')
 # The per-element policies whose scores `reselect` can compute again during training.
 RESELECTABLE = ('fisher', 'magnitude')
 ALL = {**SETS, **MODIFIERS, **SCHEDULES, **DYNAMIC}
@@ -106,6 +111,8 @@ class Expression:
     text = str(main)
     if isinstance(main, SetOp):
       text = text[1:-1]  # no outer parentheses
+    if self.schedule and self.selection:  # lp_ft(...) + lora(...): the second stage's set
+      text += f' + {self.selection}'
     return ' + '.join([text] + [str(m) for m in self.modifiers])
 
   def calls(self) -> list[Call]:
@@ -217,8 +224,7 @@ def parse(text: Any, config: Any = None) -> Expression:
   selection, schedules, modifiers = _walk(tree, text, config)
   if len(schedules) > 1:
     raise _error(text, 'at most one schedule or dynamic mask (lp_ft, gradual_unfreezing, ...)')
-  if schedules and selection is not None:
-    raise _error(text, f'{schedules[0].name} chooses its own trainable sets; drop the set terms')
+  _check_lora(text, selection, schedules)
   if schedules and schedules[0].name in DYNAMIC:  # a dynamic mask is a set that stands alone
     return Expression(schedules[0], None, tuple(_check_modifiers(text, modifiers)))
   if not schedules and selection is None:
@@ -226,6 +232,28 @@ def parse(text: Any, config: Any = None) -> Expression:
   return Expression(
     selection, schedules[0] if schedules else None, _check_modifiers(text, modifiers)
   )
+
+
+def _check_lora(text: str, selection: Any, schedules: list[Call]) -> None:
+  """One lora() term, not with a per-element mask; lp_ft's second stage only as LoRA."""
+  calls = Expression(selection, None, ()).calls() if selection is not None else []
+  names = [c.name for c in calls]
+  if names.count('lora') > 1:
+    raise _error(text, 'one lora(...) term per plan (one rank and alpha)')
+  sparse = sorted(set(names) & set(PER_ELEMENT))
+  if 'lora' in names and sparse:
+    raise _error(
+      text,
+      f'lora(...) adds whole low-rank adapters and cannot be combined with the per-element '
+      f'mask {sparse[0]}; combine it with blocks, last_blocks, first_blocks, regex, bitfit, '
+      'linear_probe',
+    )
+  if schedules and selection is not None and (schedules[0].name != 'lp_ft' or 'lora' not in names):
+    which = 'only lp_ft takes one' if schedules[0].name != 'lp_ft' else 'it must train lora(...)'
+    raise _error(
+      text,
+      f'{schedules[0].name} chooses its own trainable sets ({which}, e.g. lp_ft(100) + lora(8))',
+    )
 
 
 def _check_modifiers(text: str, modifiers: list[Call]) -> tuple[Call, ...]:

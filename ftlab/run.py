@@ -35,6 +35,7 @@ from ftlab import (
   forgetting,
   init_from,
   input_pipeline,
+  lora,
   optim,
   parallel,
   paths,
@@ -179,10 +180,10 @@ def make_evals(config: Any, data: input_pipeline.Data, model: nn.Module, variabl
   return fewshot, drift
 
 
-def check_plans(config: Any, num_classes: int) -> tuple[nn.Module, list[policies.Stage]]:
-  """The model and the stages of its plan, with every stage's plan and optimizer built on
-  parameter shapes: a check of the config's model, policy and optimizer that reads no data
-  and computes nothing.
+def check_plans(config: Any, num_classes: int) -> tuple[nn.Module, list[policies.Stage], list]:
+  """The model, its plan's stages and LoRA's `(layers, spec)` (() without), every stage's plan
+  and optimizer built on parameter shapes (`lora.plan_shapes`): a check of the config's model,
+  policy and optimizer that reads no data and computes nothing.
 
   Raises:
     ConfigError: a bad model, policy, optimizer or activation cache setting, in one line.
@@ -197,7 +198,7 @@ def check_plans(config: Any, num_classes: int) -> tuple[nn.Module, list[policies
     )
   with config_errors(policies.PlanError):
     stages = policies.plan_stages(structure, config.policy, config.num_train_steps)
-    shaped_plans = []
+    shapes['params'], shaped_plans = lora.plan_shapes(shapes['params'], structure, stages), []
     for stage in stages:
       shaped = policies.make_plan(shapes['params'], structure, config.policy, stage=stage)
       optim.make(shaped, config.optimizer, config.num_train_steps, anchor=shapes['params'])
@@ -205,11 +206,12 @@ def check_plans(config: Any, num_classes: int) -> tuple[nn.Module, list[policies
       dynamic = re.search(rf'\b({"|".join(sparse_masks.DYNAMIC_POLICIES)})\(', shaped.name)
       if dynamic and config.get('ema_decay', 0.0):  # the averaged entries would move
         raise policies.PlanError(f'ema_decay with a dynamic mask ({shaped.name}): not supported')
+    adapted = lora.adapters(stages, shaped_plans)  # (layers, spec), or () without LoRA
   with config_errors(ValueError):
     activation_cache.check_mode(
       config.get('activation_cache', 'off'), model, shaped_plans, augment=config.dataset.augment
     )
-  return model, stages
+  return model, stages, adapted
 
 
 # --- The run. ---------------------------------------------------------------------------------
@@ -377,10 +379,12 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
     source = init_from.source(config.init)
     preprocess = init_from.preprocessing(config.dataset.preprocess, source)
   data = make_data(config, preprocess)
-  model, stages = check_plans(config, data.train.num_classes)
+  model, stages, adapted = check_plans(config, data.train.num_classes)
   rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
   with config_errors(init_from.InitError):
     variables = init_from.variables(model, config.dataset.image_size, rng_init, config.init, source)
+  if adapted:  # next to the loaded kernels: A drawn from the run's seed, B zero
+    variables['params'] = lora.attach(variables['params'], *adapted, rng=rng_init)
   fewshot, drift = make_evals(config, data, model, variables, source)
   run = Run(config, files, spread, model, data, variables, stages, changes=changes)
   run.activation_cache_dir = cache_dir

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from ftlab import paths, policies
+from ftlab import lora, paths, policies
 from ftlab.parallel import AXIS, BROADCAST, REPLICATED, SHARDED
 
 PyTree = Any
@@ -149,7 +149,9 @@ def cross_entropy(
 
 
 def _variables(params: PyTree, batch_stats: PyTree) -> dict:
-  return {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
+  # The one place the steps' parameters meet `model.apply`: LoRA adapters are folded into
+  # their kernels here (a plain tree passes as it is), so the model stays a plain VGG.
+  return {'params': lora.fold(params), **({'batch_stats': batch_stats} if batch_stats else {})}
 
 
 def train_step(

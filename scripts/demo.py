@@ -190,6 +190,36 @@ def plot(rows: list[dict], shots: int, path: str) -> None:
   plt.close(fig)
 
 
+def params_plot(rows: list[dict], shots: int, path: str) -> None:
+  """Mean test accuracy (± std over seeds) against trainable parameters (log scale): LoRA
+  plans (`lora_*`) and the other plans (masks, probes, full) as two series on one axis."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7.5, 4.2))
+  for is_lora, color, marker, name in ((False, 'tab:blue', 'o', 'masks and baselines'),
+                                       (True, 'tab:red', 's', 'LoRA')):  # fmt: skip
+    chosen = [r for r in rows if r['plan'].startswith('lora') == is_lora]
+    if not chosen:
+      continue
+    x = [r['trainable_parameters'] for r in chosen]
+    ax.errorbar(x, [100 * r['mean'] for r in chosen], yerr=[100 * r['std'] for r in chosen],
+                fmt=marker, color=color, capsize=3, label=name)  # fmt: skip
+    for r in chosen:
+      ax.annotate(r['plan'], (r['trainable_parameters'], 100 * r['mean']), fontsize=8,
+                  xytext=(5, -10 if is_lora else 5), textcoords='offset points')  # fmt: skip
+  ax.set_xscale('log')
+  ax.set_xlabel('trainable parameters (adapters for LoRA; the head included)')
+  ax.set_ylabel(f'test accuracy (%), {shots} labels per class')
+  ax.legend(fontsize=8, loc='lower right')
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def choose(minival: dict[str, dict[str, float]]) -> dict[str, float]:
   """Each plan's learning rate with the highest minival accuracy (a tie: the smaller lr).
 
@@ -218,7 +248,7 @@ def select(root: str) -> None:
   minival = {}
   for plan in FLAGS.plans:
     minival[plan] = {}
-    for lr in fewshot.CANDIDATE_LRS:
+    for lr in [float(lr) for lr in FLAGS.lrs] or fewshot.CANDIDATE_LRS:
       directory = os.path.join(root, 'select', f'{FLAGS.shots}shot', f'{plan}_lr{lr:g}')
       summary = run(directory, f'plan={plan},shots={FLAGS.shots},seed=0,lr={lr},select', root)
       minival[plan][f'{lr:g}'] = summary['final_eval_accuracy']
@@ -284,13 +314,14 @@ def study() -> None:
     f.write(table + '\n')
   with open(name + '.json', 'w') as f:
     json.dump({'shots': FLAGS.shots, 'seeds': seeds, 'plans': rows}, f, indent=2)
-  plot(rows, FLAGS.shots, name + '.png')
+  draw = params_plot if FLAGS.plot == 'params' else plot
+  draw(rows, FLAGS.shots, name + '.png')
   if FLAGS.readme:
     readme_section.replace(FLAGS.readme, markers(FLAGS.shots), table)
     docs = os.path.join(os.path.dirname(os.path.abspath(FLAGS.readme)), 'docs')
     os.makedirs(docs, exist_ok=True)
     name = FLAGS.section or f'demo_results_{FLAGS.shots}shot'
-    plot(rows, FLAGS.shots, os.path.join(docs, f'{name}.png'))
+    draw(rows, FLAGS.shots, os.path.join(docs, f'{name}.png'))
   print(table)
   print(f'{sum(map(len, runs.values()))} runs, {time.time() - start:.0f} s in this call')
 
@@ -302,10 +333,13 @@ def define_flags() -> None:
   flags.DEFINE_list('seeds', ['0', '1', '2'], 'seeds: each draws its labelled images and head init')
   flags.DEFINE_integer('shots', 10, 'labelled training images per class')
   flags.DEFINE_bool('select', False, 'choose learning rates on minival: configs/fewshot_lrs.json')
+  flags.DEFINE_list('lrs', [], '--select: these candidate lrs only (default CANDIDATE_LRS)')
   flags.DEFINE_bool('log_runs', False, "show each run's log (plan table, steps, evals)")
   flags.DEFINE_bool('runlocal', False, 'seconds-long runs of a narrow random VGG (smoke test)')
   flags.DEFINE_string('readme', '', 'README to update between the demo-results-<shots>shot markers')
   flags.DEFINE_string('section', '', 'README section (markers) and docs/ plot name instead')
+  flags.DEFINE_enum('plot', 'bars', ['bars', 'params'], 'bars per plan, or accuracy against '
+                    'trainable parameters (LoRA and the other plans as two series)')  # fmt: skip
 
 
 if __name__ == '__main__':

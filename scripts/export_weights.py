@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from ftlab import checkpoint, run, workdir  # noqa: E402
+from ftlab import checkpoint, lora, run, workdir  # noqa: E402
 from ftlab.porting import PortError, export  # noqa: E402
 
 
@@ -39,8 +39,7 @@ def load_run(directory: str, step: int | None = None):
     lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
   )
   variables = {
-    key: checkpoint.load_params(files.checkpoints, shapes[key], key=key, step=step)
-    for key in shapes
+    key: lora.load_params(files.checkpoints, shapes[key], key=key, step=step) for key in shapes
   }
   return model, variables, size
 

@@ -1,0 +1,98 @@
+"""LoRA end to end: a runlocal run of `lora(4) & blocks([4, 5])`, its resume, and the plain
+parameters export, soups and `combine` read from its checkpoints."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from configs import default
+from ftlab import checkpoint, ensemble, loop, lora, parallel, paths, run
+from scripts import export_weights
+from tests.run_files import plain_vgg11
+
+pytestmark = pytest.mark.slow  # runs of the loop
+
+PLAN = 'lora(4) & blocks([4, 5])'
+
+
+def config_for(steps=6):
+  config = plain_vgg11(default.get_config('runlocal'))
+  config.policy.name = PLAN
+  config.num_train_steps = steps
+  config.checkpoint_every_steps = 1
+  config.keep_checkpoints = 100
+  config.eval_every_steps = config.log_every_steps = steps
+  config.optimizer.weight_decay = 1e-3  # decays the adapters, never the frozen kernels
+  return config
+
+
+@pytest.fixture(scope='module')
+def lora_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('lora'))
+  return workdir, loop.train_and_evaluate(config_for(), workdir)
+
+
+def stored_params(workdir, step=None):
+  return paths.flatten(checkpoint.load_tree(os.path.join(workdir, 'checkpoints'), step)['params'])
+
+
+def test_lora_run_trains_adapters_only_and_counts_them(lora_run):
+  workdir, summary = lora_run
+  first, last = stored_params(workdir, 1), stored_params(workdir)
+  adapted = sorted(lora.counts(paths.unflatten(last)))
+  assert adapted == ['block4_conv1', 'block4_conv2', 'block5_conv1', 'block5_conv2']
+  moved = sorted(p for p in last if first[p].tobytes() != last[p].tobytes())
+  head = [p for p in last if p.split('/')[0] in ('fc', 'predictions')]
+  assert moved == sorted([f'{layer}/lora_{x}' for layer in adapted for x in 'ab'] + head)
+  adapters = sum(lora.counts(paths.unflatten(last)).values())
+  assert summary['trainable_parameters'] == adapters + sum(last[p].size for p in head)
+  plain_total = sum(x.size for p, x in last.items() if not lora.is_adapter(p))
+  assert summary['total_parameters'] == plain_total
+  assert summary['frozen_unchanged'] and summary['plan'] == 'lora(rank=4) & blocks(blocks=[4, 5])'
+  assert 'LoRA (rank 4, alpha 8)' in open(os.path.join(workdir, 'plan.txt')).read()
+
+
+def test_lora_resume_is_bit_identical(lora_run, tmp_path):
+  workdir, summary = lora_run
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(workdir, resumed)
+  os.remove(os.path.join(resumed, 'summary.json'))
+  for step in checkpoint.all_steps(os.path.join(resumed, 'checkpoints')):
+    if step > 3:
+      shutil.rmtree(os.path.join(resumed, 'checkpoints', str(step)))
+  again = loop.train_and_evaluate(config_for(), resumed)
+  a, b = stored_params(workdir), stored_params(resumed)
+  assert all(a[p].tobytes() == b[p].tobytes() for p in a)
+  assert again['final_eval_accuracy'] == summary['final_eval_accuracy']
+
+
+def test_export_and_combine_read_plain_parameters(lora_run):
+  workdir, summary = lora_run
+  model, variables, size = export_weights.load_run(workdir)
+  assert not any(lora.is_adapter(p) for p in paths.flatten(variables['params']))
+  raw = stored_params(workdir)
+  x = np.random.RandomState(0).uniform(size=(4, size, size, 3)).astype(np.float32)
+  # The adapted model's logits (as the steps compute them) from the plain parameters.
+  folded = model.apply(
+    {'params': lora.fold(paths.unflatten(raw))} | _stats(variables), x, train=False
+  )
+  plain = model.apply(variables, x, train=False)
+  np.testing.assert_allclose(plain, folded, atol=1e-5, rtol=0)
+  config = config_for()
+  output = ensemble.combine(
+    run.make_data(config),
+    parallel.Spread(config.parallelism),
+    [workdir, workdir],
+    ['logits', 'uniform_soup', 'wise'],
+    alphas=[0.5],
+  )
+  rows = {r['name']: r for r in output['results']}
+  accuracy = summary['final_eval_accuracy']
+  for name in (os.path.basename(workdir), 'uniform soup', 'WiSE-FT α=0.5'):
+    assert rows[name]['eval']['accuracy'] == pytest.approx(accuracy, abs=1e-9), name
+
+
+def _stats(variables):
+  return {'batch_stats': variables['batch_stats']} if variables.get('batch_stats') else {}
