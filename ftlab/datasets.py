@@ -464,9 +464,11 @@ def keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
 def read(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
   """The split in its fixed order, images still encoded: its files (and the parts of `a+b`)
   one after another, as tfds' slices count, so `train[a:b]` is positions a..b-1 of `train`."""
-  files_in_order = tfds.ReadConfig(interleave_cycle_length=1)
-  skip = {keys(builder)[0]: tfds.decode.SkipDecoding()}
-  return builder.as_dataset(split, shuffle_files=False, decoders=skip, read_config=files_in_order)
+  in_order, skip = tfds.ReadConfig(interleave_cycle_length=1), tfds.decode.SkipDecoding()
+  decoders = {keys(builder)[0]: skip}
+  return builder.as_dataset(
+    split=split, shuffle_files=False, decoders=decoders, read_config=in_order
+  )
 
 
 def read_labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
