@@ -41,6 +41,7 @@ CLUTTER = frozenset(
 EXIF_ORIENTATION = 0x0112  # the TIFF/EXIF tag: 1 = upright, 2-8 = how to turn the pixels
 # Labels are counted per class for the run's record when reading them is cheap (seconds).
 COUNT_LABELS_UP_TO = 20_000
+SKIP = tfds.decode.SkipDecoding()  # images read still encoded: decoded only where kept
 
 
 class DatasetError(ValueError):
@@ -462,13 +463,10 @@ def keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
 
 
 def read(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
-  """The split in its fixed order, images still encoded: its files (and the parts of `a+b`)
-  one after another, as tfds' slices count, so `train[a:b]` is positions a..b-1 of `train`."""
-  in_order, skip = tfds.ReadConfig(interleave_cycle_length=1), tfds.decode.SkipDecoding()
-  decoders = {keys(builder)[0]: skip}
-  return builder.as_dataset(
-    split=split, shuffle_files=False, decoders=decoders, read_config=in_order
-  )
+  """The split in its fixed order, images encoded: its files (and the parts of `a+b`) one
+  after another, as tfds' slices count, so `train[a:b]` is positions a..b-1 of `train`."""
+  kw = dict(shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1))
+  return builder.as_dataset(split=split, decoders={keys(builder)[0]: SKIP}, **kw)
 
 
 def read_labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
