@@ -7,6 +7,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from configs import default
 from ftlab import checkpoint, loop, paths
 
 
@@ -14,6 +15,19 @@ def plain_vgg11(config):
   """`config` on a plain VGG11 with the mlp head: the model whose layers a test counts (the
   runlocal smoke run trains VGG11-BN with a pooled head, which learns in 20 steps)."""
   config.model.name, config.model.head = 'vgg11', 'mlp'
+  return config
+
+
+def stepwise_config(policy, steps=8):
+  """runlocal on the plain VGG11 under `policy` for `steps` steps, a checkpoint after every
+  step (all kept) and one eval and log at the end: for tests that read the run step by step."""
+  config = plain_vgg11(default.get_config('runlocal'))
+  config.policy.name = policy
+  config.num_train_steps = steps
+  config.checkpoint_every_steps = 1
+  config.keep_checkpoints = 100
+  config.eval_every_steps = steps
+  config.log_every_steps = steps
   return config
 
 

@@ -11,9 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
 from ftlab import checkpoint, loop, mask_report, masked_delta, paths
-from tests.run_files import params_of, plain_vgg11
+from tests.run_files import params_of, stepwise_config
 
 pytestmark = pytest.mark.slow
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'scripts'))
@@ -23,13 +22,7 @@ FISHER = 'reselect(fisher(0.05, num_batches=1), every=3)'
 
 
 def config_for(policy, steps=8):
-  config = plain_vgg11(default.get_config('runlocal'))
-  config.policy.name = policy
-  config.num_train_steps = steps
-  config.checkpoint_every_steps = 1
-  config.keep_checkpoints = 100
-  config.eval_every_steps = steps
-  config.log_every_steps = steps
+  config = stepwise_config(policy, steps)
   config.optimizer.name = 'adam'
   config.optimizer.learning_rate = 1e-3
   return config

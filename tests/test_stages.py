@@ -8,9 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from configs import default
 from ftlab import checkpoint, loop, paths, train
-from tests.run_files import params_of, plain_vgg11
+from tests.run_files import params_of, stepwise_config
 
 # End to end: runs of the loop (the `not slow` tier skips them).
 pytestmark = pytest.mark.slow
@@ -19,13 +18,7 @@ GRADUAL = 'gradual_unfreezing(stage_steps=2)'
 
 
 def config_for(policy, steps=8):
-  config = plain_vgg11(default.get_config('runlocal'))
-  config.policy.name = policy
-  config.num_train_steps = steps
-  config.checkpoint_every_steps = 1
-  config.keep_checkpoints = 100
-  config.eval_every_steps = steps
-  config.log_every_steps = steps
+  config = stepwise_config(policy, steps)
   config.optimizer.weight_decay = 0.0  # a frozen leaf must not move for any reason
   return config
 
