@@ -88,24 +88,10 @@ class Arch:
   @classmethod
   def of(cls, model: vgg.VGG) -> Arch:
     """The architecture of a VGG module (`model()` run backwards)."""
-    return cls(
-      depth=model.depth,
-      batch_norm=model.batch_norm,
-      head=model.head,
-      width=model.width,
-      num_classes=model.num_classes,
-      adaptive_pool=model.adaptive_pool,
-    )
+    return cls(**{f.name: getattr(model, f.name) for f in dataclasses.fields(cls)})
 
   def model(self) -> vgg.VGG:
-    return vgg.VGG(
-      depth=self.depth,
-      batch_norm=self.batch_norm,
-      num_classes=self.num_classes,
-      head=self.head,
-      width=self.width,
-      adaptive_pool=self.adaptive_pool,
-    )
+    return vgg.VGG(**dataclasses.asdict(self))
 
   def to_json(self) -> dict:
     return {'name': self.name, **dataclasses.asdict(self)}
