@@ -20,12 +20,11 @@ import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ftlab import input_pipeline, lora, parallel
+from ftlab import input_pipeline, parallel, train
 from ftlab.datasets import DataSplit
 
 PRE_LOGITS = 'pre_logits'
@@ -167,8 +166,7 @@ def runs_after(model: nn.Module, layer: str, start: str) -> bool:
 
 
 def _feature_step(state: Any, batch: dict, *, features: Callable) -> dict:
-  stats = {'batch_stats': state.batch_stats} if state.batch_stats else {}
-  x = features({'params': lora.fold(state.params), **stats}, batch['image'])
+  x = features(train.model_variables(state.params, state.batch_stats), batch['image'])
   # Gathered: every process sees every example's features and fits the same probe.
   found = {'x': x, 'label': batch['label'], 'mask': batch['mask']}
   return lax.all_gather(found, parallel.AXIS, tiled=True)
@@ -211,18 +209,12 @@ class Sets:
       batches = input_pipeline.eval_iterator(
         split, self.order, image_size=self.image_size, preprocess=self.preprocess
       )
-    x, labels = None, np.zeros(split.num_examples, np.int64)
-    count = self.order.process_count
-    for k, batch in enumerate(batches):
-      out = jax.device_get(spread.unreplicate(p_features(state, spread.shard(batch))))
-      positions = input_pipeline.gathered_positions(
-        split.num_examples, count, self.order.local_batch, k
-      )
-      real = (out['mask'] > 0) & (positions >= 0)
-      if x is None:
-        x = np.zeros((split.num_examples, out['x'].shape[-1]), np.float32)
-      x[positions[real]], labels[positions[real]] = out['x'][real], out['label'][real]
-    return x, labels
+    order, n = self.order, split.num_examples
+    rows = functools.partial(
+      input_pipeline.gathered_positions, n, order.process_count, order.local_batch
+    )
+    found = parallel.collect(p_features, state, spread, batches, rows, n)
+    return found['x'], found['label']
 
   def evaluate(
     self, p_features: Callable, state: Any, spread: Any, cached: dict | None = None

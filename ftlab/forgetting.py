@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ftlab import checkpoint, input_pipeline, lora, parallel
+from ftlab import checkpoint, input_pipeline, parallel, train
 from ftlab.datasets import DataSplit
 
 PyTree = Any
@@ -59,9 +59,8 @@ def load_source_head(directory: str, params: PyTree) -> dict:
 
 
 def _predict_step(state: Any, batch: dict, *, model: nn.Module, head: dict) -> dict:
-  params = lora.fold({**state.params, HEAD: head})  # adapters folded: a plain VGG
-  stats = {'batch_stats': state.batch_stats} if state.batch_stats else {}
-  logits = model.apply({'params': params, **stats}, batch['image'], train=False)
+  variables = train.model_variables({**state.params, HEAD: head}, state.batch_stats)
+  logits = model.apply(variables, batch['image'], train=False)
   found = {'top1': jnp.argmax(logits, -1), 'mask': batch['mask']}
   return lax.all_gather(found, parallel.AXIS, tiled=True)
 
@@ -96,15 +95,11 @@ class Drift:
     batches = input_pipeline.eval_iterator(
       self.split, self.order, image_size=self.image_size, preprocess=self.preprocess
     )
-    found = np.full(self.split.num_examples, -1, np.int64)
-    for k, batch in enumerate(batches):
-      out = jax.device_get(spread.unreplicate(p_predict(state, spread.shard(batch))))
-      positions = input_pipeline.gathered_positions(
-        self.split.num_examples, self.order.process_count, self.order.local_batch, k
-      )
-      real = (out['mask'] > 0) & (positions >= 0)
-      found[positions[real]] = out['top1'][real]
-    return found
+    order, n = self.order, self.split.num_examples
+    rows = functools.partial(
+      input_pipeline.gathered_positions, n, order.process_count, order.local_batch
+    )
+    return parallel.collect(p_predict, state, spread, batches, rows, n)['top1']
 
   def start(self, p_predict: Callable, loaded_state: Any, spread: Any) -> None:
     """Records the loaded model's predictions (its own weights and head)."""

@@ -254,6 +254,47 @@ def prefetch_to_devices(batches: Iterator[Any], spread: Spread, size: int = 2) -
     yield queue.popleft()
 
 
+def collect(
+  p_step: Callable,
+  state: Any,
+  spread: Spread,
+  batches: Iterator[dict],
+  positions: Callable[[int], np.ndarray],
+  size: int,
+) -> dict[str, np.ndarray]:
+  """The per-example outputs of a gathering step over a split's padded batches, in split order.
+
+  Args:
+    p_step: `p_step(state, batch)` -> `{name: [global batch, ...], 'mask': [global batch]}`,
+      gathered over the devices (`lax.all_gather(..., tiled=True)`), so every process has all.
+    state: its first argument (replicated).
+    spread: the `Spread` it was compiled for.
+    batches: this process's padded host batches.
+    positions: `k -> [global batch]` split positions of batch k's gathered rows, -1 for
+      padding (`input_pipeline.gathered_positions`).
+    size: examples in the split.
+
+  Returns:
+    `{name: [size, ...]}` for every output but the mask.
+
+  Raises:
+    ValueError: the batches did not cover every example once.
+  """
+  found, filled = {}, 0
+  for k, batch in enumerate(batches):
+    out = jax.device_get(spread.unreplicate(p_step(state, spread.shard(batch))))
+    where = positions(k)
+    real = (out.pop('mask') > 0) & (where >= 0)
+    for name, value in out.items():
+      if name not in found:
+        found[name] = np.zeros((size,) + value.shape[1:], value.dtype)
+      found[name][where[real]] = value[real]
+    filled += int(real.sum())
+  if filled != size:
+    raise ValueError(f'{filled} of {size} examples computed')
+  return found
+
+
 def compiled_flops(compiled_fn: Callable, *args: Any) -> float:
   """FLOPs of `compiled_fn(*args)` from XLA's cost analysis of the compiled program."""
   analysis = compiled_fn.lower(*args).compile().cost_analysis()

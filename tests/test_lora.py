@@ -40,7 +40,7 @@ def lora_run(name, params=VARIABLES['params'], seed=0, steps=None):
 
 
 def logits(params, x, batch_stats=VARIABLES['batch_stats']):
-  return MODEL.apply(train._variables(params, batch_stats), x, train=False)
+  return MODEL.apply(train.model_variables(params, batch_stats), x, train=False)
 
 
 def test_conv_fold_equals_kxk_down_then_1x1_up():
