@@ -227,40 +227,10 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
   )
   window, best = _Window(first + 1, spread, config), _Best(config.early_stopping_patience)
   stop, results, flops = False, {}, {}
-  probe = run.fewshot
-  drift = run.drift
-  p_predict = drift and drift.compile(run.model, spread)
-  if drift:  # the loaded model's own predictions, the reference of the agreement
-    variables = run.variables
-    loaded = TrainState(0, variables['params'], variables.get('batch_stats', {}), ())
-    drift.start(p_predict, spread.replicate(loaded), spread)
+  p_predict = _start_drift(run)
 
   def run_evals(step):
-    found = {
-      n: evaluate(current.p_eval_step, state, spread, b()) for n, b in current.eval_sources.items()
-    }
-    for name, metrics in found.items():
-      writer.write(step, {f'{name}/{k}': v for k, v in metrics.items()})
-      logging.info('step %d: %s accuracy %.4f on %d examples', step, name, metrics['accuracy'],
-                   metrics['count'])  # fmt: skip
-    if current.p_ema_state:  # the averaged weights on the same splits
-      averaged = current.p_ema_state(state)
-      for name, batches in current.eval_sources.items():
-        metrics = evaluate(current.p_eval_step, averaged, spread, batches())
-        found[name].update(ema_accuracy=metrics['accuracy'], ema_loss=metrics['loss'])
-        writer.write(
-          step, {f'{name}/ema_accuracy': metrics['accuracy'], f'{name}/ema_loss': metrics['loss']}
-        )
-        logging.info('step %d: %s EMA accuracy %.4f', step, name, metrics['accuracy'])
-    if drift:
-      found['forgetting'] = drift.agreement(p_predict, state, spread)
-      writer.write(step, {'forgetting/agreement': found['forgetting']['agreement']})
-      logging.info('step %d: source head agreement %.4f', step, found['forgetting']['agreement'])
-    if probe:
-      found['fewshot'] = probe.evaluate(current.p_features, state, spread, current.probe_batches)
-      writer.write(step, {f'fewshot/{k}': v for k, v in found['fewshot'].items()})
-      logging.info('step %d: few-shot probe (%s) %s', step, probe.layer, found['fewshot'])
-    return found
+    return _evals(run, current, state, step, writer, p_predict)
 
   logging.info('training steps %d..%d under %s', first + 1, last, current.plan.name)
   with parallel.PreemptionNotice() as notice:
@@ -304,6 +274,49 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
   if is_writer:
     workdir.write_summary(run.workdir, summary)
   return summary
+
+
+def _start_drift(run: Run) -> Callable | None:
+  """The forgetting measure's compiled step, its reference (the loaded model's own
+  predictions) recorded; None without `config.evals.forgetting`."""
+  if not run.drift:
+    return None
+  p_predict = run.drift.compile(run.model, run.spread)
+  variables = run.variables
+  loaded = TrainState(0, variables['params'], variables.get('batch_stats', {}), ())
+  run.drift.start(p_predict, run.spread.replicate(loaded), run.spread)
+  return p_predict
+
+
+def _evals(run: Run, current: _Stage, state: TrainState, step: int, writer, p_predict) -> dict:
+  """Every eval at `step`, written and logged: loss and accuracy of each split (and of the
+  EMA weights), the source head's agreement, the few-shot probe."""
+  spread, drift, probe = run.spread, run.drift, run.fewshot
+  found = {
+    n: evaluate(current.p_eval_step, state, spread, b()) for n, b in current.eval_sources.items()
+  }
+  for name, metrics in found.items():
+    writer.write(step, {f'{name}/{k}': v for k, v in metrics.items()})
+    logging.info('step %d: %s accuracy %.4f on %d examples', step, name, metrics['accuracy'],
+                 metrics['count'])  # fmt: skip
+  if current.p_ema_state:  # the averaged weights on the same splits
+    averaged = current.p_ema_state(state)
+    for name, batches in current.eval_sources.items():
+      metrics = evaluate(current.p_eval_step, averaged, spread, batches())
+      found[name].update(ema_accuracy=metrics['accuracy'], ema_loss=metrics['loss'])
+      writer.write(
+        step, {f'{name}/ema_accuracy': metrics['accuracy'], f'{name}/ema_loss': metrics['loss']}
+      )
+      logging.info('step %d: %s EMA accuracy %.4f', step, name, metrics['accuracy'])
+  if drift:
+    found['forgetting'] = drift.agreement(p_predict, state, spread)
+    writer.write(step, {'forgetting/agreement': found['forgetting']['agreement']})
+    logging.info('step %d: source head agreement %.4f', step, found['forgetting']['agreement'])
+  if probe:
+    found['fewshot'] = probe.evaluate(current.p_features, state, spread, current.probe_batches)
+    writer.write(step, {f'fewshot/{k}': v for k, v in found['fewshot'].items()})
+    logging.info('step %d: few-shot probe (%s) %s', step, probe.layer, found['fewshot'])
+  return found
 
 
 def _save(run: Run, state: TrainState, plan: policies.Plan, step: int) -> None:

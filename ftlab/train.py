@@ -148,10 +148,62 @@ def cross_entropy(
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def _variables(params: PyTree, batch_stats: PyTree) -> dict:
-  # The one place the steps' parameters meet `model.apply`: LoRA adapters are folded into
-  # their kernels here (a plain tree passes as it is), so the model stays a plain VGG.
+def model_variables(params: PyTree, batch_stats: PyTree) -> dict:
+  """What `model.apply` takes for a state's `params` and `batch_stats` (none: left out).
+
+  The one place parameters meet `model.apply` in the steps and evaluators: LoRA adapters are
+  folded into their kernels here (a plain tree passes as it is), so the model stays a VGG.
+  """
   return {'params': lora.fold(params), **({'batch_stats': batch_stats} if batch_stats else {})}
+
+
+def _gradients(
+  trainable: dict,
+  frozen: dict,
+  batch_stats: PyTree,
+  batch: dict,
+  rng: jax.Array,
+  model: nn.Module,
+  label_smoothing: float,
+  accum_steps: int,
+) -> tuple:
+  """This device's `(loss, accuracy, batch_stats, gradient of the trainable leaves)`: on the
+  whole share, or the mean over `accum_steps` micro-batches taken in turn (`train_step`)."""
+
+  def loss_fn(trainable, batch, batch_stats, rng):
+    params = paths.merge(frozen, trainable)
+    logits, new_vars = model.apply(
+      model_variables(params, batch_stats),
+      batch['image'],
+      train=True,
+      mutable=['batch_stats'],
+      rngs={'dropout': rng},
+    )
+    loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
+    correct = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+    return loss, (correct, new_vars.get('batch_stats', {}))
+
+  gradients = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (loss, (accuracy, batch_stats)), grads = gradients(trainable, batch, batch_stats, rng)
+    return loss, accuracy, batch_stats, grads
+  micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
+
+  def micro_step(carry, xs):
+    grads_sum, batch_stats = carry
+    micro_batch, i = xs
+    (loss, (correct, batch_stats)), grads = gradients(
+      trainable, micro_batch, batch_stats, jax.random.fold_in(rng, i)
+    )
+    return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), (loss, correct)
+
+  zeros = jax.tree.map(jnp.zeros_like, trainable)
+  (grads, batch_stats), (losses, correct) = lax.scan(
+    micro_step, (zeros, batch_stats), (micro, jnp.arange(accum_steps))
+  )
+  grads = jax.tree.map(lambda g: g / accum_steps, grads)
+  loss, accuracy = jnp.mean(losses), jnp.mean(correct)
+  return loss, accuracy, batch_stats, grads
 
 
 def train_step(
@@ -198,39 +250,9 @@ def train_step(
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
   trainable, frozen = paths.split(state.params, trainable_mask)
 
-  def loss_fn(trainable, batch, batch_stats, rng):
-    params = paths.merge(frozen, trainable)
-    logits, new_vars = model.apply(
-      _variables(params, batch_stats),
-      batch['image'],
-      train=True,
-      mutable=['batch_stats'],
-      rngs={'dropout': rng},
-    )
-    loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
-    correct = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
-    return loss, (correct, new_vars.get('batch_stats', {}))
-
-  gradients = jax.value_and_grad(loss_fn, has_aux=True)
-  if accum_steps == 1:
-    (loss, (accuracy, batch_stats)), grads = gradients(trainable, batch, state.batch_stats, rng)
-  else:
-    micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
-
-    def micro_step(carry, xs):
-      grads_sum, batch_stats = carry
-      micro_batch, i = xs
-      (loss, (correct, batch_stats)), grads = gradients(
-        trainable, micro_batch, batch_stats, jax.random.fold_in(rng, i)
-      )
-      return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), (loss, correct)
-
-    zeros = jax.tree.map(jnp.zeros_like, trainable)
-    (grads, batch_stats), (losses, correct) = lax.scan(
-      micro_step, (zeros, state.batch_stats), (micro, jnp.arange(accum_steps))
-    )
-    grads = jax.tree.map(lambda g: g / accum_steps, grads)
-    loss, accuracy = jnp.mean(losses), jnp.mean(correct)
+  loss, accuracy, batch_stats, grads = _gradients(
+    trainable, frozen, state.batch_stats, batch, rng, model, label_smoothing, accum_steps
+  )
   grads = lax.pmean(grads, AXIS)
   # The optimizer sees the full tree; frozen gradients are constants it maps to zero.
   full_grads = paths.merge({p: jnp.zeros_like(x) for p, x in frozen.items()}, grads)
@@ -274,7 +296,9 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict:
   Returns:
     `loss_sum`, `correct` and `count` over the real examples of the global batch.
   """
-  logits = model.apply(_variables(state.params, state.batch_stats), batch['image'], train=False)
+  logits = model.apply(
+    model_variables(state.params, state.batch_stats), batch['image'], train=False
+  )
   mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32)).astype(jnp.float32)
   sums = {
     'loss_sum': jnp.sum(cross_entropy(logits, batch['label']) * mask),
@@ -310,7 +334,7 @@ def fisher_step(
 
   def example_loss(leaves, image, label):
     params = paths.merge(fixed, leaves)
-    logits = model.apply(_variables(params, state.batch_stats), image[None], train=False)
+    logits = model.apply(model_variables(params, state.batch_stats), image[None], train=False)
     return cross_entropy(logits, label[None]).sum()
 
   def add_chunk(total, xs):
@@ -351,7 +375,7 @@ def gradient_step(
 
   def loss_fn(leaves):
     params = paths.merge(fixed, leaves)
-    logits = model.apply(_variables(params, state.batch_stats), batch['image'], train=False)
+    logits = model.apply(model_variables(params, state.batch_stats), batch['image'], train=False)
     return jnp.sum(cross_entropy(logits, batch['label']) * weights)
 
   grads = jax.grad(loss_fn)(scored)
