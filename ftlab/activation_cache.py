@@ -43,7 +43,8 @@ import numpy as np
 from absl import logging
 from jax import lax
 
-from ftlab import datasets, input_pipeline, lora, parallel, paths, policies, storage, train
+from ftlab import lora, parallel, paths, policies, storage, train
+from ftlab.data import datasets, input_pipeline
 
 PyTree = Any
 MODES = ('off', 'auto', 'memory', 'disk')  # auto: memory up to a size limit, else disk

@@ -32,8 +32,9 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from ftlab import input_pipeline, lora, parallel, paths, run, soups, storage, train
+from ftlab import lora, parallel, paths, run, soups, storage, train
 from ftlab import workdir as workdir_
+from ftlab.data import input_pipeline
 
 PyTree = Any
 

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ftlab import input_pipeline, parallel, train
-from ftlab.datasets import DataSplit
+from ftlab import parallel, train
+from ftlab.data import input_pipeline
+from ftlab.data.datasets import DataSplit
 
 PRE_LOGITS = 'pre_logits'
 
@@ -251,7 +252,7 @@ def make_sets(
 
   Raises:
     ValueError: shots that are not positive integers, or an unknown layer.
-    datasets.DatasetError: from `build`.
+    sources.DatasetError: from `build`.
   """
   shots = tuple(cfg.get('shots', ()) or ())
   if not shots:

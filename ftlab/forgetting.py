@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ftlab import checkpoint, input_pipeline, parallel, train
-from ftlab.datasets import DataSplit
+from ftlab import checkpoint, parallel, train
+from ftlab.data import input_pipeline
+from ftlab.data.datasets import DataSplit
 
 PyTree = Any
 HEAD = 'predictions'  # the layer that a task's head replaces

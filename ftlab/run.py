@@ -29,23 +29,21 @@ from absl import logging
 from ftlab import (
   activation_cache,
   checkpoint,
-  datasets,
   dynamic_masks,
   fewshot_probe,
   forgetting,
   init_from,
-  input_pipeline,
   lora,
   optim,
   parallel,
   paths,
   policies,
-  preprocessing,
   sparse_masks,
   storage,
   train,
   workdir,
 )
+from ftlab.data import datasets, input_pipeline, preprocessing, sources
 from ftlab.models import lowering, vgg
 from ftlab.train import TrainState, bind_model, create_train_state
 
@@ -118,7 +116,7 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
   their order and image preparation (`preprocess`, default the config's).
 
   Raises:
-    ConfigError: an unknown preprocessing or augmentation, or a `datasets.DatasetError`.
+    ConfigError: an unknown preprocessing or augmentation, or a `sources.DatasetError`.
   """
   ds = config.dataset
   if preprocess is None and ds.preprocess == 'auto':  # the init weights' own convention
@@ -131,7 +129,7 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
     augmentations = ', '.join(input_pipeline.AUGMENTATIONS)
     raise ConfigError(f'unknown augmentation {ds.augment!r}; valid: {augmentations}')
   common = _dataset_kwargs(config)
-  with config_errors(datasets.DatasetError):
+  with config_errors(sources.DatasetError):
     train_split, splits = ds.train_split, {'eval': ds.eval_split}
     if ds.minival:
       train_split, splits['minival'] = datasets.minival_split(ds.train_split, ds.minival)
@@ -171,7 +169,7 @@ def make_evals(config: Any, data: input_pipeline.Data, model: nn.Module, variabl
   """
   ds, evals, kwargs = config.dataset, config.get('evals', {}), _dataset_kwargs(config)
   build = lambda split, n=0: datasets.build_dataset(ds.name, split, examples_per_class=n, **kwargs)
-  with config_errors(ValueError, datasets.DatasetError):
+  with config_errors(ValueError, sources.DatasetError):
     fewshot = fewshot_probe.make_sets(
       evals.get('fewshot', {}), ds.train_split, ds.eval_split, build, data, model
     )

@@ -29,9 +29,9 @@ def eight_devices():
 def fashion_mnist_prepared():
   """Prepares the `runlocal` configs' dataset (tfds default data_dir, Debian IDX files)
   before any test or subprocess reads it: two workers preparing it at once would race."""
-  from ftlab import datasets
+  from ftlab.data import datasets, sources
 
-  if not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR):
+  if not os.path.isdir(sources.DEBIAN_FASHION_MNIST_DIR):
     return
   with open(os.path.join(tempfile.gettempdir(), 'ftlab-tests-tfds.lock'), 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
@@ -45,7 +45,7 @@ def fashion_mnist_prepared():
 def fake(tmp_path_factory):
   """`build_dataset` keyword arguments for a prepared fake Fashion-MNIST whose images carry
   their index (tests/test_input_pipeline.py: `write_fake_fashion_mnist`, `ids_of`)."""
-  from ftlab import datasets
+  from ftlab.data import datasets
   from tests.test_input_pipeline import write_fake_fashion_mnist
 
   root = tmp_path_factory.mktemp('fake_fashion_mnist')

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from ftlab import activation_cache, datasets, input_pipeline, optim, parallel, policies, train
+from ftlab import activation_cache, optim, parallel, policies, train
+from ftlab.data import datasets, input_pipeline
 from tests import fakes
 from tests.test_input_pipeline import eval_ids, ids_of
 from tests.test_train import SGD

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from configs import demo
-from ftlab import checkpoint, datasets, ensemble, loop, parallel, run, soups, workdir
+from ftlab import checkpoint, ensemble, loop, parallel, run, soups, workdir
+from ftlab.data import sources
 from scripts import combine_report
 from tests import fakes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_fashion_mnist = pytest.mark.skipif(
-  not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
+  not os.path.isdir(sources.DEBIAN_FASHION_MNIST_DIR),
   reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
 )
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import datasets, fewshot_probe, input_pipeline, loop, parallel, train
+from ftlab import fewshot_probe, loop, parallel, train
+from ftlab.data import datasets, input_pipeline
 from ftlab.metric_writers import read_jsonl
 from tests import fakes
 

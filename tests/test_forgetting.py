@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import checkpoint, datasets, forgetting, input_pipeline, loop, paths, run
+from ftlab import checkpoint, forgetting, loop, paths, run
+from ftlab.data import datasets, input_pipeline
 from ftlab.metric_writers import read_jsonl
 from tests.run_files import params_of
 

@@ -14,9 +14,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ftlab import datasets
-from ftlab import input_pipeline as ip
-from ftlab.input_pipeline import BatchOrder
+from ftlab.data import datasets, sources
+from ftlab.data import input_pipeline as ip
+from ftlab.data.input_pipeline import BatchOrder
 
 N_TRAIN, N_TEST = 100, 1001
 CATALOG_NAMES = tfds.builder('fashion_mnist').info.features['label'].names  # from code, offline
@@ -65,10 +65,10 @@ def take(iterator, n):
 def test_read_idx_round_trip_and_bad_magic(tmp_path):
   images = fake_images(5)
   write_idx(tmp_path / 'i.gz', images, 2051)
-  np.testing.assert_array_equal(datasets.read_idx(str(tmp_path / 'i.gz'), 'images'), images)
+  np.testing.assert_array_equal(sources.read_idx(str(tmp_path / 'i.gz'), 'images'), images)
   write_idx(tmp_path / 'l.gz', np.arange(5), 2049)
   with pytest.raises(ValueError, match='magic 2049'):
-    datasets.read_idx(str(tmp_path / 'l.gz'), 'images')
+    sources.read_idx(str(tmp_path / 'l.gz'), 'images')
 
 
 def test_local_fashion_mnist_matches_catalog_and_caches(fake, tmp_path):
@@ -98,11 +98,9 @@ def test_local_fashion_mnist_matches_catalog_and_caches(fake, tmp_path):
 @pytest.mark.slow  # prepares the whole dataset
 def test_real_debian_fashion_mnist(tmp_path):
   if not os.path.exists(
-    os.path.join(datasets.DEBIAN_FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz')
+    os.path.join(sources.DEBIAN_FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz')
   ):
-    pytest.skip(
-      f'{datasets.DEBIAN_FASHION_MNIST_DIR} absent: apt-get install dataset-fashion-mnist'
-    )
+    pytest.skip(f'{sources.DEBIAN_FASHION_MNIST_DIR} absent: apt-get install dataset-fashion-mnist')
   train = datasets.build_dataset(
     'fashion_mnist', 'train', data_dir=str(tmp_path)
   )  # ~20 s to prepare
@@ -360,7 +358,7 @@ def test_each_process_reads_only_its_shards(fake, monkeypatch):
   tfds slice), and the records it reads are the ones its batches hold."""
   data = datasets.build_dataset('fashion_mnist', 'train', **fake)
   reads = []
-  read = datasets.read
+  read = sources.read
 
   def counting_read(builder, split):
     ds = read(builder, split)
@@ -368,7 +366,7 @@ def test_each_process_reads_only_its_shards(fake, monkeypatch):
     return ds
 
   _, in_order = eval_ids(data, 16)  # example ids in the split's (tfds) order
-  monkeypatch.setattr(datasets, 'read', counting_read)
+  monkeypatch.setattr(sources, 'read', counting_read)
   shares = ip.parts(N_TRAIN, 2)
   for p in range(2):
     reads.clear()
@@ -501,7 +499,7 @@ def test_folder_clutter_is_ignored_alike_by_the_check_and_the_reader(tmp_path):
   shutil.rmtree(clean / 'train' / 'cat' / 'crops')
   for f in ('desktop.ini', 'notes.txt'):
     os.remove(clean / 'train' / 'dog' / f)
-  ours = datasets.get_builder(f'image_folder:{clean}').listing.splits['train']
+  ours = sources.get_builder(f'image_folder:{clean}').listing.splits['train']
   theirs = tfds.ImageFolder(str(clean))._split_examples['train']
   assert [(p, c) for p, c in ours] == [(e.image_path, e.label) for e in theirs]
 
@@ -512,7 +510,7 @@ def test_exif_orientation_turns_photos_as_a_viewer_shows_them(orientation, tmp_p
 
   stored = np.random.RandomState(orientation).randint(0, 256, (6, 10, 3)).astype(np.uint8)
   exif = Image.Exif()
-  exif[datasets.EXIF_ORIENTATION] = orientation
+  exif[sources.EXIF_ORIENTATION] = orientation
   path = tmp_path / 'train' / 'a' / 'photo.png'  # PNG: lossless, so pixels compare exactly
   os.makedirs(path.parent)
   Image.fromarray(stored).save(path, exif=exif)
@@ -532,15 +530,15 @@ def test_exif_orientation_turns_photos_as_a_viewer_shows_them(orientation, tmp_p
 
 def test_labels_are_read_once_per_process_until_the_files_change(fake, monkeypatch):
   builder = datasets.build_dataset('fashion_mnist', 'test', **fake).builder
-  first = datasets.read_labels(builder, 'test')
+  first = sources.read_labels(builder, 'test')
   reads = []
-  real_read = datasets.read
-  monkeypatch.setattr(datasets, 'read', lambda *a: reads.append(a) or real_read(*a))
+  real_read = sources.read
+  monkeypatch.setattr(sources, 'read', lambda *a: reads.append(a) or real_read(*a))
   first[:] = -1  # the caller's copy: the kept labels are not changed through it
-  again = datasets.read_labels(builder, 'test')
+  again = sources.read_labels(builder, 'test')
   assert reads == [] and (again >= 0).all()
-  assert len(datasets.read_labels(builder, 'test[:5]')) == 5 and len(reads) == 1
+  assert len(sources.read_labels(builder, 'test[:5]')) == 5 and len(reads) == 1
   (path,) = builder.info.splits['test'].filepaths
   os.utime(path, ns=(1, 1))  # rewritten files are read again
-  np.testing.assert_array_equal(datasets.read_labels(builder, 'test'), again)
+  np.testing.assert_array_equal(sources.read_labels(builder, 'test'), again)
   assert len(reads) == 2

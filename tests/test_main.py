@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import default, demo, transfer
-from ftlab import checkpoint, datasets, loop, paths
+from ftlab import checkpoint, loop, paths
+from ftlab.data import sources
 from ftlab.metric_writers import read_jsonl
 
 # End to end: runs of the loop (the `not slow` tier skips them).
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_fashion_mnist = pytest.mark.skipif(
-  not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
+  not os.path.isdir(sources.DEBIAN_FASHION_MNIST_DIR),
   reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
 )
 

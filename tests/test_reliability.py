@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import checkpoint, datasets, loop, policies
+from ftlab import checkpoint, loop, policies
+from ftlab.data import sources
 from ftlab.metric_writers import read_jsonl
 from tests.run_files import params_of, plain_vgg11
 
@@ -20,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [
   pytest.mark.slow,
   pytest.mark.skipif(
-    not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
+    not os.path.isdir(sources.DEBIAN_FASHION_MNIST_DIR),
     reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
   ),
 ]

@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 from configs import default
-from ftlab import datasets, run, storage, workdir
+from ftlab import run, storage, workdir
+from ftlab.data import sources
 from ftlab.metric_writers import MetricWriter, read_jsonl
 from tests import gcs_emulator
 
@@ -22,7 +23,7 @@ needs_emulator = pytest.mark.skipif(
   reason='gcp-storage-emulator or gcsfs absent: pip install -e ".[test]"',
 )
 needs_fashion_mnist = pytest.mark.skipif(
-  not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
+  not os.path.isdir(sources.DEBIAN_FASHION_MNIST_DIR),
   reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
 )
 

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import checkpoint, datasets, loop
+from ftlab import checkpoint, loop
+from ftlab.data import sources
 from ftlab.metric_writers import read_jsonl
 
 # End to end: runs of the loop (the `not slow` tier skips them).
 pytestmark = pytest.mark.slow
 
 needs_fashion_mnist = pytest.mark.skipif(
-  not os.path.isdir(datasets.DEBIAN_FASHION_MNIST_DIR),
+  not os.path.isdir(sources.DEBIAN_FASHION_MNIST_DIR),
   reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
 )
 

@@ -22,8 +22,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow.python.eager import context as tf_context
 
-from ftlab import datasets, preprocessing
-from ftlab.datasets import DataSplit
+from ftlab.data import preprocessing, sources
+from ftlab.data.datasets import DataSplit
 
 PREPROCESSING = preprocessing.CONVENTIONS
 AUGMENTATIONS = ('none', 'flip', 'pad_crop', 'resized_crop')  # both crops also flip
@@ -99,7 +99,7 @@ def narrow(data: DataSplit, positions: np.ndarray) -> DataSplit:
 
   tfds reads a slice through the files that hold it, so a process reading its share of a
   split stored in many files (ImageNet's 1,024) opens about its share of them. Image folders
-  are listed whole (`datasets.ImageFolder` reads whole splits), as are splits whose sizes
+  are listed whole (`sources.ImageFolder` reads whole splits), as are splits whose sizes
   tfds does not record (its mock data); their records are filtered, not narrowed.
   """
   chosen = data.indices[positions]
@@ -110,7 +110,7 @@ def narrow(data: DataSplit, positions: np.ndarray) -> DataSplit:
     instructions = tfds.core.ReadInstruction.from_spec(data.read_split).to_absolute(splits)
   except (ValueError, KeyError):  # no split sizes recorded (tfds' mock data): read it whole
     return whole
-  if isinstance(data.builder, datasets.ImageFolder) or not len(chosen):
+  if isinstance(data.builder, sources.ImageFolder) or not len(chosen):
     return whole
   specs, indices, start, offset = [], [], 0, 0
   for part in instructions:
@@ -152,8 +152,8 @@ def exif_transpose(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
 def _examples(data: DataSplit) -> tf.data.Dataset:
   """Every example of `data`: `{'image': encoded, 'label': int32}` (and `'orientation'` for
   rotated photos), in split order."""
-  image_key, label_key = datasets.keys(data.builder)
-  ds = datasets.read(data.builder, data.read_split)
+  image_key, label_key = sources.keys(data.builder)
+  ds = sources.read(data.builder, data.read_split)
   keep = np.zeros(int(ds.cardinality()), bool)
   keep[data.indices] = True
   keep = tf.constant(keep)
@@ -178,9 +178,7 @@ def _examples(data: DataSplit) -> tf.data.Dataset:
 
 def _decode(data: DataSplit, example: dict) -> tf.Tensor:
   """The example's image, decoded and (for a rotated photo) turned upright."""
-  image = data.builder.info.features[datasets.keys(data.builder)[0]].decode_example(
-    example['image']
-  )
+  image = data.builder.info.features[sources.keys(data.builder)[0]].decode_example(example['image'])
   if 'orientation' in example:
     image = exif_transpose(image, example['orientation'])
   return image

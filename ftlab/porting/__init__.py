@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from ftlab import preprocessing
+from ftlab.data import preprocessing
 from ftlab.models import vgg
 from ftlab.porting import keras_h5, onnx_graph, tensor_files, timm, torchvision
 from ftlab.porting.common import Arch, Ported, PortError, Preprocessing, param_count

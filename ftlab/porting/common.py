@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftlab import paths, preprocessing
+from ftlab import paths
+from ftlab.data import preprocessing
 from ftlab.models import vgg
 
 Shape = tuple[int, ...]

@@ -1,0 +1,10 @@
+"""The data family: named datasets, the examples of a split, batches, input conventions.
+
+  sources.py         dataset names -> prepared tfds builders (catalog, offline Fashion-MNIST,
+                     image folders); reading a split's records in their fixed order
+  datasets.py        `DataSplit`: slicing, class subsets, per-class budgets, minival
+  input_pipeline.py  `BatchOrder`, `Data`, train and padded eval iterators, augmentation
+  preprocessing.py   the weights' input conventions (`caffe`, `torch`, `unit`)
+
+Nothing here knows of models, plans or the loop.
+"""
