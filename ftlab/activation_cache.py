@@ -43,8 +43,9 @@ import numpy as np
 from absl import logging
 from jax import lax
 
-from ftlab import lora, parallel, paths, policies, storage, train
+from ftlab import lora, parallel, paths, policies, train
 from ftlab.data import datasets, input_pipeline
+from ftlab.files import storage
 
 PyTree = Any
 MODES = ('off', 'auto', 'memory', 'disk')  # auto: memory up to a size limit, else disk

@@ -32,9 +32,10 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from ftlab import lora, parallel, paths, run, soups, storage, train
-from ftlab import workdir as workdir_
+from ftlab import lora, parallel, paths, run, soups, train
 from ftlab.data import input_pipeline
+from ftlab.files import storage
+from ftlab.files import workdir as workdir_
 
 PyTree = Any
 

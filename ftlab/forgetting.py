@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ftlab import checkpoint, parallel, train
+from ftlab import parallel, train
 from ftlab.data import input_pipeline
 from ftlab.data.datasets import DataSplit
+from ftlab.files import checkpoint
 
 PyTree = Any
 HEAD = 'predictions'  # the layer that a task's head replaces

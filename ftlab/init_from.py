@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ftlab import checkpoint, lora, paths, storage
+from ftlab import lora, paths
+from ftlab.files import checkpoint, storage
 from ftlab.models import vgg
 from ftlab.porting import weights
 from ftlab.porting.common import PortError

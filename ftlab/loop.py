@@ -16,16 +16,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from ftlab import (
-  checkpoint,
-  fewshot_probe,
-  metric_writers,
-  optim,
-  parallel,
-  policies,
-  train,
-  workdir,
-)
+from ftlab import fewshot_probe, optim, parallel, policies, train
+from ftlab.files import checkpoint, metric_writers, workdir
 from ftlab.run import ConfigError, Run, build_model, cached_sources, make_run
 from ftlab.train import TrainState, compile_ema_state, compile_steps, evaluate
 
@@ -196,7 +188,7 @@ class _Best:
 def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool = False) -> dict:
   """Trains and evaluates as `config` says, resuming from `directory` if it holds a checkpoint.
 
-  Writes (process 0) the workdir's record (`ftlab.workdir`), metrics, TensorBoard events and
+  Writes (process 0) the workdir's record (`ftlab.files.workdir`), metrics, TensorBoard events and
   `summary.json`; every process takes part in `checkpoints/`. A multi-stage plan compiles one
   step per stage; at a boundary the parameters carry over and the optimizer state is rebuilt.
   A rerun resumes only under the config the run started with, up to what a resume may change
@@ -329,7 +321,7 @@ def _save(run: Run, state: TrainState, plan: policies.Plan, step: int) -> None:
 
 
 def _record_launch(run: Run) -> None:
-  """The workdir's record of this launch (`ftlab.workdir.record_launch`), data logged."""
+  """The workdir's record of this launch (`ftlab.files.workdir.record_launch`), data logged."""
   data = run.data.describe()
   workdir.log_data(data)
   plan, _ = run.setup(run.stage)

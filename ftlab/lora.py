@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftlab import checkpoint, paths, policy_syntax
+from ftlab import paths, policy_syntax
+from ftlab.files import checkpoint
 from ftlab.policy_syntax import PlanError
 
 PyTree = Any

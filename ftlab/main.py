@@ -5,7 +5,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ftlab import checkpoint, loop, run
+from ftlab import loop, run
+from ftlab.files import checkpoint
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

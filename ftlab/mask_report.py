@@ -19,7 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from ftlab import checkpoint, init_from, paths, policies, workdir
+from ftlab import init_from, paths, policies
+from ftlab.files import checkpoint, workdir
 from ftlab.run import build_model
 
 LEVELS = '/levels/'  # where `optim.EntryMaskState` keeps entry levels in a checkpoint

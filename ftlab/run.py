@@ -28,7 +28,6 @@ from absl import logging
 
 from ftlab import (
   activation_cache,
-  checkpoint,
   dynamic_masks,
   fewshot_probe,
   forgetting,
@@ -39,11 +38,10 @@ from ftlab import (
   paths,
   policies,
   sparse_masks,
-  storage,
   train,
-  workdir,
 )
 from ftlab.data import datasets, input_pipeline, preprocessing, sources
+from ftlab.files import checkpoint, storage, workdir
 from ftlab.models import lowering, vgg
 from ftlab.train import TrainState, bind_model, create_train_state
 

@@ -8,7 +8,8 @@ import ml_collections
 import numpy as np
 
 from configs import default
-from ftlab import checkpoint, loop, paths
+from ftlab import loop, paths
+from ftlab.files import checkpoint
 
 
 def plain_vgg11(config):

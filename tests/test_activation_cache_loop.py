@@ -9,7 +9,8 @@ import shutil
 import pytest
 
 from configs import default
-from ftlab import activation_cache, checkpoint, loop
+from ftlab import activation_cache, loop
+from ftlab.files import checkpoint
 from tests.run_files import params_of
 
 # End to end: runs of the loop (the `not slow` tier skips them).

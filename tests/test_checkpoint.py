@@ -10,7 +10,8 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from ftlab import checkpoint, optim, parallel, paths, policies, train
+from ftlab import optim, parallel, paths, policies, train
+from ftlab.files import checkpoint
 from ftlab.models import vgg
 
 ADAM = dict(name='adam', learning_rate=0.01, schedule='constant')

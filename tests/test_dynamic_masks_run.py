@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from ftlab import checkpoint, loop, mask_report, masked_delta, paths
+from ftlab import loop, mask_report, masked_delta, paths
+from ftlab.files import checkpoint
 from tests.run_files import params_of, stepwise_config
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,9 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs import default
-from ftlab import checkpoint, loop, optim, parallel, paths, policies, train
-from ftlab.metric_writers import read_jsonl
+from ftlab import loop, optim, parallel, paths, policies, train
+from ftlab.files import checkpoint
+from ftlab.files.metric_writers import read_jsonl
 from tests import fakes
 from tests.run_files import params_of
 

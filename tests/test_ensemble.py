@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from configs import demo
-from ftlab import checkpoint, ensemble, loop, parallel, run, soups, workdir
+from ftlab import ensemble, loop, parallel, run, soups
 from ftlab.data import sources
+from ftlab.files import checkpoint, workdir
 from scripts import combine_report
 from tests import fakes
 

@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from configs import default
-from ftlab import checkpoint, paths, porting, run
+from ftlab import paths, porting, run
+from ftlab.files import checkpoint
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'scripts'))
 import export_weights  # noqa: E402

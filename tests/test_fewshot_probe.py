@@ -6,7 +6,7 @@ import pytest
 from configs import default
 from ftlab import fewshot_probe, loop, parallel, train
 from ftlab.data import datasets, input_pipeline
-from ftlab.metric_writers import read_jsonl
+from ftlab.files.metric_writers import read_jsonl
 from tests import fakes
 
 

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import checkpoint, forgetting, loop, paths, run
+from ftlab import forgetting, loop, paths, run
 from ftlab.data import datasets, input_pipeline
-from ftlab.metric_writers import read_jsonl
+from ftlab.files import checkpoint
+from ftlab.files.metric_writers import read_jsonl
 from tests.run_files import params_of
 
 SOURCE_CLASSES = 7  # the loaded weights' own head ("ImageNet"), not the task's 10

@@ -7,7 +7,8 @@ import pytest
 from jax import lax
 from ml_collections import ConfigDict
 
-from ftlab import checkpoint, lora, optim, parallel, paths, policies, train
+from ftlab import lora, optim, parallel, paths, policies, train
+from ftlab.files import checkpoint
 from ftlab.models import vgg
 from ftlab.policy_syntax import PlanError
 from tests import fakes

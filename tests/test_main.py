@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from configs import default, demo, transfer
-from ftlab import checkpoint, loop, paths
+from ftlab import loop, paths
 from ftlab.data import sources
-from ftlab.metric_writers import read_jsonl
+from ftlab.files import checkpoint
+from ftlab.files.metric_writers import read_jsonl
 
 # End to end: runs of the loop (the `not slow` tier skips them).
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from ftlab import checkpoint
 from ftlab.data import sources
-from ftlab.metric_writers import read_jsonl
+from ftlab.files import checkpoint
+from ftlab.files.metric_writers import read_jsonl
 from tests.run_files import params_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

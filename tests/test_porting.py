@@ -21,7 +21,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ftlab import checkpoint, porting
+from ftlab import porting
+from ftlab.files import checkpoint
 from ftlab.porting import PortError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

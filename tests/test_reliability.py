@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import checkpoint, loop, policies
+from ftlab import loop, policies
 from ftlab.data import sources
-from ftlab.metric_writers import read_jsonl
+from ftlab.files import checkpoint
+from ftlab.files.metric_writers import read_jsonl
 from tests.run_files import params_of, plain_vgg11
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

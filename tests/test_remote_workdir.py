@@ -11,9 +11,10 @@ import pytest
 import tensorflow as tf
 
 from configs import default
-from ftlab import run, storage, workdir
+from ftlab import run
 from ftlab.data import sources
-from ftlab.metric_writers import MetricWriter, read_jsonl
+from ftlab.files import storage, workdir
+from ftlab.files.metric_writers import MetricWriter, read_jsonl
 from tests import gcs_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

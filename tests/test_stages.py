@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from ftlab import checkpoint, loop, paths, train
+from ftlab import loop, paths, train
+from ftlab.files import checkpoint
 from tests.run_files import params_of, stepwise_config
 
 # End to end: runs of the loop (the `not slow` tier skips them).

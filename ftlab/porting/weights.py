@@ -339,7 +339,8 @@ def resolve(name: str) -> tuple[str, dict]:
   Raises:
     WeightsError: see `fetch`; PortError: a file that does not port.
   """
-  from ftlab import checkpoint, porting
+  from ftlab import porting
+  from ftlab.files import checkpoint
 
   weights = lookup(name)
   directory = ported_dir(weights)

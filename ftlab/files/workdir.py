@@ -4,8 +4,8 @@
   plan.txt         each stage's audit table, as the stage starts
   data.json        every split's classes and per-class counts, as first read
   launches.jsonl   one line per launch: its first step, processes, devices, config changes
-  metrics.jsonl    train and eval metrics (`ftlab.metric_writers`), tensorboard/ beside it
-  checkpoints/     Orbax steps (`ftlab.checkpoint`)
+  metrics.jsonl    train and eval metrics (`ftlab.files.metric_writers`), tensorboard/ beside it
+  checkpoints/     Orbax steps (`ftlab.files.checkpoint`)
   activation_cache/  frozen-prefix caches on disk (`ftlab.activation_cache`)
   summary.json     the run's result, written at its end
 
@@ -26,7 +26,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from ftlab import checkpoint, storage
+from ftlab.files import checkpoint, storage
 
 # Fields a resume may change without changing what the run computed so far (or, for
 # `num_train_steps`, only extending it). Anything else is another experiment.

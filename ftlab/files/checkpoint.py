@@ -43,7 +43,8 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
 
-from ftlab import paths, storage
+from ftlab import paths
+from ftlab.files import storage
 
 PyTree = Any
 PathLike = str | os.PathLike

@@ -1,7 +1,7 @@
 """Where metrics go: `metrics.jsonl` (one JSON object per logged step) and TensorBoard.
 
 Only the writing process (process 0 in a multi-host run) opens files; on the others a
-writer accepts everything and writes nothing. Both go through `ftlab.storage`, so a
+writer accepts everything and writes nothing. Both go through `ftlab.files.storage`, so a
 `gs://` workdir gets them as a local one does.
 
 TensorBoard events are written by `tf.summary` into TensorFlow's in-process `ram://`
@@ -21,7 +21,7 @@ from typing import Mapping
 
 import tensorflow as tf
 
-from ftlab import storage
+from ftlab.files import storage
 
 
 class MetricWriter:
