@@ -37,11 +37,7 @@ import time
 from typing import Any, Callable
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # readme_section
-
-import readme_section  # noqa: E402
+import readme_section
 
 FRAMEWORKS = ('ftlab', 'torch', 'keras')
 DTYPES = ('float32', 'bfloat16')

@@ -15,17 +15,14 @@ import argparse
 import dataclasses
 import itertools
 import json
-import os
-import sys
 import time
 
 import jax
 from ml_collections import ConfigDict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import default  # noqa: E402
-from ftlab import activation_cache, optim, parallel, policies, run, train  # noqa: E402
-from ftlab.models import vgg  # noqa: E402
+from configs import default
+from ftlab import activation_cache, optim, parallel, policies, run, train
+from ftlab.models import vgg
 
 
 def timed_epoch(p_train_step, state, batches, steps, rng):

@@ -14,17 +14,15 @@ runs. Writes `OUT/combine.json` and `OUT/combine.md` and prints the table. A bad
 before anything is compiled, with one line and exit code 2.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+from absl import app, flags
+from combine_report import markdown
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from ftlab import checkpoint, ensemble, parallel, run, storage  # noqa: E402
-from scripts.combine_report import markdown  # noqa: E402
+from ftlab import ensemble, parallel, run
+from ftlab.files import checkpoint, storage
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

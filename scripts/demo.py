@@ -23,16 +23,14 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # readme_section
+import jax
+import numpy as np
+import readme_section
+from absl import app, flags, logging
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import readme_section  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-
-from configs import fewshot  # noqa: E402
-from ftlab import checkpoint, loop, workdir  # noqa: E402
+from configs import fewshot
+from ftlab import loop
+from ftlab.files import checkpoint, workdir
 
 FLAGS = flags.FLAGS
 

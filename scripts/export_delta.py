@@ -17,11 +17,10 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from ftlab import checkpoint, mask_report, masked_delta, workdir  # noqa: E402
+from ftlab import mask_report, masked_delta
+from ftlab.files import checkpoint, workdir
 
 
 def directory_bytes(path: str) -> int:

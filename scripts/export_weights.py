@@ -15,14 +15,13 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import ml_collections
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-
-from ftlab import checkpoint, lora, run, workdir  # noqa: E402
-from ftlab.porting import PortError, export  # noqa: E402
+from ftlab import lora, run
+from ftlab.files import checkpoint, workdir
+from ftlab.porting import PortError, export
 
 
 def load_run(directory: str, step: int | None = None):

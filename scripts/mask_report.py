@@ -22,14 +22,13 @@ import re
 import shutil
 import sys
 
+import numpy as np
+import readme_section
+
+from ftlab import mask_report
+from ftlab.files import checkpoint
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))  # readme_section
-
-import numpy as np  # noqa: E402
-import readme_section  # noqa: E402
-
-from ftlab import checkpoint, mask_report  # noqa: E402
 
 MARKERS = ('<!-- mask-report:start -->', '<!-- mask-report:end -->')
 REPORT = 'mask_report'  # RUN/mask_report.json and .png

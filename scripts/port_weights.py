@@ -6,7 +6,7 @@
 
 Writes, in the output directory:
   0/          the variables (params, batch_stats) as an Orbax checkpoint, read by
-              `--config.init.checkpoint=DIR` (`ftlab.checkpoint.save_variables`);
+              `--config.init.checkpoint=DIR` (`ftlab.files.checkpoint.save_variables`);
   port.json   the source file and its sha256, format, architecture, where in the file the VGG
               was and what was left out, preprocessing (and whether it is a guess), parameter
               count, notes, and the `--config.*` flags that build the matching model.
@@ -22,12 +22,11 @@ import os
 import shlex
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from ftlab import checkpoint, porting  # noqa: E402
-from ftlab.porting import weights  # noqa: E402
+from ftlab import porting
+from ftlab.files import checkpoint
+from ftlab.porting import weights
 
 flags.DEFINE_string('input', None, 'the weight file (.h5, .pth, .safetensors, .onnx)')
 flags.DEFINE_string('output', None, 'directory for the checkpoint and port.json (new)')

@@ -13,16 +13,13 @@ pretrain-demo-results markers. The README's first demo (real ImageNet-started we
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # readme_section
+import readme_section
+from absl import app, flags, logging
 
-import readme_section  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-
-from configs import demo  # noqa: E402
-from ftlab import checkpoint, loop  # noqa: E402
+from configs import demo
+from ftlab import loop
+from ftlab.files import checkpoint
 
 FLAGS = flags.FLAGS
 

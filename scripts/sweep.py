@@ -46,17 +46,15 @@ import threading
 import time
 import zlib
 
+import jax
+import readme_section
+from absl import flags
+from ml_collections import config_flags
+
+from ftlab import run as ftlab_run
+from ftlab.files import storage
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))  # readme_section
-
-import jax  # noqa: E402
-import readme_section  # noqa: E402
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from ftlab import run as ftlab_run  # noqa: E402
-from ftlab import storage  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
