@@ -16,7 +16,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from ftlab import fewshot_probe, optim, parallel, policies, train
+from ftlab import optim, parallel, policies, train
+from ftlab.evals import fewshot
 from ftlab.files import checkpoint, metric_writers, workdir
 from ftlab.run import ConfigError, Run, build_model, cached_sources, make_run
 from ftlab.train import TrainState, compile_ema_state, compile_steps, evaluate
@@ -77,8 +78,8 @@ def _enter(run: Run, stage: policies.Stage, host: TrainState, reference: dict, s
     model, train_source, eval_sources = cached.model, cached.train_batches, cached.eval_batches
   p_features, probe_batches = None, None
   if run.fewshot:  # its features from the cached prefix outputs when its layer comes later
-    on_cache = cached and fewshot_probe.runs_after(model, run.fewshot.layer, cached.start)
-    p_features = fewshot_probe.compile_features(
+    on_cache = cached and fewshot.runs_after(model, run.fewshot.layer, cached.start)
+    p_features = fewshot.compile_features(
       model if on_cache else run.model, run.fewshot.layer, run.spread
     )
     probe_batches = cached.extra_batches if on_cache else None

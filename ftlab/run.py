@@ -29,8 +29,6 @@ from absl import logging
 from ftlab import (
   activation_cache,
   dynamic_masks,
-  fewshot_probe,
-  forgetting,
   init_from,
   lora,
   optim,
@@ -41,6 +39,7 @@ from ftlab import (
   train,
 )
 from ftlab.data import datasets, input_pipeline, preprocessing, sources
+from ftlab.evals import fewshot, forgetting
 from ftlab.files import checkpoint, storage, workdir
 from ftlab.models import lowering, vgg
 from ftlab.train import TrainState, bind_model, create_train_state
@@ -159,7 +158,7 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
 
 
 def make_evals(config: Any, data: input_pipeline.Data, model: nn.Module, variables, source):
-  """The few-shot probe's sets (`fewshot_probe.make_sets`) and the source head's drift
+  """The few-shot probe's sets (`fewshot.make_sets`) and the source head's drift
   (`forgetting.make_drift`) from `config.evals`, each None when off.
 
   Raises:
@@ -168,12 +167,12 @@ def make_evals(config: Any, data: input_pipeline.Data, model: nn.Module, variabl
   ds, evals, kwargs = config.dataset, config.get('evals', {}), _dataset_kwargs(config)
   build = lambda split, n=0: datasets.build_dataset(ds.name, split, examples_per_class=n, **kwargs)
   with config_errors(ValueError, sources.DatasetError):
-    fewshot = fewshot_probe.make_sets(
+    probe = fewshot.make_sets(
       evals.get('fewshot', {}), ds.train_split, ds.eval_split, build, data, model
     )
     directory = source.directory if source else ''
     drift = forgetting.make_drift(evals.get('forgetting', {}), build, data, variables, directory)
-  return fewshot, drift
+  return probe, drift
 
 
 def check_plans(config: Any, num_classes: int) -> tuple[nn.Module, list[policies.Stage], list]:
@@ -249,7 +248,7 @@ class Run:
   changes: dict[str, list] = dataclasses.field(default_factory=dict)
   plan_label: str = ''
   init: init_from.Source | None = None
-  fewshot: fewshot_probe.Sets | None = None
+  fewshot: fewshot.Sets | None = None
   drift: forgetting.Drift | None = None
   activation_cache_dir: str = ''
   _setups: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -381,10 +380,10 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
     variables = init_from.variables(model, config.dataset.image_size, rng_init, config.init, source)
   if adapted:  # next to the loaded kernels: A drawn from the run's seed, B zero
     variables['params'] = lora.attach(variables['params'], *adapted, rng=rng_init)
-  fewshot, drift = make_evals(config, data, model, variables, source)
+  probe, drift = make_evals(config, data, model, variables, source)
   run = Run(config, files, spread, model, data, variables, stages, changes=changes)
   run.activation_cache_dir = cache_dir
-  run.init, run.fewshot, run.drift = source, fewshot, drift
+  run.init, run.fewshot, run.drift = source, probe, drift
   run.stage = stages[0]
   plan, tx = run.setup(run.stage)
   run.state = run.initial_state(plan, tx)

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import fewshot_probe, loop, parallel, train
+from ftlab import loop, parallel, train
 from ftlab.data import datasets, input_pipeline
+from ftlab.evals import fewshot
 from ftlab.files.metric_writers import read_jsonl
 from tests import fakes
 
@@ -32,28 +33,28 @@ def test_probe_equals_numpy_least_squares(n_per_class, d):
   test_x = centres[test_y] + rng.normal(size=(len(test_y), d))
   for l2_reg in (0.1, 1024.0):
     expected, weights = reference_accuracy(train_x, train_y, test_x, test_y, num_classes, l2_reg)
-    got = fewshot_probe.probe_accuracy(train_x, train_y, test_x, test_y, num_classes, l2_reg)
+    got = fewshot.probe_accuracy(train_x, train_y, test_x, test_y, num_classes, l2_reg)
     assert got == expected
     targets = 2.0 * np.eye(num_classes)[train_y] - 1.0
     np.testing.assert_allclose(
-      fewshot_probe.ridge_weights(train_x - train_x.mean(0), targets, l2_reg), weights, atol=1e-9
+      fewshot.ridge_weights(train_x - train_x.mean(0), targets, l2_reg), weights, atol=1e-9
     )
   assert 0.5 < got <= 1.0  # separable clusters: far above chance (0.2)
 
 
 def test_shots_are_the_first_per_class_and_nested():
   labels = np.array([1, 0, 1, 2, 0, 2, 1, 0, 2])
-  np.testing.assert_array_equal(fewshot_probe.first_shots(labels, 1, 3), [0, 1, 3])
-  np.testing.assert_array_equal(fewshot_probe.first_shots(labels, 2, 3), [0, 1, 2, 3, 4, 5])
+  np.testing.assert_array_equal(fewshot.first_shots(labels, 1, 3), [0, 1, 3])
+  np.testing.assert_array_equal(fewshot.first_shots(labels, 2, 3), [0, 1, 2, 3, 4, 5])
   with pytest.raises(ValueError, match='class 0 has 3 examples, not 4'):
-    fewshot_probe.first_shots(labels, 4, 3)
+    fewshot.first_shots(labels, 4, 3)
   rng = np.random.default_rng(1)
   x = rng.normal(size=(9, 4))
-  found = fewshot_probe.probe_accuracies(x, labels, x, labels, 3, shots=(1, 3))
-  assert found[3] == fewshot_probe.probe_accuracy(x, labels, x, labels, 3)
+  found = fewshot.probe_accuracies(x, labels, x, labels, 3, shots=(1, 3))
+  assert found[3] == fewshot.probe_accuracy(x, labels, x, labels, 3)
   assert set(found) == {1, 3}
   with pytest.raises(ValueError, match='l2_reg 0.0 must be > 0'):
-    fewshot_probe.ridge_weights(x, x, 0.0)
+    fewshot.ridge_weights(x, x, 0.0)
 
 
 @pytest.mark.parametrize('head', ['gap', 'mlp', 'imagenet'])
@@ -62,14 +63,14 @@ def test_pre_logits_are_what_predictions_sees_and_blocks_are_pooled(head):
   variables = fakes.random_variables(model)
   images = fakes.image_batches(1)[0]['image']
   logits = model.apply(variables, images, train=False)
-  x = fewshot_probe.feature_fn(model, 'pre_logits')(variables, images)
+  x = fewshot.feature_fn(model, 'pre_logits')(variables, images)
   w = variables['params']['predictions']
   np.testing.assert_allclose(x @ w['kernel'] + w['bias'], logits, rtol=1e-5, atol=1e-5)
-  block3 = fewshot_probe.feature_fn(model, 'block3')(variables, images)
+  block3 = fewshot.feature_fn(model, 'block3')(variables, images)
   maps = model.clone(stop_block='block4').apply(variables, images, train=False)
   np.testing.assert_allclose(block3, maps.mean(axis=(1, 2)), rtol=1e-6)
   with pytest.raises(ValueError, match=r"layer 'block9' is not one of \['pre_logits', 'block1'"):
-    fewshot_probe.feature_fn(model, 'block9')
+    fewshot.feature_fn(model, 'block9')
 
 
 def test_probe_during_training_on_8_devices_equals_numpy_ridge(fake):
@@ -78,7 +79,7 @@ def test_probe_during_training_on_8_devices_equals_numpy_ridge(fake):
   model = fakes.tiny_vgg(num_classes=10, head='mlp')
   variables = fakes.random_variables(model)
   order = input_pipeline.BatchOrder(16)
-  sets = fewshot_probe.Sets(
+  sets = fewshot.Sets(
     train=datasets.build_dataset('fashion_mnist', 'train', examples_per_class=5, **fake),
     test=datasets.build_dataset('fashion_mnist', 'test[:200]', **fake),
     shots=(1, 5),
@@ -90,11 +91,11 @@ def test_probe_during_training_on_8_devices_equals_numpy_ridge(fake):
   )
   spread = parallel.Spread('pmap')
   state = spread.replicate(train.TrainState(0, variables['params'], {}, {}))
-  p_features = fewshot_probe.compile_features(model, 'pre_logits', spread)
+  p_features = fewshot.compile_features(model, 'pre_logits', spread)
   features = {
     s: sets.features(p_features, state, spread, getattr(sets, s)) for s in ('train', 'test')
   }
-  one_device = fewshot_probe.feature_fn(model, 'pre_logits')
+  one_device = fewshot.feature_fn(model, 'pre_logits')
   for name, (x, labels) in features.items():
     split = getattr(sets, name)
     batches = input_pipeline.eval_iterator(split, order, image_size=32, preprocess='unit')
@@ -104,7 +105,7 @@ def test_probe_during_training_on_8_devices_equals_numpy_ridge(fake):
   found = sets.evaluate(p_features, state, spread)
   (train_x, train_y), (test_x, test_y) = features['train'], features['test']
   for k in (1, 5):
-    rows = fewshot_probe.first_shots(train_y, k, 10)
+    rows = fewshot.first_shots(train_y, k, 10)
     assert len(rows) == 10 * k
     expected, _ = reference_accuracy(train_x[rows], train_y[rows], test_x, test_y, 10, 8.0)
     assert found[f'{k}shot_accuracy'] == expected

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import forgetting, loop, paths, run
+from ftlab import loop, paths, run
 from ftlab.data import datasets, input_pipeline
+from ftlab.evals import forgetting
 from ftlab.files import checkpoint
 from ftlab.files.metric_writers import read_jsonl
 from tests.run_files import params_of

@@ -1,0 +1,1 @@
+"""The evaluators' family: what a run measures at each eval."""
