@@ -21,7 +21,8 @@ from absl import app, flags
 from combine_report import markdown
 from ml_collections import config_flags
 
-from ftlab import ensemble, parallel, run
+from ftlab import parallel, run
+from ftlab.analysis import ensemble
 from ftlab.files import checkpoint, storage
 
 FLAGS = flags.FLAGS

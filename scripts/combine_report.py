@@ -6,7 +6,7 @@ Used by `scripts/combine.py` (which writes `combine.md` and prints it) and
 
 from typing import Any, Mapping
 
-from ftlab.ensemble import OUTPUT_ENSEMBLES
+from ftlab.analysis.ensemble import OUTPUT_ENSEMBLES
 
 
 def markdown(output: Mapping[str, Any]) -> str:

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from ftlab import mask_report, masked_delta
+from ftlab.analysis import mask_report, masked_delta
 from ftlab.files import checkpoint, workdir
 
 

@@ -25,7 +25,7 @@ import sys
 import numpy as np
 import readme_section
 
-from ftlab import mask_report
+from ftlab.analysis import mask_report
 from ftlab.files import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

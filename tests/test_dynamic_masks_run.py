@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from ftlab import loop, mask_report, masked_delta, paths
+from ftlab import loop, paths
+from ftlab.analysis import mask_report, masked_delta
 from ftlab.files import checkpoint
 from tests.run_files import params_of, stepwise_config
 

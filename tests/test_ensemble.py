@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import demo
-from ftlab import ensemble, loop, parallel, run, soups
+from ftlab import loop, parallel, run
+from ftlab.analysis import ensemble, soups
 from ftlab.data import sources
 from ftlab.files import checkpoint, workdir
 from scripts import combine_report

@@ -4,7 +4,7 @@ round trip through the file, entries stored sparse or dense by size, another bas
 import numpy as np
 import pytest
 
-from ftlab import mask_report, masked_delta
+from ftlab.analysis import mask_report, masked_delta
 
 
 def tiny_weights(seed=0):
