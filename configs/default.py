@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.shards = 1
 
   config.policy = ml_collections.ConfigDict()
-  # A plan expression (ftlab/policy_syntax.py): a policy (full, linear_probe, last_blocks,
+  # A plan expression (ftlab/plans/syntax.py): a policy (full, linear_probe, last_blocks,
   # first_blocks, blocks, bitfit, regex, random_sparse, magnitude, fisher, child_tuning_f,
   # child_tuning_d) or a combination with | & - (union, intersection, difference), plus
   # modifiers after + (layerwise_lr_decay, discriminative_lr, l2_sp), or a schedule (lp_ft,

@@ -60,9 +60,10 @@ PLANS = {
     'rigl(0.0352, every={quarter}, fraction=0.3, blocks=[4, 5])',
     'dynamic: RigL, 3.5% of blocks 4-5, 30% dropped and regrown every 10 steps + head',
   ),
-  # LoRA (ftlab/lora.py) at the static masks' budgets, alpha = rank (scale 1): rank 16 on
-  # blocks 4-5 has 454,656 adapter parameters (sparse_top trains 457,090 there), rank 461 on
-  # block 5 has 7,080,960 (last_block trains 7,079,424 there); the head trains whole in each.
+  # LoRA (ftlab/plans/methods/lora.py) at the static masks' budgets, alpha = rank (scale 1):
+  # rank 16 on blocks 4-5 has 454,656 adapter parameters (sparse_top trains 457,090 there), rank
+  # 461 on block 5 has 7,080,960 (last_block trains 7,079,424 there); the head trains whole in
+  # each.
   'lora_top': (
     'lora(16, alpha=16) & blocks([4, 5])',
     'LoRA rank 16 on blocks 4-5 + head (sparse_top budget)',

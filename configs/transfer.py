@@ -7,7 +7,7 @@ Arguments: `init` (required: named weights such as `keras:vgg16`, `torchvision:v
 `timm:vgg16`, listed by `python -m ftlab.porting.weights list`, a directory written by
 scripts/port_weights.py, a run's workdir, or `scratch` for a random start), `model` (the VGG the
 weights are: vgg16 by default, `vgg16_bn` for torchvision:vgg16_bn), `dataset` (tfds name),
-`policy` (see ftlab/policies.py), `k` (for last_blocks / first_blocks), `runlocal` (a narrow
+`policy` (see ftlab/plans/policies.py), `k` (for last_blocks / first_blocks), `runlocal` (a narrow
 model from scratch on offline Fashion-MNIST, under a minute on a CPU: no pretrained VGG is that
 narrow). The preprocessing is the weights' own (`auto`).
 """

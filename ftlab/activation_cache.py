@@ -43,9 +43,11 @@ import numpy as np
 from absl import logging
 from jax import lax
 
-from ftlab import lora, parallel, paths, policies, train
+from ftlab import parallel, paths, train
 from ftlab.data import datasets, input_pipeline
 from ftlab.files import storage
+from ftlab.plans import policies
+from ftlab.plans.methods import lora
 
 PyTree = Any
 MODES = ('off', 'auto', 'memory', 'disk')  # auto: memory up to a size limit, else disk

@@ -31,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ftlab import lora, paths
+from ftlab import paths
 from ftlab.files import checkpoint, storage
 from ftlab.models import vgg
+from ftlab.plans.methods import lora
 from ftlab.porting import weights
 from ftlab.porting.common import PortError
 

@@ -16,9 +16,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from ftlab import optim, parallel, policies, train
+from ftlab import parallel, train
 from ftlab.evals import fewshot
 from ftlab.files import checkpoint, metric_writers, workdir
+from ftlab.plans import optim, policies
 from ftlab.run import ConfigError, Run, build_model, cached_sources, make_run
 from ftlab.train import TrainState, compile_ema_state, compile_steps, evaluate
 

@@ -26,22 +26,13 @@ import numpy as np
 import optax
 from absl import logging
 
-from ftlab import (
-  activation_cache,
-  dynamic_masks,
-  init_from,
-  lora,
-  optim,
-  parallel,
-  paths,
-  policies,
-  sparse_masks,
-  train,
-)
+from ftlab import activation_cache, init_from, parallel, paths, train
 from ftlab.data import datasets, input_pipeline, preprocessing, sources
 from ftlab.evals import fewshot, forgetting
 from ftlab.files import checkpoint, storage, workdir
 from ftlab.models import lowering, vgg
+from ftlab.plans import dynamic_masks, optim, policies, sparse_masks
+from ftlab.plans.methods import lora
 from ftlab.train import TrainState, bind_model, create_train_state
 
 PyTree = Any
@@ -323,7 +314,7 @@ class Run:
 
   def remask(self, plan: policies.Plan, state: TrainState, steps_done: int) -> TrainState:
     """The replicated `state` with a dynamic plan's next mask when one is due before step
-    `steps_done + 1` (`ftlab.dynamic_masks`), else `state` itself. The Fisher or gradient
+    `steps_done + 1` (`ftlab.plans.dynamic_masks`), else `state` itself. The Fisher or gradient
     is estimated on the current weights, over the training batches of the steps to come
     (unaugmented), so a resumed run chooses the same mask."""
     dynamic = plan.dynamic

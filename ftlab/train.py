@@ -28,8 +28,10 @@ import numpy as np
 import optax
 from jax import lax
 
-from ftlab import lora, paths, policies
+from ftlab import paths
 from ftlab.parallel import AXIS, BROADCAST, REPLICATED, SHARDED
+from ftlab.plans import policies
+from ftlab.plans.methods import lora
 
 PyTree = Any
 
@@ -228,7 +230,7 @@ def train_step(
     batch: `{'image': [b, H, W, C], 'label': [b]}`, this device's share.
     rng: the run's base key; the step folds in the step number and the device index.
     model: the bound model (see `bind_model`).
-    tx: the plan's optimizer (`ftlab.optim.make`).
+    tx: the plan's optimizer (`ftlab.plans.optim.make`).
     trainable_mask: the plan's boolean mask (Python bools, read at trace time).
     label_smoothing: label smoothing of the cross-entropy.
     learning_rate_fn: the schedule, reported as `lr` when given.
@@ -359,7 +361,7 @@ def gradient_step(
   state: TrainState, batch: dict, *, model: nn.Module, trainable_mask: PyTree
 ) -> dict:
   """The gradient of the summed loss over the real examples of the global batch, with the
-  model in inference mode (RigL's growth criterion, `ftlab.dynamic_masks`).
+  model in inference mode (RigL's growth criterion, `ftlab.plans.dynamic_masks`).
 
   Args:
     state: the replicated train state.

@@ -84,9 +84,9 @@ def check_args(args: argparse.Namespace) -> None:
     if not os.path.exists(args.report_only):
       raise BenchError(f'--report-only: no file {args.report_only}')
     return
-  from ftlab import policies
   from ftlab import run as ftlab_run
   from ftlab.models import vgg
+  from ftlab.plans import policies
 
   args.frameworks = [f.strip() for f in args.frameworks.split(',') if f.strip()]
   bad = [f for f in args.frameworks if f not in FRAMEWORKS]
@@ -240,7 +240,8 @@ class FtlabRunner:
     import jax
 
     from configs import default
-    from ftlab import optim, paths, policies, train
+    from ftlab import paths, train
+    from ftlab.plans import optim, policies
 
     plan = policies.make_plan(
       self.variables['params'], self.model.block_structure(), policy_config(plan_name)
@@ -517,8 +518,8 @@ def bench_dtype(args, dtype: str) -> dict:
 
 def plan_layers(args, plan_name: str):
   """The plan's per-layer mask without ftlab's runner (torch/Keras-only runs)."""
-  from ftlab import policies
   from ftlab.models import vgg
+  from ftlab.plans import policies
 
   model = vgg.by_name(args.model, num_classes=args.num_classes, head=args.head, width=args.width)
   plan = policies.make_plan(

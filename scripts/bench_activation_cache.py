@@ -21,8 +21,9 @@ import jax
 from ml_collections import ConfigDict
 
 from configs import default
-from ftlab import activation_cache, optim, parallel, policies, run, train
+from ftlab import activation_cache, parallel, run, train
 from ftlab.models import vgg
+from ftlab.plans import optim, policies
 
 
 def timed_epoch(p_train_step, state, batches, steps, rng):

@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ftlab import lora, run
+from ftlab import run
 from ftlab.files import checkpoint, workdir
+from ftlab.plans.methods import lora
 from ftlab.porting import PortError, export
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from ftlab import activation_cache, optim, parallel, policies, train
+from ftlab import activation_cache, parallel, train
 from ftlab.data import datasets, input_pipeline
+from ftlab.plans import optim, policies
 from tests import fakes
 from tests.test_input_pipeline import eval_ids, ids_of
 from tests.test_train import SGD

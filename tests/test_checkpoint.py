@@ -10,9 +10,10 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from ftlab import optim, parallel, paths, policies, train
+from ftlab import parallel, paths, train
 from ftlab.files import checkpoint
 from ftlab.models import vgg
+from ftlab.plans import optim, policies
 
 ADAM = dict(name='adam', learning_rate=0.01, schedule='constant')
 SGD = dict(name='sgd', learning_rate=0.1, momentum=0.9, schedule='constant')

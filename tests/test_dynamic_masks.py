@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from ftlab import dynamic_masks, optim, parallel, paths, policy_syntax, sparse_masks, train
+from ftlab import parallel, paths, train
+from ftlab.plans import dynamic_masks, optim, sparse_masks, syntax
 from tests.test_plans import PARAMS, VARIABLES, batches, bits, opt_config, plan_for
 
 SCOPE = ('a', 'b')
@@ -159,14 +160,14 @@ def check_moments(old_state, new_state, before, after):
   ],
 )
 def test_bad_dynamic_plans_are_one_line_errors(expression, message):
-  with pytest.raises(policy_syntax.PlanError) as e:
+  with pytest.raises(syntax.PlanError) as e:
     plan_for(expression)
   assert message in str(e.value) and '\n' not in str(e.value)
 
 
 def test_dynamic_plan_on_shapes_checks_arguments_and_marks_the_scope():
   shapes = jax.eval_shape(lambda: PARAMS)
-  with pytest.raises(policy_syntax.PlanError, match='every=-1'):
+  with pytest.raises(syntax.PlanError, match='every=-1'):
     plan_for('rigl(0.1, every=-1, fraction=0.3)', params=shapes)
   plan = plan_for('rigl(0.1, every=4, fraction=0.3, blocks=[5])', params=shapes)
   trained = sorted(p for p, t in plan.flat_mask().items() if t)

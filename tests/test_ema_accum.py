@@ -6,9 +6,10 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs import default
-from ftlab import loop, optim, parallel, paths, policies, train
+from ftlab import loop, parallel, paths, train
 from ftlab.files import checkpoint
 from ftlab.files.metric_writers import read_jsonl
+from ftlab.plans import optim, policies
 from tests import fakes
 from tests.run_files import params_of
 

@@ -7,10 +7,12 @@ import pytest
 from jax import lax
 from ml_collections import ConfigDict
 
-from ftlab import lora, optim, parallel, paths, policies, train
+from ftlab import parallel, paths, train
 from ftlab.files import checkpoint
 from ftlab.models import vgg
-from ftlab.policy_syntax import PlanError
+from ftlab.plans import optim, policies
+from ftlab.plans.methods import lora
+from ftlab.plans.syntax import PlanError
 from tests import fakes
 
 MODEL = vgg.VGG(depth=11, num_classes=5, head='gap', width=1 / 8, batch_norm=True)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import loop, lora, parallel, paths, run
+from ftlab import loop, parallel, paths, run
 from ftlab.analysis import ensemble
 from ftlab.files import checkpoint
+from ftlab.plans.methods import lora
 from scripts import export_weights
 from tests.run_files import plain_vgg11
 

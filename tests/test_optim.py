@@ -7,8 +7,9 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from ftlab import optim, paths, policies
+from ftlab import paths
 from ftlab.models import vgg
+from ftlab.plans import optim, policies
 
 MODEL = vgg.VGG(depth=11, num_classes=4, head='mlp', width=1 / 16)
 PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)['params']

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from ftlab import optim, parallel, paths, policies, policy_syntax, train
+from ftlab import parallel, paths, train
 from ftlab.models import vgg
+from ftlab.plans import optim, policies, syntax
 from tests import fakes
 
 MODEL = vgg.VGG(depth=11, num_classes=5, head='gap', width=1 / 16)
@@ -293,6 +294,6 @@ def test_bad_expressions_are_one_line_errors(expression, message):
 
 
 def test_bare_names_keep_reading_config_fields():
-  expression = policy_syntax.parse('last_blocks', ConfigDict(dict(k=2, train_head=True)))
+  expression = syntax.parse('last_blocks', ConfigDict(dict(k=2, train_head=True)))
   assert str(expression) == 'last_blocks(k=2)'
-  assert str(policy_syntax.parse('bitfit | fisher(0.1)')) == 'bitfit() | fisher(density=0.1)'
+  assert str(syntax.parse('bitfit | fisher(0.1)')) == 'bitfit() | fisher(density=0.1)'

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import pytest
 from ml_collections import ConfigDict
 
-from ftlab import paths, policies
+from ftlab import paths
 from ftlab.models import vgg
+from ftlab.plans import policies
 
 
 def shapes(model):

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import loop, policies
+from ftlab import loop
 from ftlab.data import sources
 from ftlab.files import checkpoint
 from ftlab.files.metric_writers import read_jsonl
+from ftlab.plans import policies
 from tests.run_files import params_of, plain_vgg11
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,8 +9,9 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from ftlab import optim, parallel, paths, policies, train
+from ftlab import parallel, paths, train
 from ftlab.models import vgg
+from ftlab.plans import optim, policies
 from tests import fakes
 
 SGD = dict(

@@ -32,11 +32,12 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from ftlab import lora, parallel, paths, run, train
+from ftlab import parallel, paths, run, train
 from ftlab.analysis import soups
 from ftlab.data import input_pipeline
 from ftlab.files import storage
 from ftlab.files import workdir as workdir_
+from ftlab.plans.methods import lora
 
 PyTree = Any
 

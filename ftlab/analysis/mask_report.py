@@ -19,8 +19,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from ftlab import init_from, paths, policies
+from ftlab import init_from, paths
 from ftlab.files import checkpoint, workdir
+from ftlab.plans import policies
 from ftlab.run import build_model
 
 LEVELS = '/levels/'  # where `optim.EntryMaskState` keeps entry levels in a checkpoint

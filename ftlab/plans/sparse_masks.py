@@ -4,11 +4,11 @@ Each policy maps `(paths, block structure, call, context)` to `{path: entry leve
 a level is FROZEN, RESAMPLED (Child-Tuning_F: kept with probability p each step) or
 TRAINED, as a scalar for a whole leaf or a uint8 array per entry. The chosen share is over
 the backbone (every parameter outside the head); the head trains whole unless
-`train_head=False`. `ftlab.policies` combines these with the leaf-level policies.
+`train_head=False`. `ftlab.plans.policies` combines these with the leaf-level policies.
 
 Dynamic masks (`reselect`, `rigl`) choose their first mask here, over a *scope* (the
 backbone, or the given blocks) at an exact count `round(density * scope size)`, and
-describe how it changes in a `DynamicMask`; `ftlab.dynamic_masks` changes it in training.
+describe how it changes in a `DynamicMask`; `ftlab.plans.dynamic_masks` changes it in training.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ftlab.policy_syntax import PlanError
+from ftlab.plans.syntax import PlanError
 
 # Entry levels of a trainable set, ordered so that union is max and intersection is min.
 FROZEN, RESAMPLED, TRAINED = 0, 1, 2
@@ -165,7 +165,7 @@ def _scope(paths, structure, cfg) -> tuple[list[str], set[str]]:
 def top_count(scores: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
   """Boolean masks choosing exactly `count` entries with the largest scores over all the
   leaves together (in the mapping's order); ties go to the lower flat index, NaN ranks last.
-  The numpy twin of `ftlab.dynamic_masks.top_count` (the tests hold them equal)."""
+  The numpy twin of `ftlab.plans.dynamic_masks.top_count` (the tests hold them equal)."""
   flat = np.concatenate([np.asarray(s, np.float32).ravel() for s in scores.values()])
   flat = np.where(np.isnan(flat), -np.inf, flat)
   chosen = np.zeros(flat.size, bool)

@@ -1,8 +1,8 @@
 """Masks that change during training: re-selection and RigL's drop-and-grow, compiled.
 
-A dynamic plan (`reselect(...)`, `rigl(...)`, see `ftlab.sparse_masks.DynamicMask`) keeps its
+A dynamic plan (`reselect(...)`, `rigl(...)`, see `ftlab.plans.sparse_masks.DynamicMask`) keeps its
 current mask where every per-element mask lives: the entry levels in the optimizer state
-(`ftlab.optim.EntryMaskState`), which the step reads and checkpoints save and restore. So a
+(`ftlab.plans.optim.EntryMaskState`), which the step reads and checkpoints save and restore. So a
 resumed run continues with the mask it stopped with, and a change of mask is a change of that
 state, made between steps by `remask`, a pure function the run compiles once with `jax.jit`:
 
@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import optax
 
 from ftlab import paths
-from ftlab.optim import EntryMaskState
-from ftlab.sparse_masks import FROZEN, TRAINED, DynamicMask
+from ftlab.plans.optim import EntryMaskState
+from ftlab.plans.sparse_masks import FROZEN, TRAINED, DynamicMask
 
 PyTree = Any
 _MOMENTS = {optax.ScaleByAdamState: ('mu', 'nu'), optax.TraceState: ('trace',)}

@@ -4,7 +4,7 @@ A policy turns `(params, block structure, policy config)` into a `Plan`: a boole
 trainable mask per parameter leaf, per-entry levels for leaves that train only some
 entries (sparse masks), an lr multiplier per leaf and the L2-SP regulariser. Parameter
 names are read here, once; the optimizer and the step only see the resulting data.
-`config.policy.name` is a plan expression (`ftlab.policy_syntax`): policies combined by
+`config.policy.name` is a plan expression (`ftlab.plans.syntax`): policies combined by
 union, intersection and difference, modifiers, and multi-stage schedules (`plan_stages`).
 
 Parameters are named by their path joined with '/', e.g. `block1_conv1/kernel`,
@@ -21,10 +21,11 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import numpy as np
 
-from ftlab import lora, policy_syntax, sparse_masks
 from ftlab.models.vgg import BlockStructure
 from ftlab.paths import doubled, flatten, match_rules, unflatten
-from ftlab.policy_syntax import PlanError
+from ftlab.plans import sparse_masks, syntax
+from ftlab.plans.methods import lora
+from ftlab.plans.syntax import PlanError
 
 PyTree = Any
 PolicyFn = Callable[[list[str], BlockStructure, Any], set[str]]
@@ -78,7 +79,7 @@ class Stage:
   count: int
   start: int
   end: int | None
-  expression: policy_syntax.Expression
+  expression: syntax.Expression
   schedule: str = ''
   lr_scale: float = 1.0  # multiplies every lr multiplier of the stage (lp_ft's probe)
 
@@ -175,7 +176,7 @@ LEAF_POLICIES: dict[str, PolicyFn] = {
   'blocks': blocks,
   'bitfit': bitfit,
   'regex': regex,
-  'lora': lora.policy,  # adapters next to frozen kernels (ftlab.lora)
+  'lora': lora.policy,  # adapters next to frozen kernels (ftlab.plans.methods.lora)
 }
 POLICIES = {**LEAF_POLICIES, **sparse_masks.ELEMENT_POLICIES}
 
@@ -220,7 +221,7 @@ class _Context:
 
 def _evaluate(node: Any, paths: list[str], structure: BlockStructure, ctx: _Context) -> dict:
   """{path: level} for a set expression: a scalar level per leaf or a uint8 array per entry."""
-  if isinstance(node, policy_syntax.SetOp):
+  if isinstance(node, syntax.SetOp):
     left = _evaluate(node.left, paths, structure, ctx)
     right = _evaluate(node.right, paths, structure, ctx)
     combine = {
@@ -243,9 +244,9 @@ def _normalise(level: Any) -> Any:
   return level
 
 
-def check_policy_name(name: Any, config: Any = None) -> policy_syntax.Expression:
+def check_policy_name(name: Any, config: Any = None) -> syntax.Expression:
   """Parses `name` as a plan expression; raises a one-line PlanError if it is not one."""
-  return policy_syntax.parse(name, config)
+  return syntax.parse(name, config)
 
 
 def plan_stages(structure: BlockStructure, cfg: Any, total_steps: int | None = None) -> list[Stage]:
@@ -268,14 +269,14 @@ def plan_stages(structure: BlockStructure, cfg: Any, total_steps: int | None = N
   scales = [1.0]
   if schedule.name == 'lp_ft':
     # The second stage: everything, or the LoRA set written after the schedule.
-    sets = [policy_syntax.Call('linear_probe'), expression.selection or policy_syntax.Call('full')]
+    sets = [syntax.Call('linear_probe'), expression.selection or syntax.Call('full')]
     m = schedule.get('probe_lr_multiplier', 1.0)
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < float('inf'):
       raise PlanError(f'lp_ft: probe_lr_multiplier={m!r} is not a positive number')
     scales = [float(m), 1.0]
   else:
-    sets = [policy_syntax.Call('linear_probe')] + [
-      policy_syntax.Call('last_blocks', (('k', k),)) for k in range(1, len(structure.blocks) + 1)
+    sets = [syntax.Call('linear_probe')] + [
+      syntax.Call('last_blocks', (('k', k),)) for k in range(1, len(structure.blocks) + 1)
     ]
   starts = [i * n for i in range(len(sets))]
   if total_steps is not None:
@@ -289,7 +290,7 @@ def plan_stages(structure: BlockStructure, cfg: Any, total_steps: int | None = N
       count,
       starts[i],
       starts[i + 1] if i + 1 < count else None,
-      policy_syntax.Expression(sets[i], None, mods),
+      syntax.Expression(sets[i], None, mods),
       str(schedule),
       scales[i] if i < len(scales) else 1.0,
     )
@@ -303,7 +304,7 @@ def stage_at(stages: list[Stage], steps_done: int) -> Stage:
 
 
 def _shaped_lr(
-  paths: list[str], structure: BlockStructure, mods: dict[str, policy_syntax.Call]
+  paths: list[str], structure: BlockStructure, mods: dict[str, syntax.Call]
 ) -> dict[str, float]:
   """Layer-wise lr decay (`decay^(L-1-l)` over blocks l = 0..L-1, head last) or
   discriminative lr (divided by `factor` per layer going down); 1.0 without either."""
@@ -359,7 +360,7 @@ def make_plan(
       values are needed to choose per-element masks (the plan is then `masks_pending`).
     structure: the model's block structure (`model.block_structure()`).
     cfg: the policy section of the config: `name` (a plan expression, see
-      `ftlab.policy_syntax`), the fields bare names read (`k`, `blocks`, `train_head`,
+      `ftlab.plans.syntax`), the fields bare names read (`k`, `blocks`, `train_head`,
       `trainable`, `frozen`) and `lr_multipliers`.
     stage: the stage of a schedule to plan (default: the first).
     fisher_fn: `num_batches -> {path: mean squared gradient}` for fisher and child_tuning_d.

@@ -18,7 +18,7 @@ Four kinds of terms: *sets* (which parameters train, combined with | & -), *modi
 (a per-element mask that changes during training; they stand alone, with modifiers only).
 Arguments are Python literals, except the first argument of `reselect`: the per-element
 policy (`fisher(...)` or `magnitude(...)`) whose scores choose each new mask. This module
-only parses and checks; `ftlab.policies` gives the meaning.
+only parses and checks; `ftlab.plans.policies` gives the meaning.
 """
 
 from __future__ import annotations

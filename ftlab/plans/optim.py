@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ftlab import paths, policies
-from ftlab.policies import Plan, PlanError
+from ftlab import paths
+from ftlab.plans import policies
+from ftlab.plans.policies import Plan, PlanError
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 SCHEDULES = ('cosine', 'constant')

@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftlab import paths, policy_syntax
+from ftlab import paths
 from ftlab.files import checkpoint
-from ftlab.policy_syntax import PlanError
+from ftlab.plans import syntax
+from ftlab.plans.syntax import PlanError
 
 PyTree = Any
 A, B, ALPHA = 'lora_a', 'lora_b', 'lora_alpha'
@@ -59,7 +60,7 @@ def is_adapter(path: str) -> bool:
   return path.rsplit('/', 1)[-1] in LEAVES
 
 
-def spec_of(call: policy_syntax.Call) -> Spec:
+def spec_of(call: syntax.Call) -> Spec:
   """The checked arguments of a `lora(...)` call.
 
   Raises:
@@ -73,7 +74,7 @@ def spec_of(call: policy_syntax.Call) -> Spec:
   return Spec(rank, float(alpha))
 
 
-def spec(expressions: Iterable[policy_syntax.Expression]) -> Spec | None:
+def spec(expressions: Iterable[syntax.Expression]) -> Spec | None:
   """The LoRA term of a plan's stage expressions (`Stage.expression`), or None."""
   calls = {c for e in expressions for c in e.calls() if c.name == 'lora'}
   return spec_of(next(iter(calls))) if calls else None
