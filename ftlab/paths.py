@@ -2,7 +2,8 @@
 
 A parameter is named by its pytree path joined with '/': `block1_conv1/kernel`,
 `block1_conv1_bn/scale`, `predictions/bias` (torch state dicts, read by `ftlab.porting`, join
-with '.'). This module turns trees into `{path: leaf}` and back, key paths into paths, matches
+with '.'). This module turns trees into `{path: leaf}` and back, key paths into paths, names
+a path's layer and leaf (`layer_of`, `leaf_of`: nothing else splits a path), matches
 regex rules against whole paths (`re.fullmatch`), splits a tree by a boolean mask and merges
 the parts, and keeps error messages about many names readable (a few names, and the prefixes
 the rest share).
@@ -29,6 +30,22 @@ def flatten(tree: PyTree) -> dict[str, Any]:
 def unflatten(flat: Mapping[str, Any]) -> PyTree:
   """`{'a/b': x}` -> `{'a': {'b': x}}`: the inverse of `flatten`."""
   return traverse_util.unflatten_dict(dict(flat), sep=SEP)
+
+
+def layer_of(path: str) -> str:
+  """The layer a parameter belongs to: `block1_conv1/kernel` -> `block1_conv1` (its first
+  segment: policies, blocks and reports group parameters by it)."""
+  return path.split(SEP, 1)[0]
+
+
+def leaf_of(path: str) -> str:
+  """The leaf's own name: `block1_conv1/kernel` -> `kernel`, `fc/lora_a` -> `lora_a`."""
+  return path.rsplit(SEP, 1)[-1]
+
+
+def join(*parts: str) -> str:
+  """`join('block1_conv1', 'kernel')` -> `block1_conv1/kernel`."""
+  return SEP.join(parts)
 
 
 def from_key_path(key_path: Sequence[Any]) -> str:

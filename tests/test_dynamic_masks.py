@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from ftlab import parallel, paths, train
-from ftlab.plans import dynamic_masks, optim, sparse_masks, syntax
+from ftlab.plans import dynamic_masks, optim, selection, syntax
+from ftlab.plans.methods import rigl
 from tests.test_plans import PARAMS, VARIABLES, batches, bits, opt_config, plan_for
 
 SCOPE = ('a', 'b')
@@ -40,7 +41,7 @@ def test_top_count_is_exact_with_ties_to_the_lower_index_and_nan_last():
   for count in (0, 1, 5, 11, 20, 36, 37):
     expected = numpy_top(scores, count)
     compiled = flat(jax.jit(dynamic_masks.top_count, static_argnums=(1, 2))(scores, count, SCOPE))
-    host = flat(sparse_masks.top_count({p: scores[p] for p in SCOPE}, count))
+    host = flat(selection.top_count({p: scores[p] for p in SCOPE}, count))
     assert compiled.sum() == count
     np.testing.assert_array_equal(compiled, expected)
     np.testing.assert_array_equal(host, expected)
@@ -53,7 +54,7 @@ def test_rigl_drops_smallest_trained_and_grows_largest_gradient():
   count = int(flat(trained).sum())
   magnitudes = {p: np.abs(rng.normal(size=s)).astype(np.float32) for p, s in shapes.items()}
   growth = {p: np.abs(rng.normal(size=s)).astype(np.float32) for p, s in shapes.items()}
-  new = dynamic_masks.rigl_choice(trained, magnitudes, growth, count, 0.3, SCOPE)
+  new = rigl.rigl_choice(trained, magnitudes, growth, count, 0.3, SCOPE)
   swap = round(0.3 * count)
   active, m, g = flat(trained), flat(magnitudes), flat(growth)
   dropped = np.flatnonzero(active)[np.argsort(m[active], kind='stable')[:swap]]

@@ -7,10 +7,10 @@ import pytest
 from jax import lax
 from ml_collections import ConfigDict
 
-from ftlab import parallel, paths, train
+from ftlab import init_from, parallel, paths, train
 from ftlab.files import checkpoint
 from ftlab.models import vgg
-from ftlab.plans import optim, policies
+from ftlab.plans import optim, policies, registry, tuners
 from ftlab.plans.methods import lora
 from ftlab.plans.syntax import PlanError
 from tests import fakes
@@ -24,6 +24,10 @@ OPTIMIZERS = {
 }
 
 
+def lora_call(rank, alpha):
+  return registry.Call('lora', (('rank', rank), ('alpha', alpha)))
+
+
 def conv(x, kernel):
   return lax.conv_general_dilated(
     x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
@@ -34,10 +38,10 @@ def lora_run(name, params=VARIABLES['params'], seed=0, steps=None):
   """The stages, plans and adapted parameters `run.check_plans` and `run.make_run` make."""
   cfg = ConfigDict(dict(name=name))
   stages = policies.plan_stages(STRUCTURE, cfg, steps)
-  shapes = lora.plan_shapes(jax.eval_shape(lambda: params), STRUCTURE, stages)
+  shapes = tuners.plan_shapes(jax.eval_shape(lambda: params), STRUCTURE, stages)
   shaped = [policies.make_plan(shapes, STRUCTURE, cfg, stage=s) for s in stages]
-  layers, spec = lora.adapters(stages, shaped)
-  adapted = lora.attach(params, layers, spec, rng=jax.random.key(seed))
+  layers, tuner, call = tuners.adapted(stages, shaped)
+  adapted = tuners.attach(params, layers, tuner, call, rng=jax.random.key(seed))
   plans = [policies.make_plan(adapted, STRUCTURE, cfg, stage=s) for s in stages]
   return stages, plans, adapted
 
@@ -54,7 +58,7 @@ def test_conv_fold_equals_kxk_down_then_1x1_up():
   b = rng.normal(size=(4, 10)).astype(np.float32) * 0.2
   params = {'c': {'kernel': w, 'bias': np.zeros(10, np.float32), 'lora_a': a, 'lora_b': b}}
   params['c']['lora_alpha'] = np.float32(6.0)
-  folded = lora.fold(params)
+  folded = tuners.fold(params)
   assert set(folded['c']) == {'kernel', 'bias'}
   # peft's Conv2d LoRA: a k x k conv down to r channels, then a 1 x 1 conv up, times alpha/r.
   two_convs = conv(x, w) + 6.0 / 4 * conv(conv(x, a), b[None, None])
@@ -68,7 +72,7 @@ def test_dense_fold_equals_numpy():
   params = {'d': {'kernel': w, 'lora_a': a, 'lora_b': b, 'lora_alpha': np.float32(8.0)}}
   params = jax.tree.map(lambda v: np.asarray(v, np.float32), params)
   expected = x @ w + 8.0 / 3 * (x @ a) @ b
-  got = x @ np.asarray(lora.fold(params)['d']['kernel'], np.float64)
+  got = x @ np.asarray(tuners.fold(params)['d']['kernel'], np.float64)
   np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
 
 
@@ -80,7 +84,7 @@ def test_step_zero_logits_equal_the_loaded_models_bit_for_bit():
   before = np.asarray(logits(VARIABLES['params'], x))
   assert np.array_equal(np.asarray(logits(adapted, x)), before)
   assert np.array_equal(
-    np.asarray(MODEL.apply({**VARIABLES, 'params': lora.merge(adapted)}, x, train=False)), before
+    np.asarray(MODEL.apply({**VARIABLES, 'params': tuners.merge(adapted)}, x, train=False)), before
   )
 
 
@@ -115,9 +119,11 @@ def test_frozen_base_bit_identical_adapters_move_and_merge_matches(opt):
   for p in before:
     same = before[p].tobytes() == np.asarray(after[p]).tobytes()
     assert same != mask[p], p  # frozen leaves bit-identical (kernels too), trainable ones moved
-  assert sorted(lora.counts(final.params)) == [f'block{b}_conv{i}' for b in (4, 5) for i in (1, 2)]
+  assert sorted(tuners.counts(final.params)) == [
+    f'block{b}_conv{i}' for b in (4, 5) for i in (1, 2)
+  ]
   # Merged plain parameters give the adapted model's logits.
-  merged = lora.merge(final.params)
+  merged = tuners.merge(final.params)
   assert set(paths.flatten(merged)) == set(paths.flatten(VARIABLES['params']))
   x = fakes.image_batches(1, seed=7)[0]['image']
   adapted_logits = logits(final.params, x, final.batch_stats)
@@ -145,9 +151,9 @@ def test_audit_counts_adapters_against_the_plain_model():
   assert 'block4_conv1/kernel' in table and 'block3_conv1/lora_a' not in table
   # A dense adapter: rank (in + out).
   dense = {'fc': {'kernel': np.zeros((12, 7), np.float32)}}
-  assert lora.counts(lora.attach(dense, ['fc'], lora.Spec(3, 8.0), rng=jax.random.key(0))) == {
-    'fc': 3 * (12 + 7)
-  }
+  assert tuners.counts(
+    tuners.attach(dense, ['fc'], lora.LoRA(), lora_call(3, 8.0), rng=jax.random.key(0))
+  ) == {'fc': 3 * (12 + 7)}
 
 
 def trained(plan):
@@ -156,7 +162,7 @@ def trained(plan):
 
 def test_composition():
   _, (plan,), params = lora_run('lora(2) & blocks([4, 5])')
-  assert set(lora.counts(params)) == {
+  assert set(tuners.counts(params)) == {
     'block4_conv1',
     'block4_conv2',
     'block5_conv1',
@@ -170,7 +176,7 @@ def test_composition():
     'block4_conv1_bn' in plan.frozen_layers
   )  # BatchNorm of adapted layers on running statistics
   _, (plan,), params = lora_run('lora(2) | bitfit')
-  assert len(lora.counts(params)) == 8  # every conv kernel of VGG11
+  assert len(tuners.counts(params)) == 8  # every conv kernel of VGG11
   assert {p for p in trained(plan) if not p.endswith(('lora_a', 'lora_b'))} == {
     p for p in paths.flatten(params) if p.endswith('/bias')
   } | {'predictions/kernel'}
@@ -192,7 +198,7 @@ def test_composition():
   assert 'lora(rank=2)' in tune.name and str(stages[0].expression)
   # Without a lora term nothing changes: no adapters, the same plan.
   assert (
-    lora.plan_shapes(
+    tuners.plan_shapes(
       VARIABLES['params'], STRUCTURE, policies.plan_stages(STRUCTURE, ConfigDict(dict(name='full')))
     )
     is VARIABLES['params']
@@ -234,8 +240,8 @@ def test_load_params_reads_a_lora_checkpoint_as_plain_parameters(tmp_path):
   adapted = paths.unflatten(flat)
   checkpoint.save_variables(str(tmp_path / 'ckpt'), {**VARIABLES, 'params': adapted}, {})
   shapes = jax.eval_shape(lambda: VARIABLES)
-  loaded = {k: lora.load_params(str(tmp_path / 'ckpt'), shapes[k], key=k) for k in shapes}
-  merged = paths.flatten(lora.merge(adapted))
+  loaded = {k: init_from.load_params(str(tmp_path / 'ckpt'), shapes[k], key=k) for k in shapes}
+  merged = paths.flatten(tuners.merge(adapted))
   for p, x in paths.flatten(loaded['params']).items():
     np.testing.assert_array_equal(x, merged[p], err_msg=p)
   assert not np.array_equal(
@@ -243,7 +249,7 @@ def test_load_params_reads_a_lora_checkpoint_as_plain_parameters(tmp_path):
   )
   # A plain checkpoint loads as checkpoint.load_params does.
   checkpoint.save_variables(str(tmp_path / 'plain'), VARIABLES, {})
-  again = lora.load_params(str(tmp_path / 'plain'), shapes['params'])
+  again = init_from.load_params(str(tmp_path / 'plain'), shapes['params'])
   assert all(
     np.array_equal(x, paths.flatten(VARIABLES['params'])[p])
     for p, x in paths.flatten(again).items()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from ftlab import parallel, paths, train
+from ftlab import parallel, paths, scoring, train
 from ftlab.models import vgg
 from ftlab.plans import optim, policies, syntax
 from tests import fakes
@@ -57,7 +57,9 @@ def fisher_scores():
   spread = parallel.Spread('pmap')
   scope = policies.make_plan(PARAMS, STRUCTURE, ConfigDict(dict(name='full')))
   p_fisher = spread.compile(
-    functools.partial(train.fisher_step, model=MODEL, trainable_mask=scope.trainable_mask, chunk=2),
+    functools.partial(
+      scoring.fisher_step, model=MODEL, trainable_mask=scope.trainable_mask, chunk=2
+    ),
     in_kinds=(parallel.REPLICATED, parallel.SHARDED),
   )
   state = spread.replicate(train.TrainState(jnp.zeros((), jnp.int32), PARAMS, {}, ()))
@@ -68,7 +70,7 @@ def fisher_scores():
 
 def plan_for(name, params=PARAMS, **cfg):
   cfg = ConfigDict(dict(name=name, **cfg))
-  return policies.make_plan(params, STRUCTURE, cfg, fisher_fn=lambda n: fisher_scores())
+  return policies.make_plan(params, STRUCTURE, cfg, scores_fn=lambda kind, n: fisher_scores())
 
 
 def levels(plan, path):
@@ -253,7 +255,7 @@ def test_schedules_make_stages():
     'lp_ft(probe_steps=30) [stage 1/2: linear_probe() + l2_sp(alpha=0.1)]',
     'lp_ft(probe_steps=30) [stage 2/2: full() + l2_sp(alpha=0.1)]',
   ]
-  assert all(p.l2_sp for p in plans)
+  assert all('l2_sp' in p.terms for p in plans)
   gradual = policies.plan_stages(STRUCTURE, ConfigDict(dict(name='gradual_unfreezing(10)')), 35)
   assert [str(s.expression) for s in gradual] == [
     'linear_probe()',

@@ -7,8 +7,12 @@ global quantity in that chain (the clipping norm, say) is computed over the trai
 leaves only, so nothing reads a frozen gradient.
 
 Per-element masks (sparse policies) act on the *updates*, last in the chain, so masked
-entries stay exactly unchanged under momentum, Adam and weight decay; L2-SP adds its
-gradient toward the loaded weights where weight decay would add one toward zero.
+entries stay exactly unchanged under momentum, Adam and weight decay; a modifier's gradient
+term (L2-SP's pull toward the loaded weights) comes where weight decay would add one.
+
+The optimizer state is read and changed only through this module: `entry_levels` and
+`with_entry_mask` (a dynamic mask's change), `moment_paths` (which leaves carry momentum or
+Adam moments), for live states and for states read back from a checkpoint.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import numpy as np
 import optax
 
 from ftlab import paths
-from ftlab.plans import policies
+from ftlab.plans import registry
 from ftlab.plans.policies import Plan, PlanError
+from ftlab.plans.selection import FROZEN, RESAMPLED, TRAINED
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 SCHEDULES = ('cosine', 'constant')
@@ -122,42 +127,6 @@ def add_decayed_weights(
   return optax.stateless(update)
 
 
-class L2SPState(NamedTuple):
-  anchor: Any  # the loaded value of each pretrained leaf (None for the head: toward 0)
-
-
-def add_l2_sp(
-  coefficients: Mapping[str, tuple[float, bool]], anchor: Mapping[str, Any]
-) -> optax.GradientTransformation:
-  """Adds the gradient of `coef/2 ||w - w0||^2` (w0 = `anchor[path]`, or 0 for the head).
-
-  Args:
-    coefficients: `{path: (coefficient, toward_anchor)}` (`Plan.l2_sp`).
-    anchor: the loaded parameters by path; they are copied into the optimizer state at
-      `init`, so a resumed run pulls toward the same point.
-  """
-
-  def init(params):
-    def leaf(kp, x):
-      coef, toward_anchor = coefficients[paths.from_key_path(kp)]
-      return (
-        jnp.asarray(anchor[paths.from_key_path(kp)], x.dtype) if toward_anchor and coef else None
-      )
-
-    return L2SPState(jax.tree_util.tree_map_with_path(leaf, params))
-
-  def update(updates, state, params):
-    coefs = _by_path({p: c for p, (c, _) in coefficients.items()}, updates)
-
-    def leaf(u, c, w, w0):
-      return u if not c else u + c * (w - w0 if w0 is not None else w)
-
-    updates = jax.tree.map(leaf, updates, coefs, params, state.anchor, is_leaf=_none)
-    return updates, state
-
-  return optax.GradientTransformation(init, update)
-
-
 class EntryMaskState(NamedTuple):
   levels: Any  # uint8 entry levels per element-masked leaf, None elsewhere
   rng: jnp.ndarray  # uint32[2] key of Child-Tuning_F's per-step Bernoulli masks
@@ -193,10 +162,10 @@ def mask_entries(
       i = next(index)
       if level is None:
         return u
-      keep = level == policies.TRAINED
+      keep = level == TRAINED
       if resample_p is not None:
         draw = jax.random.bernoulli(jax.random.fold_in(step_rng, i), resample_p, u.shape)
-        resampled = (level == policies.RESAMPLED) & draw
+        resampled = (level == RESAMPLED) & draw
         u = jnp.where(resampled, u / resample_p, u)
         keep = keep | resampled
       return jnp.where(keep, u, jnp.asarray(-0.0, u.dtype))
@@ -227,7 +196,7 @@ def make(
     total_steps: length of the run, for the schedule.
     first_step: the run's step at which this optimizer starts (a later stage of a
       schedule): the learning rate follows the run's one schedule across stages.
-    anchor: `{path: loaded value}`, the point L2-SP pulls toward (needed with `plan.l2_sp`).
+    anchor: `{path: loaded value}`, the point L2-SP pulls toward (needed with its term).
     seed: the key of Child-Tuning_F's masks.
 
   Returns:
@@ -240,10 +209,8 @@ def make(
   decay = decay_multipliers(_get(cfg, 'wd_mults', ()), list(paths.flatten(plan.trainable_mask)))
   clip = float(_get(cfg, 'grad_clip_norm', 0.0))
   chain = [optax.clip_by_global_norm(clip)] if clip > 0 else []
-  if plan.l2_sp:
-    if anchor is None:
-      raise ValueError('plan uses l2_sp but no anchor (the loaded parameters) was given')
-    chain.append(add_l2_sp(plan.l2_sp, anchor))
+  for modifier, term in plan.terms.items():  # the modifiers' gradient terms (L2-SP)
+    chain.append(registry.get(modifier).transform(term, anchor))
   if weight_decay and name != 'adamw':
     chain.append(add_decayed_weights(weight_decay, decay))
   if name == 'sgd':
@@ -275,3 +242,98 @@ def make(
     chain.append(mask_entries(plan.element_levels, plan.resample_p, seed))
   labels = jax.tree.map(lambda keep: 'trainable' if keep else 'frozen', plan.trainable_mask)
   return optax.partition({'trainable': optax.chain(*chain), 'frozen': optax.set_to_zero()}, labels)
+
+
+# --- Reading and changing the state. ------------------------------------------------------------
+
+# The optax states holding per-entry moments, and their fields (reset when a mask changes).
+MOMENTS = {optax.ScaleByAdamState: ('mu', 'nu'), optax.TraceState: ('trace',)}
+
+
+def _visit(opt_state: Any, kinds: tuple, fn) -> Any:
+  """`opt_state` with `fn` applied to every node of one of `kinds` (NamedTuple states)."""
+  return jax.tree.map(
+    lambda node: fn(node) if isinstance(node, kinds) else node,
+    opt_state,
+    is_leaf=lambda x: isinstance(x, kinds),
+  )
+
+
+def _flat_with_nones(tree: Any) -> dict[str, Any]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_none)
+  return {paths.from_key_path(kp): x for kp, x in flat if x is not None}
+
+
+def entry_levels(opt_state: Any) -> dict[str, Any]:
+  """`{param path: uint8 levels}` of the per-element masks an optimizer state holds: the
+  entries each partly masked leaf trains (TRAINED), may resample, or keeps (FROZEN).
+
+  Works on the live state (optax's NamedTuples) and on one restored from a checkpoint without
+  a target (nested dicts keyed by the same field names).
+  """
+  found = {}
+
+  def collect(node):
+    found.update(_flat_with_nones(node.levels))
+    return node
+
+  _visit(opt_state, (EntryMaskState,), collect)
+  if not found:  # a restored tree: the EntryMaskState became {'levels': ..., 'rng': ...}
+    found = _stored_fields(opt_state, EntryMaskState._fields[0])
+  return found
+
+
+def moment_paths(opt_state: Any) -> set[str]:
+  """The parameter paths that carry optimizer moments (Adam's `mu`, SGD momentum's `trace`):
+  the leaves an optimizer trains whole or in part. Live or restored states, as
+  `entry_levels`."""
+  found: set[str] = set()
+
+  def collect(node):
+    for field in MOMENTS[type(node)]:
+      found.update(_flat_with_nones(getattr(node, field)))
+    return node
+
+  _visit(opt_state, tuple(MOMENTS), collect)
+  if not found:
+    for fields in MOMENTS.values():
+      for field in fields:
+        found.update(_stored_fields(opt_state, field))
+  return found
+
+
+def _stored_fields(tree: Any, field: str) -> dict[str, Any]:
+  """`{param path: leaf}` under every dict key `field` of a restored state (the parameter
+  path is what follows the field in the leaf's path)."""
+  found = {}
+  for path, x in _flat_with_nones(tree).items():
+    parts = path.split(paths.SEP)
+    if field in parts:
+      found[paths.join(*parts[parts.index(field) + 1 :])] = x
+  return found
+
+
+def with_entry_mask(opt_state: Any, mask: Mapping[str, jnp.ndarray]) -> Any:
+  """The optimizer state training `mask`'s entries (`{path: bool array}` of partly masked
+  leaves), with the moments (`MOMENTS`) of every entry whose membership changed set to
+  zero; traceable (`ftlab.plans.dynamic_masks.remask`)."""
+  old = entry_levels(opt_state)
+  changed = {p: (old[p] == TRAINED) != m for p, m in mask.items()}
+
+  def by_path(tree, fn):
+    def leaf(kp, x):
+      p = paths.from_key_path(kp)
+      return fn(p, x) if p in mask and x is not None else x
+
+    return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=_none)
+
+  def update(node):
+    if isinstance(node, EntryMaskState):
+      levels = by_path(
+        node.levels, lambda p, x: jnp.where(mask[p], TRAINED, FROZEN).astype(x.dtype)
+      )
+      return node._replace(levels=levels)
+    reset = lambda p, x: jnp.where(changed[p], jnp.zeros_like(x), x)
+    return node._replace(**{f: by_path(getattr(node, f), reset) for f in MOMENTS[type(node)]})
+
+  return _visit(opt_state, (EntryMaskState, *MOMENTS), update)

@@ -1,0 +1,231 @@
+"""What selectors share: entry levels, the selection context, and choosing the top entries.
+
+A selector (`ftlab.plans.registry.Selector`) maps `(call, ctx)` to `{path: level}`, where a
+level is FROZEN, RESAMPLED (Child-Tuning_F: kept with probability p each step) or TRAINED, a
+scalar for a whole leaf or a uint8 array per entry. The levels are ordered so that the union
+of two sets is their maximum and the intersection their minimum (`ftlab.plans.policies`).
+
+Per-element selectors choose a share of the *backbone* (every parameter outside the head)
+and train the head whole unless `train_head=False`; `top_fraction` and `top_count` choose
+exactly `round(density * n)` or `count` entries, with deterministic ties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, Iterable, Mapping
+
+import numpy as np
+
+from ftlab import paths as paths_
+from ftlab.models.vgg import BlockStructure
+from ftlab.plans.registry import REQUIRED, Call, PlanError, Selector
+
+# Entry levels of a trainable set, ordered so that union is max and intersection is min.
+FROZEN, RESAMPLED, TRAINED = 0, 1, 2
+
+ScoresFn = Callable[[str, int | None], Mapping[str, np.ndarray]]
+
+
+@dataclasses.dataclass
+class Context:
+  """What a selector reads while a plan is made, and what it reports back.
+
+  Attributes:
+    paths: every parameter path, sorted.
+    structure: the model's blocks.
+    params: `{path: value}`, or None when the plan is made from shapes (then per-element
+      selectors cannot choose yet: they mark every candidate entry and set `pending`).
+    shapes: `{path: shape}` (from values or shapes).
+    scores_fn: `(kind, num_batches) -> {path: array}`, the run's score passes (`fisher`: mean
+      squared per-example gradient; `gradient`: mean gradient), or None.
+    pending: set by a selector that needs values to choose.
+    resample_p: set by Child-Tuning_F: RESAMPLED entries are kept with this probability.
+    dynamic: set by a dynamic mask: how it changes (`ftlab.plans.dynamic_masks.DynamicMask`).
+  """
+
+  paths: list[str]
+  structure: BlockStructure
+  params: dict[str, Any] | None
+  shapes: dict[str, tuple[int, ...]]
+  scores_fn: ScoresFn | None = None
+  pending: bool = False
+  resample_p: float | None = None
+  dynamic: Any = None
+
+  def layers(self, blocks: Iterable[Any]) -> set[str]:
+    """The paths of every layer of `blocks` (`vgg.Block`s)."""
+    layers = {layer for block in blocks for layer in block.layers}
+    return {p for p in self.paths if paths_.layer_of(p) in layers}
+
+  @property
+  def head(self) -> set[str]:
+    """The paths of the head (the layers a transfer task replaces)."""
+    return self.layers([self.structure.head])
+
+  @property
+  def backbone(self) -> list[str]:
+    """Every path outside the head, sorted."""
+    head = self.head
+    return [p for p in self.paths if p not in head]
+
+  def head_if(self, call: Call) -> set[str]:
+    """The head's paths unless the call says `train_head=False`."""
+    return self.head if value(call, 'train_head', True) else set()
+
+  def scores(self, kind: str, num_batches: int | None, who: str) -> dict[str, np.ndarray]:
+    """The run's `kind` scores over `num_batches` training batches (None: every example).
+
+    Raises:
+      PlanError: the plan is made without a score pass (`who` asked for one).
+    """
+    if self.scores_fn is None:
+      raise PlanError(f'policy {who} needs gradients of the training data (a {kind} pass)')
+    return {p: np.asarray(s) for p, s in self.scores_fn(kind, num_batches).items()}
+
+
+def value(call: Call, key: str, default: Any = None) -> Any:
+  """An argument of `call`, `default` where it is absent or None."""
+  found = call.get(key, None)
+  return default if found is None else found
+
+
+def whole(ctx: Context, trainable: Iterable[str]) -> dict[str, int]:
+  """Levels of a leaf-level selection: TRAINED for `trainable` paths, FROZEN elsewhere."""
+  chosen = set(trainable)
+  return {p: TRAINED if p in chosen else FROZEN for p in ctx.paths}
+
+
+def fraction(call: Call, key: str) -> float:
+  """The argument `key` of `call`, checked to be a fraction in (0, 1].
+
+  Raises:
+    PlanError: naming the value.
+  """
+  found = value(call, key, None)
+  if isinstance(found, bool) or not isinstance(found, (int, float)) or not 0 < found <= 1:
+    raise PlanError(f'policy {call.name}: {key}={found!r} is not a fraction in (0, 1]')
+  return float(found)
+
+
+def positive_int(call: Call, key: str, default: Any = REQUIRED) -> int:
+  """The argument `key` of `call` (or `default`), checked to be a positive int.
+
+  Raises:
+    PlanError: naming the value.
+  """
+  found = value(call, key, None if default is REQUIRED else default)
+  if isinstance(found, bool) or not isinstance(found, int) or found < 1:
+    raise PlanError(f'policy {call.name}: {key}={found!r} is not a positive int')
+  return found
+
+
+def optional_batches(call: Call) -> int | None:
+  """`num_batches` of a score pass: a positive int, or None for every training example.
+
+  Raises:
+    PlanError: naming the value.
+  """
+  found = value(call, 'num_batches', None)
+  return None if found is None else positive_int(call, 'num_batches')
+
+
+def int_seed(call: Call) -> int:
+  """`seed` of `call` (default 0), checked to be an int.
+
+  Raises:
+    PlanError: naming the value.
+  """
+  seed = value(call, 'seed', 0)
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise PlanError(f'policy {call.name}: seed={seed!r} is not an int')
+  return seed
+
+
+def blocks_scope(ctx: Context, call: Call) -> list[str]:
+  """The backbone paths a dynamic or per-element selection chooses among: those of the blocks
+  `call` names (`blocks=[4, 5]`), or the whole backbone.
+
+  Raises:
+    PlanError: an empty or unknown block list.
+  """
+  requested = value(call, 'blocks', None)
+  if requested is None:
+    return ctx.backbone
+  by_name = {b.name: b for b in ctx.structure.blocks}
+  names = [f'block{b}' if isinstance(b, int) else str(b) for b in list(requested)]
+  unknown = [n for n in names if n not in by_name]
+  if not names or unknown:
+    raise PlanError(f'policy {call.name}: blocks={requested!r}; valid: {list(by_name)}')
+  chosen = ctx.layers(by_name[n] for n in names)
+  return [p for p in ctx.backbone if p in chosen]
+
+
+def top_fraction(scores: Mapping[str, np.ndarray], density: float) -> dict[str, np.ndarray]:
+  """Boolean masks choosing exactly round(density * n) entries with the largest scores,
+  over all the given leaves together."""
+  flat = np.concatenate([np.asarray(s, np.float64).ravel() for s in scores.values()])
+  k = int(round(density * flat.size))
+  chosen = np.zeros(flat.size, bool)
+  if k:
+    chosen[np.argpartition(-flat, k - 1)[:k]] = True
+  return _unflat(chosen, scores)
+
+
+def top_count(scores: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+  """Boolean masks choosing exactly `count` entries with the largest scores over all the
+  leaves together (in the mapping's order); ties go to the lower flat index, NaN ranks last.
+  The numpy twin of `ftlab.plans.dynamic_masks.top_count` (the tests hold them equal)."""
+  flat = np.concatenate([np.asarray(s, np.float32).ravel() for s in scores.values()])
+  flat = np.where(np.isnan(flat), -np.inf, flat)
+  chosen = np.zeros(flat.size, bool)
+  chosen[np.argsort(-flat, kind='stable')[:count]] = True
+  return _unflat(chosen, scores)
+
+
+def _unflat(chosen: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  out, offset = {}, 0
+  for path, s in like.items():
+    out[path] = chosen[offset : offset + np.size(s)].reshape(np.shape(s))
+    offset += np.size(s)
+  return out
+
+
+def levels_of(mask: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """uint8 levels (TRAINED where chosen) of boolean masks."""
+  return {p: (np.asarray(m) * TRAINED).astype(np.uint8) for p, m in mask.items()}
+
+
+class ElementSelector(Selector):
+  """A per-element selector from a scoring rule: the top `density` share of the backbone's
+  entries by score (`top_fraction`), plus the whole head unless `train_head=False`.
+
+  Subclasses give `entry_scores` (and `check` for arguments besides the density); `density`
+  names the share's parameter (Child-Tuning_D calls it `p`).
+  """
+
+  per_element: ClassVar[bool] = True
+  density: ClassVar[str] = 'density'
+
+  def check(self, call: Call) -> None:
+    """Checks the arguments besides the density, before any weights or data are read.
+
+    Raises:
+      PlanError: naming the bad value.
+    """
+
+  def entry_scores(self, call: Call, ctx: Context, paths: list[str]) -> dict[str, np.ndarray]:
+    """`{path: score per entry}` of the given backbone paths (larger: chosen first)."""
+    raise NotImplementedError
+
+  def select(self, call: Call, ctx: Context) -> dict[str, Any]:
+    share = fraction(call, self.density)
+    self.check(call)
+    backbone, head = ctx.backbone, ctx.head_if(call)
+    levels = {p: TRAINED if p in head else FROZEN for p in ctx.paths}
+    if ctx.params is None:  # shapes only: any backbone entry may be chosen
+      ctx.pending = True
+      return {**levels, **dict.fromkeys(backbone, TRAINED)}
+    scores = self.entry_scores(call, ctx, backbone)
+    chosen = top_fraction({p: scores[p] for p in backbone}, share)
+    return {**levels, **levels_of(chosen)}
