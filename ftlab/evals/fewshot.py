@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax import lax
 
 from ftlab import parallel, train
 from ftlab.data import input_pipeline
 from ftlab.data.datasets import DataSplit
+from ftlab.errors import ConfigError
+from ftlab.evals.base import Evaluator, Setting, StageView, register
 
 PRE_LOGITS = 'pre_logits'
 
@@ -128,12 +131,12 @@ def feature_fn(model: nn.Module, layer: str) -> Callable[[Any, jnp.ndarray], jnp
       (`block1`.. and `fc`): its output, average-pooled over space when it is a map.
 
   Raises:
-    ValueError: an unknown layer, or `pre_logits` of a model without a head.
+    ConfigError: an unknown layer, or `pre_logits` of a model without a head.
   """
   names = model.block_names()
   if layer == PRE_LOGITS:
     if model.head == 'none':
-      raise ValueError("few-shot probe: layer 'pre_logits' needs a head; name a block instead")
+      raise ConfigError("few-shot probe: layer 'pre_logits' needs a head; name a block instead")
 
     def pre_logits(variables, images):
       found = []
@@ -149,7 +152,7 @@ def feature_fn(model: nn.Module, layer: str) -> Callable[[Any, jnp.ndarray], jnp
 
     return pre_logits
   if layer not in names[:-1]:
-    raise ValueError(f'few-shot probe: layer {layer!r} is not one of {[PRE_LOGITS, *names[:-1]]}')
+    raise ConfigError(f'few-shot probe: layer {layer!r} is not one of {[PRE_LOGITS, *names[:-1]]}')
   prefix = model.clone(stop_block=names[names.index(layer) + 1])
 
   def block_output(variables, images):
@@ -232,37 +235,62 @@ class Sets:
     return {f'{k}shot_accuracy': v for k, v in found.items()}
 
 
-def make_sets(
-  cfg: Any,
-  train_split: str,
-  eval_split: str,
-  build: Callable[..., DataSplit],
-  data: input_pipeline.Data,
-  model: nn.Module,
-) -> Sets | None:
-  """The probe's sets from its config (`shots`, `layer`, `train_split`, `test_split`,
-  `l2_reg`), or None when `shots` is empty.
+@register
+class FewShot(Evaluator):
+  """The few-shot probe at every eval (`config.evals.fewshot`; off while `shots` is empty):
+  metrics `fewshot/<k>shot_accuracy`, summary `final_fewshot`."""
 
-  Args:
-    cfg: the `evals.fewshot` config.
-    train_split, eval_split: the run's splits, used where the config names none.
-    build: `build(split, examples_per_class=0) -> DataSplit` for the run's dataset.
-    data: the run's data (eval batch size, order, image preparation).
-    model: the run's model.
+  name = 'fewshot'
 
-  Raises:
-    ValueError: shots that are not positive integers, or an unknown layer.
-    sources.DatasetError: from `build`.
-  """
-  shots = tuple(cfg.get('shots', ()) or ())
-  if not shots:
-    return None
-  if not all(isinstance(k, int) and k > 0 for k in shots):
-    raise ValueError(f'evals.fewshot.shots={shots}: need positive integers, e.g. (1, 5, 10)')
-  feature_fn(model, cfg.layer)  # checks the layer
-  train = build(cfg.train_split or train_split, max(shots))
-  test = build(cfg.test_split or eval_split)
-  order = data.order.with_batch(data.eval_batch)
-  return Sets(
-    train, test, shots, cfg.layer, float(cfg.l2_reg), order, data.image_size, data.preprocess
-  )
+  def __init__(self, sets: Sets, model: nn.Module, spread: Any):
+    self.sets, self.model, self.spread = sets, model, spread
+    self._p_features: Callable | None = None
+    self._cached: dict | None = None
+
+  @classmethod
+  def build(cls, setting: Setting) -> FewShot | None:
+    """The probe's sets from its config (`shots`, `layer`, `train_split`, `test_split`,
+    `l2_reg`), or None when `shots` is empty. The training split is drawn with `max(shots)`
+    examples per class (`dataset.examples_per_class`'s seeded draw); the test split is the
+    run's eval split unless named.
+
+    Raises:
+      ConfigError: shots that are not positive integers, or an unknown layer.
+      DatasetError: a split the dataset lacks, or a class with fewer examples than the shots.
+    """
+    cfg, data = setting.config, setting.data
+    shots = tuple(cfg.get('shots', ()) or ())
+    if not shots:
+      return None
+    if not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in shots):
+      raise ConfigError(f'evals.fewshot.shots={shots}: need positive integers, e.g. (1, 5, 10)')
+    layer = cfg.get('layer', PRE_LOGITS)
+    feature_fn(setting.model, layer)  # checks the layer
+    train_split = cfg.get('train_split', '') or setting.split_names['train']
+    train = setting.build_split(train_split, max(shots), 'evals.fewshot.shots')
+    test = setting.build_split(cfg.get('test_split', '') or setting.split_names['eval'])
+    order = data.order.with_batch(data.eval_batch)
+    l2_reg = float(cfg.get('l2_reg', DEFAULT_L2_REG))
+    sets = Sets(train, test, shots, layer, l2_reg, order, data.image_size, data.preprocess)
+    return cls(sets, setting.model, setting.spread)
+
+  def splits(self) -> dict[str, DataSplit]:
+    return {'fewshot_train': self.sets.train, 'fewshot_test': self.sets.test}
+
+  def start_stage(self, stage: StageView) -> None:
+    # From the cached prefix outputs when the probe's layer comes after the cached blocks.
+    on_cache = bool(stage.start) and runs_after(self.model, self.sets.layer, stage.start)
+    model = stage.model if on_cache else self.model
+    self._p_features = compile_features(model, self.sets.layer, self.spread)
+    self._cached = dict(stage.extra_batches) if on_cache else None
+
+  def run(self, state: Any) -> dict[str, float]:
+    found = self.sets.evaluate(self._p_features, state, self.spread, self._cached)
+    logging.info('few-shot probe (%s) %s', self.sets.layer, found)
+    return {f'fewshot/{k}': v for k, v in found.items()}
+
+  def summary(self, metrics: Mapping[str, float]) -> dict[str, Any]:
+    prefix = 'fewshot/'
+    return {
+      'final_fewshot': {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+    }

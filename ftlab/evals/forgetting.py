@@ -13,24 +13,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax import lax
 
 from ftlab import parallel, train
 from ftlab.data import input_pipeline
 from ftlab.data.datasets import DataSplit
+from ftlab.errors import ConfigError
+from ftlab.evals.base import Evaluator, Setting, StageView, register
 from ftlab.files import checkpoint
 
 PyTree = Any
 HEAD = 'predictions'  # the layer that a task's head replaces
 
 
-class ForgettingError(ValueError):
+class ForgettingError(ConfigError):
   """The loaded weights have no head of their own to compare, or one the model cannot take."""
 
 
@@ -114,26 +117,51 @@ class Drift:
     }
 
 
-def make_drift(
-  cfg: Any, build: Callable[[str], DataSplit], data: Any, variables: PyTree, directory: str
-) -> Drift | None:
-  """The drift measure from its config (`split`; '' = off), or None.
+@register
+class Forgetting(Evaluator):
+  """The source head's agreement at every eval (`config.evals.forgetting.split`; '' = off):
+  metric `forgetting/agreement`, summary `final_source_agreement`."""
 
-  Args:
-    cfg: the `evals.forgetting` config.
-    build: `build(split) -> DataSplit` for the run's dataset.
-    data: the run's `input_pipeline.Data` (eval batch size, order, image preparation).
-    variables: the run's initial variables.
-    directory: the init checkpoint's directory ('' for a random start).
+  name = 'forgetting'
 
-  Raises:
-    ForgettingError: no loaded weights, or no head in them the model can take.
-  """
-  split = cfg.get('split', '')
-  if not split:
-    return None
-  if not directory:
-    raise ForgettingError('evals.forgetting: needs loaded weights (init.checkpoint) with a head')
-  head = load_source_head(directory, variables['params'])
-  order = data.order.with_batch(data.eval_batch)
-  return Drift(build(split), head, order, data.image_size, data.preprocess)
+  def __init__(self, drift: Drift, setting: Setting):
+    self.drift, self.setting = drift, setting
+    self._p_predict: Callable | None = None
+
+  @classmethod
+  def build(cls, setting: Setting) -> Forgetting | None:
+    """The drift measure from its config (`split`), or None.
+
+    Raises:
+      ForgettingError: no loaded weights, or no head in them the model can take.
+      DatasetError: a split the dataset lacks.
+    """
+    split = setting.config.get('split', '')
+    if not split:
+      return None
+    if not setting.init_directory:
+      raise ForgettingError('evals.forgetting: needs loaded weights (init.checkpoint) with a head')
+    head = load_source_head(setting.init_directory, setting.variables['params'])
+    data = setting.data
+    order = data.order.with_batch(data.eval_batch)
+    drift = Drift(setting.build_split(split), head, order, data.image_size, data.preprocess)
+    return cls(drift, setting)
+
+  def start_stage(self, stage: StageView) -> None:
+    """Compiles the prediction step once (the whole model, from images, in every stage) and
+    records the loaded model's predictions, before the first step."""
+    del stage
+    if self._p_predict is None:
+      spread, variables = self.setting.spread, self.setting.variables
+      self._p_predict = self.drift.compile(self.setting.model, spread)
+      loaded = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+      state = train.TrainState(0, loaded['params'], loaded['batch_stats'], ())
+      self.drift.start(self._p_predict, spread.replicate(state), spread)
+
+  def run(self, state: Any) -> dict[str, float]:
+    found = self.drift.agreement(self._p_predict, state, self.setting.spread)
+    logging.info('source head agreement %.4f', found['agreement'])
+    return {'forgetting/agreement': found['agreement']}
+
+  def summary(self, metrics: Mapping[str, float]) -> dict[str, Any]:
+    return {'final_source_agreement': metrics['forgetting/agreement']}
