@@ -45,9 +45,9 @@ from jax import lax
 
 from ftlab import parallel, paths, train
 from ftlab.data import datasets, input_pipeline
+from ftlab.errors import ConfigError
 from ftlab.files import storage
 from ftlab.plans import policies
-from ftlab.plans.methods import lora
 
 PyTree = Any
 MODES = ('off', 'auto', 'memory', 'disk')  # auto: memory up to a size limit, else disk
@@ -61,7 +61,7 @@ def start_block(model: nn.Module, plan: policies.Plan) -> str | None:
   The blocks before it hold no parameter the plan trains (not even one entry of a
   per-element mask) and draw no random numbers in training (dropout).
   """
-  trained = {p.split('/')[0] for p, t in plan.flat_mask().items() if t}
+  trained = {paths.layer_of(p) for p, t in plan.flat_mask().items() if t}
   stochastic = set(model.stochastic_blocks())
   layers = {b.name: b.layers for b in model.block_structure().all_blocks}
   names = model.block_names()
@@ -72,34 +72,34 @@ def start_block(model: nn.Module, plan: policies.Plan) -> str | None:
 
 
 def check(model: nn.Module, plan: policies.Plan, start: str | None, *, augment: str) -> None:
-  """Raises ValueError, in one line naming the reason, unless the blocks before `start` can
+  """Raises ConfigError, in one line naming the reason, unless the blocks before `start` can
   be cached for `plan`: no augmentation, no dropout and nothing trained in the prefix."""
   if augment != 'none':
-    raise ValueError(
+    raise ConfigError(
       f'activation cache: augmentation {augment!r} changes the images every epoch; '
       "set dataset.augment='none' or activation_cache='off'"
     )
   names = model.block_names()
   if start is None or start == names[0]:
     first = start_block(model, plan) or names[0]
-    raise ValueError(
+    raise ConfigError(
       f'activation cache: plan {plan.name} leaves no frozen prefix to cache (it trains or '
       f'draws dropout in {first})'
     )
   if start not in names:
-    raise ValueError(f'activation cache: {start!r} is not a block; valid: {list(names)}')
+    raise ConfigError(f'activation cache: {start!r} is not a block; valid: {list(names)}')
   prefix = names[: names.index(start)]
   stochastic = [b for b in prefix if b in model.stochastic_blocks()]
   if stochastic:
-    raise ValueError(
+    raise ConfigError(
       f'activation cache: block {stochastic[0]} before {start} draws dropout in training, '
       'so its output is not a function of the image'
     )
   trained = [
-    p for p, t in plan.flat_mask().items() if t and p.split('/')[0] in _layers(model, prefix)
+    p for p, t in plan.flat_mask().items() if t and paths.layer_of(p) in _layers(model, prefix)
   ]
   if trained:
-    raise ValueError(
+    raise ConfigError(
       f'activation cache: plan {plan.name} trains {trained[0]} in the cached prefix '
       f'(blocks before {start})'
     )
@@ -110,10 +110,10 @@ def check_mode(mode: str, model: nn.Module, plans: list[policies.Plan], *, augme
   at least one of the run's stage plans with a prefix to cache (others run uncached).
 
   Raises:
-    ValueError: in one line.
+    ConfigError: in one line.
   """
   if mode not in MODES:
-    raise ValueError(f'activation_cache {mode!r} is not one of {list(MODES)}')
+    raise ConfigError(f'activation_cache {mode!r} is not one of {list(MODES)}')
   if mode == 'off':
     return
   starts = [start_block(model, p) for p in plans]
@@ -157,7 +157,9 @@ def _prefix_step(variables: PyTree, batch: dict, *, model: nn.Module) -> dict:
   # needed a dropout key would fail here. The gather gives every device the global batch,
   # so every process gets every example's output.
   x = model.apply(
-    {**variables, 'params': lora.fold(variables['params'])}, batch['image'], train=True
+    train.model_variables(variables['params'], variables.get('batch_stats', {})),
+    batch['image'],
+    train=True,
   )
   return lax.all_gather(
     {'x': x, 'label': batch['label'], 'mask': batch['mask']}, parallel.AXIS, tiled=True
@@ -174,7 +176,7 @@ def fingerprint(model: nn.Module, variables: PyTree, start: str, data_key: str) 
   prefix = _layers(model, model.block_names()[: model.block_names().index(start)])
   for collection in ('params', 'batch_stats'):
     for path, x in paths.flatten(variables.get(collection, {})).items():
-      if path.split('/')[0] in prefix:
+      if paths.layer_of(path) in prefix:
         x = np.asarray(x)
         h.update(f'{collection}/{path}|{x.shape}|{x.dtype}|'.encode())
         h.update(np.ascontiguousarray(x).tobytes())
@@ -425,10 +427,10 @@ def prepare(
     extra: more splits to cache at the eval batch size, by name (`Prepared.extra_batches`).
 
   Raises:
-    ValueError: see `check`.
+    ConfigError: see `check`.
   """
   if mode not in MODES:
-    raise ValueError(f'activation_cache {mode!r} is not one of {list(MODES)}')
+    raise ConfigError(f'activation_cache {mode!r} is not one of {list(MODES)}')
   start = start_block(model, plan)
   if mode == 'off' or start is None:
     return None

@@ -32,16 +32,17 @@ import numpy as np
 from absl import logging
 
 from ftlab import paths
+from ftlab.errors import InputError
 from ftlab.files import checkpoint, storage
 from ftlab.models import vgg
-from ftlab.plans.methods import lora
+from ftlab.plans import tuners
 from ftlab.porting import weights
 from ftlab.porting.common import PortError
 
 PyTree = Any
 
 
-class InitError(ValueError):
+class InitError(InputError):
   """The init checkpoint is missing, does not fit the model, or holds inf/NaN (one line)."""
 
 
@@ -130,8 +131,9 @@ def preprocessing(configured: str, found: Source) -> str:
       'other inputs run and silently lose accuracy'
     )
   if name and configured != name:
-    logging.warning('dataset.preprocess %s overrides the guess %s of %s', configured, name,
-                    found.checkpoint)  # fmt: skip
+    logging.warning(
+      'dataset.preprocess %s overrides the guess %s of %s', configured, name, found.checkpoint
+    )
   return configured
 
 
@@ -140,9 +142,9 @@ def fresh_head(model: nn.Module, shapes: dict, directory: str) -> tuple[str, ...
   layers the weights lack or shape otherwise (another class count), and weights' layers the
   model lacks (a top the task does not use)."""
   stored = checkpoint.stored_shapes(directory)
-  layers = lambda flat: {p.split('/')[0] for p in flat}
+  layers = lambda flat: {paths.layer_of(p) for p in flat}
   head = set(model.block_structure().head.layers)
-  differ = {p.split('/')[0] for p, s in shapes.items() if stored.get(p) != s}
+  differ = {paths.layer_of(p) for p, s in shapes.items() if stored.get(p) != s}
   fresh = sorted((differ & head) | (layers(stored) - layers(shapes)))
   if fresh:
     logging.info('named weights: %s start fresh (not in the weights, or another shape)', fresh)
@@ -175,7 +177,7 @@ def variables(
     )
     dont_load += tuple(r for r in extra if r not in dont_load)
   allow_nonfinite = bool(init_cfg.get('allow_nonfinite', False))
-  load = functools.partial(lora.load_params, source_dir, allow_nonfinite=allow_nonfinite)
+  load = functools.partial(load_params, source_dir, allow_nonfinite=allow_nonfinite)
   try:
     loaded = {'params': load(fresh['params'], dont_load=dont_load)}
     if 'batch_stats' in fresh:
@@ -204,7 +206,7 @@ def mismatch_advice(error: checkpoint.MismatchError, model: Any, image_size: int
   another VGG (name, width, head), another class count, or an fc1 built for another image
   size; '' when the shapes tell nothing more than the error."""
   if error.unused_dont_load:
-    layers = sorted({p.split('/')[0] for p in error.expected})
+    layers = sorted({paths.layer_of(p) for p in error.expected})
     return f'Paths are layer/name (e.g. predictions/kernel); the layers: {", ".join(layers)}'
   want, have = vgg.architecture_of(error.expected), vgg.architecture_of(error.found)
   fixes = []
@@ -218,7 +220,7 @@ def mismatch_advice(error: checkpoint.MismatchError, model: Any, image_size: int
     found = f'a {have["name"] or "VGG"} (width {have["width"]:g}, {have["head"]} head)'
     return f'Likely cause: the checkpoint is {found}, another model: {" ".join(fixes)}'
   advice = []
-  layers = lambda names: {p.split('/')[0] for p in names}
+  layers = lambda names: {paths.layer_of(p) for p in names}
   fresh = sorted(layers(set(error.expected) - error.skipped) - layers(error.found))
   if fresh and have['head'] == 'none':
     regexes = ', '.join(f'"{layer}/.*"' for layer in fresh)
@@ -243,7 +245,7 @@ def mismatch_advice(error: checkpoint.MismatchError, model: Any, image_size: int
     channels = vgg.scaled(vgg.BLOCK_CHANNELS[-1], model.width)
     built = math.isqrt(error.found[first_dense][0] // channels)
     now = math.isqrt(error.expected[first_dense][0] // channels)
-    layer = first_dense.split('/')[0]
+    layer = paths.layer_of(first_dense)
     advice.append(
       f'{layer} was built for a {built}x{built}x{channels} block-5 map ({built * 32} px images '
       f'without pooling), and this model gives it {now}x{now} at image_size {image_size}: keep '
@@ -252,3 +254,32 @@ def mismatch_advice(error: checkpoint.MismatchError, model: Any, image_size: int
       'image size, as torchvision does)'
     )
   return ('Likely cause: ' + '; and '.join(advice)) if advice else ''
+
+
+def load_params(
+  directory: Any, expected: PyTree, *, key: str = 'params', step: int | None = None, **kwargs
+) -> PyTree:
+  """`checkpoint.load_params` that reads a tuned run's checkpoint as plain parameters: the
+  stored adapters (any tuner's, `ftlab.plans.tuners`) are loaded, strictly as every other
+  leaf, and folded into their kernels. A checkpoint without adapters loads exactly as
+  `checkpoint.load_params` does.
+
+  Args:
+    directory, expected, key, step, kwargs: as `checkpoint.load_params`; `expected` is the
+      plain model's tree.
+
+  Returns:
+    A tree with the structure of `expected` (numpy leaves).
+
+  Raises:
+    As `checkpoint.load_params`.
+  """
+  stored = checkpoint.stored_shapes(directory, step, key)
+  adapters = {p: s for p, s in stored.items() if tuners.is_adapter(p)}
+  if not adapters:
+    return checkpoint.load_params(directory, expected, key=key, step=step, **kwargs)
+  flat = paths.flatten(expected)
+  dtypes = checkpoint.stored_dtypes(directory, step, key)
+  flat.update({p: jax.ShapeDtypeStruct(s, dtypes[p]) for p, s in adapters.items()})
+  loaded = checkpoint.load_params(directory, paths.unflatten(flat), key=key, step=step, **kwargs)
+  return tuners.merge(loaded)

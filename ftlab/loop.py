@@ -2,7 +2,8 @@
 
 `train_and_evaluate(config, workdir)` is what `python -m ftlab.main` runs. Everything that
 can be wrong with a config or its inputs is found by `ftlab.run.make_run`, before anything
-is compiled or written, and raised as a `ConfigError` (exit code 2 on the command line).
+is compiled or written, and raised as an `InputError` (exit code 2 on the command line). The
+loop runs the evaluators it is given (`ftlab.evals`) and names none of them.
 """
 
 from __future__ import annotations
@@ -16,20 +17,14 @@ import jax
 import numpy as np
 from absl import logging
 
-from ftlab import parallel, train
-from ftlab.evals import fewshot
+from ftlab import ema, parallel
+from ftlab.evals.base import StageView
 from ftlab.files import checkpoint, metric_writers, workdir
 from ftlab.plans import optim, policies
-from ftlab.run import ConfigError, Run, build_model, cached_sources, make_run
-from ftlab.train import TrainState, compile_ema_state, compile_steps, evaluate
+from ftlab.run import Run, StagePlan, cached_sources, make_run
+from ftlab.train import TrainState, compile_steps
 
-__all__ = [
-  'ConfigError',
-  'FrozenParametersChanged',
-  'Preempted',
-  'build_model',
-  'train_and_evaluate',
-]
+__all__ = ['FrozenParametersChanged', 'Preempted', 'train_and_evaluate']
 
 
 class Preempted(Exception):
@@ -54,40 +49,33 @@ def is_time(step: int, every: int, last: int) -> bool:
 
 @dataclasses.dataclass
 class _Stage:
-  """What runs one stage: its plan, compiled steps, batches and frozen reference."""
+  """What runs one stage: its plan, compiled train step, batches and frozen reference."""
 
   plan: policies.Plan
   end: int | None  # the stage's last step (None: the run's)
   p_train_step: Callable
-  p_eval_step: Callable
-  p_ema_state: Callable | None  # the state with its EMA as parameters (None: no EMA)
   train_batches: Iterator
-  eval_sources: dict[str, Callable[[], Iterator]]
   frozen_reference: dict[str, str]
   cached_from: str | None
-  p_features: Callable | None  # the few-shot probe's features (None: no probe)
-  probe_batches: dict | None  # the probe's splits as cached prefix outputs (None: images)
 
 
-def _enter(run: Run, stage: policies.Stage, host: TrainState, reference: dict, step: int):
-  """The stage starting after `step` from the host state `host`, its steps compiled."""
-  plan, tx = run.setup(stage)
-  cached, config = cached_sources(run, plan, host), run.config
-  model, train_source, eval_sources = run.model, run.data.train_batches, run.data.eval_sources()
+def _enter(run: Run, at: StagePlan, host: TrainState, reference: dict, step: int) -> _Stage:
+  """The stage starting after `step` from the host state `host`, its steps compiled and the
+  evaluators compiled for it."""
+  plan, config = at.plan, run.config
+  cached = cached_sources(run, plan, host)
+  model, train_source = run.model, run.data.train_batches
+  view = StageView(plan, model, run.data.eval_sources())
   if cached:
     logging.info('activation cache: %s runs from %s on cached outputs', plan.name, cached.start)
-    model, train_source, eval_sources = cached.model, cached.train_batches, cached.eval_batches
-  p_features, probe_batches = None, None
-  if run.fewshot:  # its features from the cached prefix outputs when its layer comes later
-    on_cache = cached and fewshot.runs_after(model, run.fewshot.layer, cached.start)
-    p_features = fewshot.compile_features(
-      model if on_cache else run.model, run.fewshot.layer, run.spread
-    )
-    probe_batches = cached.extra_batches if on_cache else None
-  p_train_step, p_eval_step = compile_steps(
+    model, train_source = cached.model, cached.train_batches
+    view = StageView(plan, model, cached.eval_batches, cached.start, cached.extra_batches)
+  for evaluator in run.evaluators:
+    evaluator.start_stage(view)
+  p_train_step, _ = compile_steps(
     run.spread,
     model=model,
-    tx=tx,
+    tx=at.tx,
     plan=plan,
     label_smoothing=config.label_smoothing,
     learning_rate_fn=optim.learning_rate_schedule(config.optimizer, config.num_train_steps),
@@ -95,21 +83,8 @@ def _enter(run: Run, stage: policies.Stage, host: TrainState, reference: dict, s
     accum_steps=config.get('accum_steps', 1),
     ema_decay=config.get('ema_decay', 0.0),
   )
-  p_ema_state = compile_ema_state(run.spread, plan) if config.get('ema_decay', 0.0) else None
   train_batches = parallel.prefetch_to_devices(train_source(step), run.spread)
-  return _Stage(
-    plan,
-    stage.end,
-    p_train_step,
-    p_eval_step,
-    p_ema_state,
-    train_batches,
-    eval_sources,
-    reference,
-    cached and cached.start,
-    p_features,
-    probe_batches,
-  )
+  return _Stage(plan, at.stage.end, p_train_step, train_batches, reference, cached and cached.start)
 
 
 def _next_stage(run: Run, current: _Stage, state: TrainState, step: int):
@@ -117,15 +92,14 @@ def _next_stage(run: Run, current: _Stage, state: TrainState, step: int):
   the state with its parameters kept and its optimizer state rebuilt for the new plan."""
   host = jax.device_get(run.spread.unreplicate(state))
   _check_frozen(current.plan, current.frozen_reference, host.params)
-  stage = policies.stage_at(run.stages, step - 1)
-  plan, tx = run.setup(stage)
+  at = run.stage_at(step - 1)
   # The EMA, like the optimizer state, restarts from the current weights for the new plan.
-  ema = train.init_ema(host.params, train.ema_entries(plan)) if host.ema else {}
-  host = host.replace(opt_state=tx.init(host.params), ema=ema)
-  following = _enter(run, stage, host, policies.frozen_checksums(plan, host.params), step - 1)
-  logging.info('step %d: stage %s, optimizer state rebuilt', step, plan.name)
+  averaged = ema.init(host.params, ema.entries(at.plan)) if host.ema else {}
+  host = host.replace(opt_state=at.tx.init(host.params), ema=averaged)
+  following = _enter(run, at, host, policies.frozen_checksums(at.plan, host.params), step - 1)
+  logging.info('step %d: stage %s, optimizer state rebuilt', step, at.plan.name)
   if jax.process_index() == 0:
-    workdir.write_plan(run.workdir, policies.audit_table(plan, host.params), append=True)
+    workdir.write_plan(run.workdir, policies.audit_table(at.plan, host.params), append=True)
   return following, run.spread.replicate(host)
 
 
@@ -168,8 +142,15 @@ class _Window:
     self._reset(step + 1)
     writer.write(step, {f'train/{k}': v for k, v in means.items()})
     eta = (last - step) / steps_per_sec
-    logging.info('step %d/%d: loss %.4f, accuracy %.4f, %.2f steps/s, ETA %.0f s', step, last,
-                 means['loss'], means['accuracy'], steps_per_sec, eta)  # fmt: skip
+    logging.info(
+      'step %d/%d: loss %.4f, accuracy %.4f, %.2f steps/s, ETA %.0f s',
+      step,
+      last,
+      means['loss'],
+      means['accuracy'],
+      steps_per_sec,
+      eta,
+    )
 
 
 class _Best:
@@ -190,17 +171,17 @@ class _Best:
 def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool = False) -> dict:
   """Trains and evaluates as `config` says, resuming from `directory` if it holds a checkpoint.
 
-  Writes (process 0) the workdir's record (`ftlab.files.workdir`), metrics, TensorBoard events and
-  `summary.json`; every process takes part in `checkpoints/`. A multi-stage plan compiles one
-  step per stage; at a boundary the parameters carry over and the optimizer state is rebuilt.
-  A rerun resumes only under the config the run started with, up to what a resume may change
-  (`workdir.RESUMABLE_CHANGES`), unless `allow_config_change`.
+  Writes (process 0) the workdir's record (`ftlab.files.workdir`), metrics, TensorBoard
+  events and `summary.json`; every process takes part in `checkpoints/`. A multi-stage plan
+  compiles one step per stage; at a boundary the parameters carry over and the optimizer
+  state is rebuilt. A rerun resumes only under the config the run started with, up to what a
+  resume may change (`workdir.RESUMABLE_CHANGES`), unless `allow_config_change`.
 
   Returns:
     The summary dict written to `summary.json`.
 
   Raises:
-    ConfigError: a bad config or input, or another config than the workdir's run, before
+    InputError: a bad config or input, or another config than the workdir's run, before
       anything is compiled or written.
     FloatingPointError: a non-finite loss or gradient norm (unless skipped by config), or a
       run whose every update was skipped.
@@ -213,7 +194,7 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
   first, last = int(run.state.step), config.num_train_steps
   if is_writer:
     _record_launch(run)
-  current = _enter(run, run.stage, run.state, run.frozen_reference, first)
+  current = _enter(run, run.start, run.state, run.frozen_reference, first)
   stages = [current]
   state, rng = spread.replicate(run.state), jax.random.fold_in(jax.random.key(config.seed), 1)
   writer = metric_writers.MetricWriter(
@@ -221,10 +202,7 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
   )
   window, best = _Window(first + 1, spread, config), _Best(config.early_stopping_patience)
   stop, results, flops = False, {}, {}
-  p_predict = _start_drift(run)
-
-  def run_evals(step):
-    return _evals(run, current, state, step, writer, p_predict)
+  held_out = f'{run.data.held_out}/accuracy'  # the split that picks the best step
 
   logging.info('training steps %d..%d under %s', first + 1, last, current.plan.name)
   with parallel.PreemptionNotice() as notice:
@@ -232,10 +210,10 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
       if current.end is not None and step > current.end:  # the next stage of a schedule
         current, state = _next_stage(run, current, state, step)
         stages.append(current)
-      state = run.remask(current.plan, state, step - 1)  # a dynamic mask's next one, if due
+      state = run.scorer.remask(current.plan, state, step - 1)  # a dynamic mask's, if due
       batch = next(current.train_batches)
-      if config.record_step_flops and current.plan.name not in flops:
-        flops[current.plan.name] = parallel.compiled_flops(current.p_train_step, state, batch, rng)
+      if config.record_step_flops and current.plan.key not in flops:
+        flops[current.plan.key] = parallel.compiled_flops(current.p_train_step, state, batch, rng)
       state, metrics = current.p_train_step(state, batch, rng)
       window.add(metrics)
       preempted = notice.reached(step)  # the same answer on every process
@@ -246,19 +224,20 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
       if log:
         window.log(step, last, writer)
       if is_time(step, config.eval_every_steps, last):
-        results = run_evals(step)
-        stop = best.update(step, results[run.data.held_out]['accuracy'])
+        results = _evals(run, state, step, writer)
+        stop = best.update(step, results[held_out])
       if save or stop:
         _save(run, state, current.plan, step)
       if preempted:
         writer.close()
         raise Preempted(step, preempted)
       if stop:
-        logging.info('early stop at step %d: %d evals without a better %s accuracy', step,
-                     best.since, run.data.held_out)  # fmt: skip
+        logging.info(
+          'early stop at step %d: %d evals without a better %s', step, best.since, held_out
+        )
         break
   if not results:  # resumed at the end: evaluate what was restored
-    results = run_evals(first)
+    results = _evals(run, state, first, writer)
   writer.close()
   final = jax.device_get(spread.unreplicate(state))
   _check_all_skipped(config, int(final.step) - first, window.skipped_total)
@@ -270,53 +249,26 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
   return summary
 
 
-def _start_drift(run: Run) -> Callable | None:
-  """The forgetting measure's compiled step, its reference (the loaded model's own
-  predictions) recorded; None without `config.evals.forgetting`."""
-  if not run.drift:
-    return None
-  p_predict = run.drift.compile(run.model, run.spread)
-  variables = run.variables
-  loaded = TrainState(0, variables['params'], variables.get('batch_stats', {}), ())
-  run.drift.start(p_predict, run.spread.replicate(loaded), run.spread)
-  return p_predict
-
-
-def _evals(run: Run, current: _Stage, state: TrainState, step: int, writer, p_predict) -> dict:
-  """Every eval at `step`, written and logged: loss and accuracy of each split (and of the
-  EMA weights), the source head's agreement, the few-shot probe."""
-  spread, drift, probe = run.spread, run.drift, run.fewshot
-  found = {
-    n: evaluate(current.p_eval_step, state, spread, b()) for n, b in current.eval_sources.items()
-  }
-  for name, metrics in found.items():
-    writer.write(step, {f'{name}/{k}': v for k, v in metrics.items()})
-    logging.info('step %d: %s accuracy %.4f on %d examples', step, name, metrics['accuracy'],
-                 metrics['count'])  # fmt: skip
-  if current.p_ema_state:  # the averaged weights on the same splits
-    averaged = current.p_ema_state(state)
-    for name, batches in current.eval_sources.items():
-      metrics = evaluate(current.p_eval_step, averaged, spread, batches())
-      found[name].update(ema_accuracy=metrics['accuracy'], ema_loss=metrics['loss'])
-      writer.write(
-        step, {f'{name}/ema_accuracy': metrics['accuracy'], f'{name}/ema_loss': metrics['loss']}
-      )
-      logging.info('step %d: %s EMA accuracy %.4f', step, name, metrics['accuracy'])
-  if drift:
-    found['forgetting'] = drift.agreement(p_predict, state, spread)
-    writer.write(step, {'forgetting/agreement': found['forgetting']['agreement']})
-    logging.info('step %d: source head agreement %.4f', step, found['forgetting']['agreement'])
-  if probe:
-    found['fewshot'] = probe.evaluate(current.p_features, state, spread, current.probe_batches)
-    writer.write(step, {f'fewshot/{k}': v for k, v in found['fewshot'].items()})
-    logging.info('step %d: few-shot probe (%s) %s', step, probe.layer, found['fewshot'])
+def _evals(run: Run, state: TrainState, step: int, writer: metric_writers.MetricWriter) -> dict:
+  """Every evaluator's metrics at `step`, written and logged."""
+  found = {}
+  for evaluator in run.evaluators:
+    logging.info('step %d: %s', step, evaluator.name)
+    metrics = evaluator.run(state)
+    writer.write(step, metrics)
+    found.update(metrics)
   return found
 
 
 def _save(run: Run, state: TrainState, plan: policies.Plan, step: int) -> None:
   """Checkpoint `step`: the whole train state, with the plan and config in its meta."""
   host_state = jax.device_get(run.spread.unreplicate(state))
-  meta = {'plan': plan.name, 'config': run.config.to_dict(), 'step': step}
+  meta = {
+    'plan': plan.name,
+    'plan_key': plan.key.as_json(),
+    'config': run.config.to_dict(),
+    'step': step,
+  }
   checkpoint.save(
     run.workdir.checkpoints, step, host_state, meta, max_to_keep=run.config.keep_checkpoints
   )
@@ -326,11 +278,10 @@ def _record_launch(run: Run) -> None:
   """The workdir's record of this launch (`ftlab.files.workdir.record_launch`), data logged."""
   data = run.data.describe()
   workdir.log_data(data)
-  plan, _ = run.setup(run.stage)
   workdir.record_launch(
     run.workdir,
     run.config,
-    policies.audit_table(plan, run.state.params),
+    policies.audit_table(run.start.plan, run.state.params),
     int(run.state.step),
     run.changes,
     data,
@@ -344,35 +295,23 @@ def _summary(run, final, stages, results, best, stop, window, flops, frozen) -> 
   select, plan = run.data.held_out, stages[-1].plan
   cached = {s.plan.name: s.cached_from for s in stages if s.cached_from}
   n_trainable, n_total = policies.trainable_count(plan, final.params)
-  summary = {
-    'plan': run.plan_label,
-    'steps': int(final.step),
-    'final_eval_accuracy': results['eval']['accuracy'],
-    'final_eval_loss': results['eval']['loss'],
-    'eval_examples': results['eval']['count'],
-    **({'final_minival_accuracy': results['minival']['accuracy']} if 'minival' in results else {}),
-    **({'final_fewshot': results['fewshot']} if 'fewshot' in results else {}),
-    **(
-      {'final_source_agreement': results['forgetting']['agreement']}
-      if 'forgetting' in results
-      else {}
-    ),
-    **(
-      {'final_ema_eval_accuracy': results['eval']['ema_accuracy']}
-      if 'ema_accuracy' in results['eval']
-      else {}
-    ),
-    f'best_{select}_accuracy': best.accuracy,
-    f'best_{select}_step': best.step,
-    'stopped_early': stop,
-    'skipped_steps': window.skipped_total,
-    # The last stage's plan: its trainable count and its compiled step's FLOPs (XLA).
-    'trainable_parameters': n_trainable,
-    'total_parameters': n_total,
-    'trainable_percent': 100.0 * n_trainable / n_total,
-    'init': run.init.summary() if run.init else {},
-    **({'train_step_flops': flops[plan.name]} if plan.name in flops else {}),
-  }
+  summary = {'plan': run.plan_label, 'steps': int(final.step)}
+  for evaluator in run.evaluators:
+    summary.update(evaluator.summary(results))
+  summary.update(
+    {
+      f'best_{select}_accuracy': best.accuracy,
+      f'best_{select}_step': best.step,
+      'stopped_early': stop,
+      'skipped_steps': window.skipped_total,
+      # The last stage's plan: its trainable count and its compiled step's FLOPs (XLA).
+      'trainable_parameters': n_trainable,
+      'total_parameters': n_total,
+      'trainable_percent': 100.0 * n_trainable / n_total,
+      'init': run.init.summary() if run.init else {},
+      **({'train_step_flops': flops[plan.key]} if plan.key in flops else {}),
+    }
+  )
   if len(run.stages) > 1:
     summary['stages'] = _stage_summary(run, flops)
   if cached:  # plans whose steps ran on cached prefix outputs, with the first block they ran
@@ -388,12 +327,12 @@ def _summary(run, final, stages, results, best, stop, window, flops, frozen) -> 
 
 def _stage_summary(run: Run, flops: dict) -> list[dict]:
   rows = []
-  for s in run.stages:
-    name = s.label(str(s.expression))  # the stage's plan name
+  for at in run.stages:
+    s = at.stage
     end = s.end if s.end is not None else run.config.num_train_steps
-    rows.append({'plan': name, 'first_step': s.start + 1, 'last_step': end})
-    if name in flops:
-      rows[-1]['train_step_flops'] = flops[name]
+    rows.append({'plan': s.name, 'first_step': s.start + 1, 'last_step': end})
+    if s.key in flops:
+      rows[-1]['train_step_flops'] = flops[s.key]
   return rows
 
 

@@ -28,10 +28,11 @@ import numpy as np
 import optax
 from jax import lax
 
+from ftlab import ema as ema_
 from ftlab import paths
+from ftlab.errors import ConfigError
 from ftlab.parallel import AXIS, BROADCAST, REPLICATED, SHARDED
-from ftlab.plans import policies
-from ftlab.plans.methods import lora
+from ftlab.plans import policies, tuners
 
 PyTree = Any
 
@@ -45,7 +46,7 @@ class TrainState:
     params: the model parameters.
     batch_stats: BatchNorm running statistics (empty for models without BatchNorm).
     opt_state: optimizer state (nothing for frozen leaves).
-    ema: the moving average of the entries that can change (`ema_entries`), as a tree like
+    ema: the moving average of the entries that can change (`ftlab.ema.entries`), as a tree like
       `params` holding only those leaves (empty without an EMA).
   """
 
@@ -62,76 +63,28 @@ def create_train_state(
   ema: Mapping[str, np.ndarray | None] | None = None,
 ) -> TrainState:
   """A state at step 0 from model variables (`{'params': ..., 'batch_stats': ...}`), with
-  an EMA of the `ema` entries (`ema_entries`) starting at their loaded values."""
+  an EMA of the `ema` entries (`ftlab.ema.entries`) starting at their loaded values."""
   params = variables['params']
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     batch_stats=variables.get('batch_stats', {}),
     opt_state=tx.init(params),
-    ema=init_ema(params, ema) if ema else {},
+    ema=ema_.init(params, ema) if ema else {},
   )
 
 
 def check_step_options(accum_steps: int, ema_decay: float, global_batch: int) -> None:
-  """Raises ValueError, in one line, for an `accum_steps` that does not split each device's
+  """Raises ConfigError, in one line, for an `accum_steps` that does not split each device's
   share of `global_batch` evenly or an `ema_decay` outside [0, 1)."""
   per_device = global_batch // jax.device_count()
   if not isinstance(accum_steps, int) or accum_steps < 1 or per_device % accum_steps:
-    raise ValueError(
+    raise ConfigError(
       f'accum_steps={accum_steps} must divide the {per_device} examples each of the '
       f'{jax.device_count()} devices gets of batch_size {global_batch}'
     )
   if not 0.0 <= ema_decay < 1.0:
-    raise ValueError(f'ema_decay={ema_decay} is not in [0, 1) (e.g. 0.999; 0 = no EMA)')
-
-
-def ema_entries(plan: policies.Plan) -> dict[str, np.ndarray | None]:
-  """Which entries an EMA of the weights keeps: each trainable leaf whole (None), or the flat
-  indices of the entries a per-element plan trains (or resamples). Frozen leaves and frozen
-  entries never change, so their average is their value: nothing is stored for them."""
-  found = {}
-  for path, trainable in plan.flat_mask().items():
-    levels = plan.element_levels.get(path)
-    if not trainable:
-      continue
-    whole = levels is None or (np.ndim(levels) == 0 and levels == policies.TRAINED)
-    entries = None if whole else np.flatnonzero(np.ravel(levels) != policies.FROZEN)
-    if entries is None or len(entries):  # a leaf none of whose entries train never changes
-      found[path] = entries
-  return found
-
-
-def _kept(x: jnp.ndarray, indices: np.ndarray | None) -> jnp.ndarray:
-  return x if indices is None else x.reshape(-1)[indices]
-
-
-def init_ema(params: PyTree, entries: Mapping[str, np.ndarray | None]) -> PyTree:
-  """The EMA's starting value: the kept entries of `params` (`ema_entries`)."""
-  flat = paths.flatten(params)
-  return paths.unflatten({p: jnp.asarray(_kept(flat[p], i)) for p, i in entries.items()})
-
-
-def update_ema(
-  ema: PyTree, params: PyTree, entries: Mapping[str, np.ndarray | None], decay: float
-) -> PyTree:
-  """`decay * ema + (1 - decay) * params` on the kept entries."""
-  flat, old = paths.flatten(params), paths.flatten(ema)
-  return paths.unflatten(
-    {p: decay * old[p] + (1.0 - decay) * _kept(flat[p], i) for p, i in entries.items()}
-  )
-
-
-def ema_params(params: PyTree, ema: PyTree, entries: Mapping[str, np.ndarray | None]) -> PyTree:
-  """`params` with the EMA in place of the kept entries: the averaged model's parameters."""
-  flat, averaged = paths.flatten(params), paths.flatten(ema)
-  for p, i in entries.items():
-    x = flat[p]
-    if i is None:
-      flat[p] = averaged[p]
-    else:
-      flat[p] = jnp.asarray(x).reshape(-1).at[i].set(averaged[p]).reshape(x.shape)
-  return paths.unflatten(flat)
+    raise ConfigError(f'ema_decay={ema_decay} is not in [0, 1) (e.g. 0.999; 0 = no EMA)')
 
 
 def bind_model(model: nn.Module, plan: policies.Plan, axis_name: str | None = AXIS) -> nn.Module:
@@ -153,10 +106,10 @@ def cross_entropy(
 def model_variables(params: PyTree, batch_stats: PyTree) -> dict:
   """What `model.apply` takes for a state's `params` and `batch_stats` (none: left out).
 
-  The one place parameters meet `model.apply` in the steps and evaluators: LoRA adapters are
-  folded into their kernels here (a plain tree passes as it is), so the model stays a VGG.
+  The one place parameters meet `model.apply` in the steps and evaluators: a tuner's adapters
+  are folded into their kernels here (a plain tree passes as it is), so the model stays a VGG.
   """
-  return {'params': lora.fold(params), **({'batch_stats': batch_stats} if batch_stats else {})}
+  return {'params': tuners.fold(params), **({'batch_stats': batch_stats} if batch_stats else {})}
 
 
 def _gradients(
@@ -243,7 +196,7 @@ def train_step(
       normalises each micro-batch by its own statistics and updates its running statistics
       once per micro-batch, as `accum_steps` smaller steps would.
     ema_decay: the EMA's decay per step (0: no EMA).
-    ema: the entries the EMA keeps (`ema_entries`).
+    ema: the entries the EMA keeps (`ftlab.ema.entries`).
 
   Returns:
     The new state and metrics averaged over devices: `loss`, `accuracy`, `grad_norm`
@@ -266,7 +219,7 @@ def train_step(
   if learning_rate_fn is not None:
     metrics['lr'] = learning_rate_fn(state.step)
   new_params = paths.merge(frozen, new_trainable)
-  new_ema = update_ema(state.ema, new_params, ema, ema_decay) if ema_decay else state.ema
+  new_ema = ema_.update(state.ema, new_params, ema, ema_decay) if ema_decay else state.ema
   if skip_nonfinite:
     # The metrics are averaged over devices, so every device takes the same decision.
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
@@ -308,107 +261,6 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict:
     'count': jnp.sum(mask),
   }
   return lax.psum(sums, AXIS)
-
-
-def fisher_step(
-  state: TrainState, batch: dict, *, model: nn.Module, trainable_mask: PyTree, chunk: int = 8
-) -> dict:
-  """Sums of squared per-example gradients (the empirical Fisher's diagonal, unnormalised)
-  of the trainable leaves over the real examples of the global batch.
-
-  The model runs in inference mode (running BatchNorm statistics, no dropout), so each
-  example's gradient is its own. Examples are taken `chunk` at a time (vmap inside a
-  scan) so memory grows with the chunk, not the batch.
-
-  Args:
-    state: the replicated train state.
-    batch: `{'image', 'label'}` and optionally `'mask'`, this device's share; its size must
-      be a multiple of `chunk` (pass chunk=1 otherwise).
-    model: the bound model.
-    trainable_mask: which leaves to score.
-    chunk: examples per vmapped gradient.
-
-  Returns:
-    `{'squared_grads': {path: sum of g**2}, 'count': number of real examples}`.
-  """
-  scored, fixed = paths.split(state.params, trainable_mask)
-  weights = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32)).astype(jnp.float32)
-
-  def example_loss(leaves, image, label):
-    params = paths.merge(fixed, leaves)
-    logits = model.apply(model_variables(params, state.batch_stats), image[None], train=False)
-    return cross_entropy(logits, label[None]).sum()
-
-  def add_chunk(total, xs):
-    image, label, weight = xs
-    grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(scored, image, label)
-    squares = jax.tree.map(lambda g: jnp.einsum('b...,b->...', g * g, weight), grads)
-    return jax.tree.map(jnp.add, total, squares), None
-
-  n = batch['label'].shape[0]
-  if n % chunk:
-    raise ValueError(f'fisher_step: {n} examples per device is not a multiple of chunk={chunk}')
-  xs = jax.tree.map(
-    lambda x: x.reshape(n // chunk, chunk, *x.shape[1:]),
-    (batch['image'], batch['label'], weights),
-  )
-  zeros = jax.tree.map(jnp.zeros_like, scored)
-  total, _ = lax.scan(add_chunk, zeros, xs)
-  return lax.psum({'squared_grads': total, 'count': jnp.sum(weights)}, AXIS)
-
-
-def gradient_step(
-  state: TrainState, batch: dict, *, model: nn.Module, trainable_mask: PyTree
-) -> dict:
-  """The gradient of the summed loss over the real examples of the global batch, with the
-  model in inference mode (RigL's growth criterion, `ftlab.plans.dynamic_masks`).
-
-  Args:
-    state: the replicated train state.
-    batch: `{'image', 'label'}` and optionally `'mask'`, this device's share.
-    model: the bound model.
-    trainable_mask: which leaves to differentiate.
-
-  Returns:
-    `{'grads': {path: summed gradient}, 'count': number of real examples}`.
-  """
-  scored, fixed = paths.split(state.params, trainable_mask)
-  weights = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32)).astype(jnp.float32)
-
-  def loss_fn(leaves):
-    params = paths.merge(fixed, leaves)
-    logits = model.apply(model_variables(params, state.batch_stats), batch['image'], train=False)
-    return jnp.sum(cross_entropy(logits, batch['label']) * weights)
-
-  grads = jax.grad(loss_fn)(scored)
-  return lax.psum({'grads': grads, 'count': jnp.sum(weights)}, AXIS)
-
-
-def compile_scoring_step(
-  kind: str, spread: Any, model: nn.Module, scope: policies.Plan, global_batch: int
-) -> Callable:
-  """`fisher_step` (`kind='fisher'`) or `gradient_step` (`'gradient'`) over the leaves
-  `scope` may train, spread: `p_step(state, batch) -> sums`. `model` is bound (`bind_model`)."""
-  step_fn = functools.partial(
-    fisher_step if kind == 'fisher' else gradient_step,
-    model=model,
-    trainable_mask=scope.trainable_mask,
-  )
-  if kind == 'fisher':  # per-example gradients in chunks that divide the device's share
-    per_device = global_batch // jax.device_count()
-    step_fn = functools.partial(step_fn, chunk=max(c for c in range(1, 9) if per_device % c == 0))
-  return spread.compile(step_fn, in_kinds=(REPLICATED, SHARDED))
-
-
-def summed(p_step: Callable, spread: Any, variables: PyTree, batches: Iterable[dict]) -> dict:
-  """`p_step`'s sums over `batches` at `variables` (`{'params', 'batch_stats'}`), on the host."""
-  stats = variables.get('batch_stats', {})
-  state = spread.replicate(TrainState(jnp.zeros((), jnp.int32), variables['params'], stats, ()))
-  totals = None
-  for batch in batches:
-    sums = p_step(state, spread.shard(batch))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  return jax.device_get(spread.unreplicate(totals))
 
 
 def eval_metrics(sums: dict) -> dict:
@@ -463,7 +315,7 @@ def compile_steps(
     label_smoothing: label smoothing of the training loss.
     learning_rate_fn: the schedule, reported as the `lr` metric.
     skip_nonfinite, accum_steps, ema_decay: see `train_step` (the EMA keeps the plan's
-      `ema_entries`).
+      `ftlab.ema.entries`).
   """
   bound = bind_model(model, plan)
   train_fn = functools.partial(
@@ -476,19 +328,17 @@ def compile_steps(
     skip_nonfinite=skip_nonfinite,
     accum_steps=accum_steps,
     ema_decay=ema_decay,
-    ema=ema_entries(plan) if ema_decay else None,
+    ema=ema_.entries(plan) if ema_decay else None,
   )
-  eval_fn = functools.partial(eval_step, model=bound)
   p_train_step = spread.compile(
     train_fn, in_kinds=(REPLICATED, SHARDED, BROADCAST), donate_argnums=(0,)
   )
-  p_eval_step = spread.compile(eval_fn, in_kinds=(REPLICATED, SHARDED))
-  return p_train_step, p_eval_step
+  return p_train_step, compile_eval_step(spread, model, plan)
 
 
-def compile_ema_state(spread: Any, plan: policies.Plan) -> Callable:
-  """`p_ema_state(state)`: the replicated state with the EMA in place of the parameters it
-  averages, for the eval step (BatchNorm keeps its running statistics)."""
-  entries = ema_entries(plan)
-  swap = lambda state: state.replace(params=ema_params(state.params, state.ema, entries))
-  return spread.compile(swap, in_kinds=(REPLICATED,))
+def compile_eval_step(spread: Any, model: nn.Module, plan: policies.Plan) -> Callable:
+  """The spread `eval_step` for `plan`: `p_eval_step(state, batch) -> sums` (compiled at its
+  first call, as every spread step)."""
+  return spread.compile(
+    functools.partial(eval_step, model=bind_model(model, plan)), in_kinds=(REPLICATED, SHARDED)
+  )

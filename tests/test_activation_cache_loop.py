@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from configs import default
-from ftlab import activation_cache, loop
+from ftlab import activation_cache, errors, loop
 from ftlab.files import checkpoint
 from tests.run_files import params_of
 
@@ -104,7 +104,7 @@ def test_refused_before_anything_is_written(tmp_path, change, message):
   config = config_for(change.get('policy', 'linear_probe'), change.get('cache', 'memory'))
   config.dataset.augment = change.get('augment', 'none')
   workdir = str(tmp_path / 'run')
-  with pytest.raises(loop.ConfigError, match=message):
+  with pytest.raises(errors.InputError, match=message):
     loop.train_and_evaluate(config, workdir)
   assert not os.path.exists(workdir)
 

@@ -6,7 +6,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs import default
-from ftlab import loop, parallel, paths, train
+from ftlab import ema, errors, loop, parallel, paths, train
 from ftlab.files import checkpoint
 from ftlab.files.metric_writers import read_jsonl
 from ftlab.plans import optim, policies
@@ -25,8 +25,8 @@ def setup(model, policy, opt=SGD):
 def run(model, variables, plan, tx, data, *, num_devices=8, **options):
   spread = parallel.Spread('pmap', tuple(jax.devices()[:num_devices]))
   p_train_step, _ = train.compile_steps(spread, model=model, tx=tx, plan=plan, **options)
-  ema = train.ema_entries(plan) if options.get('ema_decay') else None
-  state = spread.replicate(train.create_train_state(variables, tx, ema))
+  kept = ema.entries(plan) if options.get('ema_decay') else None
+  state = spread.replicate(train.create_train_state(variables, tx, kept))
   states = []
   for batch in data:
     state, _ = p_train_step(state, spread.shard(batch), jax.random.key(0))
@@ -93,24 +93,24 @@ def test_ema_keeps_changing_entries_only_and_follows_the_recurrence():
   model = fakes.tiny_vgg(head='gap')
   policy = dict(name='random_sparse(0.2) | last_blocks(1)')
   variables, plan, tx = setup(model, policy, dict(SGD, name='adamw', learning_rate=1e-2))
-  entries = train.ema_entries(plan)
+  entries = ema.entries(plan)
   assert set(entries) == {p for p, t in plan.flat_mask().items() if t}
   sparse = [p for p, i in entries.items() if i is not None]
   assert sparse and all(len(entries[p]) == (plan.element_levels[p] != 0).sum() for p in sparse)
   states = run(model, variables, plan, tx, fakes.image_batches(4), ema_decay=0.9)
   expected = {
-    p: train._kept(np.asarray(x), entries.get(p))
+    p: ema.kept(np.asarray(x), entries.get(p))
     for p, x in paths.flatten(variables['params']).items()
     if p in entries
   }
   for state in states:
     params = paths.flatten(state.params)
-    expected = {p: 0.9 * e + 0.1 * train._kept(params[p], entries[p]) for p, e in expected.items()}
+    expected = {p: 0.9 * e + 0.1 * ema.kept(params[p], entries[p]) for p, e in expected.items()}
     got = paths.flatten(state.ema)
     assert got.keys() == expected.keys()
     for p in expected:
       np.testing.assert_allclose(got[p], expected[p], rtol=1e-6, atol=1e-7, err_msg=p)
-  averaged = paths.flatten(train.ema_params(state.params, state.ema, entries))
+  averaged = paths.flatten(ema.params_with_ema(state.params, state.ema, entries))
   for p, x in paths.flatten(state.params).items():
     if p not in entries:
       assert np.array_equal(averaged[p], x)
@@ -154,7 +154,7 @@ def test_ema_is_evaluated_saved_and_resumed_bit_identical(tmp_path, fashion_mnis
   ],
 )
 def test_bad_step_options_are_one_line(tmp_path, override, message):
-  with pytest.raises(loop.ConfigError, match=message):
+  with pytest.raises(errors.InputError, match=message):
     loop.train_and_evaluate(runlocal(20, **override), str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
 
@@ -162,6 +162,6 @@ def test_bad_step_options_are_one_line(tmp_path, override, message):
 def test_ema_with_a_dynamic_mask_is_refused(tmp_path):
   config = runlocal(20, ema_decay=0.9)
   config.policy.name = 'reselect(magnitude(0.1), every=5)'
-  with pytest.raises(loop.ConfigError, match=r'ema_decay with a dynamic mask \(reselect'):
+  with pytest.raises(errors.InputError, match=r'ema_decay with a dynamic mask \(reselect'):
     loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()

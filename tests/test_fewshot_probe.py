@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import loop, parallel, train
+from ftlab import errors, loop, parallel, train
 from ftlab.data import datasets, input_pipeline
 from ftlab.evals import fewshot
 from ftlab.files.metric_writers import read_jsonl
@@ -136,7 +136,7 @@ def test_run_records_the_probe_at_every_eval(tmp_path, fashion_mnist_prepared):
   ],
 )
 def test_bad_probe_config_is_one_line_before_anything_is_written(tmp_path, fewshot, message):
-  with pytest.raises(loop.ConfigError, match=message) as e:
+  with pytest.raises(errors.InputError, match=message) as e:
     loop.train_and_evaluate(runlocal(**fewshot), str(tmp_path / 'run'))
   assert '\n' not in str(e.value)
   assert not (tmp_path / 'run').exists()

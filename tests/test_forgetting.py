@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import loop, paths, run
+from ftlab import errors, loop, paths, run
 from ftlab.data import datasets, input_pipeline
 from ftlab.evals import forgetting
 from ftlab.files import checkpoint
@@ -76,7 +76,7 @@ def test_agreement_is_the_source_heads_top1_against_the_loaded_model(
 def test_forgetting_needs_loaded_weights_with_a_head(tmp_path, fashion_mnist_prepared):
   config = default.get_config('runlocal')
   config.evals.forgetting.split = 'test[:200]'
-  with pytest.raises(loop.ConfigError, match=r'evals.forgetting: needs loaded weights'):
+  with pytest.raises(errors.InputError, match=r'evals.forgetting: needs loaded weights'):
     loop.train_and_evaluate(config, str(tmp_path / 'run'))
   config, _ = config_for(tmp_path, 'full')
   config.model.head = 'mlp'

@@ -9,9 +9,9 @@ import pytest
 
 from configs import default
 from ftlab import loop, parallel, paths, run
-from ftlab.analysis import ensemble
+from ftlab.analysis import ensemble, mask_report
 from ftlab.files import checkpoint
-from ftlab.plans.methods import lora
+from ftlab.plans import tuners
 from scripts import export_weights
 from tests.run_files import plain_vgg11
 
@@ -44,14 +44,14 @@ def stored_params(workdir, step=None):
 def test_lora_run_trains_adapters_only_and_counts_them(lora_run):
   workdir, summary = lora_run
   first, last = stored_params(workdir, 1), stored_params(workdir)
-  adapted = sorted(lora.counts(paths.unflatten(last)))
+  adapted = sorted(tuners.counts(paths.unflatten(last)))
   assert adapted == ['block4_conv1', 'block4_conv2', 'block5_conv1', 'block5_conv2']
   moved = sorted(p for p in last if first[p].tobytes() != last[p].tobytes())
   head = [p for p in last if p.split('/')[0] in ('fc', 'predictions')]
   assert moved == sorted([f'{layer}/lora_{x}' for layer in adapted for x in 'ab'] + head)
-  adapters = sum(lora.counts(paths.unflatten(last)).values())
+  adapters = sum(tuners.counts(paths.unflatten(last)).values())
   assert summary['trainable_parameters'] == adapters + sum(last[p].size for p in head)
-  plain_total = sum(x.size for p, x in last.items() if not lora.is_adapter(p))
+  plain_total = sum(x.size for p, x in last.items() if not tuners.is_adapter(p))
   assert summary['total_parameters'] == plain_total
   assert summary['frozen_unchanged'] and summary['plan'] == 'lora(rank=4) & blocks(blocks=[4, 5])'
   assert 'LoRA (rank 4, alpha 8)' in open(os.path.join(workdir, 'plan.txt')).read()
@@ -74,12 +74,12 @@ def test_lora_resume_is_bit_identical(lora_run, tmp_path):
 def test_export_and_combine_read_plain_parameters(lora_run):
   workdir, summary = lora_run
   model, variables, size = export_weights.load_run(workdir)
-  assert not any(lora.is_adapter(p) for p in paths.flatten(variables['params']))
+  assert not any(tuners.is_adapter(p) for p in paths.flatten(variables['params']))
   raw = stored_params(workdir)
   x = np.random.RandomState(0).uniform(size=(4, size, size, 3)).astype(np.float32)
   # The adapted model's logits (as the steps compute them) from the plain parameters.
   folded = model.apply(
-    {'params': lora.fold(paths.unflatten(raw))} | _stats(variables), x, train=False
+    {'params': tuners.fold(paths.unflatten(raw))} | _stats(variables), x, train=False
   )
   plain = model.apply(variables, x, train=False)
   np.testing.assert_allclose(plain, folded, atol=1e-5, rtol=0)
@@ -99,3 +99,24 @@ def test_export_and_combine_read_plain_parameters(lora_run):
 
 def _stats(variables):
   return {'batch_stats': variables['batch_stats']} if variables.get('batch_stats') else {}
+
+
+def test_mask_report_reads_a_lora_run_with_its_adapters_folded(lora_run):
+  """`mask_report.read_run` rebuilds the run's starting weights through the run's own function
+  (adapters drawn from the run's seed, then folded: the loaded kernels, since B starts at
+  zero), reads the final weights folded, and counts the adapted kernels as trained."""
+  workdir, _ = lora_run
+  weights = mask_report.read_run(workdir)
+  config = config_for()
+  model = run.build_model(config.model, num_classes=10)
+  loaded = run.initial_variables(config, model, ())  # the same weights without adapters
+  for p, x in paths.flatten(loaded['params']).items():
+    assert weights.initial[p].tobytes() == np.asarray(x).tobytes(), p
+  assert not any(tuners.is_adapter(p) for p in weights.final)
+  merged = paths.flatten(tuners.merge(paths.unflatten(stored_params(workdir))))
+  assert all(weights.final[p].tobytes() == np.asarray(merged[p]).tobytes() for p in merged)
+  report = mask_report.run_report(weights)
+  changed = {r['layer'] for r in report['layers'] if r['changed']}
+  trained = {r['layer'] for r in report['layers'] if r['trained']}
+  adapted = {f'block{b}_conv{i}' for b in (4, 5) for i in (1, 2)}
+  assert changed == trained == adapted | {'fc', 'predictions'}

@@ -1,33 +1,32 @@
 """Masks you can explain: what a run trained, layer by layer, and how masks of runs overlap.
 
-`read_run(RUN)` reads a finished run back: its initial parameters (rebuilt as the run built
-them: the loaded checkpoint, the fresh head from the run's seed; checked against the frozen
-leaves of the final checkpoint bit for bit), its final parameters and the entries its plan
-trains (per-element masks from the checkpoint's optimizer state, where the run kept them; a
-dynamic mask's current one). `layer_report` turns these into per-layer figures and
-`jaccard_matrix` compares the chosen entries of several runs. Everything returns data;
-`scripts/mask_report.py` writes `mask_report.json`, the plots and the sweep's tables.
+`read_run(RUN)` reads a finished run back: its initial parameters (rebuilt through the very
+function the run used, `ftlab.run.initial_variables`: the loaded checkpoint, the fresh head
+from the run's seed, a tuner's adapters; checked against the frozen leaves of the final
+checkpoint bit for bit), its final parameters (a tuned run's folded into plain kernels) and
+the entries its plan trains (per-element masks read from the checkpoint's optimizer state by
+`ftlab.plans.optim`'s readers; a dynamic mask's current one). `layer_report` turns these
+into per-layer figures and `jaccard_matrix` compares the chosen entries of several runs.
+Everything returns data; `scripts/mask_report.py` writes `mask_report.json`, the plots and
+the sweep's tables.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import ml_collections
 import numpy as np
 
-from ftlab import init_from, paths
+from ftlab import init_from, paths, run
 from ftlab.files import checkpoint, workdir
-from ftlab.plans import policies
-from ftlab.run import build_model
-
-LEVELS = '/levels/'  # where `optim.EntryMaskState` keeps entry levels in a checkpoint
+from ftlab.plans import optim, policies, tuners
 
 
-class RunError(ValueError):
+class RunError(workdir.RunError):
   """A directory that is not a finished ftlab run, or one that cannot be read back, in one
   line."""
 
@@ -41,10 +40,12 @@ class RunWeights:
     directory: the run's directory.
     step: the step of the checkpoint read.
     plan: the plan's name, as the checkpoint records it.
-    initial: `{path: array}`, the parameters the run started from.
-    final: `{path: array}`, the parameters of the checkpoint.
+    initial: `{path: array}`, the parameters the run started from (a tuner's adapters
+      folded into plain parameters, as export sees them).
+    final: `{path: array}`, the parameters of the checkpoint (folded likewise).
     trained: `{path: bool array}`, the entries the plan trains at `step` (whole leaves for
-      leaf-level plans).
+      leaf-level plans; for a tuner, every entry of the kernels it adapts and of the leaves
+      it trains beside them).
     head: the paths of the head (a new head trains whole in every plan).
   """
 
@@ -61,29 +62,24 @@ class RunWeights:
 def _read_config(directory: str) -> tuple[dict, ml_collections.ConfigDict]:
   try:
     found = workdir.read_run(directory)
-  except (FileNotFoundError, ValueError) as e:
-    raise RunError(f'{directory} is not a finished ftlab run (a run directory with checkpoints/): '
-                   f'{str(e).splitlines()[0]}') from None  # fmt: skip
+  except (FileNotFoundError, workdir.RunError) as e:
+    raise RunError(
+      f'{directory} is not a finished ftlab run (a run directory with checkpoints/): '
+      f'{str(e).splitlines()[0]}'
+    ) from None
   return found, ml_collections.ConfigDict(found['config'])
 
 
-def _entry_levels(ckpt_dir: str, step: int) -> dict[str, np.ndarray]:
-  """`{param path: uint8 levels}` of the per-element masks in a train checkpoint."""
-  stored = checkpoint.stored_shapes(ckpt_dir, step, key='opt_state')
-  if not any(LEVELS in p for p in stored):
-    return {}
-  flat, _ = jax.tree_util.tree_flatten_with_path(checkpoint.load_tree(ckpt_dir, step)['opt_state'])
-  found = {paths.from_key_path(kp): x for kp, x in flat}
-  return {p.split(LEVELS, 1)[1]: np.asarray(x) for p, x in found.items() if LEVELS in p}
+def _stored_opt_state(ckpt_dir: str, step: int) -> Any:
+  """The checkpoint's optimizer state, restored without a target (nested dicts)."""
+  return checkpoint.load_tree(ckpt_dir, step)['opt_state']
 
 
-def _leaves_with_state(ckpt_dir, step, initial, final, mask) -> dict[str, bool]:
-  """Which leaves a per-element plan trains, read from the checkpoint: a leaf without entry
-  levels trains whole if it has optimizer moments, else it is frozen; with a stateless
+def _leaves_with_state(opt_state, initial, final, mask) -> dict[str, bool]:
+  """Which leaves a per-element plan trains, read from the optimizer state: a leaf without
+  entry levels trains whole if it has optimizer moments, else it is frozen; with a stateless
   optimizer (SGD without momentum), if it changed."""
-  stored = checkpoint.stored_shapes(ckpt_dir, step, key='opt_state')
-  marks = ('/mu/', '/trace/')
-  stateful = {p.split(m, 1)[1] for p in stored for m in marks if m in p}
+  stateful = optim.moment_paths(opt_state)
   if stateful:
     return {p: mask[p] and p in stateful for p in mask}
   return {p: mask[p] and _digest(initial[p]) != _digest(final[p]) for p in mask}
@@ -91,6 +87,11 @@ def _leaves_with_state(ckpt_dir, step, initial, final, mask) -> dict[str, bool]:
 
 def read_run(directory: str, step: int | None = None) -> RunWeights:
   """A finished run's initial and final parameters and its trained entries.
+
+  The initial parameters are rebuilt as the run built them (`ftlab.run.initial_variables`:
+  the loaded checkpoint, the fresh head from the run's seed, a tuner's adapters) and checked
+  against the frozen leaves of the checkpoint bit for bit. A tuned run is read folded: its
+  kernels are the adapted ones, and the kernels its adapters change count as trained.
 
   Args:
     directory: the run's workdir (with `checkpoints/`).
@@ -108,40 +109,51 @@ def read_run(directory: str, step: int | None = None) -> RunWeights:
   shapes = checkpoint.stored_shapes(ckpt_dir, step)
   if 'predictions/kernel' not in shapes:
     raise RunError(f'{directory}: its checkpoint has no predictions/kernel (not a VGG run)')
-  model = build_model(config.model, num_classes=int(shapes['predictions/kernel'][-1]))
-  rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)  # as run.make_run
+  num_classes = int(shapes['predictions/kernel'][-1])
   try:
-    variables = init_from.variables(model, config.dataset.image_size, rng_init, config.init)
+    model, stages, adapted = run.check_plans(config, num_classes)
+    variables = run.initial_variables(config, model, adapted)
   except init_from.InitError as e:
     raise RunError(f'{directory}: its initial weights cannot be rebuilt: {e}') from None
-  initial = {p: np.asarray(x) for p, x in paths.flatten(variables['params']).items()}
-  final = paths.flatten(checkpoint.load_params(ckpt_dir, variables['params'], step=step))
-  final = {p: np.asarray(x) for p, x in final.items()}
   structure = model.block_structure()
-  stages = policies.plan_stages(structure, config.policy, config.num_train_steps)
   stage = policies.stage_at(stages, max(step - 1, 0))
-  shaped = policies.make_plan(jax.eval_shape(lambda: variables['params']), structure,
-                              config.policy, stage=stage)  # fmt: skip
-  levels = _entry_levels(ckpt_dir, step)
-  mask = shaped.flat_mask()
-  if shaped.masks_pending:  # which leaves a per-element plan trains whole or not at all
-    mask = _leaves_with_state(ckpt_dir, step, initial, final, mask)
-  trained = {
-    p: levels[p] == policies.TRAINED if p in levels else np.full(x.shape, mask[p])
-    for p, x in initial.items()
-  }
+  shaped = policies.make_plan(
+    jax.eval_shape(lambda: variables['params']), structure, config.policy, stage=stage
+  )
+  raw_initial = paths.flatten(variables['params'])
+  raw_final = paths.flatten(checkpoint.load_params(ckpt_dir, variables['params'], step=step))
   # Leaves the plan freezes (on shapes: whatever masks are chosen) never move.
   frozen = [p for p, t in shaped.flat_mask().items() if not t]
-  moved = [p for p in frozen if _digest(initial[p]) != _digest(final[p])]
+  moved = [p for p in frozen if _digest(raw_initial[p]) != _digest(raw_final[p])]
   if moved:
     raise RunError(
       f"{directory}: the rebuilt initial weights differ from the run's frozen leaves "
       f'({paths.listing(moved)}): its init checkpoint ({config.init.checkpoint}) changed'
     )
-  head = tuple(p for p in initial if p.split('/')[0] in structure.head.layers)
+  opt_state = _stored_opt_state(ckpt_dir, step)
+  levels = optim.entry_levels(opt_state)
+  mask = shaped.flat_mask()
+  initial = {p: np.asarray(x) for p, x in paths.flatten(tuners.merge(variables['params'])).items()}
+  final = {
+    p: np.asarray(x) for p, x in paths.flatten(tuners.merge(paths.unflatten(raw_final))).items()
+  }
+  if shaped.masks_pending:  # which leaves a per-element plan trains whole or not at all
+    mask = _leaves_with_state(opt_state, initial, final, mask)
+  # A tuner trains what its adapters change: the kernels of the layers it adapts.
+  adapted = {paths.layer_of(p) for p, t in mask.items() if t and tuners.is_adapter(p)}
+  kernels = {p for p in initial if paths.layer_of(p) in adapted and paths.leaf_of(p) == 'kernel'}
+
+  def entries(p: str, x: np.ndarray) -> np.ndarray:
+    if p in levels:
+      return np.asarray(levels[p]) == policies.TRAINED
+    return np.full(x.shape, bool(mask.get(p, False)) or p in kernels)
+
+  trained = {p: entries(p, x) for p, x in initial.items()}
+  head = tuple(p for p in initial if paths.layer_of(p) in structure.head.layers)
   meta_plan = found['plan'] or str(config.policy.name)
-  return RunWeights(workdir.run_name(directory), directory, int(step), meta_plan, initial,
-                    final, trained, head)  # fmt: skip
+  return RunWeights(
+    workdir.run_name(directory), directory, int(step), meta_plan, initial, final, trained, head
+  )
 
 
 def _digest(x: np.ndarray) -> str:
@@ -178,7 +190,7 @@ def layer_report(
   """
   rows: dict[str, dict] = {}
   for p, x0 in initial.items():
-    layer = p.split('/')[0]
+    layer = paths.layer_of(p)
     row = rows.setdefault(layer, dict(entries=0, trained=0, changed=0, delta_sq=0.0, init_sq=0.0))
     x0, x1 = np.asarray(x0), np.asarray(final[p])
     delta = x1.astype(np.float64) - x0.astype(np.float64)
@@ -206,8 +218,10 @@ def layer_report(
 
   layers = [finish(name, r) for name, r in rows.items()]
   totals = {k: sum(r[k] for r in rows.values()) for k in ('entries', 'trained', 'changed')}
-  totals.update(delta_sq=sum(r['delta_sq'] for r in rows.values()),
-                init_sq=sum(r['init_sq'] for r in rows.values()))  # fmt: skip
+  totals.update(
+    delta_sq=sum(r['delta_sq'] for r in rows.values()),
+    init_sq=sum(r['init_sq'] for r in rows.values()),
+  )
   return {'layers': layers, 'total': finish('total', totals)}
 
 
