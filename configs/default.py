@@ -70,11 +70,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.shards = 1
 
   config.policy = ml_collections.ConfigDict()
-  # A plan expression (ftlab/plans/syntax.py): a policy (full, linear_probe, last_blocks,
-  # first_blocks, blocks, bitfit, regex, random_sparse, magnitude, fisher, child_tuning_f,
-  # child_tuning_d) or a combination with | & - (union, intersection, difference), plus
-  # modifiers after + (layerwise_lr_decay, discriminative_lr, l2_sp), or a schedule (lp_ft,
-  # gradual_unfreezing). E.g. 'bitfit | last_blocks(1)', 'fisher(0.01) & blocks([4, 5])',
+  # A plan expression (ftlab/plans/syntax.py) of the registered methods (`python -m ftlab.main
+  # --help` and README's policy table list them): sets combined with | & - (union,
+  # intersection, difference), modifiers after +, or a schedule or dynamic mask standing alone.
+  # E.g. 'bitfit | last_blocks(1)', 'fisher(0.01) & blocks([4, 5])', 'lora(8) & blocks([4, 5])',
   # 'lp_ft(probe_steps=100) + l2_sp(alpha=0.01, beta=0.01)'. Bare names read the fields below.
   config.policy.name = 'full'
   config.policy.k = 1  # last_blocks / first_blocks: number of blocks
@@ -131,17 +130,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # reuse only outputs that are theirs bit for bit (e.g. every seed's eval split).
   config.activation_cache_dir = ''
 
-  # Closed-form few-shot probe at every eval (ftlab/fewshot_probe.py): ridge regression on the
+  # Evaluators beside the eval splits' loss and accuracy (ftlab/evals/): each reads its own
+  # section here, by its name, and is off until the section switches it on.
+  config.evals = ml_collections.ConfigDict()
+  # Closed-form few-shot probe at every eval (ftlab/evals/fewshot.py): ridge regression on the
   # current weights' features of a few examples per class, tested on test_split; metrics
   # fewshot/<k>shot_accuracy. Shows how a plan changes the representation, not the head.
-  config.evals = ml_collections.ConfigDict()
   config.evals.fewshot = ml_collections.ConfigDict()
   config.evals.fewshot.shots = ()  # examples per class, e.g. (1, 5, 10, 25); () = off
   config.evals.fewshot.layer = 'pre_logits'  # pre_logits | block1..block5 | fc (pooled output)
   config.evals.fewshot.train_split = ''  # drawn from this split ('' = dataset.train_split)
   config.evals.fewshot.test_split = ''  # '' = dataset.eval_split
   config.evals.fewshot.l2_reg = 1024.0  # ridge coefficient (big_vision's few-shot default)
-  # Forgetting (ftlab/forgetting.py): the loaded weights' own head (e.g. ImageNet's) put back
+  # Forgetting (ftlab/evals/forgetting.py): the loaded weights' own head (e.g. ImageNet's) put back
   # on the current backbone; forgetting/agreement = share of these images whose top-1 is the
   # loaded model's (1.0 while the backbone is unchanged). A split of the dataset; '' = off.
   config.evals.forgetting = ml_collections.ConfigDict()

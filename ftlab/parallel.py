@@ -31,6 +31,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ftlab.errors import ConfigError
+
 AXIS = 'batch'
 MODES = ('pmap', 'shard_map')
 # How each step argument is laid out over devices.
@@ -112,10 +114,10 @@ class PreemptionNotice:
 
 
 def check_divisible(global_batch: int, num_devices: int) -> None:
-  """Raises ValueError unless the global batch splits evenly over the devices."""
+  """Raises ConfigError unless the global batch splits evenly over the devices."""
   if global_batch % num_devices:
     lower = global_batch - global_batch % num_devices
-    raise ValueError(
+    raise ConfigError(
       f'global batch size {global_batch} is not divisible by {num_devices} devices; '
       f'use a multiple of {num_devices} (e.g. {max(lower, num_devices)} or '
       f'{lower + num_devices})'
@@ -136,7 +138,7 @@ class Spread:
 
   def __post_init__(self):
     if self.mode not in MODES:
-      raise ValueError(f'unknown parallelism {self.mode!r}; valid: {", ".join(MODES)}')
+      raise ConfigError(f'unknown parallelism {self.mode!r}; valid: {", ".join(MODES)}')
     if not self.devices:  # every process's devices: one data-parallel group over all hosts
       object.__setattr__(self, 'devices', tuple(jax.devices()))
 

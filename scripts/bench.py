@@ -39,6 +39,8 @@ from typing import Any, Callable
 import numpy as np
 import readme_section
 
+from ftlab.errors import InputError
+
 FRAMEWORKS = ('ftlab', 'torch', 'keras')
 DTYPES = ('float32', 'bfloat16')
 BENCH_HEADS = ('gap', 'imagenet', 'mlp')
@@ -109,11 +111,11 @@ def check_args(args: argparse.Namespace) -> None:
     for plan_name in args.plans:
       cfg = policy_config(plan_name)
       if policies.check_policy_name(plan_name, cfg).schedule is not None:
-        raise ValueError(f'{plan_name!r} is a schedule; bench the plans of its stages')
+        raise BenchError(f'{plan_name!r} is a schedule; bench the plans of its stages')
       if policies.needs_gradients(cfg):
-        raise ValueError(f'{plan_name!r} chooses entries from training gradients; not benched')
+        raise BenchError(f'{plan_name!r} chooses entries from training gradients; not benched')
       policies.make_plan(shapes, model.block_structure(), cfg)
-  except ValueError as e:
+  except InputError as e:
     raise BenchError(str(e).splitlines()[0]) from None
   if 'torch' in args.frameworks:
     try:

@@ -4,7 +4,7 @@
     --config configs/X.py[:args] --workdir OUT [--alpha a | --alphas a,b,c] \
     [--bn_reset_batches K] [--config.field=value ...]
 
-Methods (`ftlab/ensemble.py`): `logits` and `probs` (output ensembles), `uniform_soup`,
+Methods (`ftlab/analysis/ensemble.py`): `logits` and `probs` (output ensembles), `uniform_soup`,
 `greedy_soup`, and `wise` (two runs: alpha 0 is the first, 1 the second). A DIR is a run's
 workdir or its `checkpoints/` directory; the newest step is used. The runs must share the
 architecture, head and label space. `--config` supplies the eval data (`dataset.eval_split`;
@@ -21,8 +21,9 @@ from absl import app, flags
 from combine_report import markdown
 from ml_collections import config_flags
 
-from ftlab import parallel, run
+from ftlab import cli, parallel, run
 from ftlab.analysis import ensemble
+from ftlab.errors import InputError
 from ftlab.files import checkpoint, storage
 
 FLAGS = flags.FLAGS
@@ -52,9 +53,9 @@ def fail(message: str) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, with a bad flag or config file as one line and exit 2."""
   try:
-    return FLAGS(argv)
-  except (flags.Error, KeyError, ValueError, AttributeError, TypeError) as e:
-    fail(run.flag_error_line(e))
+    return cli.parse(argv, FLAGS)
+  except InputError as e:
+    fail(str(e))
 
 
 def alphas() -> list[float]:
@@ -87,7 +88,7 @@ def main(argv):
       bn_reset_batches=FLAGS.bn_reset_batches,
       workdir=FLAGS.workdir,
     )
-  except (ValueError, FileNotFoundError) as e:
+  except (InputError, FileNotFoundError) as e:
     fail(str(e))
   table = markdown(output)
   if jax.process_index() == 0:  # as combine.json: one writer

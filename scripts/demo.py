@@ -197,17 +197,31 @@ def params_plot(rows: list[dict], shots: int, path: str) -> None:
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7.5, 4.2))
-  for is_lora, color, marker, name in ((False, 'tab:blue', 'o', 'masks and baselines'),
-                                       (True, 'tab:red', 's', 'LoRA')):  # fmt: skip
+  for is_lora, color, marker, name in (
+    (False, 'tab:blue', 'o', 'masks and baselines'),
+    (True, 'tab:red', 's', 'LoRA'),
+  ):
     chosen = [r for r in rows if r['plan'].startswith('lora') == is_lora]
     if not chosen:
       continue
     x = [r['trainable_parameters'] for r in chosen]
-    ax.errorbar(x, [100 * r['mean'] for r in chosen], yerr=[100 * r['std'] for r in chosen],
-                fmt=marker, color=color, capsize=3, label=name)  # fmt: skip
+    ax.errorbar(
+      x,
+      [100 * r['mean'] for r in chosen],
+      yerr=[100 * r['std'] for r in chosen],
+      fmt=marker,
+      color=color,
+      capsize=3,
+      label=name,
+    )
     for r in chosen:
-      ax.annotate(r['plan'], (r['trainable_parameters'], 100 * r['mean']), fontsize=8,
-                  xytext=(5, -10 if is_lora else 5), textcoords='offset points')  # fmt: skip
+      ax.annotate(
+        r['plan'],
+        (r['trainable_parameters'], 100 * r['mean']),
+        fontsize=8,
+        xytext=(5, -10 if is_lora else 5),
+        textcoords='offset points',
+      )
   ax.set_xscale('log')
   ax.set_xlabel('trainable parameters (adapters for LoRA; the head included)')
   ax.set_ylabel(f'test accuracy (%), {shots} labels per class')
@@ -336,8 +350,13 @@ def define_flags() -> None:
   flags.DEFINE_bool('runlocal', False, 'seconds-long runs of a narrow random VGG (smoke test)')
   flags.DEFINE_string('readme', '', 'README to update between the demo-results-<shots>shot markers')
   flags.DEFINE_string('section', '', 'README section (markers) and docs/ plot name instead')
-  flags.DEFINE_enum('plot', 'bars', ['bars', 'params'], 'bars per plan, or accuracy against '
-                    'trainable parameters (LoRA and the other plans as two series)')  # fmt: skip
+  flags.DEFINE_enum(
+    'plot',
+    'bars',
+    ['bars', 'params'],
+    'bars per plan, or accuracy against '
+    'trainable parameters (LoRA and the other plans as two series)',
+  )
 
 
 if __name__ == '__main__':

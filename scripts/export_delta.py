@@ -6,7 +6,7 @@ RUN is a run's workdir. Its base (the weights it started from: `init.checkpoint`
 head drawn from the run's seed) is rebuilt as the run built it and referenced in the delta by
 checksum; the delta holds the flat indices and final values of every changed entry (a leaf
 that changed mostly, like a new head, whole). The file (default `RUN/masked_delta-<step>.npz`,
-format in `ftlab/masked_delta.py`) is read back and applied to the base, and the result is
+format in `ftlab/analysis/masked_delta.py`) is read back and applied to the base, and the result is
 checked against the run's parameters bit for bit before the sizes are printed: the delta, the
 parameters alone, and the checkpoint directory (parameters, optimizer state and masks).
 Exit status 2, with one line, for a directory that is not a finished run.
@@ -45,9 +45,13 @@ def export(run_dir: str, output: str | None, step: int | None) -> dict:
     f'fresh parameters from seed {config["seed"]} (ftlab.run.make_run)'
   )
   delta = masked_delta.make(
-    weights.initial, weights.final, run=os.path.abspath(run_dir), step=weights.step,
-    plan=weights.plan, base=base,
-  )  # fmt: skip
+    weights.initial,
+    weights.final,
+    run=os.path.abspath(run_dir),
+    step=weights.step,
+    plan=weights.plan,
+    base=base,
+  )
   output = output or os.path.join(run_dir, f'masked_delta-{weights.step}.npz')
   size = masked_delta.save(output, delta)
   rebuilt = masked_delta.apply(weights.initial, masked_delta.load(output))

@@ -19,17 +19,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ftlab import run
+from ftlab import init_from, run
+from ftlab.errors import InputError
 from ftlab.files import checkpoint, workdir
-from ftlab.plans.methods import lora
-from ftlab.porting import PortError, export
+from ftlab.porting import export
 
 
 def load_run(directory: str, step: int | None = None):
   """`(model, variables, image_size)` of a run's checkpoint."""
   files = workdir.Workdir(directory)
   if not os.path.exists(files.config):
-    raise ValueError(f'{directory} holds no config.json: not an ftlab run directory')
+    raise workdir.RunError(f'{directory} holds no config.json: not an ftlab run directory')
   with open(files.config) as f:
     config = ml_collections.ConfigDict(json.load(f))
   classes = checkpoint.stored_shapes(files.checkpoints, step).get('predictions/bias', (1000,))[0]
@@ -39,7 +39,7 @@ def load_run(directory: str, step: int | None = None):
     lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
   )
   variables = {
-    key: lora.load_params(files.checkpoints, shapes[key], key=key, step=step) for key in shapes
+    key: init_from.load_params(files.checkpoints, shapes[key], key=key, step=step) for key in shapes
   }
   return model, variables, size
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
   try:
     model, variables, size = load_run(args.run, args.step)
     export.save(variables, model, args.format, args.output, image_size=size)
-  except (ValueError, FileNotFoundError, PortError) as e:
+  except (InputError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(f'{args.format}: {model.depth}-layer VGG ({model.head} head) -> {args.output}')

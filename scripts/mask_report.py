@@ -4,7 +4,7 @@
   python scripts/mask_report.py --sweep DIR [--include rigl,reselect,...] [--readme README.md]
 
 For every run (a workdir with checkpoints; `--sweep` finds every finished run under DIR) it
-writes `RUN/mask_report.json` (`ftlab.mask_report.layer_report`: per layer the entries, the
+writes `RUN/mask_report.json` (`ftlab.analysis.mask_report.layer_report`: per layer the entries, the
 share of them trained, the share of the run's trainable budget, the entries that changed,
 ‖Δθ‖ and ‖Δθ‖/‖θ₀‖ between the loaded and the final weights) and `RUN/mask_report.png`. Over
 two or more runs it writes to `--output` (default: the sweep directory) `mask_overlap.json`
@@ -97,8 +97,15 @@ def plot_overlap(names: list[str], matrix: np.ndarray, path: str) -> None:
   image = ax.imshow(matrix, vmin=0, vmax=1, cmap='viridis')
   for i in range(n):
     for j in range(n):
-      ax.text(j, i, f'{matrix[i, j]:.2f}', ha='center', va='center', fontsize=6,
-              color='black' if matrix[i, j] > 0.6 else 'white')  # fmt: skip
+      ax.text(
+        j,
+        i,
+        f'{matrix[i, j]:.2f}',
+        ha='center',
+        va='center',
+        fontsize=6,
+        color='black' if matrix[i, j] > 0.6 else 'white',
+      )
   ax.set_xticks(range(n), names, rotation=70, ha='right', fontsize=7)
   ax.set_yticks(range(n), names, fontsize=7)
   fig.colorbar(image, ax=ax, label='Jaccard overlap of trained backbone entries')
@@ -214,8 +221,11 @@ def main(argv=None) -> int:
       plot_run(report, os.path.join(run_dir, f'{REPORT}.png'))
       reports[name], masks[name], groups[name] = report, mask_report.chosen(weights), group
       total = report['total']
-      print(f'{name}: {total["trained"]:,} entries trained, {total["changed"]:,} changed, '
-            f'‖Δθ‖/‖θ₀‖ {total["relative_delta"]:.4g}', flush=True)  # fmt: skip
+      print(
+        f'{name}: {total["trained"]:,} entries trained, {total["changed"]:,} changed, '
+        f'‖Δθ‖/‖θ₀‖ {total["relative_delta"]:.4g}',
+        flush=True,
+      )
       del weights
   except (mask_report.RunError, readme_section.ReadmeError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)

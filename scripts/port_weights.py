@@ -25,6 +25,7 @@ import sys
 from absl import app, flags, logging
 
 from ftlab import porting
+from ftlab.errors import InputError
 from ftlab.files import checkpoint
 from ftlab.porting import weights
 
@@ -85,7 +86,7 @@ def main(argv):
     )
     record = port_record(ported, FLAGS.input, output)
     checkpoint.save_variables(output, ported.variables, record)
-  except ValueError as e:  # PortError, or an output directory that holds a checkpoint
+  except InputError as e:  # PortError, or an output directory that holds a checkpoint
     print(f'error: {e}', file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
   with open(os.path.join(output, 'port.json'), 'w') as f:

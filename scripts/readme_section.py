@@ -6,8 +6,10 @@ Used by scripts/demo.py, pretrain_demo.py, sweep.py and bench.py.
 import os
 import re
 
+from ftlab.errors import InputError
 
-class ReadmeError(ValueError):
+
+class ReadmeError(InputError):
   """A README without the section, in one line."""
 
 

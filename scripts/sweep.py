@@ -51,7 +51,9 @@ import readme_section
 from absl import flags
 from ml_collections import config_flags
 
+from ftlab import cli
 from ftlab import run as ftlab_run
+from ftlab.errors import InputError
 from ftlab.files import storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +61,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_BAD_INPUT = 2
 
 
-class BadInput(ValueError):
+class BadInput(InputError):
   """A bad grid, plan or flag: one line and exit code 2, before any run starts."""
 
 
@@ -120,9 +122,9 @@ def parse_config(main_flags: list[str]):
   values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, '', values, lock_config=True, sys_argv=argv)
   try:
-    values(argv)
-  except Exception as e:  # noqa: BLE001 (absl, ml_collections and config files raise any kind)
-    raise BadInput(f'bad config {shlex.join(argv[1:])}: {last_line(str(e))}') from e
+    cli.parse(argv, values)
+  except InputError as e:
+    raise BadInput(f'bad config {shlex.join(argv[1:])}: {e}') from None
   return values.config
 
 
@@ -138,8 +140,8 @@ def check_grid(grid: dict, runs: list[Run], workdir: str) -> None:
     try:
       # The class count sizes the head only; it never changes which parameters train.
       ftlab_run.check_plans(config, len(config.dataset.classes) or 10)
-    except (ValueError, KeyError, TypeError) as e:
-      raise BadInput(f'plan {plan!r}: {last_line(str(e))}') from e
+    except InputError as e:
+      raise BadInput(f'plan {plan!r}: {last_line(str(e))}') from None
   seen = {}
   for run in runs:
     saved = read_json(os.path.join(workdir, run.name, 'sweep_run.json')).get('plan')
@@ -158,7 +160,8 @@ def load_grid(args: argparse.Namespace, overrides: list[str] | None) -> dict:
       module = importlib.util.module_from_spec(spec)
       spec.loader.exec_module(module)
       from_file = dict(module.get_sweep(arg or None))
-    except Exception as e:  # noqa: BLE001 (whatever the grid file raises)
+    except (OSError, SyntaxError) as e:  # a file that is missing or not Python; an error
+      # inside its get_sweep is the grid's own bug and keeps its traceback
       raise BadInput(f'bad --grid {args.grid}: {type(e).__name__}: {last_line(str(e))}') from e
     if set(from_file) - set(grid):
       raise BadInput(f'--grid {args.grid}: unknown fields {sorted(set(from_file) - set(grid))}')

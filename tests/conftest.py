@@ -1,10 +1,12 @@
 """Test setup: 8 fake CPU devices, set before jax is imported anywhere; JAX's persistent
 compilation cache, shared by the workers and the subprocesses they start (many tests compile
 the same programs: a runlocal run takes 13.5 s cold, 5 s warm, with the same results); the
-offline Fashion-MNIST prepared once, under a lock, when several pytest-xdist workers start."""
+offline Fashion-MNIST prepared once, under a lock, when several pytest-xdist workers start;
+scripts/ importable as the command line sees it."""
 
 import fcntl
 import os
+import sys
 import tempfile
 
 os.environ['XLA_FLAGS'] = (
@@ -15,6 +17,11 @@ os.environ.setdefault(
   'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), f'ftlab-tests-xla-{os.getuid()}')
 )
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+# Tests load scripts as modules (`import export_weights`), and a script imports its sibling
+# helpers (`readme_section`) as it does when run from the command line.
+sys.path.insert(
+  0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts')
+)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 
 from configs import default
-from ftlab import loop, paths
+from ftlab import paths, run
 from ftlab.files import checkpoint
 
 
@@ -38,7 +38,7 @@ def params_of(workdir, num_classes=10, step=None, model=None):
   with open(os.path.join(workdir, 'config.json')) as f:
     config = ml_collections.ConfigDict(json.load(f))
   config.model.name = model or config.model.name
-  model = loop.build_model(config.model, num_classes=num_classes)
+  model = run.build_model(config.model, num_classes=num_classes)
   size = config.dataset.image_size
   shapes = jax.eval_shape(
     lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3)), train=False)

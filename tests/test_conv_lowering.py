@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from ftlab import run
+from ftlab import errors, run
 from ftlab.models import vgg
 from ftlab.models.lowering import conv_as_matmul
 
@@ -84,10 +84,10 @@ def test_config_chooses_the_lowering_and_a_bad_one_stops_the_run(tmp_path):
 
   config = default.get_config('runlocal')
   # `auto` is resolved where the model is built (the model asks no device): matmul on CPU.
-  assert loop.build_model(config.model, num_classes=10).conv_lowering == 'matmul'
+  assert run.build_model(config.model, num_classes=10).conv_lowering == 'matmul'
   config.model.conv_lowering = 'conv'
-  assert loop.build_model(config.model, num_classes=10).conv_lowering == 'conv'
+  assert run.build_model(config.model, num_classes=10).conv_lowering == 'conv'
   config.model.conv_lowering = 'im2col'
-  with pytest.raises(loop.ConfigError, match="conv_lowering 'im2col' is not one of"):
+  with pytest.raises(errors.InputError, match="conv_lowering 'im2col' is not one of"):
     loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from ftlab import loop, parallel, run
+from ftlab import parallel, run
 from ftlab.analysis import ensemble, soups
 from ftlab.data import sources
 from ftlab.files import checkpoint, workdir
@@ -228,7 +228,7 @@ def runs(tmp_path_factory):
   """
   root = tmp_path_factory.mktemp('runs')
   config = eval_config()
-  model = loop.build_model(config.model, len(config.dataset.classes))
+  model = run.build_model(config.model, len(config.dataset.classes))
   start = init(model, 0)
   rng = np.random.RandomState(1)
   tuned = jax.tree.map(
@@ -284,7 +284,7 @@ def test_cli_wise_endpoints_and_another_architecture(runs, tmp_path):
   config = eval_config()
   config.model.width = 1 / 8
   config.dataset.classes = (0, 1, 2)
-  variables = init(loop.build_model(config.model, 3), 0)
+  variables = init(run.build_model(config.model, 3), 0)
   other = tmp_path / 'other'
   checkpoint.save_variables(other / 'checkpoints', variables, {'config': config.to_dict()})
   result = cli('--checkpoints', tuned, str(other), '--method=logits', f'--workdir={tmp_path}/bad')

@@ -12,8 +12,8 @@ order one and a 1e-5 bound says something.
 
 import json
 import os
-import sys
 
+import export_weights  # noqa: E402
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,9 +25,6 @@ from safetensors.torch import load_file
 from configs import default
 from ftlab import paths, porting, run
 from ftlab.files import checkpoint
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'scripts'))
-import export_weights  # noqa: E402
 
 MAX_ABS_DIFF = 1e-5
 NARROW = 1 / 16

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import default, demo, transfer
-from ftlab import loop, paths
+from ftlab import errors, loop, paths, run
 from ftlab.data import sources
 from ftlab.files import checkpoint
 from ftlab.files.metric_writers import read_jsonl
@@ -28,7 +28,7 @@ needs_fashion_mnist = pytest.mark.skipif(
 
 def final_params(workdir, config):
   """The parameters of the newest checkpoint in `workdir`, as numpy."""
-  model = loop.build_model(config.model, num_classes=len(config.dataset.classes) or 10)
+  model = run.build_model(config.model, num_classes=len(config.dataset.classes) or 10)
   size = config.dataset.image_size
   fresh = jax.eval_shape(
     lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3)), train=False)
@@ -155,7 +155,7 @@ def test_init_checkpoint_of_another_shape_is_a_config_error(tmp_path):
   config.model.width = 1 / 8
   config.init.checkpoint = str(tmp_path / 'source' / 'checkpoints')
   with pytest.raises(
-    loop.ConfigError,
+    errors.InputError,
     match=r'shape mismatch \(\d+\): .*block1_conv1/kernel '
     r'expected \(3, 3, 3, 8\) found \(3, 3, 3, 4\).* Likely cause: .*--config.model.width=0.0625',
   ):

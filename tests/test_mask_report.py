@@ -17,8 +17,10 @@ def tiny_weights(seed=0):
   }
   trained = {p: rng.random(x.shape) < 0.2 for p, x in initial.items()}
   trained['head/kernel'][:] = True
-  final = {p: np.where(trained[p], x + rng.normal(size=x.shape).astype(np.float32), x)
-           for p, x in initial.items()}  # fmt: skip
+  final = {
+    p: np.where(trained[p], x + rng.normal(size=x.shape).astype(np.float32), x)
+    for p, x in initial.items()
+  }
   return initial, final, trained
 
 
@@ -75,8 +77,9 @@ def test_masked_delta_round_trip_is_bit_exact(tmp_path):
   leaves = loaded['header']['leaves']
   assert leaves['head/kernel']['storage'] == 'dense'  # every entry changed: smaller whole
   assert leaves['conv1/kernel']['storage'] == 'sparse'
-  changed = sum(int(np.count_nonzero(initial[p].view(np.uint32) != final[p].view(np.uint32)))
-                for p in initial)  # fmt: skip
+  changed = sum(
+    int(np.count_nonzero(initial[p].view(np.uint32) != final[p].view(np.uint32))) for p in initial
+  )
   assert loaded['header']['changed'] == changed
   np.testing.assert_array_equal(
     loaded['arrays']['conv1/kernel::indices'],

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import loop
+from ftlab import errors, loop
 from ftlab.data import sources
 from ftlab.files import checkpoint
 from ftlab.files.metric_writers import read_jsonl
@@ -198,7 +198,7 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path, override, me
   key, value = override
   section, _, field = key.rpartition('.')
   (config[section] if section else config)[field] = value
-  with pytest.raises(loop.ConfigError, match=message) as e:
+  with pytest.raises(errors.InputError, match=message) as e:
     loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert '\n' not in str(e.value)
   assert not (tmp_path / 'run').exists()
@@ -207,7 +207,7 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path, override, me
 def test_more_data_shards_than_examples_is_one_line(tmp_path):
   config = default.get_config('runlocal')
   config.dataset.examples_per_class, config.dataset.shards = 1, 16
-  with pytest.raises(loop.ConfigError, match=r'dataset.shards=16 exceeds the 10 training'):
+  with pytest.raises(errors.InputError, match=r'dataset.shards=16 exceeds the 10 training'):
     loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
 
@@ -222,6 +222,6 @@ def test_bad_override_on_the_command_line_exits_2_with_one_line(tmp_path):
   )
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
-    'error: bad --config: \'polcy\' Did you mean "policy" instead of "polcy"?'
+    "error: --config.polcy.name: the config has no field 'polcy'; did you mean --config.policy?"
   )
   assert not (tmp_path / 'run').exists()

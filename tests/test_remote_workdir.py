@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from configs import default
-from ftlab import run
+from ftlab import errors, run
 from ftlab.data import sources
 from ftlab.files import storage, workdir
 from ftlab.files.metric_writers import MetricWriter, read_jsonl
@@ -55,10 +55,10 @@ def test_unknown_scheme_is_one_line_naming_the_valid_ones(tmp_path):
     "workdir 'foo://x/run': unsupported scheme foo://; use a local path, or gs://, s3://"
   )
   config = default.get_config('runlocal')
-  with pytest.raises(run.ConfigError, match=r"^workdir 'ram://x/run': unsupported scheme ram://"):
+  with pytest.raises(errors.InputError, match=r"^workdir 'ram://x/run': unsupported scheme ram://"):
     run.make_run(config, 'ram://x/run')  # before any data is read or anything compiled
   config.activation_cache, config.activation_cache_dir = 'disk', 'memory://b/cache'
-  with pytest.raises(run.ConfigError, match=r"^activation_cache_dir 'memory://b/cache': unsup"):
+  with pytest.raises(errors.InputError, match=r"^activation_cache_dir 'memory://b/cache': unsup"):
     run.make_run(config, str(tmp_path))
   assert not os.listdir(tmp_path)
   storage.check('gs://b/run')

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from ftlab import loop
+from ftlab import errors, loop, run
 from ftlab.data import sources
 from ftlab.files import checkpoint
 from ftlab.files.metric_writers import read_jsonl
@@ -43,7 +43,7 @@ def test_rerun_under_another_config_stops_and_keeps_the_record(tmp_path):
   config_json = (tmp_path / 'config.json').read_text()
   plan_txt = (tmp_path / 'plan.txt').read_text()
   changed = small(optimizer__learning_rate=0.5, model__width=0.125)
-  with pytest.raises(loop.ConfigError) as e:
+  with pytest.raises(errors.InputError) as e:
     loop.train_and_evaluate(changed, workdir)
   message = str(e.value)
   assert '\n' not in message
@@ -54,7 +54,7 @@ def test_rerun_under_another_config_stops_and_keeps_the_record(tmp_path):
   assert (tmp_path / 'plan.txt').read_text() == plan_txt
   assert len(read_jsonl(tmp_path / 'launches.jsonl')) == 1
   # A shorter run is not a resume either.
-  with pytest.raises(loop.ConfigError, match=r'num_train_steps=2 \(was 4\)'):
+  with pytest.raises(errors.InputError, match=r'num_train_steps=2 \(was 4\)'):
     loop.train_and_evaluate(small(steps=2), workdir)
   # A longer run and another cadence are what a resume may change: recorded, not refused.
   longer = small(steps=6)
@@ -103,7 +103,7 @@ def test_every_update_skipped_is_an_error_not_a_summary(tmp_path):
 
 def _fresh_variables(config, size=32):
   """The fresh variables of `config`'s model (10 classes), as numpy arrays."""
-  model = loop.build_model(config.model, num_classes=10)
+  model = run.build_model(config.model, num_classes=10)
   variables = model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32), train=False)
   return jax.tree.map(np.array, jax.device_get(variables))
 
@@ -121,7 +121,7 @@ def test_nonfinite_init_weights_are_refused_and_a_nan_step_1_blames_them(tmp_pat
   source = _nonfinite_source(tmp_path)
   config = small()
   config.init.checkpoint = str(source)
-  with pytest.raises(loop.ConfigError) as e:
+  with pytest.raises(errors.InputError) as e:
     loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert 'non-finite values (params) in 1 array(s): block2_conv1/kernel (1 inf)' in str(e.value)
   assert '--config.init.allow_nonfinite=True' in str(e.value)
@@ -143,7 +143,7 @@ def test_init_checkpoint_that_does_not_fit_says_why_and_how_to_fix_it(tmp_path):
   def error_for(**fields):
     config = small(**fields)
     config.init.checkpoint = init
-    with pytest.raises(loop.ConfigError) as e:
+    with pytest.raises(errors.InputError) as e:
       loop.train_and_evaluate(config, str(tmp_path / 'run'))
     assert '\n' not in str(e.value) and not (tmp_path / 'run').exists()
     return str(e.value)
@@ -164,5 +164,5 @@ def test_init_checkpoint_that_does_not_fit_says_why_and_how_to_fix_it(tmp_path):
   # A dont_load pattern that names nothing: the layers there are.
   config = small(model__head='imagenet', dataset__image_size=64)
   config.init.checkpoint, config.init.dont_load = init, ('head/.*',)
-  with pytest.raises(loop.ConfigError, match=r"matching no path: 'head/.\*'.* the layers: .*fc1"):
+  with pytest.raises(errors.InputError, match=r"matching no path: 'head/.\*'.* the layers: .*fc1"):
     loop.train_and_evaluate(config, str(tmp_path / 'run2'))

@@ -11,10 +11,11 @@ Ways to combine runs of one architecture (same model, head and label space):
   between two runs (`wise`), over a list of alphas.
 
 Every model is scored with the run loop's exact eval (`train.evaluate`: padded, masked batches,
-sums over devices). Averaged weights (`ftlab.soups`, exact for equal inputs) make BatchNorm's
-running statistics stale, so in a BN model a parameter average gets fresh statistics from K
-training batches (`reset_batch_stats`), unless its parameters are bit-identical to one run's (a
-soup of copies, a WiSE endpoint); an output ensemble of copies of one model is that model.
+sums over devices). Averaged weights (`ftlab.analysis.soups`, exact for equal inputs) make
+BatchNorm's running statistics stale, so in a BN model a parameter average gets fresh
+statistics from K training batches (`reset_batch_stats`), unless its parameters are
+bit-identical to one run's (a soup of copies, a WiSE endpoint); an output ensemble of copies of
+one model is that model.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ import ml_collections
 import numpy as np
 from jax import lax
 
-from ftlab import parallel, paths, run, train
+from ftlab import init_from, parallel, paths, run, train
 from ftlab.analysis import soups
 from ftlab.data import input_pipeline
-from ftlab.files import storage
+from ftlab.errors import InputError
+from ftlab.files import checkpoint, storage
 from ftlab.files import workdir as workdir_
-from ftlab.plans.methods import lora
 
 PyTree = Any
 
@@ -58,11 +59,15 @@ LABELS = {
 }
 
 
+class CombineError(InputError):
+  """Runs, methods or eval data that cannot be combined as asked, in one line."""
+
+
 # --- The runs' configs. ----------------------------------------------------------------------
 
 
 def check_eval_data(config: Any, architecture: Mapping[str, Any]) -> None:
-  """Raises ValueError unless the eval data's `dataset.image_size` and `dataset.preprocess`
+  """Raises CombineError unless the eval data's `dataset.image_size` and `dataset.preprocess`
   (in a config, or a dict of those) are the runs'."""
   config = workdir_.plain(config)
   bad = [
@@ -72,22 +77,22 @@ def check_eval_data(config: Any, architecture: Mapping[str, Any]) -> None:
     if workdir_.config_field(config, f) != architecture[f]
   ]
   if bad:
-    raise ValueError(f'the eval data does not match the runs: {"; ".join(bad)}')
+    raise CombineError(f'the eval data does not match the runs: {"; ".join(bad)}')
 
 
 def check_methods(methods: Sequence[str], num_runs: int, alphas: Sequence[float]) -> None:
-  """Raises ValueError for an unknown method, WiSE without exactly two runs, or a bad alpha."""
+  """Raises CombineError for an unknown method, WiSE without exactly two runs, or a bad alpha."""
   unknown = [m for m in methods if m not in METHODS]
   if not methods:
-    raise ValueError(f'no method given; valid: {", ".join(METHODS)}')
+    raise CombineError(f'no method given; valid: {", ".join(METHODS)}')
   if unknown:
-    raise ValueError(f'unknown methods {unknown}; valid: {", ".join(METHODS)}')
+    raise CombineError(f'unknown methods {unknown}; valid: {", ".join(METHODS)}')
   if num_runs < 1:
-    raise ValueError('no checkpoints to combine')
+    raise CombineError('no checkpoints to combine')
   if 'wise' in methods and num_runs != 2:
-    raise ValueError(f'wise interpolates two runs (theta0, theta1); got {num_runs}')
+    raise CombineError(f'wise interpolates two runs (theta0, theta1); got {num_runs}')
   if 'wise' in methods and not (alphas and all(np.isfinite(a) for a in alphas)):
-    raise ValueError(f'wise needs finite alphas; got {list(alphas)}')
+    raise CombineError(f'wise needs finite alphas; got {list(alphas)}')
 
 
 # --- Per-device steps. ------------------------------------------------------------------------
@@ -124,7 +129,7 @@ def ensemble_eval_step(
     combined = jax.nn.logsumexp(log_probs, axis=0) - jnp.log(len(logits))
     loss = -jnp.take_along_axis(combined, labels[:, None], axis=-1)[:, 0]
   else:
-    raise ValueError(f'unknown output ensemble {combine!r}; valid: {OUTPUT_ENSEMBLES}')
+    raise CombineError(f'unknown output ensemble {combine!r}; valid: {OUTPUT_ENSEMBLES}')
   mask = batch.get('mask', jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
   sums = {
     'loss_sum': jnp.sum(loss * mask),
@@ -159,7 +164,7 @@ def batch_stats_step(
     rngs={'dropout': jax.random.key(0)},  # the head's dropout: its output is unused here
   )
   flat = paths.flatten(updated['batch_stats'])
-  return paths.unflatten({p: x / (1 - momenta[p.rsplit('/', 1)[0]]) for p, x in flat.items()})
+  return paths.unflatten({p: x / (1 - momenta[paths.layer_of(p)]) for p, x in flat.items()})
 
 
 def batch_norm_momenta(model: nn.Module, variables: PyTree, image_size: int) -> dict[str, float]:
@@ -261,7 +266,7 @@ class Evaluator:
     as in training); nothing else changes.
     """
     if self.train_batches is None:
-      raise ValueError('no training batches for the BatchNorm statistics reset')
+      raise CombineError('no training batches for the BatchNorm statistics reset')
     if self._p_stats_step is None:
       momenta = batch_norm_momenta(self.model, variables, self.image_size)
       step = functools.partial(
@@ -278,7 +283,7 @@ class Evaluator:
       total = stats if total is None else jax.tree.map(jnp.add, total, stats)
       count += 1
     if not count:
-      raise ValueError('the BatchNorm statistics reset got no training batches')
+      raise CombineError('the BatchNorm statistics reset got no training batches')
     total = jax.device_get(self.spread.unreplicate(total))
     mean = jax.tree.map(lambda x: (np.asarray(x, np.float64) / count).astype(x.dtype), total)
     return {**variables, 'batch_stats': mean}
@@ -458,10 +463,10 @@ def _load_runs(runs: Mapping[str, dict], architecture: Mapping[str, Any], data) 
   for name, found in runs.items():
     try:
       variables[name] = {
-        key: lora.load_params(found['directory'], shapes[key], key=key) for key in shapes
+        key: init_from.load_params(found['directory'], shapes[key], key=key) for key in shapes
       }
-    except ValueError as e:
-      raise ValueError(
+    except checkpoint.MismatchError as e:
+      raise CombineError(
         f'run {name} does not fit its model on the eval data '
         f'({data.train.num_classes} classes): {e}'
       ) from None

@@ -24,11 +24,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ftlab.errors import InputError
+
 FORMAT = 'ftlab-masked-delta-1'
 HEADER = '__header__'
 
 
-class DeltaError(ValueError):
+class DeltaError(InputError):
   """A delta that does not fit the weights it is applied to, or a file that is no delta."""
 
 
@@ -84,8 +86,9 @@ def make(
       arrays[f'{p}::values'] = np.ascontiguousarray(f).reshape(-1)[index]
     elif storage == 'dense':
       arrays[f'{p}::dense'] = f
-    leaves[p] = dict(shape=list(b.shape), dtype=b.dtype.str, storage=storage,
-                     changed=int(index.size))  # fmt: skip
+    leaves[p] = dict(
+      shape=list(b.shape), dtype=b.dtype.str, storage=storage, changed=int(index.size)
+    )
   header = dict(
     format=FORMAT,
     base_checksum=checksum(base),

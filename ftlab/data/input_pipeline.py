@@ -24,6 +24,7 @@ from tensorflow.python.eager import context as tf_context
 
 from ftlab.data import preprocessing, sources
 from ftlab.data.datasets import DataSplit
+from ftlab.errors import ConfigError
 
 PREPROCESSING = preprocessing.CONVENTIONS
 AUGMENTATIONS = ('none', 'flip', 'pad_crop', 'resized_crop')  # both crops also flip
@@ -58,13 +59,13 @@ class BatchOrder:
 
   def __post_init__(self):
     if not 0 <= self.process_index < self.process_count:
-      raise ValueError(f'process_index {self.process_index} not in [0, {self.process_count})')
+      raise ConfigError(f'process_index {self.process_index} not in [0, {self.process_count})')
     if self.global_batch % self.process_count:
-      raise ValueError(
+      raise ConfigError(
         f'global batch {self.global_batch} is not divisible by {self.process_count} processes'
       )
     if self.shards < 1 or self.global_batch % self.shards:
-      raise ValueError(
+      raise ConfigError(
         f'data shards {self.shards}: need a divisor of the global batch {self.global_batch} '
         f'(e.g. {self.process_count}, one per process)'
       )
@@ -205,7 +206,7 @@ def preprocess_image(
   """
   preprocessing.check(preprocess)
   if augment not in AUGMENTATIONS:
-    raise ValueError(f'unknown augmentation {augment!r}; valid: {", ".join(AUGMENTATIONS)}')
+    raise ConfigError(f'unknown augmentation {augment!r}; valid: {", ".join(AUGMENTATIONS)}')
   if image.shape[-1] == 1:
     image = tf.tile(image, [1, 1, 3])
   if augment != 'none':
@@ -323,9 +324,9 @@ def _batches(
   (t div r) * global_batch + j * r + t mod r, the same for any process count.
   """
   if size == 0:
-    raise ValueError('the training split has no examples')
+    raise ConfigError('the training split has no examples')
   if size < order.shards:
-    raise ValueError(f'{order.shards} data shards for {size} training examples; use fewer')
+    raise ConfigError(f'{order.shards} data shards for {size} training examples; use fewer')
   rows, shard_positions, streams = order.global_batch // order.shards, parts(size, order.shards), []
   for j, first, end in order.shard_rows():
     positions = shard_positions[j]
@@ -448,7 +449,7 @@ class Data:
     order: the training batches' order (`BatchOrder`).
     eval_batch: the global eval batch size.
     image_size: side of the model's input, pixels.
-    preprocess: the weights' input convention (`ftlab.preprocessing`).
+    preprocess: the weights' input convention (`ftlab.data.preprocessing`).
     augment: the training augmentation (`preprocess_image`).
     dataset: the dataset's name (`datasets.build_dataset`), for records.
   """

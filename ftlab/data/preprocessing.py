@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ftlab.errors import ConfigError
+
 CONVENTIONS = ('caffe', 'torch', 'unit')
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # 0-255 scale, BGR order (Keras applications)
 TORCH_MEAN_RGB = (0.485, 0.456, 0.406)  # [0, 1] scale (torchvision's ImageNet statistics)
@@ -27,7 +29,7 @@ TORCH_STD_RGB = (0.229, 0.224, 0.225)
 def check(convention: str) -> str:
   """Returns `convention`; raises ValueError naming the valid ones if it is unknown."""
   if convention not in CONVENTIONS:
-    raise ValueError(f'unknown preprocessing {convention!r}; valid: {", ".join(CONVENTIONS)}')
+    raise ConfigError(f'unknown preprocessing {convention!r}; valid: {", ".join(CONVENTIONS)}')
   return convention
 
 

@@ -44,13 +44,14 @@ from absl import logging as absl_logging
 from etils import epath
 
 from ftlab import paths
+from ftlab.errors import InputError
 from ftlab.files import storage
 
 PyTree = Any
 PathLike = str | os.PathLike
 
 
-class MismatchError(ValueError):
+class MismatchError(InputError):
   """A checkpoint whose arrays do not fit what they are restored into.
 
   Attributes:
@@ -75,7 +76,7 @@ class MismatchError(ValueError):
     self.skipped, self.unused_dont_load = set(skipped), list(unused_dont_load)
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(InputError):
   """Loaded arrays hold inf or NaN values.
 
   Attributes:
@@ -314,6 +315,19 @@ def stored_shapes(
   prefix = f'{key}/'
   stored = _stored(_step_dir(directory, step))
   return {p[len(prefix) :]: shape for p, (shape, _) in stored.items() if p.startswith(prefix)}
+
+
+def stored_dtypes(
+  directory: PathLike, step: int | None = None, key: str = 'params'
+) -> dict[str, np.dtype]:
+  """'/'-joined path -> dtype of every array under `key` in a step (as `stored_shapes`).
+
+  Raises:
+    FileNotFoundError: no such complete step.
+  """
+  prefix = f'{key}/'
+  stored = _stored(_step_dir(directory, step))
+  return {p[len(prefix) :]: dtype for p, (_, dtype) in stored.items() if p.startswith(prefix)}
 
 
 def _map(fn, tree: PyTree) -> PyTree:

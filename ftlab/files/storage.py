@@ -19,13 +19,15 @@ from typing import Union
 
 from etils import epath
 
+from ftlab.errors import InputError
+
 # URL schemes a workdir may use: epath reads and writes them (gcsfs / s3fs, or tf.io.gfile),
 # Orbax's TensorStore writes checkpoints to them. Only `gs://` is tested (on an emulator).
 SCHEMES = ('gs', 's3')
 PathLike = Union[str, os.PathLike]
 
 
-class UnsupportedPath(ValueError):
+class UnsupportedPath(InputError):
   """A URL whose scheme ftlab cannot write run files to."""
 
 

@@ -26,6 +26,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
+from ftlab.errors import InputError
 from ftlab.files import checkpoint, storage
 
 # Fields a resume may change without changing what the run computed so far (or, for
@@ -50,7 +51,12 @@ RESUMABLE_CHANGES = (
 )
 
 
-class ConfigChanged(ValueError):
+class RunError(InputError):
+  """A directory that is not a finished ftlab run, runs that cannot be combined, or a run that
+  cannot be read back, in one line."""
+
+
+class ConfigChanged(InputError):
   """A rerun into a workdir under a config its run did not start with."""
 
 
@@ -319,7 +325,7 @@ def read_run(path: str) -> dict:
         config = json.loads(candidate.read_text())
         break
   if config is None:
-    raise ValueError(
+    raise RunError(
       f'{path}: no config in the checkpoint meta and no config.json, so its architecture is '
       'unknown; combine runs written by ftlab.loop'
     )
@@ -366,7 +372,7 @@ def check_compatible(configs: Mapping[str, Mapping[str, Any]]) -> dict:
     if len({json.dumps(v) for v in by_run.values()}) > 1
   ]
   if differing:
-    raise ValueError(
+    raise RunError(
       'cannot combine runs of different architectures or heads; differing fields: '
       + '; '.join(differing)
     )

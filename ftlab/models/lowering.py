@@ -15,6 +15,8 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 from jax import lax
 
+from ftlab.errors import ConfigError
+
 LOWERINGS = ('conv', 'matmul')
 
 
@@ -26,7 +28,7 @@ def for_backend(choice: str, backend: str) -> str:
     ValueError: a choice other than `auto`, `conv` or `matmul`.
   """
   if choice not in ('auto', *LOWERINGS):
-    raise ValueError(f'conv_lowering {choice!r} is not one of {["auto", *LOWERINGS]}')
+    raise ConfigError(f'conv_lowering {choice!r} is not one of {["auto", *LOWERINGS]}')
   if choice == 'auto':
     return 'matmul' if backend == 'cpu' else 'conv'
   return choice

@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ftlab import paths
+from ftlab.errors import ConfigError
 from ftlab.models import lowering
 
 # Convolutions per block for each depth; channels per block for width 1.
@@ -135,11 +137,11 @@ class VGG(nn.Module):
     names = self.block_names()
     for what, name in (('start_block', self.start_block), ('stop_block', self.stop_block)):
       if name is not None and name not in names:
-        raise ValueError(f'{what} {name!r} is not a block of this VGG; valid: {list(names)}')
+        raise ConfigError(f'{what} {name!r} is not a block of this VGG; valid: {list(names)}')
     start = names.index(self.start_block) if self.start_block else 0
     stop = names.index(self.stop_block) if self.stop_block else len(names)
     if start > stop:
-      raise ValueError(
+      raise ConfigError(
         f'start_block {self.start_block!r} comes after stop_block {self.stop_block!r}'
       )
     return start, stop
@@ -179,12 +181,12 @@ class VGG(nn.Module):
     # With a later start block the input is an activation (2-D after block 5's flatten).
     height, width = x_BHWC.shape[1:3] if runs('block1') else (MIN_INPUT_SIZE,) * 2
     if min(height, width) < MIN_INPUT_SIZE:
-      raise ValueError(
+      raise ConfigError(
         f'input size {height}x{width} is too small for VGG: its five 2x2 pools need at '
         f'least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}'
       )
     if self.conv_lowering not in lowering.LOWERINGS:
-      raise ValueError(
+      raise ConfigError(
         f'conv_lowering {self.conv_lowering!r} is not one of {list(lowering.LOWERINGS)}'
       )
     as_matmul = self.conv_lowering == 'matmul'
@@ -262,9 +264,9 @@ def adaptive_avg_pool(x_BHWC: jnp.ndarray, size: int) -> jnp.ndarray:
 def check_architecture(depth: int, head: str) -> None:
   """Raises ValueError for a depth or head this module does not build."""
   if depth not in CONVS_PER_BLOCK:
-    raise ValueError(f'VGG depth {depth!r} is not one of {sorted(CONVS_PER_BLOCK)}')
+    raise ConfigError(f'VGG depth {depth!r} is not one of {sorted(CONVS_PER_BLOCK)}')
   if head not in HEADS:
-    raise ValueError(f'VGG head {head!r} is not one of {list(HEADS)}')
+    raise ConfigError(f'VGG head {head!r} is not one of {list(HEADS)}')
 
 
 def by_name(name: str, **kwargs: Any) -> VGG:
@@ -277,7 +279,7 @@ def by_name(name: str, **kwargs: Any) -> VGG:
     or suffix not in ('', 'bn')
     or (int(base[3:]) not in CONVS_PER_BLOCK)
   ):
-    raise ValueError(f'unknown model {name!r}; valid: {", ".join(valid)}')
+    raise ConfigError(f'unknown model {name!r}; valid: {", ".join(valid)}')
   return VGG(depth=int(base[3:]), batch_norm=suffix == 'bn', **kwargs)
 
 
@@ -295,13 +297,13 @@ def architecture_of(param_shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]
   """
   counts = [0] * len(BLOCK_CHANNELS)
   for path in param_shapes:
-    layer = path.split('/')[0]
+    layer = paths.layer_of(path)
     if layer.startswith('block') and '_conv' in layer and not layer.endswith('_bn'):
       block, conv = layer[len('block') :].split('_conv')
       if block.isdigit() and conv.isdigit() and 1 <= int(block) <= len(counts):
         counts[int(block) - 1] = max(counts[int(block) - 1], int(conv))
   depth = next((d for d, c in CONVS_PER_BLOCK.items() if c == tuple(counts)), None)
-  layers = {p.split('/')[0] for p in param_shapes}
+  layers = {paths.layer_of(p) for p in param_shapes}
   first = param_shapes.get('block1_conv1/kernel')
   predictions = param_shapes.get('predictions/bias')
   fc1 = param_shapes.get('fc1/kernel')

@@ -21,6 +21,7 @@ import numpy as np
 
 from ftlab import paths
 from ftlab.data import preprocessing
+from ftlab.errors import ConfigError, InputError
 from ftlab.models import vgg
 
 Shape = tuple[int, ...]
@@ -29,13 +30,14 @@ Shape = tuple[int, ...]
 SOURCE_IMAGE_SIZE = 224
 
 
-class PortError(ValueError):
+class PortError(InputError):
   """A weight file that cannot be read, or that does not match the requested VGG."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-  """How the source model expects its images: `caffe`, `torch` or `unit` (`ftlab.preprocessing`).
+  """How the source model expects its images: `caffe`, `torch` or `unit`
+  (`ftlab.data.preprocessing`).
 
   Calling it maps uint8 RGB images `[B, H, W, 3]` to the float32 input of the ported model.
   The name is the one `config.dataset.preprocess` takes.
@@ -52,7 +54,7 @@ class Preprocessing:
   def __post_init__(self):
     try:
       preprocessing.check(self.name)
-    except ValueError as e:
+    except ConfigError as e:  # a port's convention is the port's error
       raise PortError(str(e)) from None
 
   def __call__(self, images_BHWC: Any) -> np.ndarray:
@@ -102,7 +104,7 @@ def parse_arch(name: str) -> tuple[int, bool]:
   """`'vgg16_bn'` -> (16, True); raises PortError for a name `ftlab.models.vgg` lacks."""
   try:
     model = vgg.by_name(name)
-  except ValueError as e:
+  except ConfigError as e:
     raise PortError(str(e)) from None
   return model.depth, model.batch_norm
 

@@ -132,7 +132,7 @@ def _write_keras_h5(tensors: Mapping[str, np.ndarray], path: str) -> None:
   """Keras' legacy weights layout: what `legacy_h5_format.save_weights_to_hdf5_group` writes."""
   import h5py
 
-  layers = list(dict.fromkeys(name.split('/')[0] for name in tensors))
+  layers = list(dict.fromkeys(paths.layer_of(name) for name in tensors))
   with h5py.File(path, 'w') as f:
     f.attrs['layer_names'] = np.array([n.encode() for n in layers])
     f.attrs['backend'] = b'tensorflow'

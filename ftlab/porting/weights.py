@@ -249,9 +249,14 @@ def _download(weights: Weights, path: str) -> str:
       keep.headers.update({k.lower(): v for k, v in response.headers.items()})
       total = int(keep.headers.get('content-length') or 0) or None
       with tqdm(
-        total=total, unit='B', unit_scale=True, unit_divisor=1024, desc=weights.name,
-        file=sys.stderr, mininterval=1.0,
-      ) as bar:  # fmt: skip
+        total=total,
+        unit='B',
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=weights.name,
+        file=sys.stderr,
+        mininterval=1.0,
+      ) as bar:
         while chunk := response.read(CHUNK):
           f.write(chunk)
           digest.update(chunk)
