@@ -12,8 +12,8 @@ one of five kinds, registered by the module of `ftlab.plans.methods` that implem
 
 A method declares its name, its parameters (with defaults), a one-line summary and the paper
 it comes from. The parser checks expressions against these declarations; `--help`, the audit
-table and the README's policy table are made from them (`markdown_table`, `help_text`), so a
-new method is one new module and its test file. Registration is open: a test or a user's
+table and the README's policy table are made from them (`rows`, `help_text`), so a new method
+is one new module and its test file. Registration is open: a test or a user's
 module may `register` a method of its own before making a plan.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Mapping
 
 from ftlab.errors import InputError
 
@@ -259,24 +259,14 @@ def of_kind(*kinds: str) -> dict[str, Method]:
   return {n: m for n, m in methods().items() if m.kind in kinds}
 
 
-def _rows() -> Iterator[tuple[str, str, str, str]]:
+def rows() -> list[tuple[str, str, str, str]]:
+  """`(signature, kind, summary, paper)` of every method, by kind then name: the data of the
+  README's policy table (`scripts/readme_tables.py`) and of `help_text`."""
   order = {k: i for i, k in enumerate(KINDS)}
   found = sorted(methods().values(), key=lambda m: (order[m.kind], m.name))
-  for m in found:
-    yield f'`{m.signature()}`', m.kind, m.summary, m.paper
-
-
-def markdown_table() -> str:
-  """The README's policy table: every method with its parameters, kind, summary and paper."""
-  lines = ['| expression | kind | what it does | source |', '|---|---|---|---|']
-  for signature, kind, summary, paper in _rows():
-    lines.append(f'| {signature} | {kind} | {summary.replace("|", chr(92) + "|")} | {paper} |')
-  return '\n'.join(lines)
+  return [(m.signature(), m.kind, m.summary, m.paper) for m in found]
 
 
 def help_text() -> str:
   """The methods for `--help`, one per line, grouped by kind."""
-  lines = []
-  for signature, kind, summary, _ in _rows():
-    lines.append(f'  {signature.strip("`"):<58} {kind:<9} {summary}')
-  return '\n'.join(lines)
+  return '\n'.join(f'  {sig:<58} {kind:<9} {summary}' for sig, kind, summary, _ in rows())
