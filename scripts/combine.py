@@ -4,7 +4,7 @@
     --config configs/X.py[:args] --workdir OUT [--alpha a | --alphas a,b,c] \
     [--bn_reset_batches K] [--config.field=value ...]
 
-Methods (`ftlab/analysis/ensemble.py`): `logits` and `probs` (output ensembles), `uniform_soup`,
+Methods (`ftlab/analysis/combine.py`): `logits` and `probs` (output ensembles), `uniform_soup`,
 `greedy_soup`, and `wise` (two runs: alpha 0 is the first, 1 the second). A DIR is a run's
 workdir or its `checkpoints/` directory; the newest step is used. The runs must share the
 architecture, head and label space. `--config` supplies the eval data (`dataset.eval_split`;
@@ -22,7 +22,7 @@ from combine_report import markdown
 from ml_collections import config_flags
 
 from ftlab import cli, parallel, run
-from ftlab.analysis import ensemble
+from ftlab.analysis import combine
 from ftlab.errors import InputError
 from ftlab.files import checkpoint, storage
 
@@ -31,12 +31,12 @@ config_flags.DEFINE_config_file(
   'config', None, 'eval data config (configs/*.py[:args])', lock_config=True
 )
 flags.DEFINE_list('checkpoints', [], 'run dirs; positional arguments are more run dirs')
-flags.DEFINE_list('method', [], f'one or more of {", ".join(ensemble.METHODS)}')
+flags.DEFINE_list('method', [], f'one or more of {", ".join(combine.METHODS)}')
 flags.DEFINE_float('alpha', None, 'one WiSE-FT coefficient')
 flags.DEFINE_list('alphas', [], 'WiSE-FT coefficients (default 0,0.25,0.5,0.75,1)')
 flags.DEFINE_integer(
   'bn_reset_batches',
-  ensemble.DEFAULT_BN_RESET_BATCHES,
+  combine.DEFAULT_BN_RESET_BATCHES,
   'training batches for fresh BatchNorm statistics of averaged weights (0: off)',
 )
 flags.DEFINE_string('workdir', None, 'where combine.json and combine.md go')
@@ -64,7 +64,7 @@ def alphas() -> list[float]:
   if FLAGS.alpha is not None:
     return [FLAGS.alpha]
   try:
-    return [float(a) for a in FLAGS.alphas] or list(ensemble.DEFAULT_ALPHAS)
+    return [float(a) for a in FLAGS.alphas] or list(combine.DEFAULT_ALPHAS)
   except ValueError as e:
     fail(f'--alphas: {e}')
 
@@ -79,7 +79,7 @@ def main(argv):
   parallel.initialize_distributed(config.multi_host)
   try:
     spread = parallel.Spread(config.parallelism)
-    output = ensemble.combine(
+    output = combine.combine(
       run.make_data(config),
       spread,
       paths,

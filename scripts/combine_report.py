@@ -1,4 +1,4 @@
-"""The markdown table of `ftlab.analysis.ensemble.combine`'s results (`combine.json`).
+"""The markdown table of `ftlab.analysis.combine.combine`'s results (`combine.json`).
 
 Used by `scripts/combine.py` (which writes `combine.md` and prints it) and
 `scripts/combine_demo.sh`; the library returns data, reports live here.

@@ -12,7 +12,7 @@ import pytest
 
 from configs import demo
 from ftlab import parallel, run
-from ftlab.analysis import ensemble, soups
+from ftlab.analysis import combine, ensemble, soups
 from ftlab.data import sources
 from ftlab.files import checkpoint, workdir
 from scripts import combine_report
@@ -37,7 +37,7 @@ def image_batches(n, batch_size=16, seed=0, padding=0):
 
 
 def evaluator(mode='pmap', num_devices=8, eval_data=(), train_data=()):
-  return ensemble.Evaluator(
+  return ensemble.ExactEval(
     tiny(),
     parallel.Spread(mode, tuple(jax.devices()[:num_devices])),
     {'eval': lambda: iter(eval_data)},
@@ -140,11 +140,11 @@ def test_runs_of_different_architectures_or_heads_are_a_clear_error():
   eval_config = demo.get_config('stage=finetune')
   eval_config.dataset.image_size = 64
   with pytest.raises(ValueError, match=r'dataset.image_size is 64 in --config but 32 in the runs'):
-    ensemble.check_eval_data(eval_config, same)
+    combine.check_eval_data(eval_config, same)
   with pytest.raises(ValueError, match='wise interpolates two runs'):
-    ensemble.check_methods(['wise'], 3, [0.5])
+    combine.check_methods(['wise'], 3, [0.5])
   with pytest.raises(ValueError, match=r"unknown methods \['soup'\]"):
-    ensemble.check_methods(['logits', 'soup'], 2, [])
+    combine.check_methods(['logits', 'soup'], 2, [])
 
 
 # --- The steps, on 8 devices. -----------------------------------------------------------------
@@ -164,11 +164,11 @@ def test_output_ensemble_of_one_model_or_copies_equals_the_model():
   logits = [np.concatenate([np.asarray(apply_fn(v, b['image'])) for b in data]) for v in (v0, v1)]
   labels = np.concatenate([b['label'] for b in data])
   mask = np.concatenate([b['mask'] for b in data]).astype(bool)
-  for combine, scores in [
+  for how, scores in [
     ('logits', jax.nn.log_softmax((logits[0] + logits[1]) / 2)),
     ('probs', np.log((jax.nn.softmax(logits[0]) + jax.nn.softmax(logits[1])) / 2)),
   ]:
-    result = ev.evaluate_ensemble([v0, v1], combine)
+    result = ev.evaluate_ensemble([v0, v1], how)
     scores = np.asarray(scores)[mask]
     nll = -scores[np.arange(len(scores)), labels[mask]]
     np.testing.assert_allclose(result['loss'], nll.mean(), rtol=1e-5)
@@ -250,7 +250,7 @@ def test_soups_and_ensemble_of_copies_reproduce_the_run(runs):
   config = eval_config()
   config.dataset.train_split = 'train'
   config.dataset.minival = '300'  # the held-out split of the greedy soup
-  output = ensemble.combine(
+  output = combine.combine(
     run.make_data(config),
     parallel.Spread(config.parallelism),
     [tuned, tuned + '/checkpoints', tuned],

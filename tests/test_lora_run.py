@@ -9,7 +9,7 @@ import pytest
 
 from configs import default
 from ftlab import loop, parallel, paths, run
-from ftlab.analysis import ensemble, mask_report
+from ftlab.analysis import combine, mask_report
 from ftlab.files import checkpoint
 from ftlab.plans import tuners
 from scripts import export_weights
@@ -84,7 +84,7 @@ def test_export_and_combine_read_plain_parameters(lora_run):
   plain = model.apply(variables, x, train=False)
   np.testing.assert_allclose(plain, folded, atol=1e-5, rtol=0)
   config = config_for()
-  output = ensemble.combine(
+  output = combine.combine(
     run.make_data(config),
     parallel.Spread(config.parallelism),
     [workdir, workdir],
