@@ -9,12 +9,14 @@ workdir, and the steps run the rest of the network (`VGG(start_block=...)`) on t
 
 The cached run is the uncached run with the prefix's work moved out of the step: the batches
 come in `input_pipeline.train_iterator`'s order (`input_pipeline.train_indices`) and the
-prefix outputs are the numbers the step would compute, so metrics and parameters match the
-uncached run bit for bit on CPU (tests/test_activation_cache.py). That needs one care: XLA
-picks a convolution kernel by shape, so an example's output bits can depend on the per-device
-batch it is computed in; each split is computed at the batch its step runs (the train batch
-for the training split, the eval batch for eval splits). On GPU, where convolution
-algorithms are autotuned per program, expect agreement to float rounding rather than bits.
+prefix outputs are the numbers the step computes, to float rounding. XLA picks a convolution
+kernel by shape, so each split is computed at the batch its step runs (the train batch for the
+training split, the eval batch for eval splits); but an example is cached from one batch and
+the step sees it in a shuffled one, and on CPUs whose kernels give a row other bits beside
+other rows (an AMD EPYC without AVX2; GPUs, which autotune per program) the outputs differ in
+their last bits. Where a row's bits do not depend on its neighbours (an Intel Xeon with
+AVX-512) the cached run equals the uncached one bit for bit (tests/test_activation_cache.py
+bounds the difference by the run's own sensitivity to one ulp).
 
 A cache holds every example of a split in `DataSplit.indices` order, with its label; every
 process holds the whole split (a training batch can take any example). A disk cache is a raw

@@ -5,7 +5,9 @@
 
 Each copy gets `FTLAB_COORDINATOR_ADDRESS` (a free loopback port), `FTLAB_NUM_PROCESSES` and
 `FTLAB_PROCESS_ID`, which `ftlab.parallel.initialize_distributed` hands to
-`jax.distributed.initialize`, and `devices_per_process` fake CPU devices. Output is streamed
+`jax.distributed.initialize`, `devices_per_process` fake CPU devices, and a collective timeout
+of `--collective_timeout` seconds (XLA's default, 30 s, is shorter than one process's compile
+may take when the machine is busy). Output is streamed
 with a `[pI]` prefix. When one copy fails, the others are stopped (SIGTERM, then SIGKILL) and
 the launcher exits with the failed copy's code; `--timeout` ends a stuck launch the same way.
 """
@@ -20,6 +22,10 @@ import threading
 import time
 
 GRACE_SECONDS = 10  # between SIGTERM and SIGKILL when stopping the others
+# XLA's CPU collectives (gloo) give the processes 30 s to meet at a collective; the first one
+# waits while every process compiles its step, which on a busy 2-core machine can take longer
+# for one process than the other (the suite under two CPU burners ended in DEADLINE_EXCEEDED).
+COLLECTIVE_TIMEOUT_SECONDS = 600
 
 
 def free_port() -> int:
@@ -56,6 +62,12 @@ def main() -> int:
   parser.add_argument('--num_processes', type=int, required=True)
   parser.add_argument('--devices_per_process', type=int, default=1)
   parser.add_argument('--timeout', type=float, default=3600, help='seconds for the whole launch')
+  parser.add_argument(
+    '--collective_timeout',
+    type=int,
+    default=COLLECTIVE_TIMEOUT_SECONDS,
+    help='seconds a CPU collective waits for the other processes (XLA default: 30)',
+  )
   parser.add_argument('command', nargs=argparse.REMAINDER, help='-- then the command')
   args = parser.parse_args()
   command = args.command[1:] if args.command[:1] == ['--'] else args.command
@@ -70,7 +82,8 @@ def main() -> int:
       FTLAB_NUM_PROCESSES=str(args.num_processes),
       FTLAB_PROCESS_ID=str(i),
       JAX_PLATFORMS='cpu',
-      XLA_FLAGS=f'--xla_force_host_platform_device_count={args.devices_per_process}',
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={args.devices_per_process} '
+      f'--xla_cpu_collective_timeout_seconds={args.collective_timeout}',
     )
     p = subprocess.Popen(
       command,
