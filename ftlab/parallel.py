@@ -4,14 +4,17 @@ The per-device step is written once, with collectives over the axis `'batch'`
 (`lax.pmean(x, 'batch')`). A `Spread` compiles it for one of two modes and moves
 data to match:
 
-- `pmap` (default): arrays carry a leading device axis; replicated values are
-  stacked copies and a global batch `[B, ...]` becomes `[D, B / D, ...]`.
-- `shard_map`: `jit` over a mesh with one axis; replicated values are global
-  arrays with a replicated sharding and the batch keeps its shape `[B, ...]`,
-  sharded along its first dimension.
+- `shard_map` (default): `jax.jit` over a `jax.shard_map` on a mesh with one axis `'batch'`
+  of every process's devices; replicated values are global arrays with a replicated sharding
+  and the batch keeps its shape `[B, ...]`, sharded along its first dimension. This is JAX's
+  recommended way to write a per-device program (`jax.pmap`'s docstring: "Old way of doing
+  parallel map. Use jax.shard_map instead."), and the one that composes with other shardings.
+- `pmap`: arrays carry a leading device axis; replicated values are stacked copies and a
+  global batch `[B, ...]` becomes `[D, B / D, ...]`. Kept for comparison and for code that
+  expects pmap's layout (since jax 0.8 pmap is itself jit + shard_map underneath).
 
-Both give the same numbers; only the layout of the arrays differs, and the
-`replicate` / `shard` / `unreplicate` methods hide it.
+Both give the same numbers bit for bit (tests/test_train.py); only the layout of the arrays
+differs, and the `replicate` / `shard` / `unreplicate` methods hide it.
 """
 
 from __future__ import annotations
@@ -133,7 +136,7 @@ class Spread:
     devices: the devices, in mesh order.
   """
 
-  mode: str = 'pmap'
+  mode: str = 'shard_map'
   devices: tuple = ()
 
   def __post_init__(self):

@@ -157,7 +157,7 @@ def test_same_seed_is_bit_identical_and_seed_matters():
 
 
 @pytest.mark.parametrize('mode', parallel.MODES)
-def test_no_retrace_after_first_step(mode):
+def test_no_retrace_after_first_step_and_the_state_is_donated(mode):
   model = tiny()
   variables, plan, tx = setup(model, POLICIES['last_blocks'])
   traces = []
@@ -175,7 +175,10 @@ def test_no_retrace_after_first_step(mode):
   )
   state = spread.replicate(train.create_train_state(variables, tx))
   for batch in batches(4):
+    before = jax.tree.leaves(state)
     state, _ = p_train_step(state, spread.shard(batch), jax.random.key(0))
+    # The state is donated: its buffers are the step's to reuse, not kept beside the new one.
+    assert all(x.is_deleted() for x in before)
   assert len(traces) == 1
 
 
