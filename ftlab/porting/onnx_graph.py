@@ -52,6 +52,7 @@ def _tensors(chain: Chain, identity_bn: bool) -> dict[str, np.ndarray]:
       bn = layer.batch_norm
       if bn is None and identity_bn:
         ones = np.ones(layer.weight.shape[0], np.float32)
+        # Variance 1 - eps makes sqrt(var + eps) exactly 1: the added BatchNorm is the identity.
         bn = {'scale': ones, 'bias': 0 * ones, 'mean': 0 * ones, 'var': ones - BN_EPSILON}
       tensors.update({f'{name}_bn/{k}': v for k, v in (bn or {}).items()})
   for name, layer in zip(DENSE_LAYERS, chain.dense):
@@ -126,6 +127,8 @@ def read(
     raise PortError(f'cannot read {path} as ONNX (truncated or damaged?): {e}') from None
   chain = walk(graph)
   counts = tuple(len(b) for b in chain.blocks)
+  # `_closed` has checked that either every conv has BatchNorm or none has, so the first
+  # conv speaks for all.
   graph_bn = chain.blocks[0][0].batch_norm is not None
   depth = common.depth_of(counts)
   depth, batch_norm = common.choose_depth(

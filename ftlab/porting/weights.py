@@ -149,6 +149,7 @@ NAMESPACES = tuple(sorted({n.split(':')[0] for n in REGISTRY}))
 
 def is_name(value: str) -> bool:
   """Whether `value` names registered weights (`keras:...`), not a directory."""
+  # An existing path wins over a name: a directory may be called `keras:vgg16` on purpose.
   return value.split(':', 1)[0] in NAMESPACES and ':' in value and not os.path.exists(value)
 
 
@@ -188,6 +189,8 @@ def _locked(path: str) -> Iterator[None]:
   """An exclusive lock on `path + '.lock'`: other processes wait (one download, one port)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + '.lock', 'w') as lock:
+    # A blocking lock: the processes of one job on one machine wait for the first to finish
+    # the download or port, then find it done.
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
       yield
@@ -210,6 +213,7 @@ def _verified(weights: Weights, digest: str, etag: str | None, path: str) -> str
         'cannot be verified; it is not used'
       )
     kind = 'sha256'
+  # A prefix test: torchvision's file names carry only the first hex digits of the sha256.
   if not digest.startswith(want.lower()):
     raise WeightsError(
       f'{weights.name}: {path} has {kind} {digest}, the publisher says {want}: a corrupt or '
@@ -245,6 +249,7 @@ def _download(weights: Weights, path: str) -> str:
   )
   try:
     opener = urllib.request.build_opener(keep)
+    # Hashed while streaming: one pass over the bytes, nothing re-read from disk.
     with opener.open(weights.url, timeout=TIMEOUT_SEC) as response, open(part, 'wb') as f:
       keep.headers.update({k.lower(): v for k, v in response.headers.items()})
       total = int(keep.headers.get('content-length') or 0) or None
@@ -265,6 +270,7 @@ def _download(weights: Weights, path: str) -> str:
     if total is not None and received != total:
       raise stopped()
     record = _verified(weights, digest.hexdigest(), keep.headers.get('x-linked-etag'), weights.url)
+  # `BaseException`: a Ctrl-C in the middle of a download must also remove the part file.
   except BaseException as e:
     _remove(part)  # interrupted, cut or corrupt: nothing half-written stays
     if isinstance(e, http.client.IncompleteRead):
@@ -316,6 +322,8 @@ def fetch(name: str) -> tuple[str, str]:
       if kind == 'etag':
         return path, 'unverified: a file placed by hand (the hub sends its sha256 on download)'
       record = _verified(weights, file_digest(path, kind), None, path)
+      # A marker beside the file: later runs trust a verified file without hashing
+      # hundreds of megabytes again.
       with open(path + '.verified', 'w') as f:
         f.write(record + '\n')
       return path, record
@@ -351,6 +359,8 @@ def resolve(name: str) -> tuple[str, dict]:
   directory = ported_dir(weights)
   record_path = os.path.join(directory, 'port.json')
   with _locked(directory):
+    # A complete checkpoint step means a finished port: an interrupted one left none (Orbax's
+    # commit marker), so it is simply redone.
     if checkpoint.latest_step(directory) is None:
       path, verified = fetch(weights.name)
       ported = porting.read(path, weights.format, preprocess=weights.preprocess)
