@@ -226,6 +226,7 @@ def record_launch(
   elif json.loads(workdir.data.read_text()) != json.loads(json.dumps(data)):
     logging.warning('the data differ from what %s recorded at the first launch', workdir.data)
   record = {
+    # Local time with its UTC offset: launches of one run on machines in other zones still order.
     'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
     'first_step': first_step,
     'processes': processes,
@@ -294,6 +295,7 @@ def checkpoint_dir(path: str) -> str:
 
 def run_name(path: str) -> str:
   """`workdirs/demo/full`, `workdirs/demo/full/checkpoints` and `gs://b/full` are `full`."""
+  # `normpath` drops a trailing '/', whose basename would be ''.
   path = os.path.normpath(path)
   if os.path.basename(path) == 'checkpoints':
     path = os.path.dirname(path)
@@ -379,6 +381,7 @@ def check_compatible(configs: Mapping[str, Mapping[str, Any]]) -> dict:
   differing = [
     f'{field} (' + ', '.join(f'{name}: {json.dumps(v)}' for name, v in by_run.items()) + ')'
     for field, by_run in values.items()
+    # Compared as JSON text: values may be lists or dicts, which a set cannot hold.
     if len({json.dumps(v) for v in by_run.values()}) > 1
   ]
   if differing:

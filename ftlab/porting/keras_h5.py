@@ -89,6 +89,8 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   Raises:
     PortError: not readable as a Keras weights file.
   """
+  # Imported here: h5py is needed for Keras files only, and the other formats must not
+  # require it.
   import h5py
 
   archive = is_keras_archive(path)
@@ -99,6 +101,8 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     else:
       source = os.fspath(path)
     with h5py.File(source, 'r') as f:
+      # Keras 3 files start with `layers/` (or `vars/` for a bare layer); legacy files keep
+      # their `layer_names` attribute at the top or under `model_weights/`.
       if 'layers' in f or 'vars' in f:
         tensors = _keras3_tensors(f)
       else:
@@ -142,6 +146,8 @@ def _keras3_tensors(root) -> dict[str, np.ndarray]:
       arrays = [np.asarray(group['vars'][k]) for k in sorted(group['vars'], key=int)]
       tensors.update(_named('/'.join(path), [f'var{i}' for i in range(len(arrays))], arrays))
     for key, child in group.get('layers', {}).items():
+      # Keras 3 keys its groups by class-derived names (`conv2d_3`); the layer's own name
+      # (`block1_conv1`), which the port needs, is an attribute.
       name = child['vars'].attrs.get('name', key) if 'vars' in child else key
       visit(child, [*path, name.decode() if isinstance(name, bytes) else str(name)])
 
@@ -187,6 +193,7 @@ def locate(
       groups[m['prefix'] or ''][f'{m["layer"]}/{m["weight"]}'] = name
   found = []
   for where, members in groups.items():
+    # Whole path segments: `prefix='vgg'` must not select a model named `vgg16_2`.
     if prefix is not None and not (where + '/').startswith(prefix.rstrip('/') + '/'):
       continue
     (layout, counts) = infer_depth(members)

@@ -134,6 +134,8 @@ def read(
   depth, batch_norm = common.choose_depth(
     (depth, graph_bn) if depth else None, arch, f'{path} has {counts} convs per block'
   )
+  # The `_bn` layout asked of a graph whose exporter folded BatchNorm into the convs: the
+  # folded convs already compute the whole function, so identity BatchNorm layers fill in.
   identity_bn = batch_norm and not graph_bn
   first, last = chain.blocks[0][0].weight, chain.blocks[-1][-1].weight
   ported_arch = common.Arch(
@@ -141,6 +143,7 @@ def read(
     batch_norm=batch_norm,
     head='imagenet' if chain.dense else 'none',
     width=common.width_of(first.shape[0]),
+    # Weights are in torch's (out, in) layout here (`onnx_walk`), so shape[0] is the output.
     num_classes=chain.dense[-1].weight.shape[0] if chain.dense else 1000,
     # fc1's inputs are side x side x channels of the pooled map.
     adaptive_pool=math.isqrt(chain.dense[0].weight.shape[1] // last.shape[0])

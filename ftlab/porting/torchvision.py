@@ -316,6 +316,8 @@ def locate(
   arrays = {u: tensors[n] for u, n in unwrapped.items()}
   found = []
   for group in _groups(list(unwrapped)):
+    # Whole name segments, and unwrapped like the names: `prefix='model'` must not select
+    # `model_ema`, and a `module.` in the prefix must not stop a match.
     if prefix is not None and not (group.container + '.').startswith(unwrap(prefix) + '.'):
       continue
     layout = _layout(group, arrays)

@@ -181,6 +181,7 @@ def download_path(weights: Weights) -> str:
 
 def ported_dir(weights: Weights) -> str:
   """Where the port of `weights` is kept (a checkpoint directory and its port.json)."""
+  # ':' is not safe in every file system's names (nor in every tool's idea of a path).
   return os.path.join(cache_root(), 'ported', weights.name.replace(':', '-'))
 
 
@@ -252,6 +253,8 @@ def _download(weights: Weights, path: str) -> str:
     # Hashed while streaming: one pass over the bytes, nothing re-read from disk.
     with opener.open(weights.url, timeout=TIMEOUT_SEC) as response, open(part, 'wb') as f:
       keep.headers.update({k.lower(): v for k, v in response.headers.items()})
+      # A server that sends no length gives None: the progress bar runs without a total and the
+      # size check below is skipped (the checksum still guards the file).
       total = int(keep.headers.get('content-length') or 0) or None
       with tqdm(
         total=total,
@@ -267,6 +270,8 @@ def _download(weights: Weights, path: str) -> str:
           digest.update(chunk)
           received += len(chunk)
           bar.update(len(chunk))
+    # A connection that closes early without an error ends the loop like a complete download;
+    # only the byte count tells them apart.
     if total is not None and received != total:
       raise stopped()
     record = _verified(weights, digest.hexdigest(), keep.headers.get('x-linked-etag'), weights.url)
@@ -340,6 +345,8 @@ def _packaged(weights: Weights) -> tuple[str, str]:
     )
   path = os.path.join(list(spec.submodule_search_locations)[0], inner)
   kind = weights.checksum.partition(':')[0]
+  # Hashed at every use, with no `.verified` marker beside it: a package's directory may be
+  # read-only.
   return path, _verified(weights, file_digest(path, kind), None, path)
 
 
