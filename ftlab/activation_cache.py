@@ -53,6 +53,7 @@ from ftlab.plans import policies
 
 PyTree = Any
 MODES = ('off', 'auto', 'memory', 'disk')  # auto: memory up to a size limit, else disk
+# Per split and per process: every process holds its own share in memory.
 DEFAULT_MEMORY_LIMIT_MB = 2048
 _FORMAT = 1  # bump when the file layout or the fingerprint changes
 
@@ -69,6 +70,7 @@ def start_block(model: nn.Module, plan: policies.Plan) -> str | None:
   names = model.block_names()
   for i, name in enumerate(names):
     if name in stochastic or trained & set(layers.get(name, ())):
+      # A prefix that is empty (the first block trains or draws dropout) saves nothing.
       return name if i else None
   return None  # a plan that trains nothing is refused by policies.make_plan
 
@@ -119,6 +121,8 @@ def check_mode(mode: str, model: nn.Module, plans: list[policies.Plan], *, augme
   if mode == 'off':
     return
   starts = [start_block(model, p) for p in plans]
+  # The run is refused only if no stage can cache; a stage without a prefix (lp_ft's full
+  # fine-tuning after the probe) runs uncached while the others use the cache.
   usable = [(p, s) for p, s in zip(plans, starts) if s is not None]
   plan, start = usable[0] if usable else (plans[0], None)
   check(model, plan, start, augment=augment)
@@ -145,7 +149,11 @@ class Cache:
 
   def batch(self, positions: np.ndarray) -> dict[str, np.ndarray]:
     """The cached rows of split `positions` (all held by this process)."""
+    # Rows are held in ascending position order, so a sorted search maps a split position to
+    # its row; the positions asked for are always among those held.
     rows = positions if self.positions is None else np.searchsorted(self.positions, positions)
+    # Fancy indexing a memory map already copies the rows but keeps the `np.memmap` type;
+    # `np.asarray` makes the batch a plain array, as `train_iterator`'s are.
     return {'image': np.asarray(self.activations[rows]), 'label': self.labels[rows]}
 
 
@@ -172,6 +180,10 @@ def fingerprint(model: nn.Module, variables: PyTree, start: str, data_key: str) 
   """A hash of what the prefix outputs depend on: the model's fields, the prefix layers'
   variables and the data (`data_key`)."""
   h = hashlib.sha256(f'v{_FORMAT}|{start}|{data_key}|'.encode())
+  # Left out: Flax bookkeeping and the fields a run sets around the model (the plan's frozen
+  # BatchNorm list, the device axis, the block range), which differ between plans that share
+  # the same prefix function. Every prefix layer is frozen (`check`), so it is on the frozen
+  # BatchNorm list of every plan that can cache it.
   skip = ('parent', 'name', 'frozen_batch_norm', 'axis_name', 'start_block', 'stop_block')
   fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in skip}
   h.update(repr(sorted(fields.items())).encode())
@@ -181,12 +193,16 @@ def fingerprint(model: nn.Module, variables: PyTree, start: str, data_key: str) 
       if paths.layer_of(path) in prefix:
         x = np.asarray(x)
         h.update(f'{collection}/{path}|{x.shape}|{x.dtype}|'.encode())
+        # The values themselves, not a name or a seed: a cache must never outlive the weights it was
+        # computed from (a resume after a stage that trained the prefix, another init checkpoint).
         h.update(np.ascontiguousarray(x).tobytes())
   return h.hexdigest()[:20]
 
 
 def data_key(data: datasets.DataSplit, *, image_size: int, preprocess: str) -> str:
   """What identifies a split's images: dataset, split, chosen examples, labels, preprocessing."""
+  # The chosen examples (a few-shot draw, a minival carve-out) and the label map are part of
+  # the identity: two splits with the same name can hold different examples.
   h = hashlib.sha256(np.asarray(data.indices, np.int64).tobytes())
   if data.label_map is not None:
     h.update(np.asarray(data.label_map, np.int64).tobytes())
@@ -270,6 +286,8 @@ def compute(
       size_mb,
       backend,
     )
+    # An object store has no memory-mapped writes: the remote cache is built in memory and
+    # uploaded by `_publish`.
     if backend == 'memory' or storage.is_remote(path):  # a remote cache is uploaded whole
       return np.empty(shape, x.dtype)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
@@ -284,6 +302,8 @@ def compute(
     real = (out['mask'] > 0) & (positions >= 0)
     rows = positions[real] if keep is None else np.searchsorted(keep, positions[real])
     if keep is not None:
+      # A sorted search finds where a position would go; it is ours only if `keep` holds it there.
+      # The clamp keeps the lookup in bounds for positions past the last kept one.
       mine = (rows < len(keep)) & (keep[np.minimum(rows, len(keep) - 1)] == positions[real])
       rows, real = rows[mine], np.flatnonzero(real)[mine]
     activations[rows] = out['x'][real]
@@ -297,10 +317,14 @@ def compute(
       write(*pending.pop(0))
   for item in pending:
     write(*item)
+  # Every kept position must be written exactly once; a shortfall means the batches did not
+  # cover the split, and a partly filled cache would silently hold zeros.
   if written != kept:
     raise ValueError(f'activation cache: {written} of {kept} examples computed')
   if backend == 'disk':
     _publish(activations, labels, partial, path)
+    # Read back through `load`, so a fresh cache and a reused one are the same kind of object
+    # (a read-only memory map locally).
     return load(path, keep)
   return Cache(activations, labels, keep)
 
@@ -317,11 +341,14 @@ def _publish(activations: np.ndarray, labels: np.ndarray, partial: str, path: st
     storage.write_whole(path + '.labels.npy', labels_npy.getvalue())
     storage.write_whole(path + '.json', description)
     return
+  # The memory map's pages reach the file before the rename makes the cache visible.
   activations.flush()
   with open(partial + '.labels.npy', 'wb') as f:
     f.write(labels_npy.getvalue())
   with open(partial + '.json', 'w') as f:
     f.write(description)
+  # In this order, `.json` last: a reader that finds the description finds the other two
+  # complete. `os.replace` is atomic on one file system.
   for suffix in ('.bin', '.labels.npy', '.json'):
     os.replace(partial + suffix, path + suffix)
 
@@ -377,6 +404,8 @@ def eval_batches(
     }
     out['image'][: len(positions)] = real['image']
     out['label'][: len(positions)] = real['label']
+    # The padding rows are zeros with mask 0, exactly as `eval_iterator` pads, so the cached
+    # eval sums match the uncached ones.
     out['mask'][: len(positions)] = 1.0
     yield out
 
@@ -437,6 +466,8 @@ def prepare(
   if mode == 'off' or start is None:
     return None
   check(model, plan, start, augment=data.augment)
+  # On the host once: the fingerprint hashes the values, and each split's computation
+  # replicates them afresh.
   variables = jax.device_get({'params': variables['params'], **_stats(variables)})
   pipeline = dict(image_size=data.image_size, preprocess=data.preprocess)
   p_prefix = compile_prefix(model, plan, spread, start)
@@ -473,6 +504,8 @@ def prepare(
 
   # Each process holds the training shards its rows come from and its part of each eval split.
   shards = input_pipeline.parts(data.train.num_examples, data.order.shards)
+  # A process's training batches draw only from the shards its rows come from
+  # (`BatchOrder.shard_rows`), so it caches those shards and nothing else.
   train_keep = np.concatenate([shards[j] for j, _, _ in data.order.shard_rows()])
   eval_order = data.order.with_batch(data.eval_batch)
   train_cache = cached('train', data.train, data.order, np.unique(train_keep))
@@ -491,6 +524,9 @@ def prepare(
     train_batches=functools.partial(
       train_batches, train_cache, data.order, data.train.num_examples
     ),
+    # The run's evaluated splits and the evaluators' own splits are kept apart: the stage's
+    # `StageView` gives every evaluator the first as `eval_batches`, the second as
+    # `extra_batches`.
     eval_batches={name: batches[name] for name in data.evals},
     extra_batches={name: batches[name] for name in extra or {}},
   )

@@ -26,8 +26,11 @@ def flag_error_line(error: Exception) -> str:
   """A bad `--config` flag's error in one line: a config file that raised comes wrapped in
   its traceback, whose last line is the error."""
   lines = [line for line in str(error).strip().splitlines() if line.strip()]
+  # ml_collections wraps an exception raised by the config file in the formatted traceback;
+  # its last line is the exception itself, the one line a user needs.
   if any(line.startswith('Traceback') for line in lines):
     return lines[-1]
+  # absl's messages wrap over several lines; one line reads better after `error:`.
   return ' '.join(' '.join(lines).split())
 
 
@@ -47,6 +50,7 @@ def _override_names(argv: Sequence[str], name: str) -> list[str]:
   for arg in argv:
     for prefix in (f'--{name}.', f'--no{name}.'):
       if arg.startswith(prefix):
+        # `--noconfig.a.b` is absl's spelling of `--config.a.b=False` for a boolean field.
         found.append(arg[len(prefix) :].split('=', 1)[0])
   return found
 
@@ -73,8 +77,12 @@ def check_overrides(argv: Sequence[str], name: str = 'config') -> None:
       spelling at its level, or a field of that name elsewhere in the config).
   """
   overrides, given = _override_names(argv[1:], name), _config_argument(argv[1:], name)
+  # Nothing to check without overrides; without a config argument absl itself reports the
+  # missing required flag.
   if not overrides or not given:
     return
+  # A throwaway FlagValues with only the config argument: the real FLAGS must not be parsed
+  # twice, and an unknown override would make this parse fail before it could be named.
   probe, probe_argv = flags.FlagValues(), [argv[0], *given]
   # sys_argv: config_flags applies the overrides it finds there; the probe reads none.
   config_flags.DEFINE_config_file(name, None, 'the config file', probe, sys_argv=probe_argv)
@@ -89,6 +97,7 @@ def check_overrides(argv: Sequence[str], name: str = 'config') -> None:
       if isinstance(node, ml_collections.ConfigDict) and key in node:
         node = node[key]
         continue
+      # Listed once, on the first miss: a correct command line never walks the whole config.
       fields = fields or _fields(config)
       level = '.'.join(keys[:depth])
       siblings = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
@@ -109,6 +118,8 @@ def parse(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> l
     ConfigError: an override that names no field (`check_overrides`), a value that does not
       parse, a config file or argument that raises, or another bad flag.
   """
+  # Before absl's parse: absl would report a misspelt field as a KeyError inside an
+  # AttributeError, without saying which field was meant.
   check_overrides(argv)
   try:
     return flag_values(list(argv))

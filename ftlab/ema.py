@@ -35,7 +35,11 @@ def entries(plan: policies.Plan) -> dict[str, np.ndarray | None]:
     levels = plan.element_levels.get(path)
     if not trainable:
       continue
+    # RESAMPLED entries count as changing: Child-Tuning_F may update any of them on a step.
     whole = levels is None or (np.ndim(levels) == 0 and levels == policies.TRAINED)
+    # Static numpy indices, fixed when the step is traced: the gather and scatter below have
+    # constant shapes, and a plan's entries cannot change during a stage (`run.check_plans`
+    # refuses an EMA with a dynamic mask).
     indices = None if whole else np.flatnonzero(np.ravel(levels) != policies.FROZEN)
     if indices is None or len(indices):  # a leaf none of whose entries train never changes
       found[path] = indices
@@ -77,5 +81,7 @@ def compile_averaged_state(spread: Any, plan: policies.Plan) -> Callable:
   """`p_averaged(state)`: the replicated state with the EMA in place of the parameters it
   averages, for an eval step (BatchNorm keeps its running statistics)."""
   kept_entries = entries(plan)
+  # On the devices: the averaged state is made from the replicated one without a trip through
+  # the host, at every eval.
   swap = lambda state: state.replace(params=params_with_ema(state.params, state.ema, kept_entries))
   return spread.compile(swap, in_kinds=(REPLICATED,))

@@ -124,6 +124,8 @@ def preprocessing(configured: str, found: Source) -> str:
         f'{found.checkpoint or "a random start"!r} records none; set caffe, torch or unit'
       )
     return name
+  # A recorded convention is a fact about the weights, so a different one is refused; a
+  # guessed one (a port that could not tell) only warns, and the config wins.
   if name and configured != name and not recorded.get('guess'):
     raise InitError(
       f'init.checkpoint {found.checkpoint} was trained on {name} inputs (its port.json) but '
@@ -145,6 +147,8 @@ def fresh_head(model: nn.Module, shapes: dict, directory: str) -> tuple[str, ...
   layers = lambda flat: {paths.layer_of(p) for p in flat}
   head = set(model.block_structure().head.layers)
   differ = {paths.layer_of(p) for p, s in shapes.items() if stored.get(p) != s}
+  # Only head layers may differ in shape: a backbone layer of another shape stays a mismatch,
+  # which names the model flags that fix it instead of silently training it from scratch.
   fresh = sorted((differ & head) | (layers(stored) - layers(shapes)))
   if fresh:
     logging.info('named weights: %s start fresh (not in the weights, or another shape)', fresh)
@@ -165,12 +169,17 @@ def variables(
       `init_cfg.allow_nonfinite`).
   """
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  # Jitted: eager init dispatches every initializer op by op, and VGG's fc1 alone is about
+  # 100M random draws. Fresh values exist even when a checkpoint follows: they are the
+  # structure `load_params` checks against and what `dont_load` keeps.
   fresh = jax.jit(functools.partial(model.init, train=False))(rng, x)
   found = found or source(init_cfg)
   if not found.directory:
     return fresh
   dont_load = tuple(init_cfg.dont_load)
   source_dir = found.directory
+  # Named weights come with a fixed head (ImageNet's 1,000 classes): a task's own head is
+  # kept fresh automatically; a path given by the user is loaded as strictly as written.
   if found.named:
     extra = fresh_head(
       model, {p: x.shape for p, x in paths.flatten(fresh['params']).items()}, source_dir
@@ -187,6 +196,8 @@ def variables(
       loaded['batch_stats'] = load(
         fresh['batch_stats'], dont_load=stats_dont_load, key='batch_stats'
       )
+  # The advice is computed only on failure, from the error's shapes: a fitting checkpoint
+  # costs no architecture guessing.
   except checkpoint.MismatchError as e:
     advice = mismatch_advice(e, model, image_size)
     raise InitError(f'init.checkpoint: {e}' + (f'. {advice}' if advice else '')) from None
@@ -205,6 +216,8 @@ def mismatch_advice(error: checkpoint.MismatchError, model: Any, image_size: int
   """The likely cause of a checkpoint that does not fit the model, and the flags that fix it:
   another VGG (name, width, head), another class count, or an fc1 built for another image
   size; '' when the shapes tell nothing more than the error."""
+  # An unused `dont_load` regex is almost always a path spelled in another convention (torch's
+  # dots, a missing layer prefix), so the layer names are the useful hint.
   if error.unused_dont_load:
     layers = sorted({paths.layer_of(p) for p in error.expected})
     return f'Paths are layer/name (e.g. predictions/kernel); the layers: {", ".join(layers)}'
@@ -214,6 +227,8 @@ def mismatch_advice(error: checkpoint.MismatchError, model: Any, image_size: int
     fixes.append(f'--config.model.name={have["name"]}')
   if have['width'] and want['width'] and not np.isclose(have['width'], want['width']):
     fixes.append(f'--config.model.width={have["width"]:g}')
+  # A headless checkpoint (`none`) fits any head with a fresh one, handled below; it does not
+  # call for another head type.
   if have['head'] != want['head'] and have['head'] != 'none':
     fixes.append(f'--config.model.head={have["head"]}')
   if fixes:
@@ -243,6 +258,8 @@ def mismatch_advice(error: checkpoint.MismatchError, model: Any, image_size: int
   first_dense = next((p for p in ('fc1/kernel', 'fc/kernel') if differs(p)), '')
   if first_dense:
     channels = vgg.scaled(vgg.BLOCK_CHANNELS[-1], model.width)
+    # fc1 reads a side x side x channels flatten, so its input count gives the map side it was
+    # built for; five 2x2 pools make the image 32 times that side.
     built = math.isqrt(error.found[first_dense][0] // channels)
     now = math.isqrt(error.expected[first_dense][0] // channels)
     layer = paths.layer_of(first_dense)
@@ -280,6 +297,8 @@ def load_params(
     return checkpoint.load_params(directory, expected, key=key, step=step, **kwargs)
   flat = paths.flatten(expected)
   dtypes = checkpoint.stored_dtypes(directory, step, key)
+  # The adapters are expected as stored (shape and dtype), so they pass the strict check and
+  # are loaded without a cast, then folded into plain kernels.
   flat.update({p: jax.ShapeDtypeStruct(s, dtypes[p]) for p, s in adapters.items()})
   loaded = checkpoint.load_params(directory, paths.unflatten(flat), key=key, step=step, **kwargs)
   return tuners.merge(loaded)

@@ -66,6 +66,9 @@ def _enter(run: Run, at: StagePlan, host: TrainState, reference: dict, step: int
   cached = cached_sources(run, plan, host)
   model, train_source = run.model, run.data.train_batches
   view = StageView(plan, model, run.data.eval_sources())
+  # A cached stage swaps in the model from its first uncached block and batches of prefix
+  # outputs; the evaluators must see the same swap, or they would feed images to a model that
+  # expects activations.
   if cached:
     logging.info('activation cache: %s runs from %s on cached outputs', plan.name, cached.start)
     model, train_source = cached.model, cached.train_batches
@@ -83,6 +86,8 @@ def _enter(run: Run, at: StagePlan, host: TrainState, reference: dict, step: int
     accum_steps=config.get('accum_steps', 1),
     ema_decay=config.get('ema_decay', 0.0),
   )
+  # The iterator starts at `step`, so a resumed run (or a later stage) sees the batches the
+  # uninterrupted run would have seen from there.
   train_batches = parallel.prefetch_to_devices(train_source(step), run.spread)
   return _Stage(plan, at.stage.end, p_train_step, train_batches, reference, cached and cached.start)
 
@@ -90,12 +95,17 @@ def _enter(run: Run, at: StagePlan, host: TrainState, reference: dict, step: int
 def _next_stage(run: Run, current: _Stage, state: TrainState, step: int):
   """At a stage boundary: the frozen check of the stage ending, the next stage's plan, and
   the state with its parameters kept and its optimizer state rebuilt for the new plan."""
+  # On the host: the new plan's optimizer state is built from scratch there, and the old
+  # stage's frozen leaves are checked against its reference before anything moves.
   host = jax.device_get(run.spread.unreplicate(state))
   _check_frozen(current.plan, current.frozen_reference, host.params)
+  # `step` is the first step of the new stage, so `step - 1` steps are done.
   at = run.stage_at(step - 1)
   # The EMA, like the optimizer state, restarts from the current weights for the new plan.
   averaged = ema.init(host.params, ema.entries(at.plan)) if host.ema else {}
   host = host.replace(opt_state=at.tx.init(host.params), ema=averaged)
+  # The new stage's frozen reference is what it starts from, not the loaded weights: a leaf
+  # the previous stage trained may be frozen from here on.
   following = _enter(run, at, host, policies.frozen_checksums(at.plan, host.params), step - 1)
   logging.info('step %d: stage %s, optimizer state rebuilt', step, at.plan.name)
   if jax.process_index() == 0:
@@ -120,6 +130,8 @@ class _Window:
     self.pending.append(metrics)
 
   def check(self) -> None:
+    # Only the metrics since the last check come to the host, in one transfer; between checks
+    # the loop never waits on the devices.
     unchecked = [self.spread.unreplicate(m) for m in self.pending[self.checked :]]
     self.pending[self.checked :] = jax.device_get(unchecked)
     _check_finite(
@@ -132,11 +144,15 @@ class _Window:
 
   def log(self, step: int, last: int, writer: metric_writers.MetricWriter) -> None:
     """Writes and logs the window's means (and examples/s); a new window starts."""
+    # Skipped steps' metrics are the non-finite ones, so the means leave them out; a window
+    # that skipped every step has nothing else to report and logs them as they are.
     applied = [m for m in self.pending if not m.get('skipped')] or self.pending
     means = {k: float(np.mean([m[k] for m in applied])) for k in self.pending[0] if k != 'skipped'}
     if 'skipped' in self.pending[0]:
       means['skipped_steps'] = float(sum(m['skipped'] for m in self.pending))
       self.skipped_total += int(means['skipped_steps'])
+    # Wall time includes the first step's compilation in the first window, and any evaluation
+    # or checkpoint in between, so the rate is a lower bound on the step's own speed.
     steps_per_sec = len(self.pending) / (time.time() - self.start)
     means['examples_per_sec'] = steps_per_sec * self.config.batch_size
     self._reset(step + 1)
@@ -165,6 +181,7 @@ class _Best:
       self.accuracy, self.step, self.since = accuracy, step, 0
       return False
     self.since += 1
+    # Patience 0 turns early stopping off; the best step is still tracked for the summary.
     return 0 < self.patience <= self.since
 
 
@@ -196,6 +213,8 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
     _record_launch(run)
   current = _enter(run, run.start, run.state, run.frozen_reference, first)
   stages = [current]
+  # Stream 1 of the run's seed; stream 0 drew the initial weights (`run.initial_variables`).
+  # The step folds in its number, so one key serves the whole run and a resume.
   state, rng = spread.replicate(run.state), jax.random.fold_in(jax.random.key(config.seed), 1)
   writer = metric_writers.MetricWriter(
     run.workdir.metrics, run.workdir.tensorboard, enabled=is_writer
@@ -210,12 +229,18 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
       if current.end is not None and step > current.end:  # the next stage of a schedule
         current, state = _next_stage(run, current, state, step)
         stages.append(current)
+      # Before the step, so the mask chosen after `step - 1` steps is the one this step trains.
       state = run.scorer.remask(current.plan, state, step - 1)  # a dynamic mask's, if due
       batch = next(current.train_batches)
+      # Once per plan, before its first step: the cost analysis compiles a separate program, so
+      # it is not repeated.
       if config.record_step_flops and current.plan.key not in flops:
         flops[current.plan.key] = parallel.compiled_flops(current.p_train_step, state, batch, rng)
+      # The state passed in is donated; only the returned one may be used from here on.
       state, metrics = current.p_train_step(state, batch, rng)
       window.add(metrics)
+      # Asked every step, on every process, whether or not a signal came: the multi-process
+      # agreement needs every process to report each step.
       preempted = notice.reached(step)  # the same answer on every process
       log = is_time(step, config.log_every_steps, last)
       save = is_time(step, config.checkpoint_every_steps, last) or bool(preempted)
@@ -223,11 +248,14 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
         window.check()
       if log:
         window.log(step, last, writer)
+      # Evaluate before saving, so an early stop decided by this evaluation still writes the
+      # checkpoint of the step it stopped at.
       if is_time(step, config.eval_every_steps, last):
         results = _evals(run, state, step, writer)
         stop = best.update(step, results[held_out])
       if save or stop:
         _save(run, state, current.plan, step)
+      # After the save above: a preemption always leaves the checkpoint of the step it finished.
       if preempted:
         writer.close()
         raise Preempted(step, preempted)
@@ -241,6 +269,7 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
   writer.close()
   final = jax.device_get(spread.unreplicate(state))
   _check_all_skipped(config, int(final.step) - first, window.skipped_total)
+  # The last stage's frozen leaves only; earlier stages were checked at their boundaries.
   frozen = _check_frozen(current.plan, current.frozen_reference, final.params)
   summary = _summary(run, final, stages, results, best, stop, window, flops, frozen)
   summary['wall_time_sec'] = time.time() - wall_start
@@ -262,9 +291,13 @@ def _evals(run: Run, state: TrainState, step: int, writer: metric_writers.Metric
 
 def _save(run: Run, state: TrainState, plan: policies.Plan, step: int) -> None:
   """Checkpoint `step`: the whole train state, with the plan and config in its meta."""
+  # The host copy is what is written: a checkpoint of the replicated layout would hold one
+  # copy per device and not restore under another device count.
   host_state = jax.device_get(run.spread.unreplicate(state))
   meta = {
     'plan': plan.name,
+    # Resume compares the key (structured), not the display name, to tell a new stage from
+    # the same plan (`run._restore_step`).
     'plan_key': plan.key.as_json(),
     'config': run.config.to_dict(),
     'step': step,
@@ -346,6 +379,8 @@ def _check_finite(
   skips that would skip every step.
   """
   for i, metrics in enumerate(pending):
+    # A skipped step's metrics are non-finite by definition; the update was not applied, so
+    # they need not stop the run.
     if skip_nonfinite and metrics.get('skipped'):
       continue
     bad = [k for k, v in sorted(metrics.items()) if not np.isfinite(v)]

@@ -36,6 +36,8 @@ from jax.sharding import PartitionSpec as P
 
 from ftlab.errors import ConfigError
 
+# The one axis name: the steps' collectives, BatchNorm's `axis_name` and the mesh all use it,
+# so a step written for pmap runs unchanged under shard_map.
 AXIS = 'batch'
 MODES = ('pmap', 'shard_map')
 # How each step argument is laid out over devices.
@@ -95,6 +97,8 @@ class PreemptionNotice:
     logging.warning(
       '%s received: finishing the step, then checkpointing', signal.Signals(signum).name
     )
+    # Only recorded: the handler runs between Python bytecodes, possibly mid-step, and a
+    # checkpoint must wait until the step's state is whole.
     self.received.append(signum)
 
   def _forward(self, signum, frame):
@@ -142,6 +146,7 @@ class Spread:
   def __post_init__(self):
     if self.mode not in MODES:
       raise ConfigError(f'unknown parallelism {self.mode!r}; valid: {", ".join(MODES)}')
+    # `object.__setattr__` because the dataclass is frozen (hashable, safe to share).
     if not self.devices:  # every process's devices: one data-parallel group over all hosts
       object.__setattr__(self, 'devices', tuple(jax.devices()))
 
@@ -166,6 +171,8 @@ class Spread:
     """
     host = jax.device_get(tree)
     if self.mode == 'pmap':
+      # pmap's layout as a global array: a leading device axis, one row per device, so the
+      # result feeds `jax.pmap` directly and works across processes (each places its own rows).
       sharding = NamedSharding(self.mesh, P(AXIS))
       return jax.tree.map(
         lambda x: jax.make_array_from_single_device_arrays(
@@ -184,6 +191,8 @@ class Spread:
   def unreplicate(self, tree: Any) -> Any:
     """The single copy of a replicated `tree` (e.g. the state or metrics after a step)."""
     if self.mode == 'pmap':
+      # The first local copy: every device holds the same values, and reading one shard needs no
+      # cross-process transfer (a multi-host global array cannot be fetched whole).
       return jax.tree.map(lambda x: x.addressable_shards[0].data[0], tree)
     return tree
 
@@ -200,9 +209,13 @@ class Spread:
     if len(sizes) != 1:
       raise ValueError(f'batch arrays disagree on the batch size: {sorted(sizes)}')
     local = sizes.pop()
+    # Every process passes the same local size (`BatchOrder.local_batch`), so the global batch
+    # is the local one times the process count.
     check_divisible(local * jax.process_count(), self.num_devices)
     sharding = NamedSharding(self.mesh, P(AXIS))
     if self.mode == 'pmap':
+      # The local rows split over the local devices in order: device i of this process gets the
+      # i-th contiguous slice, matching the global array's row order.
       per_device = (len(self.local_devices), -1)
       return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(
@@ -237,6 +250,8 @@ class Spread:
         in_axes=tuple(None if k == BROADCAST else 0 for k in in_kinds),
         donate_argnums=tuple(donate_argnums),
       )
+    # out_specs=P(): the outputs are the same on every device (pmean-ed or gathered), so they
+    # come back as replicated global arrays, as `unreplicate` expects.
     specs = tuple(P(AXIS) if k == SHARDED else P() for k in in_kinds)
     # check_vma=False keeps shard_map's autodiff from inserting its own psum for gradients
     # of replicated inputs: the step averages them itself, exactly as under pmap.
@@ -250,6 +265,8 @@ def prefetch_to_devices(batches: Iterator[Any], spread: Spread, size: int = 2) -
   `jax.device_put` is asynchronous, so the transfer of the next batches overlaps the
   current step.
   """
+  # Two batches ahead is enough to hide the host-to-device copy behind a step; more only
+  # holds more device memory.
   queue = collections.deque()
   for batch in batches:
     queue.append(spread.shard(batch))
@@ -289,6 +306,8 @@ def collect(
   for k, batch in enumerate(batches):
     out = jax.device_get(spread.unreplicate(p_step(state, spread.shard(batch))))
     where = positions(k)
+    # Padding is marked twice (the batch's mask, and -1 from `positions`' arithmetic); should
+    # the two disagree, the count check below says so instead of a row being overwritten.
     real = (out.pop('mask') > 0) & (where >= 0)
     for name, value in out.items():
       if name not in found:
@@ -302,6 +321,8 @@ def collect(
 
 def compiled_flops(compiled_fn: Callable, *args: Any) -> float:
   """FLOPs of `compiled_fn(*args)` from XLA's cost analysis of the compiled program."""
+  # A separate lowering and compile: the FLOPs are those of the program the step runs, but
+  # recording them costs one more compilation per plan.
   analysis = compiled_fn.lower(*args).compile().cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax returned one dict per program
     analysis = analysis[0]

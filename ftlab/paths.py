@@ -24,6 +24,8 @@ PyTree = Any
 
 def flatten(tree: PyTree) -> dict[str, Any]:
   """`{'a': {'b': x}}` -> `{'a/b': x}`, in sorted path order (nested dicts only)."""
+  # Sorted so every flat view of a tree lists its leaves in one order, whatever order the
+  # tree was built in: checksums, reports and the EMA's entries depend on it.
   return dict(sorted(traverse_util.flatten_dict(tree, sep=SEP).items()))
 
 
@@ -50,6 +52,8 @@ def join(*parts: str) -> str:
 
 def from_key_path(key_path: Sequence[Any]) -> str:
   """A `jax.tree_util` key path (dict keys, attributes, indices) -> its '/'-joined path."""
+  # DictKey has `key`, GetAttrKey (NamedTuple fields, as in optax states) `name`, SequenceKey
+  # `idx`; anything else is spelled as it prints.
   return SEP.join(
     str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in key_path
   )
@@ -58,6 +62,8 @@ def from_key_path(key_path: Sequence[Any]) -> str:
 def split(tree: PyTree, mask: PyTree) -> tuple[dict[str, Any], dict[str, Any]]:
   """`(selected, rest)`: the flat leaves of `tree` where the boolean `mask` tree is True,
   and the others. `merge(selected, rest)` is `tree` again."""
+  # Indexing `flags` by the tree's paths raises a KeyError when the mask and the tree differ
+  # in structure, rather than silently treating a missing leaf as frozen.
   flags, leaves = flatten(mask), flatten(tree)
   return (
     {p: x for p, x in leaves.items() if flags[p]},
@@ -102,6 +108,8 @@ def match_rules(
     `error`: a pattern is not a valid regex, or (unless `allow_unused`) matches no path.
   """
   compiled = compile_rules(patterns, what, error)
+  # `fullmatch`: a rule means the whole path; with `re.match`, `fc` would also catch every
+  # leaf of `fc1` and `fc2`.
   matches = {p: [i for i, c in enumerate(compiled) if c.fullmatch(p)] for p in paths}
   missing = unused(matches, patterns)
   if missing and not allow_unused:
@@ -164,6 +172,8 @@ def nonfinite_counts(arrays: Mapping[str, Any]) -> dict[str, str]:
   """name -> '1 inf, 2 NaN' for every floating-point array holding non-finite values."""
   found = {}
   for name, value in arrays.items():
+    # On the host: called on loaded or checkpointed arrays, to name the leaves before the run
+    # starts, not inside a step.
     value = np.asarray(value)
     if not np.issubdtype(value.dtype, np.floating) or np.isfinite(value).all():
       continue

@@ -30,12 +30,15 @@ from ftlab.models import lowering, vgg
 from ftlab.plans import optim, policies, syntax, tuners
 
 PyTree = Any
+# Activation dtypes only: parameters stay float32 whatever is chosen (`vgg.VGG.dtype`).
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def flag_error_line(error: Exception) -> str:
   """A bad `--config` flag's error in one line: a config file that raised comes wrapped in
   its traceback, whose last line is the error; a KeyError's message is its argument."""
+  # `str()` of a KeyError is the repr of its argument (quoted, newlines escaped); the argument
+  # itself is the message.
   text = error.args[0] if isinstance(error, KeyError) and error.args else error
   lines = [line for line in str(text).strip().splitlines() if line.strip()]
   if any(line.startswith('Traceback') for line in lines):
@@ -72,6 +75,8 @@ def build_model(model_cfg: Any, num_classes: int) -> nn.Module:
 def _dataset_kwargs(config: Any) -> dict:
   ds = config.dataset
   return dict(
+    # Empty strings from the config mean "the library's default location", which the dataset
+    # builders spell None.
     data_dir=ds.data_dir or None,
     download=ds.download,
     fashion_mnist_dir=ds.local_dir or None,
@@ -97,6 +102,8 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
     raise errors.ConfigError(f'unknown augmentation {ds.augment!r}; valid: {augmentations}')
   common = _dataset_kwargs(config)
   train_split, splits = ds.train_split, {'eval': ds.eval_split}
+  # The minival rows come out of the training split, so the two are disjoint and the test
+  # split stays untouched for the final numbers.
   if ds.minival:
     train_split, splits['minival'] = datasets.minival_split(ds.train_split, ds.minival)
   train_data = datasets.build_dataset(
@@ -111,6 +118,8 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
     process_count=jax.process_count(),
     shards=ds.get('shards', 1),
   )
+  # More shards than examples leaves a shard empty (`parts` cuts by `array_split`), and an
+  # empty shard can fill none of its rows of a global batch; refused at launch.
   if order.shards > train_data.num_examples:
     raise errors.ConfigError(
       f'dataset.shards={order.shards} exceeds the {train_data.num_examples} training examples'
@@ -159,10 +168,13 @@ def check_plans(
   shapes = jax.eval_shape(
     functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((1, size, size, 3))
   )
+  # Every stage is planned and its optimizer built on shapes now, so a bad stage late in a
+  # schedule is an error at launch, not hours into the run.
   stages = policies.plan_stages(structure, config.policy, config.num_train_steps, expression)
   params = tuners.plan_shapes(shapes['params'], structure, stages)
   shaped = [policies.make_plan(params, structure, config.policy, stage=s) for s in stages]
   for plan in shaped:
+    # Built for its errors only; the run's optimizers are made again on the real plans.
     optim.make(plan, config.optimizer, config.num_train_steps, anchor=params)
     if plan.dynamic and config.get('ema_decay', 0.0):  # the averaged entries would move
       raise policies.PlanError(f'ema_decay with a dynamic mask ({plan.name}): not supported')
@@ -177,6 +189,8 @@ def check_plans(
 
 
 @dataclasses.dataclass(frozen=True)
+# A stage's plan and optimizer are built together, once, at launch: the optimizer's
+# structure (partition labels, entry masks) depends on the plan's masks.
 class StagePlan:
   """A stage of the run with its plan (masks chosen) and optimizer."""
 
@@ -226,6 +240,8 @@ class Run:
   init: init_from.Source | None
   activation_cache_dir: str
 
+  # Indexed by steps done, not by the step about to run: a checkpoint of step N is resumed
+  # by the stage that takes step N + 1, and a boundary is crossed when that stage changes.
   def stage_at(self, steps_done: int) -> StagePlan:
     """The stage that takes step `steps_done + 1`."""
     return self.stages[policies.stage_at([s.stage for s in self.stages], steps_done).index]
@@ -255,6 +271,8 @@ def initial_variables(
   Raises:
     InitError: weights that are missing, do not fit, or hold inf/NaN.
   """
+  # Stream 0 of the seed; the training loop's keys are stream 1, so changing how many numbers
+  # the init draws never shifts the training's dropout.
   rng_init = jax.random.fold_in(jax.random.key(config.seed), 0)
   variables = init_from.variables(model, config.dataset.image_size, rng_init, config.init, source)
   if adapted:
@@ -274,6 +292,8 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
   """
   files = workdir.Workdir(directory)
   cache_dir = files.activation_cache_dir(config.get('activation_cache_dir', ''))
+  # Before any device query below: JAX must not start its backends before the job is joined,
+  # and until then `jax.device_count()` would count this process's devices only.
   parallel.initialize_distributed(config.multi_host)
   changes = workdir.check_config_change(config, files, allow_config_change)
   spread = parallel.Spread(config.parallelism)
@@ -282,17 +302,22 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
   train.check_step_options(
     config.get('accum_steps', 1), config.get('ema_decay', 0.0), config.batch_size
   )
+  # A typo in the plan must not cost a dataset download or a weight port first.
   expression = syntax.parse(config.policy.name, config.policy)  # once, before data is read
   source = init_from.source(config.init)  # named weights are downloaded and ported here
   data = make_data(config, init_from.preprocessing(config.dataset.preprocess, source))
   model, stages, adapted = check_plans(config, data.train.num_classes, expression)
   variables = initial_variables(config, model, adapted, source)
   structure = model.block_structure()
+  # The scorer's scope is planned on shapes: with `masks_pending`, it marks every leaf a
+  # per-element selector could choose, which is what the score passes must differentiate.
   scope = policies.make_plan(
     jax.eval_shape(lambda: variables['params']), structure, config.policy, stage=stages[0]
   )
   scorer = scoring.Scorer(spread, model, scope, data)
   scores_fn = lambda kind, num_batches: scorer.scores(kind, num_batches, variables)
+  # The loaded weights, not a resumed state's: L2-SP pulls toward the pretrained point for
+  # the whole run, across stages and restarts.
   anchor = paths.flatten(variables['params'])  # where L2-SP pulls
   planned = []
   for stage in stages:
@@ -303,6 +328,7 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
       plan,
       config.optimizer,
       config.num_train_steps,
+      # A later stage's schedule continues the run's one schedule rather than restarting warmup.
       first_step=stage.start,
       anchor=anchor,
       seed=config.seed,
@@ -313,6 +339,8 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
   )
   start, state = planned[0], initial_state(config, variables, planned[0])
   frozen_reference = policies.frozen_checksums(start.plan, state.params)
+  # Everything above is built whether or not a checkpoint exists: the restore needs the fresh
+  # state as its target (structure, shapes, dtypes), and the checks above must pass either way.
   if checkpoint.latest_step(files.checkpoints) is not None:
     state, start, plan_changed = _resume(files.checkpoints, config, variables, planned)
     reference = state.params if plan_changed else variables['params']
@@ -341,6 +369,8 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
 
 def _evaluator_setting(config, model, data, spread, variables, source, name: str):
   """An evaluator's `Setting`: its own section of `config.evals` and the run's facts."""
+  # Evaluators build their own splits (the few-shot probe's sets, the forgetting evaluator's
+  # images) with the run's data settings, so a split is read the same way wherever it is built.
   ds, kwargs = config.dataset, _dataset_kwargs(config)
 
   def build_split(split: str, examples_per_class: int = 0, what: str = ''):
@@ -380,7 +410,11 @@ def _resume(
     InputError: no readable checkpoint.
   """
   damaged = []
+  # Newest first: a write cut short by preemption damages at most the newest step, and the
+  # one before it is the best thing left.
   for step in reversed(checkpoint.all_steps(ckpt_dir)):
+    # Each candidate is restored into its own stage's state: an older checkpoint can belong to
+    # an earlier stage, whose optimizer state has another structure.
     at = stages[policies.stage_at([s.stage for s in stages], step).index]
     try:
       restored, plan_changed = _restore_step(
@@ -388,6 +422,8 @@ def _resume(
       )
     except checkpoint.MismatchError:  # another model or optimizer: the user's to fix
       raise
+    # A damaged step is remembered and the next older one tried; it is only moved aside once an
+    # older one restores, so a run whose every checkpoint fails keeps them all where they were.
     except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many kinds)
       damaged.append((step, e))
     else:
@@ -401,6 +437,8 @@ def _resume(
           step,
           bad_step,
         )
+        # Moved, not deleted: the damaged files are evidence, and the next launch must not find
+        # this step again as the newest.
         if jax.process_index() == 0:  # on an object store: a copy and a delete of each object
           bad = storage.path(ckpt_dir) / str(bad_step)
           bad.rename(bad.parent / f'damaged-{bad_step}')
@@ -417,6 +455,7 @@ def _restore_step(
   meta = checkpoint.restore_meta(ckpt_dir, step)
   plan = at.plan
   key = policies.PlanKey.from_json(meta.get('plan_key'))
+  # Checkpoints from before plan keys were recorded have only the display name to compare.
   same = key == plan.key if key is not None else meta.get('plan') == plan.name
   if same:
     restored, _ = checkpoint.restore(ckpt_dir, state, step)
@@ -429,11 +468,14 @@ def _restore_step(
     plan.name,
     step,
   )
+  # Only the parameters and statistics are read: the stored optimizer state belongs to the
+  # previous stage's plan and has another structure.
   params = checkpoint.load_params(ckpt_dir, state.params, step=step)
   stats = state.batch_stats
   if stats:
     stats = checkpoint.load_params(ckpt_dir, stats, key='batch_stats', step=step)
   return state.replace(
+    # The same dtype as a fresh state's step, so the compiled train step sees one signature.
     step=jnp.asarray(step, jnp.int32),
     params=params,
     batch_stats=stats,
@@ -447,6 +489,8 @@ def cached_sources(run: Run, plan: policies.Plan, host_state: train.TrainState):
   network and its batches on cached prefix outputs (the evaluators' own splits too), or None
   when the stage runs uncached."""
   config = run.config
+  # The evaluators' own splits are cached too, or they would feed raw images to a model that
+  # starts after the cached prefix.
   extra = {name: split for e in run.evaluators for name, split in e.splits().items()}
   return activation_cache.prepare(
     config.get('activation_cache', 'off'),

@@ -57,16 +57,22 @@ def fisher_step(
     `{'squared_grads': {path: sum of g**2}, 'count': number of real examples}`.
   """
   scored, fixed = paths.split(state.params, trainable_mask)
+  # Padding rows are computed (every device needs the same shapes) and weighted 0, so the
+  # sums are exact over the split's real examples.
   weights = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32)).astype(jnp.float32)
 
   def example_loss(leaves, image, label):
     params = paths.merge(fixed, leaves)
+    # One example as a batch of one: in inference mode nothing couples the examples of a batch,
+    # so this is the example's own gradient, not its share of a batch gradient.
     logits = model.apply(model_variables(params, state.batch_stats), image[None], train=False)
     return cross_entropy(logits, label[None]).sum()
 
   def add_chunk(total, xs):
     image, label, weight = xs
     grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(scored, image, label)
+    # Squared before summing over the chunk: the Fisher diagonal is a mean of squares, in
+    # which examples never cancel, as they can in the summed gradient of `gradient_step`.
     squares = jax.tree.map(lambda g: jnp.einsum('b...,b->...', g * g, weight), grads)
     return jax.tree.map(jnp.add, total, squares), None
 
@@ -78,7 +84,11 @@ def fisher_step(
     (batch['image'], batch['label'], weights),
   )
   zeros = jax.tree.map(jnp.zeros_like, scored)
+  # A scan over chunks: a vmap over the whole share would hold one gradient per example of
+  # every scored leaf at once (each as large as the leaf itself).
   total, _ = lax.scan(add_chunk, zeros, xs)
+  # Sums, with the count beside them: the mean is taken once over every batch of the pass
+  # (`Scorer.scores`), exact whatever the padding.
   return lax.psum({'squared_grads': total, 'count': jnp.sum(weights)}, AXIS)
 
 
@@ -120,6 +130,8 @@ def compile_scoring_step(
     trainable_mask=scope.trainable_mask,
   )
   if kind == 'fisher':  # per-example gradients in chunks that divide the device's share
+    # The largest chunk up to 8 that divides the share: 8 per-example gradients of VGG's fc1
+    # (100M entries) are already 3 GB in float32.
     per_device = global_batch // jax.device_count()
     step_fn = functools.partial(step_fn, chunk=max(c for c in range(1, 9) if per_device % c == 0))
   return spread.compile(step_fn, in_kinds=(REPLICATED, SHARDED))
@@ -174,6 +186,8 @@ class Scorer:
     the mean gradient (`gradient`) of every leaf of the scope at `variables`, over
     `num_batches` training batches from step 0 (every training example once if None)."""
     stats = variables.get('batch_stats', {})
+    # No optimizer state: the passes read the parameters and statistics only, and the plan's
+    # optimizer does not exist yet (it is built from the masks these scores choose).
     state = self.spread.replicate(
       TrainState(jnp.zeros((), jnp.int32), variables['params'], stats, ())
     )
@@ -192,14 +206,18 @@ class Scorer:
     if not dynamic_masks.is_due(dynamic, steps_done):
       return state
     sums = {}
+    # A `magnitude` rule reads the weights themselves: no pass, no gradient computed.
     if dynamic.score in PASSES:
       sums = self._sums(dynamic.score, state, dynamic.num_batches, steps_done)
+    # Keyed by the `DynamicMask` itself (a frozen dataclass): a plan whose mask schedule
+    # changes between stages gets its own compiled step.
     if dynamic not in self._compiled:
       step = functools.partial(_remask_step, dynamic=dynamic)
       self._compiled[dynamic] = self.spread.compile(
         step, in_kinds=(REPLICATED, REPLICATED), donate_argnums=(0,)
       )
     state, stats = self._compiled[dynamic](state, sums)
+    # One small transfer, for the log line; the new mask itself never leaves the devices.
     stats = jax.device_get(self.spread.unreplicate(stats))
     logging.info(
       'step %d: %s mask: %d of %d entries new',
@@ -218,5 +236,7 @@ def _remask_step(state: Any, sums: dict, *, dynamic: dynamic_masks.DynamicMask) 
     count = jnp.maximum(sums['count'].astype(jnp.float32), 1.0)
     flat = paths.flatten(sums[PASSES[dynamic.score]])
     scores = {p: flat[p] / count for p in dynamic.scope if p in flat}
+  # The mask lives in the optimizer state (`optim.EntryMaskState`): a mask change is a change
+  # of the optimizer state only; the parameters keep their values.
   opt_state, stats = dynamic_masks.remask(state.opt_state, state.params, scores, dynamic=dynamic)
   return state.replace(opt_state=opt_state), stats

@@ -69,6 +69,8 @@ def create_train_state(
     step=jnp.zeros((), jnp.int32),
     params=params,
     batch_stats=variables.get('batch_stats', {}),
+    # The frozen group of the plan's optimizer is `set_to_zero`, which keeps no state: moments
+    # exist for trainable leaves only, so a frozen network costs no optimizer memory.
     opt_state=tx.init(params),
     ema=ema_.init(params, ema) if ema else {},
   )
@@ -77,12 +79,15 @@ def create_train_state(
 def check_step_options(accum_steps: int, ema_decay: float, global_batch: int) -> None:
   """Raises ConfigError, in one line, for an `accum_steps` that does not split each device's
   share of `global_batch` evenly or an `ema_decay` outside [0, 1)."""
+  # The global batch splitting over the devices is `parallel.check_divisible`'s check; what
+  # matters here is only that each device's share cuts into equal micro-batches.
   per_device = global_batch // jax.device_count()
   if not isinstance(accum_steps, int) or accum_steps < 1 or per_device % accum_steps:
     raise ConfigError(
       f'accum_steps={accum_steps} must divide the {per_device} examples each of the '
       f'{jax.device_count()} devices gets of batch_size {global_batch}'
     )
+  # A decay of 1 would keep the starting weights forever; 0 is the off switch, not an average.
   if not 0.0 <= ema_decay < 1.0:
     raise ConfigError(f'ema_decay={ema_decay} is not in [0, 1) (e.g. 0.999; 0 = no EMA)')
 
@@ -90,6 +95,9 @@ def check_step_options(accum_steps: int, ema_decay: float, global_batch: int) ->
 def bind_model(model: nn.Module, plan: policies.Plan, axis_name: str | None = AXIS) -> nn.Module:
   """The model as the step runs it: BatchNorm statistics averaged over `axis_name`, and
   the BatchNorm layers of the plan's frozen layers on running statistics."""
+  # A frozen layer in train mode would still normalise by batch statistics and overwrite its
+  # running ones, so "frozen" BatchNorm would change the function; running statistics keep it
+  # the loaded layer (and let `activation_cache` treat a frozen prefix as a pure function).
   return model.clone(axis_name=axis_name, frozen_batch_norm=tuple(plan.frozen_layers))
 
 
@@ -126,6 +134,8 @@ def _gradients(
   whole share, or the mean over `accum_steps` micro-batches taken in turn (`train_step`)."""
 
   def loss_fn(trainable, batch, batch_stats, rng):
+    # The frozen leaves enter as closed-over constants rather than arguments: differentiating
+    # with respect to `trainable` alone lets XLA drop their backward work entirely.
     params = paths.merge(frozen, trainable)
     logits, new_vars = model.apply(
       model_variables(params, batch_stats),
@@ -142,16 +152,23 @@ def _gradients(
   if accum_steps == 1:
     (loss, (accuracy, batch_stats)), grads = gradients(trainable, batch, batch_stats, rng)
     return loss, accuracy, batch_stats, grads
+  # Contiguous, equal slices of the share (`check_step_options` made the division exact), so
+  # the mean of their mean gradients is the share's mean gradient.
   micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
 
   def micro_step(carry, xs):
+    # The statistics ride in the carry: each micro-batch updates them in turn, as successive
+    # small steps would, instead of every micro-batch starting from the step's input.
     grads_sum, batch_stats = carry
     micro_batch, i = xs
+    # Each micro-batch draws its own dropout mask; reusing `rng` would repeat one mask.
     (loss, (correct, batch_stats)), grads = gradients(
       trainable, micro_batch, batch_stats, jax.random.fold_in(rng, i)
     )
     return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), (loss, correct)
 
+  # A scan rather than a Python loop: one traced body, so compile time does not grow with
+  # `accum_steps`, and only one micro-batch's activations are live at a time.
   zeros = jax.tree.map(jnp.zeros_like, trainable)
   (grads, batch_stats), (losses, correct) = lax.scan(
     micro_step, (zeros, batch_stats), (micro, jnp.arange(accum_steps))
@@ -202,27 +219,41 @@ def train_step(
     The new state and metrics averaged over devices: `loss`, `accuracy`, `grad_norm`
     (global norm of the trainable gradient) and `lr`.
   """
+  # The step number comes from the state, not the host, so a resumed run draws the keys the
+  # uninterrupted run would; the device index gives each shard its own dropout.
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(AXIS))
   trainable, frozen = paths.split(state.params, trainable_mask)
 
   loss, accuracy, batch_stats, grads = _gradients(
     trainable, frozen, state.batch_stats, batch, rng, model, label_smoothing, accum_steps
   )
+  # Averaged before the optimizer, so every device applies the same update and the replicas
+  # never drift apart; the metrics below are averaged for the same reason.
   grads = lax.pmean(grads, AXIS)
   # The optimizer sees the full tree; frozen gradients are constants it maps to zero.
   full_grads = paths.merge({p: jnp.zeros_like(x) for p, x in frozen.items()}, grads)
+  # `state.params` is passed for weight decay and L2-SP, which read the current weights.
   updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
   flat_updates = paths.flatten(updates)
+  # Cast back to the leaf's dtype: an update in a wider dtype would otherwise promote the
+  # leaf, and a state whose dtypes change between steps recompiles the step and cannot reuse
+  # its donated buffers. Frozen leaves are not touched at all, so they stay bit-identical.
   new_trainable = {p: (x + flat_updates[p]).astype(x.dtype) for p, x in trainable.items()}
+  # The norm of the averaged gradient over trainable leaves only, the same quantity clipping
+  # sees (`ftlab.plans.optim`).
   metrics = {'loss': loss, 'accuracy': accuracy, 'grad_norm': optax.tree.norm(grads)}
   metrics = lax.pmean(metrics, AXIS)
   if learning_rate_fn is not None:
+    # The schedule at the step count before the increment: the rate this update used.
     metrics['lr'] = learning_rate_fn(state.step)
   new_params = paths.merge(frozen, new_trainable)
+  # The average follows the weights after this update, as timm's and big_vision's do.
   new_ema = ema_.update(state.ema, new_params, ema, ema_decay) if ema_decay else state.ema
   if skip_nonfinite:
     # The metrics are averaged over devices, so every device takes the same decision.
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    # A select rather than a Python branch: the decision is a traced value. The step count
+    # below still advances, so the schedule and the keys move on as if the step had run.
     keep = lambda new, old: jnp.where(finite, new, old)
     new_params = paths.merge(frozen, jax.tree.map(keep, new_trainable, trainable))
     batch_stats = jax.tree.map(keep, batch_stats, state.batch_stats)
@@ -254,17 +285,22 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module) -> dict:
   logits = model.apply(
     model_variables(state.params, state.batch_stats), batch['image'], train=False
   )
+  # Padding rows (mask 0) still run through the model, because every device needs the same
+  # shapes, but contribute nothing to the sums.
   mask = batch.get('mask', jnp.ones(batch['label'].shape, jnp.float32)).astype(jnp.float32)
   sums = {
     'loss_sum': jnp.sum(cross_entropy(logits, batch['label']) * mask),
     'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
     'count': jnp.sum(mask),
   }
+  # Sums, not means, are combined: a mean of per-device means would weigh a device holding
+  # mostly padding like a full one.
   return lax.psum(sums, AXIS)
 
 
 def eval_metrics(sums: dict) -> dict:
   """`loss` and `accuracy` from summed eval counts (of one or many batches)."""
+  # An empty split gives zeros rather than a division by zero.
   count = max(float(sums['count']), 1.0)
   return {
     'loss': float(sums['loss_sum']) / count,
@@ -288,6 +324,8 @@ def evaluate(p_eval_step: Callable, state: Any, spread: Any, batches: Iterable[d
   totals = None
   for batch in batches:
     sums = p_eval_step(state, spread.shard(batch))
+    # The totals stay on the devices; the one `device_get` below is the evaluation's only
+    # host sync, so batches are dispatched without waiting on each other.
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   return eval_metrics(jax.device_get(spread.unreplicate(totals)))
 
@@ -330,6 +368,9 @@ def compile_steps(
     ema_decay=ema_decay,
     ema=ema_.entries(plan) if ema_decay else None,
   )
+  # Donating the state lets XLA write the new state into the old one's buffers (one copy of
+  # the parameters and moments on the device, not two). A caller must not touch the state it
+  # passed in after the call; `Spread.replicate` copies through the host for that reason.
   p_train_step = spread.compile(
     train_fn, in_kinds=(REPLICATED, SHARDED, BROADCAST), donate_argnums=(0,)
   )
@@ -339,6 +380,7 @@ def compile_steps(
 def compile_eval_step(spread: Any, model: nn.Module, plan: policies.Plan) -> Callable:
   """The spread `eval_step` for `plan`: `p_eval_step(state, batch) -> sums` (compiled at its
   first call, as every spread step)."""
+  # No donation here: the evaluators read the same state the training goes on with.
   return spread.compile(
     functools.partial(eval_step, model=bind_model(model, plan)), in_kinds=(REPLICATED, SHARDED)
   )

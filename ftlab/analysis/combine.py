@@ -124,6 +124,7 @@ def combine(
   """
   if workdir:
     storage.check(workdir, 'workdir')
+  # Duplicates dropped, order kept: the results come out in the order asked.
   methods = list(dict.fromkeys(methods))
   alphas = [float(a) for a in alphas]
   check_methods(methods, len(paths), alphas)
@@ -147,6 +148,8 @@ def combine(
     )
     for name, split in data.evals.items()
   }
+  # From step 0, augmented as the eval config says: the same batches for every soup, so
+  # their statistics differ only by their weights.
   train_batches = functools.partial(data.train_batches, 0)
   train_batches = replayable(train_batches, int(reset_batches)) if reset_batches else None
   scorer = ExactEval(model, spread, eval_batches, train_batches, data.image_size)
@@ -208,6 +211,8 @@ def _results(scorer, variables, runs, methods, alphas, held_out, reset_batches) 
   def average(members, weights_fn):
     """The averaged variables and whether their BN statistics were recomputed."""
     mixed = weights_fn([variables[n] for n in members])
+    # An average equal to one run bit for bit is that run: it keeps its stored statistics,
+    # which a reset from K batches would only approximate.
     same_as_a_run = any(
       soups.trees_identical(mixed['params'], variables[n]['params']) for n in names
     )
@@ -218,6 +223,7 @@ def _results(scorer, variables, runs, methods, alphas, held_out, reset_batches) 
   for method in methods:
     if method in OUTPUT_ENSEMBLES:
       members = [variables[n] for n in names]
+      # `result` calls it at once, so the loop variables are read while they hold this method.
       evaluate_fn = lambda s: scorer.evaluate_ensemble(members, method, s)
       results.append(result(method, LABELS[method], list(names), evaluate_fn))
     elif method == 'uniform_soup':
@@ -229,6 +235,8 @@ def _results(scorer, variables, runs, methods, alphas, held_out, reset_batches) 
       ranked = sorted(names, key=lambda n: -member_scores[n])
       made = {}
 
+      # Every trial soup is kept with its reset flag, so the chosen soup's flag is known without
+      # averaging it again.
       def make_soup(members):
         made[tuple(members)] = average(members, soups.mean_tree)
         return made[tuple(members)][0]
@@ -241,6 +249,7 @@ def _results(scorer, variables, runs, methods, alphas, held_out, reset_batches) 
       results.append(result(method, LABELS[method], chosen, evaluate_fn, reset, trials=trials))
     else:  # wise
       for alpha in alphas:
+        # `a=alpha` binds this alpha into the lambda, whenever it is called.
         mixed, reset = average(names, lambda vs, a=alpha: soups.interpolate(vs[0], vs[1], a))
         evaluate_fn = functools.partial(scorer.evaluate, mixed)
         name = f'WiSE-FT α={alpha:g}'
@@ -252,6 +261,8 @@ def _results(scorer, variables, runs, methods, alphas, held_out, reset_batches) 
 def _load_runs(runs: Mapping[str, dict], architecture: Mapping[str, Any], data) -> tuple:
   """The runs' shared model and each run's variables, strictly checked against it."""
   model_cfg = dict(next(iter(runs.values()))['config']['model'])
+  # The shared values, defaults filled in (`workdir.RUN_FIELDS`): a run older than a field
+  # lacks it in its own config.
   model_cfg.update(adaptive_pool=architecture['model.adaptive_pool'])
   model_cfg.update(dtype=architecture['model.dtype'])
   model = run.build_model(ml_collections.ConfigDict(model_cfg), data.train.num_classes)
@@ -262,6 +273,8 @@ def _load_runs(runs: Mapping[str, dict], architecture: Mapping[str, Any], data) 
   variables = {}
   for name, found in runs.items():
     try:
+      # `init_from.load_params`: a tuned run's adapters are folded in, so every run is scored
+      # as the plain VGG the others are.
       variables[name] = {
         key: init_from.load_params(found['directory'], shapes[key], key=key) for key in shapes
       }

@@ -141,6 +141,8 @@ def replayable(make_batches: Callable[[], Iterator[dict]], num_batches: int) -> 
     if kept:
       return iter(kept[0])
     fresh = itertools.islice(make_batches(), num_batches)
+    # The first batch tells the size of all of them (eval batches are padded to one shape), so
+    # the decision to keep them is made before reading the rest.
     first = next(fresh, None)
     if first is None:
       return iter(())
@@ -172,6 +174,8 @@ class ExactEval:
   image_size: int
 
   def __post_init__(self):
+    # No frozen BatchNorm list: evaluation runs in inference mode, where every BatchNorm uses
+    # its running statistics anyway.
     bound = self.model.clone(axis_name=parallel.AXIS)
     kinds = (parallel.REPLICATED, parallel.SHARDED)
     self._p_eval_step = self.spread.compile(
@@ -198,6 +202,8 @@ class ExactEval:
 
   def evaluate_ensemble(self, members: Sequence[PyTree], combine: str, split: str = 'eval') -> dict:
     """Exact eval of the members' averaged logits (`logits`) or probabilities (`probs`)."""
+    # All members on the devices at once: each batch is read and sharded once for the whole
+    # ensemble.
     replicated = self.spread.replicate(list(members))
     return train.evaluate(
       self._p_ensemble_steps[combine], replicated, self.spread, self.eval_batches[split]()
@@ -215,6 +221,8 @@ class ExactEval:
       momenta = batch_norm_momenta(self.model, variables, self.image_size)
       step = functools.partial(
         batch_stats_step,
+        # Every BatchNorm in train mode, whatever a plan froze: the point is to measure the
+        # statistics of the averaged weights in every layer.
         model=self.model.clone(axis_name=parallel.AXIS, frozen_batch_norm=()),
         momenta=momenta,
       )
@@ -229,5 +237,7 @@ class ExactEval:
     if not count:
       raise BatchStatsError('the BatchNorm statistics reset got no training batches')
     total = jax.device_get(self.spread.unreplicate(total))
+    # The mean of per-batch statistics (variance included), as a running average with equal
+    # weights would give, rather than a pooled variance over all the batches' examples.
     mean = jax.tree.map(lambda x: (np.asarray(x, np.float64) / count).astype(x.dtype), total)
     return {**variables, 'batch_stats': mean}

@@ -116,11 +116,17 @@ def read_run(directory: str, step: int | None = None) -> RunWeights:
   except init_from.InitError as e:
     raise RunError(f'{directory}: its initial weights cannot be rebuilt: {e}') from None
   structure = model.block_structure()
+  # The stage that took step `step` (with `step - 1` done) wrote this checkpoint; its plan is
+  # the one whose masks the optimizer state holds.
   stage = policies.stage_at(stages, max(step - 1, 0))
+  # On shapes: no score pass is run to rebuild a mask; per-element masks are read from the
+  # checkpoint's optimizer state instead, where the run kept them.
   shaped = policies.make_plan(
     jax.eval_shape(lambda: variables['params']), structure, config.policy, stage=stage
   )
   raw_initial = paths.flatten(variables['params'])
+  # `checkpoint.load_params`, not `init_from`'s: the frozen check below compares the stored
+  # leaves as they are, adapters unfolded.
   raw_final = paths.flatten(checkpoint.load_params(ckpt_dir, variables['params'], step=step))
   # Leaves the plan freezes (on shapes: whatever masks are chosen) never move.
   frozen = [p for p, t in shaped.flat_mask().items() if not t]
@@ -193,9 +199,12 @@ def layer_report(
     layer = paths.layer_of(p)
     row = rows.setdefault(layer, dict(entries=0, trained=0, changed=0, delta_sq=0.0, init_sq=0.0))
     x0, x1 = np.asarray(x0), np.asarray(final[p])
+    # float64: a small update to a large weight would otherwise round away in the difference.
     delta = x1.astype(np.float64) - x0.astype(np.float64)
     row['entries'] += x0.size
     row['trained'] += int(np.count_nonzero(trained[p]))
+    # By bits, so an entry that moved and came back exactly counts as unchanged, and -0.0 vs
+    # 0.0 as changed.
     row['changed'] += int(np.count_nonzero(_bits_differ(x0, x1)))
     row['delta_sq'] += float(np.sum(delta * delta))
     row['init_sq'] += float(np.sum(np.square(x0.astype(np.float64))))
@@ -251,6 +260,7 @@ def jaccard(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
     raise ValueError('jaccard: the two masks cover different parameters (another model?)')
   both = sum(int(np.count_nonzero(a[p] & b[p])) for p in a)
   either = sum(int(np.count_nonzero(a[p] | b[p])) for p in a)
+  # Two empty sets are the same set.
   return both / either if either else 1.0
 
 

@@ -39,6 +39,8 @@ def checksum(params: Mapping[str, np.ndarray]) -> str:
   digest = hashlib.sha256()
   for p in sorted(params):
     x = np.ascontiguousarray(params[p])
+    # Dtype and shape are hashed with the bytes: the same bytes read as another shape or dtype
+    # are other weights.
     digest.update(f'{p}:{x.dtype.str}:{x.shape}:'.encode())
     digest.update(hashlib.sha256(x.tobytes()).digest())
   return 'sha256:' + digest.hexdigest()
@@ -46,6 +48,8 @@ def checksum(params: Mapping[str, np.ndarray]) -> str:
 
 def _changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """Flat indices of entries whose bits differ (so -0.0 vs 0.0 and NaN payloads count)."""
+  # Compared as unsigned integers of the same width: float `!=` would call -0.0 equal to 0.0
+  # and every NaN different from itself.
   view = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]
   a = np.ascontiguousarray(a).reshape(-1).view(view)
   b = np.ascontiguousarray(b).reshape(-1).view(view)
@@ -79,6 +83,8 @@ def make(
     if b.size >= 2**32:
       raise DeltaError(f'{p}: {b.size} entries do not fit uint32 indices')
     index = _changed(b, f)
+    # Each leaf stored the cheaper way: a changed entry costs its index and its value, so past
+    # about half the entries (float32) the whole leaf is smaller.
     sparse_bytes = index.size * (index.itemsize + f.itemsize)
     storage = 'unchanged' if not index.size else 'sparse' if sparse_bytes < f.nbytes else 'dense'
     if storage == 'sparse':
@@ -117,12 +123,16 @@ def apply(base: Mapping[str, np.ndarray], delta: Mapping[str, Any]) -> dict[str,
     )
   out = {}
   for p, leaf in header['leaves'].items():
+    # A contiguous copy: `reshape(-1)` below is then a view, so the assignment writes into `x`
+    # (on a non-contiguous array it would write into a temporary and be lost).
     x = np.array(base[p], copy=True)
     if leaf['storage'] == 'dense':
       x = np.array(arrays[f'{p}::dense'], copy=True)
     elif leaf['storage'] == 'sparse':
       x.reshape(-1)[arrays[f'{p}::indices']] = arrays[f'{p}::values']
     out[p] = x
+  # Checked after applying too: a delta file damaged in its values (not its header) still
+  # fails loudly.
   if checksum(out) != header['result_checksum']:
     raise DeltaError('the delta applied to its base does not give the weights it was made from')
   return out
@@ -131,6 +141,8 @@ def apply(base: Mapping[str, np.ndarray], delta: Mapping[str, Any]) -> dict[str,
 def save(path: str, delta: Mapping[str, Any]) -> int:
   """Writes `delta` to `path` (an `.npz`), atomically; returns the file's size in bytes."""
   buffer = io.BytesIO()
+  # Uncompressed `savez`: readable by numpy alone, and float values of sparse entries barely
+  # compress. The header is a 0-d string array, so `load` needs no pickle.
   np.savez(buffer, **{HEADER: np.array(json.dumps(delta['header']))}, **delta['arrays'])
   partial = f'{path}.tmp{os.getpid()}'
   with open(partial, 'wb') as f:

@@ -30,6 +30,7 @@ def mean_tree(trees: Sequence[PyTree]) -> PyTree:
     total = first.astype(np.float64)
     for x in rest:
       total += np.asarray(x, np.float64)
+    # Cast back to the inputs' dtype: a soup is a drop-in for any member's variables.
     return (total / (1 + len(rest))).astype(first.dtype)
 
   return jax.tree.map(mean, *trees)
@@ -38,6 +39,8 @@ def mean_tree(trees: Sequence[PyTree]) -> PyTree:
 def interpolate(tree0: PyTree, tree1: PyTree, alpha: float) -> PyTree:
   """WiSE-FT: `(1 - alpha) * tree0 + alpha * tree1` leafwise; `tree0` itself at alpha 0 and
   `tree1` itself at alpha 1 (in floating point the formula need not reproduce them exactly)."""
+  # The endpoints are returned as they are, not computed: `(1 - 0) * x + 0 * y` is not `x`
+  # where `y` holds inf or NaN, nor for -0.0.
   if alpha == 0:
     return tree0
   if alpha == 1:
@@ -86,6 +89,7 @@ def greedy_soup(
   for name in ranked[1:]:
     trial = make_soup(chosen + [name])
     trial_score = score(trial)
+    # `>=`: a candidate that leaves the held-out score unchanged joins, as in the paper.
     accepted = trial_score >= best
     trials.append({'candidate': name, 'held_out_accuracy': trial_score, 'accepted': accepted})
     if accepted:

@@ -146,6 +146,8 @@ def build_dataset(
       splits = ', '.join(builder.info.splits) or 'none'
       reason = str(e.args[0] if e.args else e).splitlines()[0]
       raise DatasetError(f'{split!r} is no split of {name!r} (splits: {splits}): {reason}')
+    # Labels are read (one pass over the split) only where they are needed to choose examples,
+    # or where the pass is cheap; a large split keeps `labels` None and the record says so.
     if (classes or examples_per_class or len(indices) <= COUNT_LABELS_UP_TO) and labels is None:
       labels = read_labels(builder, read_split)
   if classes or examples_per_class:
@@ -187,6 +189,8 @@ def select(
     label_map[classes] = np.arange(len(classes))
     indices = indices[np.isin(labels[indices], classes)]
   if examples_per_class:
+    # One seeded order for all classes, then the first N of each: a larger budget keeps every
+    # example a smaller one chose, so shot counts compare on nested sets.
     order = indices[np.random.default_rng(seed).permutation(len(indices))]
     kept = []
     for c in classes or range(num_classes):
@@ -197,6 +201,8 @@ def select(
         )
       kept.append(of_class[:examples_per_class])
     indices = np.concatenate(kept)
+  # Ascending: the pipeline filters records in file order, and `narrow` reads the range from
+  # the first chosen record to the last.
   return np.sort(indices), label_map
 
 
@@ -213,4 +219,6 @@ def minival_split(split: str, holdout: int | str) -> tuple[str, str]:
   """
   if '[' in split or '+' in split:
     raise DatasetError(f'minival is carved from an unsliced split, not {split!r}')
+  # The end of the split, in its fixed order: the same examples on every launch and process,
+  # and never any of the eval split's.
   return f'{split}[:-{holdout}]', f'{split}[-{holdout}:]'

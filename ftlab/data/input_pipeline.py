@@ -83,6 +83,8 @@ class BatchOrder:
     row order, with the rows [first, end) it takes of each one's `global_batch / shards`."""
     b = self.global_batch // self.shards
     lo, hi = self.process_index * self.local_batch, (self.process_index + 1) * self.local_batch
+    # The shards whose row ranges [j*b, (j+1)*b) meet this process's rows [lo, hi): from the
+    # one holding row lo to the one holding row hi - 1 (a ceiling division), each clipped.
     return [
       (j, max(lo, j * b) - j * b, min(hi, (j + 1) * b) - j * b) for j in range(lo // b, -(-hi // b))
     ]
@@ -113,9 +115,12 @@ def narrow(data: DataSplit, positions: np.ndarray) -> DataSplit:
     return whole
   if isinstance(data.builder, sources.ImageFolder) or not len(chosen):
     return whole
+  # One slice per part, from its first chosen record to its last: tfds reads slices, not
+  # lists of records, so the records in between are read too and filtered out by `indices`.
   specs, indices, start, offset = [], [], 0, 0
   for part in instructions:
     base = part.from_ or 0
+    # `to is None` is an open end: the part runs to the end of its split.
     size = (splits[part.splitname].num_examples if part.to is None else part.to) - base
     mine = chosen[(chosen >= start) & (chosen < start + size)] - start
     if len(mine):
@@ -147,6 +152,8 @@ def exif_transpose(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
     lambda: tf.image.rot90(transpose(), 2),  # 7: mirrored, rotated 270 degrees
     rotate(1),  # 8: rotated 90 degrees clockwise (turn counter-clockwise to show)
   ]
+  # An out-of-range tag falls back to a branch rather than failing inside the pipeline;
+  # `sources.ImageFolder.check_and_orient` already maps such tags to 1 (upright).
   return tf.switch_case(tf.clip_by_value(orientation - 1, 0, 7), branches)
 
 
@@ -155,6 +162,8 @@ def _examples(data: DataSplit) -> tf.data.Dataset:
   rotated photos), in split order."""
   image_key, label_key = sources.keys(data.builder)
   ds = sources.read(data.builder, data.read_split)
+  # A boolean table indexed by record position, as a TF constant: the filter runs on encoded
+  # records, so unchosen examples are never decoded.
   keep = np.zeros(int(ds.cardinality()), bool)
   keep[data.indices] = True
   keep = tf.constant(keep)
@@ -173,6 +182,8 @@ def _examples(data: DataSplit) -> tf.data.Dataset:
 
   ds = ds.enumerate().filter(kept).map(relabel)
   options = tf.data.Options()
+  # Explicit, so a parallel `map` downstream yields in input order whatever the defaults (or
+  # an `experimental_deterministic` set elsewhere): batches must be a function of the step.
   options.deterministic = True
   return ds.with_options(options)
 
@@ -207,22 +218,31 @@ def preprocess_image(
   preprocessing.check(preprocess)
   if augment not in AUGMENTATIONS:
     raise ConfigError(f'unknown augmentation {augment!r}; valid: {", ".join(AUGMENTATIONS)}')
+  # The static channel count: grey datasets (Fashion-MNIST) feed the same 3-channel model as
+  # colour ones, with the same values in every channel.
   if image.shape[-1] == 1:
     image = tf.tile(image, [1, 1, 3])
   if augment != 'none':
+    # Stateless ops seeded by the example's stream position: the same example at the same step
+    # gets the same crop after a resume, whatever thread or process prepares it.
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   if augment == 'resized_crop':
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.shape(image),
       bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
       seed=crop_seed,
+      # Inception's ranges, as torchvision's `RandomResizedCrop` defaults; no object box, so
+      # any crop with that area and aspect is allowed.
       area_range=(0.08, 1.0),
       aspect_ratio_range=(3 / 4, 4 / 3),
       min_object_covered=0.0,
     )
     image = tf.slice(image, begin, size)
+  # Antialiased, as PIL's resize (the reference frameworks' loaders) is: downscaling large
+  # photos without it aliases fine texture.
   image = tf.image.resize(image, [image_size, image_size], antialias=True)
   if augment == 'pad_crop':
+    # 4 pixels at 32x32: the CIFAR padding convention, scaled to the image size.
     pad = image_size // 8
     image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
     image = tf.image.stateless_random_crop(image, [image_size, image_size, 3], seed=crop_seed)
@@ -274,6 +294,8 @@ def train_iterator(
     return share.cache() if cache else share
 
   def train_example(position, ex):
+    # The augmentation's seed is (data seed, global stream position), never a process-local
+    # counter, so the images of a global batch do not depend on the process count.
     pair = tf.stack([tf.constant(order.seed, tf.int64), position])
     image = preprocess_image(
       _decode(data, ex),
@@ -331,8 +353,12 @@ def _batches(
   for j, first, end in order.shard_rows():
     positions = shard_positions[j]
     n = len(positions)
+    # A resume starts at the epoch holding its first record and skips at most one epoch of
+    # still-encoded records, instead of replaying every step before it.
     first_epoch, offset = divmod(start_step * rows, n)
 
+    # Default arguments bind this shard's values now (the loop would rebind the names), and
+    # `records(positions)` is called once per shard, so every epoch reuses one cached dataset.
     def epoch(e, share=records(positions), n=n, j=j):
       # Distinct seeds per (seed, shard, epoch) in int64; shard 0 keeps one shard's seeds.
       seed = order.seed * 1_000_003 + e + j * 2**32
@@ -343,13 +369,19 @@ def _batches(
 
     with _no_global_tf_seed():  # the shuffles' seeds are fixed when flat_map traces `epoch`
       ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
+    # Numbered from the shard's position in its endless stream, so `t` (and the augmentation
+    # seed derived from it) is the same whether the run started here or at step 0.
     ds = ds.enumerate(start=start_step * rows)
     if (first, end) != (0, rows):  # rows of this shard that other processes take
       ds = ds.filter(lambda t, ex, first=first, end=end: (first <= t % rows) & (t % rows < end))
     ds = ds.map(global_position).map(prepare, tf.data.AUTOTUNE)
+    # The streams are endless, so nothing is dropped; `drop_remainder` gives the batch a static
+    # size, which the zip and concatenation below (and the compiled step) rely on.
     streams.append(ds.batch(end - first, drop_remainder=True))
   if len(streams) == 1:
     return streams[0]
+  # The shards' rows side by side, in shard order: this process's rows of the global batch in
+  # row order.
   concat = lambda *batches: tf.nest.map_structure(lambda *x: tf.concat(x, 0), *batches)
   return tf.data.Dataset.zip(tuple(streams)).map(concat)
 
@@ -393,6 +425,7 @@ def gathered_positions(
   sizes = np.array([len(p) for p in parts(num_examples, process_count)])
   starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
   q, r = np.divmod(np.arange(process_count * local_batch), local_batch)
+  # Process q's part holds `sizes[q]` examples; a row beyond them is padding.
   offset = step * local_batch + r
   return np.where(offset < sizes[q], starts[q] + offset, -1)
 
@@ -418,6 +451,8 @@ def eval_iterator(
     image = preprocess_image(_decode(data, ex), image_size=image_size, preprocess=preprocess)
     return {'image': image, 'label': ex['label'], 'mask': tf.ones([], tf.float32)}
 
+  # A contiguous part per process: every example is read by exactly one process, and the
+  # parts' sizes differ by at most one, so padding is at most one batch's worth per process.
   ds = _examples(narrow(data, eval_share(data.num_examples, order)))
   ds = ds.map(eval_example, tf.data.AUTOTUNE)
   zeros = {
@@ -425,6 +460,8 @@ def eval_iterator(
     'label': np.zeros([batch], np.int32),
     'mask': np.zeros([batch], np.float32),
   }
+  # Every process yields `steps` batches, even one with fewer examples: the eval step is a
+  # collective, and a process that stopped early would leave the others waiting.
   return _padded(ds.batch(batch).prefetch(2).as_numpy_iterator(), zeros, steps)
 
 
@@ -436,6 +473,8 @@ def _padded(batches: Iterator[dict], zeros: dict, steps: int) -> Iterator[dict]:
     yield {k: np.concatenate([v, zeros[k][n:]]) for k, v in real.items()}
     done += 1
   for _ in range(steps - done):
+    # Fresh arrays per batch: no two yielded batches share a buffer that a consumer might keep
+    # or write into.
     yield {k: v.copy() for k, v in zeros.items()}
 
 

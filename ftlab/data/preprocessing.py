@@ -50,10 +50,13 @@ def normalize(images_rgb: Any, convention: str) -> Any:
 
   check(convention)
   if convention == 'caffe':
+    # Channels reversed first: the mean is given in BGR order, as Keras subtracts it.
     return images_rgb[..., ::-1] - np.asarray(CAFFE_MEAN_BGR, np.float32)
   if convention == 'torch':
     mean, std = np.asarray(TORCH_MEAN_RGB, np.float32), np.asarray(TORCH_STD_RGB, np.float32)
     return (images_rgb / np.float32(255.0) - mean) / std
+  # float32 constants throughout, so a numpy input stays float32 (numpy promotes to a float64
+  # array operand) and a TensorFlow tensor meets operands of its own dtype.
   return images_rgb / np.float32(255.0)
 
 

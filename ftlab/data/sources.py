@@ -83,6 +83,7 @@ def list_image_folder(root: str) -> FolderListing:
     for name in sorted(tf.io.gfile.listdir(directory)):
       name = name.rstrip('/')
       path = os.path.join(directory, name)
+      # `tf.io.gfile` rather than `os`: the root may be on an object store (gs://, s3://).
       is_dir = tf.io.gfile.isdir(path)
       if is_clutter(name):
         ignored.append(os.path.join(relative, name) + ('/' if is_dir else ''))
@@ -105,6 +106,8 @@ def list_image_folder(root: str) -> FolderListing:
           examples.append((os.path.join(directory, name), label))
         else:
           ignored.append(os.path.join(split, label, name))
+      # A class folder counts even when empty, so every split has the same label set and a
+      # class's label does not depend on which split has images of it.
       classes.add(label)
     random.Random(split).shuffle(examples)  # tfds.ImageFolder's order, for the same runs
     splits[split] = examples
@@ -119,6 +122,7 @@ class ImageFolder(tfds.ImageFolder):
     # tfds.ImageFolder.__init__ lists the folder itself (clutter included), and a ClassLabel's
     # names cannot be set twice: its setup is repeated here over our listing.
     self.listing = list_image_folder(root_dir)
+    # The attributes tfds.ImageFolder's own `__init__` would set; its `info` reads them.
     self._image_shape, self._image_dtype = None, None
     tfds.core.DatasetBuilder.__init__(self, data_dir=root_dir)
     self._data_dir = root_dir
@@ -160,9 +164,13 @@ class ImageFolder(tfds.ImageFolder):
             orientations[i] = image.getexif().get(EXIF_ORIENTATION, 1)
         except Exception:  # noqa: BLE001 (TF decodes it; an unreadable EXIF block is no tag)
           pass
+      # A tag outside the eight defined values is treated as upright rather than failing: some
+      # cameras and editors write 0 or garbage.
       orientations[(orientations < 1) | (orientations > 8)] = 1
       self._orientations[split] = orientations
     orientations = self._orientations[split]
+    # None when all are upright, so the pipeline of an ordinary folder carries no per-example
+    # orientation table and no rotation branch.
     return orientations if (orientations != 1).any() else None
 
 
@@ -193,6 +201,7 @@ class LocalFashionMnist(tfds.image_classification.FashionMNIST, skip_registratio
     if len(images) != len(labels):
       raise DatasetError(f'{self._idx_dir}: {len(images)} {prefix} images but {len(labels)} labels')
     for index, (image, label) in enumerate(zip(images, labels)):
+      # A trailing channel axis: tfds' Fashion-MNIST feature is `[28, 28, 1]`.
       yield index, {'image': image[..., None], 'label': int(label)}
 
 
@@ -209,6 +218,8 @@ def read_idx(path: str, kind: str) -> np.ndarray:
   magic = int.from_bytes(data[:4], 'big')
   if magic != _IDX_MAGIC[kind]:
     raise DatasetError(f'{path}: IDX magic {magic}, expected {_IDX_MAGIC[kind]} for {kind}')
+  # The IDX magic is 0x0000 0x08 (uint8) then the number of dimensions in its low byte; each
+  # dimension's size follows as a big-endian uint32.
   ndim = magic & 0xFF
   shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], 'big') for i in range(ndim))
   body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
@@ -248,6 +259,7 @@ def get_builder(
           f'not in {idx_dir}; `apt-get install dataset-fashion-mnist`, set fashion_mnist_dir, '
           'or set download=True'
         )
+      # Offline: `_split_generators` reads the local IDX files, nothing is downloaded.
       builder.download_and_prepare()
     return builder
   try:
@@ -273,6 +285,9 @@ def keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
 def read(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
   """The split in its fixed order, images encoded: its files (and the parts of `a+b`) one
   after another, as tfds' slices count, so `train[a:b]` is positions a..b-1 of `train`."""
+  # One file at a time, in order: tfds counts slices (`train[a:b]`) in file order, and an
+  # interleave over several files would hand out records in another order than the positions
+  # that `DataSplit.indices` name.
   kw = dict(shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1))
   return builder.as_dataset(split=split, decoders={keys(builder)[0]: SKIP}, **kw)
 
@@ -286,8 +301,10 @@ def read_labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
   label_key = keys(builder)[1]
   files = _split_files(builder, split)
   if files and files in _LABELS:
+    # A copy, so a caller that edits its labels cannot change what later calls get.
     return _LABELS[files].copy()
   batches = read(builder, split).map(lambda ex: ex[label_key], tf.data.AUTOTUNE).batch(8192)
+  # The empty int64 array keeps `concatenate` working (and int64) for an empty split.
   labels = np.concatenate([np.zeros([0], np.int64), *batches.as_numpy_iterator()])
   if files:
     _LABELS[files] = labels.copy()
@@ -304,4 +321,6 @@ def _split_files(builder: tfds.core.DatasetBuilder, split: str) -> tuple | None:
     stats = [(str(path), os.stat(path)) for path in builder.info.splits[split].filepaths]
   except (KeyError, ValueError, OSError, TypeError):
     return None
+  # Size and modification time in the key: a dataset prepared again under the same path is
+  # read again, not served from the cache.
   return (split, tuple((p, st.st_size, st.st_mtime_ns) for p, st in stats)) if stats else None

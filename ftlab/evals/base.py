@@ -110,6 +110,8 @@ class Evaluator:
 
 
 _EVALUATORS: dict[str, type[Evaluator]] = {}
+# The family's modules are imported on first use, not at import of this one: each of them
+# imports `base` to register itself, so importing them here would be circular.
 _loaded = False
 
 
@@ -135,11 +137,14 @@ def evaluators() -> dict[str, type[Evaluator]]:
   are imported first, in name order)."""
   global _loaded
   if not _loaded:
+    # Set before importing, so a module that asks for the registry while it is imported does
+    # not start the import loop again.
     _loaded = True
     from ftlab import evals
 
     for info in pkgutil.iter_modules(evals.__path__):
       importlib.import_module(f'{evals.__name__}.{info.name}')
+  # A copy: a caller iterating over it is not disturbed by a test registering a toy evaluator.
   return dict(_EVALUATORS)
 
 
@@ -152,5 +157,7 @@ def build(setting_for: Callable[[str], Setting]) -> tuple[Evaluator, ...]:
   Raises:
     InputError: what an evaluator's `build` raises for a bad config section.
   """
+  # Every evaluator is built (and its config section checked) at launch, before any data is
+  # read or step compiled; one switched off by its section answers None.
   built = (cls.build(setting_for(name)) for name, cls in evaluators().items())
   return tuple(e for e in built if e is not None)

@@ -32,6 +32,8 @@ class Classification(Evaluator):
     return cls(setting.spread, setting.ema)
 
   def start_stage(self, stage: StageView) -> None:
+    # Recompiled per stage: the bound model changes with the plan (which BatchNorm layers are
+    # frozen), and a cached stage's model starts after the prefix.
     self._p_eval_step = train.compile_eval_step(self.spread, stage.model, stage.plan)
     self._sources = stage.eval_batches
     if self.with_ema:
@@ -44,6 +46,8 @@ class Classification(Evaluator):
       found.update({f'{name}/{k}': v for k, v in metrics.items()})
       logging.info('%s accuracy %.4f on %d examples', name, metrics['accuracy'], metrics['count'])
     if self._p_averaged is not None:  # the averaged weights on the same splits
+      # A new replicated state with the EMA swapped in; the training state itself is not touched,
+      # and the averaged model keeps the raw model's BatchNorm running statistics.
       averaged = self._p_averaged(state)
       for name, batches in self._sources.items():
         metrics = train.evaluate(self._p_eval_step, averaged, self.spread, batches())
@@ -54,6 +58,8 @@ class Classification(Evaluator):
     return found
 
   def summary(self, metrics: Mapping[str, float]) -> dict[str, Any]:
+    # The classification evaluator is always built, so these keys always exist; the loop also
+    # relies on `<held_out>/accuracy` to pick the best step.
     found = {
       'final_eval_accuracy': metrics['eval/accuracy'],
       'final_eval_loss': metrics['eval/loss'],

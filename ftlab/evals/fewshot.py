@@ -48,6 +48,8 @@ def first_shots(labels: np.ndarray, shots: int, num_classes: int) -> np.ndarray:
     of_class = np.flatnonzero(labels == c)
     if len(of_class) < shots:
       raise ValueError(f'few-shot probe: class {c} has {len(of_class)} examples, not {shots}')
+    # The first, not a random draw: the sets for smaller shot counts are nested in the larger
+    # ones (the split itself is already a seeded draw of `max(shots)` per class).
     chosen.append(of_class[:shots])
   return np.sort(np.concatenate(chosen))
 
@@ -68,8 +70,12 @@ def ridge_weights(x: np.ndarray, targets: np.ndarray, l2_reg: float) -> np.ndarr
   """
   if not l2_reg > 0:
     raise ValueError(f'few-shot probe: l2_reg {l2_reg} must be > 0')
+  # float64: the normal equations square the features' scale and condition number, and the
+  # solve is small enough that the precision costs nothing.
   x, targets = np.asarray(x, np.float64), np.asarray(targets, np.float64)
   n, d = x.shape
+  # The dual (push-through) form: the same `W`, but an n x n solve, and few-shot sets have far
+  # fewer examples than pre-logit features (a 4096-wide fc2).
   if n < d:
     return x.T @ np.linalg.solve(x @ x.T + l2_reg * np.eye(n), targets)
   return np.linalg.solve(x.T @ x + l2_reg * np.eye(d), x.T @ targets)
@@ -97,6 +103,9 @@ def probe_accuracy(
   train_x = np.asarray(train_x, np.float64).reshape(len(train_y), -1)
   test_x = np.asarray(test_x, np.float64).reshape(len(test_y), -1)
   mean = train_x.mean(axis=0, keepdims=True)  # centring helps (big_vision)
+  # +1 for the class and -1 for the others, as big_vision. Any affine encoding predicts the
+  # same argmax: the ridge solution is linear in the targets, and a constant target column
+  # adds the same score to every class.
   targets = 2.0 * np.eye(num_classes)[np.asarray(train_y)] - 1.0
   weights = ridge_weights(train_x - mean, targets, l2_reg)
   predicted = np.argmax((test_x - mean) @ weights, axis=1)
@@ -141,6 +150,8 @@ def feature_fn(model: nn.Module, layer: str) -> Callable[[Any, jnp.ndarray], jnp
     def pre_logits(variables, images):
       found = []
 
+      # The input of `predictions` is caught on its way in, whatever head sits before it: no
+      # second model definition that could drift from `vgg.VGG`.
       def grab(next_fun, args, kwargs, context):
         if context.module.name == 'predictions' and context.method_name == '__call__':
           found.append(args[0])
@@ -157,6 +168,8 @@ def feature_fn(model: nn.Module, layer: str) -> Callable[[Any, jnp.ndarray], jnp
 
   def block_output(variables, images):
     x = prefix.apply(variables, images, train=False)
+    # A block's map is pooled over space so the probe's width is its channel count, not
+    # H x W x C: early blocks would otherwise give hundreds of thousands of features.
     return (x.mean(axis=(1, 2)) if x.ndim == 4 else x).astype(jnp.float32)
 
   return block_output
@@ -217,6 +230,8 @@ class Sets:
     rows = functools.partial(
       input_pipeline.gathered_positions, n, order.process_count, order.local_batch
     )
+    # `collect` puts every gathered row back at its split position, so features and labels
+    # line up with `first_shots`' positions whatever the process count.
     found = parallel.collect(p_features, state, spread, batches, rows, n)
     return found['x'], found['label']
 
@@ -265,8 +280,10 @@ class FewShot(Evaluator):
     if not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in shots):
       raise ConfigError(f'evals.fewshot.shots={shots}: need positive integers, e.g. (1, 5, 10)')
     layer = cfg.get('layer', PRE_LOGITS)
+    # At build time, so a bad layer is an error at launch rather than at the first eval.
     feature_fn(setting.model, layer)  # checks the layer
     train_split = cfg.get('train_split', '') or setting.split_names['train']
+    # Drawn with `max(shots)` per class so every shot count finds its examples in it.
     train = setting.build_split(train_split, max(shots), 'evals.fewshot.shots')
     test = setting.build_split(cfg.get('test_split', '') or setting.split_names['eval'])
     order = data.order.with_batch(data.eval_batch)
@@ -279,6 +296,8 @@ class FewShot(Evaluator):
 
   def start_stage(self, stage: StageView) -> None:
     # From the cached prefix outputs when the probe's layer comes after the cached blocks.
+    # A layer inside the cached prefix cannot be computed from its outputs: the probe then runs
+    # the whole model on images, while the training runs cached.
     on_cache = bool(stage.start) and runs_after(self.model, self.sets.layer, stage.start)
     model = stage.model if on_cache else self.model
     self._p_features = compile_features(model, self.sets.layer, self.spread)

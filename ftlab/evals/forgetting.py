@@ -52,6 +52,8 @@ def load_source_head(directory: str, params: PyTree) -> dict:
   kernel = shapes.get(f'{HEAD}/kernel')
   if kernel is None:
     raise ForgettingError(f'evals.forgetting: the loaded weights ({directory}) have no head')
+  # The checkpoint's head can only be put back if it reads as many features as the run's
+  # `predictions` does: the same head type and width; the class count may differ.
   width = params[HEAD]['kernel'].shape[0]
   if kernel[0] != width:
     raise ForgettingError(
@@ -59,11 +61,14 @@ def load_source_head(directory: str, params: PyTree) -> dict:
       "(use the loaded weights' own head type, e.g. model.head='imagenet')"
     )
   expected = {HEAD: {k: np.zeros(shapes[f'{HEAD}/{k}'], np.float32) for k in ('kernel', 'bias')}}
+  # Everything but the head is left unread (a negative lookahead in `dont_load`): the
+  # backbone comes from the state at each eval, not from the checkpoint.
   found = checkpoint.load_params(directory, expected, dont_load=(rf'(?!{HEAD}/).*',))
   return jax.tree.map(np.asarray, found[HEAD])
 
 
 def _predict_step(state: Any, batch: dict, *, model: nn.Module, head: dict) -> dict:
+  # The source head replaces the task's on the current backbone; the state is not changed.
   variables = train.model_variables({**state.params, HEAD: head}, state.batch_stats)
   logits = model.apply(variables, batch['image'], train=False)
   found = {'top1': jnp.argmax(logits, -1), 'mask': batch['mask']}
@@ -91,6 +96,7 @@ class Drift:
 
   def compile(self, model: nn.Module, spread: parallel.Spread) -> Callable:
     """`p_predict(state, batch)`: the source head's top-1 on the state's backbone."""
+    # The source task's class count (1,000 for ImageNet), not the run's.
     source = model.clone(num_classes=self.head['bias'].shape[0])
     step = functools.partial(_predict_step, model=source, head=self.head)
     return spread.compile(step, in_kinds=(parallel.REPLICATED, parallel.SHARDED))
@@ -110,6 +116,8 @@ class Drift:
     """Records the loaded model's predictions (its own weights and head)."""
     self.reference = self.predictions(p_predict, loaded_state, spread)
 
+  # Agreement, not accuracy: it needs no source labels, and 1.0 means the source function is
+  # intact whatever its own accuracy was.
   def agreement(self, p_predict: Callable, state: Any, spread: Any) -> dict[str, float]:
     """`{'agreement': fraction of images whose top-1 is the loaded model's}`."""
     return {
@@ -151,10 +159,13 @@ class Forgetting(Evaluator):
     """Compiles the prediction step once (the whole model, from images, in every stage) and
     records the loaded model's predictions, before the first step."""
     del stage
+    # Once for the run, not per stage: the step runs the whole model from images (never on a
+    # cached prefix), and the reference is the loaded model's, which no stage changes.
     if self._p_predict is None:
       spread, variables = self.setting.spread, self.setting.variables
       self._p_predict = self.drift.compile(self.setting.model, spread)
       loaded = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+      # No optimizer state: the prediction step reads only the parameters and statistics.
       state = train.TrainState(0, loaded['params'], loaded['batch_stats'], ())
       self.drift.start(self._p_predict, spread.replicate(state), spread)
 

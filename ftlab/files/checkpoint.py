@@ -194,11 +194,16 @@ def save(
       its name, or `max_to_keep` < 2.
     TypeError: `meta` is not JSON-serialisable.
   """
+  # Two at least: a resume whose newest step is damaged falls back to the one before it
+  # (`ftlab.run._resume`), which must still exist.
   if max_to_keep is not None and max_to_keep < 2:
     raise ValueError(f'max_to_keep={max_to_keep}: keep at least 2 checkpoints (or None for all)')
   directory, step = _path(directory), int(step)
+  # Checked before Orbax starts writing, so a bad meta never leaves a half-written step.
   meta = _json_dict(meta, step)
   latest = latest_step(directory)
+  # A step at or behind the newest one means two runs share the directory or a run did not
+  # resume from it; either way, writing would leave the newest step not the run's state.
   if latest is not None and step <= latest:
     raise ValueError(
       f'checkpoint step {step} is not newer than step {latest} already in {directory}; '
@@ -215,10 +220,14 @@ def save(
   options = ocp.CheckpointManagerOptions(
     # Synchronous, so that `save` returning means the step is on disk.
     enable_async_checkpointing=False,
+    # Old steps go only after the new one is committed (see the docstring), so a crash during
+    # a save never leaves fewer complete checkpoints than before.
     preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
     cleanup_tmp_directories=True,
   )
   args = ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(state), META: ocp.args.JsonSave(meta)})
+  # A manager per save, closed at once: nothing Orbax holds (threads, open handles) outlives
+  # the call, and a later `save` sees the directory as it is on disk.
   with ocp.CheckpointManager(directory, options=options, handler_registry=_registry()) as mngr:
     # `force`: the caller decides when to save, not Orbax's save-interval policy.
     mngr.save(step, args=args, force=True)
@@ -276,6 +285,8 @@ def _describe(shape: tuple[int, ...], dtype: np.dtype | None = None) -> str:
 def _stored(path: epath.Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """'/'-joined path -> (shape, dtype) of every array in the step's state."""
   with _checkpointer() as ckptr:
+    # Metadata only: shapes and dtypes come without reading any array, so a mismatch is found in
+    # milliseconds even for a checkpoint of gigabytes.
     tree = ckptr.metadata(path).item_metadata[STATE].tree
   return {
     p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in ocp.tree.to_flat_dict(tree, sep='/').items()
@@ -362,6 +373,8 @@ def restore(directory: PathLike, target: PyTree, step: int | None = None) -> tup
   }
   stored = _stored(path)
   found = {p: _describe(*s) for p, s in stored.items()}
+  # Compared before reading: a mismatch is one line listing every difference, instead of an
+  # error from deep inside TensorStore about the first array it tripped on.
   problems = _differences(expected, found, 'mismatch')
   if problems:
     raise MismatchError(
@@ -427,9 +440,14 @@ def load_params(
   prefix = f'{key}/'
   stored = {p[len(prefix) :]: s for p, s in _stored(path).items() if p.startswith(prefix)}
   flat_expected = ocp.tree.to_flat_dict(expected, sep='/')
+  # The union of both sides, in order: a `dont_load` rule may name a path only the checkpoint
+  # has (an old head under another name) as well as one only the model has.
   candidates = list(dict.fromkeys([*flat_expected, *stored]))
+  # Unused rules are not raised alone: they join the other problems in one error below.
   matches = paths.match_rules(candidates, list(dont_load), 'dont_load', allow_unused=True)
   skip, unused = {p for p, found in matches.items() if found}, paths.unused(matches, dont_load)
+  # Dtypes are not compared: loaded values are cast to the model's dtype (a float16 port
+  # into a float32 model), while a shape mismatch is always an error.
   want = {p: _shape_dtype(x) for p, x in flat_expected.items() if p not in skip}
   problems = _differences(
     {p: _describe(shape) for p, (shape, _) in want.items()},
@@ -458,6 +476,8 @@ def load_params(
     args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
     restored = _restore_items(path, **{STATE: args})[STATE]
     loaded = ocp.tree.to_flat_dict(restored[key], sep='/')
+    # Checked here, once, on the host: a NaN in the loaded weights would otherwise surface as a
+    # non-finite loss at step 1 with no hint of its source.
     bad = {} if allow_nonfinite else paths.nonfinite_counts(loaded)
     if bad:
       raise NonFiniteError(
@@ -489,6 +509,8 @@ def quiet_orbax_logs() -> None:
   """Drops Orbax's INFO chatter (dozens of lines per save) from absl's log; keeps warnings."""
 
   def keep(record: logging.LogRecord) -> bool:
+    # By source file, not by logger name: Orbax logs through absl's logger, which ftlab's own
+    # messages share.
     return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
 
   absl_logging.get_absl_handler().addFilter(keep)

@@ -44,6 +44,8 @@ class MetricWriter:
       self._jsonl = storage.Appender(jsonl_path)
       self._tb_dir = storage.path(tensorboard_dir)
       self._tb_dir.mkdir(parents=True, exist_ok=True)
+      # A fresh `ram://` directory per writer: two writers in one process (tests, a combine
+      # script) must not copy each other's event files.
       self._ram = f'ram://ftlab-tensorboard-{uuid.uuid4().hex}'
       self._tb = tf.summary.create_file_writer(self._ram)
       self._events: dict[str, tuple[storage.Appender, int]] = {}
@@ -53,11 +55,15 @@ class MetricWriter:
       return
     values = {k: float(v) for k, v in metrics.items()}
     record = {'step': int(step)}
+    # JSON has no NaN or infinity (Python would write the non-standard `NaN`), so a non-finite
+    # value is kept as the string 'nan' or 'inf', which other readers can parse.
     record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
     self._jsonl.write(json.dumps(record) + '\n')
     with self._tb.as_default(step=int(step)):
       for k, v in values.items():
         tf.summary.scalar(k, v)
+    # Flushed at every write, so the copy below finds the new events and TensorBoard sees each
+    # logged step while the run is going.
     self._tb.flush()
     self._copy_events()
 
@@ -68,6 +74,8 @@ class MetricWriter:
         self._events[name] = storage.Appender(self._tb_dir / name, binary=True), 0
       appender, sent = self._events[name]
       with tf.io.gfile.GFile(f'{self._ram}/{name}', 'rb') as f:
+        # Only the bytes since the last copy: event files only grow, so `sent` is where the new
+        # ones start.
         f.seek(sent)
         new = f.read()
       if new:

@@ -90,6 +90,8 @@ class Appender:
     self._local, self._contents = None, None
     if is_remote(self.file):
       read = self.file.read_bytes if binary else self.file.read_text
+      # Read once and kept: each `write` then uploads the whole object, which a store replaces
+      # atomically, instead of a read-modify-write per line.
       self._contents = read() if self.file.exists() else (b'' if binary else '')
     else:
       self._local = open(self.file, 'ab' if binary else 'a')
@@ -97,6 +99,7 @@ class Appender:
   def write(self, data: Union[str, bytes]) -> None:
     if self._local is not None:
       self._local.write(data)
+      # Flushed per write: a killed run keeps every line written before the kill.
       self._local.flush()
     else:
       self._contents += data
@@ -118,6 +121,8 @@ def write_whole(file: PathLike, data: Union[str, bytes]) -> None:
   if is_remote(target):
     (target.write_bytes if binary else target.write_text)(data)
     return
+  # The process id in the temporary name: two processes writing the same file never write
+  # into one temporary file.
   partial = f'{target}.tmp{os.getpid()}'
   with open(partial, 'wb' if binary else 'w') as f:
     f.write(data)

@@ -147,6 +147,8 @@ def last_config(workdir: Workdir) -> dict | None:
   `config.json`), or None for a new workdir."""
   if not workdir.config.exists():
     return None
+  # `config.json` is the first launch's; a launch that changed the config recorded the whole
+  # new one, so the last such record is what the run last ran under.
   reference = json.loads(workdir.config.read_text())
   if workdir.launches.exists():
     for line in workdir.launches.read_text().splitlines():
@@ -168,10 +170,13 @@ def check_config_change(config: Any, workdir: Workdir, allow: bool) -> dict[str,
   if reference is None:
     return {}
   old, new = _flat(reference), _flat(as_json(config))
+  # Both sides through JSON (`as_json`, the stored file), so tuples and lists compare alike.
   changes = {k: [old[k], new[k]] for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
   refused = {
     k: v
     for k, v in changes.items()
+    # A shorter run could end before steps the record (checkpoints, metrics) already holds; a
+    # longer one only extends it, though its cosine schedule from here on is the longer run's.
     if k not in RESUMABLE_CHANGES or (k == 'num_train_steps' and v[1] < v[0])
   }
   if refused and not allow:
@@ -217,15 +222,19 @@ def record_launch(
     write_plan(workdir, plan_table)
   if not workdir.data.exists():
     workdir.data.write_text(json.dumps(data, indent=2))
+  # Through JSON on both sides: the stored record has lists where `data` may hold tuples.
   elif json.loads(workdir.data.read_text()) != json.loads(json.dumps(data)):
     logging.warning('the data differ from what %s recorded at the first launch', workdir.data)
   record = {
+    # Local time with its UTC offset: launches of one run on machines in other zones still order.
     'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
     'first_step': first_step,
     'processes': processes,
     'devices': devices,
   }
   if changes:
+    # The whole config, not only the changes: `last_config` can then take the newest record
+    # as it is, without replaying a chain of changes.
     record.update(changes=changes, config=as_json(config))
   storage.append_text(workdir.launches, json.dumps(record) + '\n')
 
@@ -286,6 +295,7 @@ def checkpoint_dir(path: str) -> str:
 
 def run_name(path: str) -> str:
   """`workdirs/demo/full`, `workdirs/demo/full/checkpoints` and `gs://b/full` are `full`."""
+  # `normpath` drops a trailing '/', whose basename would be ''.
   path = os.path.normpath(path)
   if os.path.basename(path) == 'checkpoints':
     path = os.path.dirname(path)
@@ -315,6 +325,8 @@ def read_run(path: str) -> dict:
   """
   directory = checkpoint_dir(path)
   meta = checkpoint.restore_meta(directory)
+  # The checkpoint's own config first: it is the one that wrote these weights, while
+  # `config.json` is the first launch's and a later launch may have changed it.
   config = meta.get('config')
   if config is None:
     for candidate in (
@@ -369,6 +381,7 @@ def check_compatible(configs: Mapping[str, Mapping[str, Any]]) -> dict:
   differing = [
     f'{field} (' + ', '.join(f'{name}: {json.dumps(v)}' for name, v in by_run.items()) + ')'
     for field, by_run in values.items()
+    # Compared as JSON text: values may be lists or dicts, which a set cannot hold.
     if len({json.dumps(v) for v in by_run.values()}) > 1
   ]
   if differing:

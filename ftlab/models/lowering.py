@@ -55,6 +55,8 @@ def conv_as_matmul(
   and both gradients). Anything but stride 1, no dilation and one feature group (not used by
   VGG) falls back to `lax.conv_general_dilated`. A drop-in for `nn.Conv(conv_general_dilated=)`.
   """
+  # Only the case VGG uses is rewritten; anything else goes to XLA's convolution, whose
+  # semantics the rewrite would otherwise have to reproduce in full.
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
   given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   ones = (1,) * (lhs.ndim - 2)
@@ -80,9 +82,13 @@ def conv_as_matmul(
     )
   kh, kw, channels, features = rhs.shape
   if isinstance(padding, str):
+    # The pads XLA itself would use for 'SAME' (uneven for even kernels), so both lowerings
+    # see the same borders.
     padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (1, 1), padding)
   x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
   out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  # kh*kw times the input's memory (9x for VGG's 3x3): the price of one large GEMM, paid per
+  # layer and freed after it.
   patches = jnp.concatenate(
     [x[:, i : i + out_h, j : j + out_w] for i in range(kh) for j in range(kw)], axis=-1
   )
@@ -102,5 +108,7 @@ def max_pool_2x2(x_BHWC: jnp.ndarray) -> jnp.ndarray:
   tie (measure zero in float32; zeros after ReLU get no gradient anyway) it splits the
   gradient evenly instead of giving it to the first maximum."""
   b, h, w, c = x_BHWC.shape
+  # Odd edges are cropped before the reshape, which needs even sides; reduce-window 'VALID'
+  # drops the same row and column.
   x = x_BHWC[:, : h - h % 2, : w - w % 2]
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))

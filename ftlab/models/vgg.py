@@ -41,6 +41,7 @@ dense_kernel_init = nn.initializers.normal(0.01)
 
 def scaled(units: int, width: float) -> int:
   """Channel or unit count after the width multiplier (at least 1)."""
+  # At least 1, so a tiny test width never makes a zero-sized layer.
   return max(1, int(round(units * width)))
 
 
@@ -124,6 +125,8 @@ class VGG(nn.Module):
   def block_names(self) -> tuple[str, ...]:
     """The blocks from input to output, the valid `start_block` / `stop_block` values:
     `block1`..`block5`, `fc` (imagenet head only) and `head` (always, even with no head)."""
+    # `head` is always a valid boundary, even for a model without one, so `stop_block='head'`
+    # means "every block" for every head type.
     return tuple(b.name for b in self.block_structure().blocks) + ('head',)
 
   def stochastic_blocks(self) -> tuple[str, ...]:
@@ -131,6 +134,7 @@ class VGG(nn.Module):
     a function of the input alone."""
     if self.dropout_rate <= 0:
       return ()
+    # Dropout sits only after the hidden dense layers of these heads; `gap` and `none` have none.
     return {'imagenet': ('fc',), 'mlp': ('head',)}.get(self.head, ())
 
   def _block_range(self) -> tuple[int, int]:
@@ -190,6 +194,8 @@ class VGG(nn.Module):
         f'conv_lowering {self.conv_lowering!r} is not one of {list(lowering.LOWERINGS)}'
       )
     as_matmul = self.conv_lowering == 'matmul'
+    # Activations in `dtype`; `nn.Conv` and `nn.Dense` keep float32 parameters and cast them
+    # per call, so bfloat16 saves memory and time without losing the weights' precision.
     x = x_BHWC.astype(self.dtype)
     for b, num_convs in enumerate(CONVS_PER_BLOCK[self.depth], start=1):
       if not runs(f'block{b}'):
@@ -203,13 +209,18 @@ class VGG(nn.Module):
           padding='SAME',
           dtype=self.dtype,
           kernel_init=conv_kernel_init,
+          # None leaves Flax's default (`lax.conv_general_dilated`); the matmul lowering takes the
+          # same arguments, so the parameter tree is the same either way.
           conv_general_dilated=lowering.conv_as_matmul if as_matmul else None,
           name=name,
         )(x)
         if self.batch_norm:
           bn_name = f'{name}_bn'
           x = nn.BatchNorm(
+            # Per layer, from outside: a frozen layer's statistics must neither normalise with batch
+            # statistics nor be updated, while the trained layers' BatchNorm trains as usual.
             use_running_average=not train or bn_name in self.frozen_batch_norm,
+            # Flax's momentum is the weight of the old running value: torch's momentum=0.1.
             momentum=0.9,
             epsilon=1e-5,  # torchvision's BatchNorm2d defaults
             axis_name=self.axis_name,
@@ -218,6 +229,8 @@ class VGG(nn.Module):
           )(x)
         x = nn.relu(x)
       x = lowering.max_pool_2x2(x) if as_matmul else nn.max_pool(x, (2, 2), strides=(2, 2))
+    # The parameter-free steps after block 5 run with block 5 (see `start_block`), so a cache
+    # boundary at the head holds the smallest tensor.
     if runs(f'block{len(CONVS_PER_BLOCK[self.depth])}'):
       x = self._features(x)
     return self._head(x, train, runs)
@@ -230,6 +243,8 @@ class VGG(nn.Module):
       return x
     if self.adaptive_pool:
       x = adaptive_avg_pool(x, self.adaptive_pool)
+    # The flatten order decides which fc1 rows read which pixel: ported torch weights (NCHW
+    # flatten) have their fc1 rows permuted to this order (`ftlab.porting.common`).
     return x.reshape(x.shape[0], -1)  # NHWC flatten, as Keras
 
   def _head(self, x: jnp.ndarray, train: bool, runs: Callable[[str], bool]) -> jnp.ndarray:
@@ -244,6 +259,7 @@ class VGG(nn.Module):
       return x
     if self.head == 'mlp':
       x = dropout(nn.relu(dense(scaled(MLP_HEAD_UNITS, self.width), 'fc')(x)))
+    # float32 logits whatever `dtype`: the softmax and its loss lose too much in bfloat16.
     return dense(self.num_classes, 'predictions')(x).astype(jnp.float32)
 
 
@@ -253,6 +269,9 @@ def adaptive_avg_pool(x_BHWC: jnp.ndarray, size: int) -> jnp.ndarray:
   def bins(n):
     return [(i * n // size, -(-(i + 1) * n // size)) for i in range(size)]
 
+  # Python loops over static bins: the bins have unequal sizes when H is not a multiple of
+  # `size`, which no single reshape or reduce_window expresses. Shapes are static, so this
+  # unrolls into a fixed set of slices.
   height, width = x_BHWC.shape[1:3]
   rows = [
     jnp.stack([x_BHWC[:, r0:r1, c0:c1].mean(axis=(1, 2)) for c0, c1 in bins(width)], axis=1)
@@ -302,6 +321,8 @@ def architecture_of(param_shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]
       block, conv = layer[len('block') :].split('_conv')
       if block.isdigit() and conv.isdigit() and 1 <= int(block) <= len(counts):
         counts[int(block) - 1] = max(counts[int(block) - 1], int(conv))
+  # The depth is read from the convs per block, not from the layer count: BatchNorm layers and
+  # missing heads change the count but not this signature.
   depth = next((d for d, c in CONVS_PER_BLOCK.items() if c == tuple(counts)), None)
   layers = {paths.layer_of(p) for p in param_shapes}
   first = param_shapes.get('block1_conv1/kernel')

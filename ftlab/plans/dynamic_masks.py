@@ -78,7 +78,12 @@ def unflat(flat: jnp.ndarray, like: Mapping[str, Any], scope: tuple[str, ...]) -
 
 def top(flat: jnp.ndarray, count: int) -> jnp.ndarray:
   """Boolean: the `count` largest entries; ties to the lower index, NaN last."""
+  # NaN becomes -inf, so it ranks last by value rather than by a sort's NaN convention; in
+  # float32, so the traced choice and its numpy twin (`selection.top_count`) rank the same
+  # values.
   flat = jnp.where(jnp.isnan(flat), -jnp.inf, flat.astype(jnp.float32))
+  # A stable sort of the negated scores: the count is exact and ties go to the lower flat
+  # index, as in the numpy twin.
   order = jnp.argsort(-flat, stable=True)
   return jnp.zeros(flat.shape, bool).at[order[:count]].set(True)
 
@@ -126,6 +131,7 @@ def remask(
   magnitudes = {p: jnp.abs(flat[p]) for p in scope}
   mask = registry.get(dynamic.kind).next_mask(before, magnitudes, scores, dynamic)
   stats = {
+    # Traced sums, fetched by the caller for its log line only.
     'entered': sum(jnp.sum(mask[p] & ~before[p]) for p in scope),
     'trained': sum(jnp.sum(mask[p]) for p in scope),
   }
@@ -139,4 +145,5 @@ def compile_remask(dynamic: DynamicMask):
 
 def is_due(dynamic: DynamicMask | None, steps_done: int) -> bool:
   """Whether the mask changes before step `steps_done + 1`."""
+  # Never before the first step: the first mask was chosen when the plan was made.
   return dynamic is not None and steps_done > 0 and steps_done % dynamic.every == 0

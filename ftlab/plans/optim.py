@@ -53,8 +53,10 @@ def learning_rate_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
   if name == 'cosine' and not warmup:
     # optax's warmup-cosine with 0 warmup steps: the same values, without its warning about
     # a zero-step linear schedule.
+    # At least one decay step: optax refuses a cosine over 0 steps.
     return optax.cosine_decay_schedule(lr, max(int(total_steps), 1), alpha=0.0)
   if name == 'cosine':
+    # optax's `decay_steps` counts the warmup too and must exceed it.
     return optax.warmup_cosine_decay_schedule(
       0.0, lr, warmup, decay_steps=max(int(total_steps), warmup + 1), end_value=0.0
     )
@@ -105,6 +107,8 @@ def decay_multipliers(rules: Any, all_paths: list[str]) -> dict[str, float]:
     )
   patterns = [r[0] for r in rules]
   matches = paths.match_rules(all_paths, patterns, 'optimizer.wd_mults', error=PlanError)
+  # The first matching rule wins (big_vision's convention), so a specific rule goes before a
+  # general one; unlike lr multipliers, overlapping rules are allowed.
   return {p: float(rules[found[0]][1]) if found else 0.0 for p, found in matches.items()}
 
 
@@ -120,6 +124,7 @@ def add_decayed_weights(
 
   def update(updates, params=None):
     mults = _by_path(multipliers, updates, 0.0)
+    # A Python branch on a static multiplier: leaves without decay add nothing to the program.
     return jax.tree.map(
       lambda u, m, w: u + weight_decay * m * w if m else u, updates, mults, params
     )
@@ -129,6 +134,8 @@ def add_decayed_weights(
 
 class EntryMaskState(NamedTuple):
   levels: Any  # uint8 entry levels per element-masked leaf, None elsewhere
+  # Raw key data rather than a typed key array: checkpoints and tree maps over the state see
+  # a plain uint32 array.
   rng: jnp.ndarray  # uint32[2] key of Child-Tuning_F's per-step Bernoulli masks
 
 
@@ -155,7 +162,11 @@ def mask_entries(
 
   def update(updates, state, params=None):
     del params
+    # The key is carried in the state and split every step: the update needs no step number,
+    # and a restored state continues the same sequence of draws.
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    # A counter over leaves in traversal order, which `jax.tree.map` follows, so each leaf
+    # folds a distinct number into the step's key and no two leaves share a mask.
     index = iter(range(len(jax.tree.leaves(updates))))
 
     def leaf(u, level):
@@ -166,6 +177,7 @@ def mask_entries(
       if resample_p is not None:
         draw = jax.random.bernoulli(jax.random.fold_in(step_rng, i), resample_p, u.shape)
         resampled = (level == RESAMPLED) & draw
+        # Divided by p so the expected update equals the unmasked one (inverted-dropout scaling).
         u = jnp.where(resampled, u / resample_p, u)
         keep = keep | resampled
       return jnp.where(keep, u, jnp.asarray(-0.0, u.dtype))
@@ -207,10 +219,16 @@ def make(
     raise PlanError(f'unknown optimizer {name!r}; valid: {", ".join(OPTIMIZERS)}')
   weight_decay = float(_get(cfg, 'weight_decay', 0.0))
   decay = decay_multipliers(_get(cfg, 'wd_mults', ()), list(paths.flatten(plan.trainable_mask)))
+  # The chain's order is its meaning: clipping first, on the raw trainable gradient; then the
+  # modifiers' terms and coupled weight decay, so momentum or Adam see them as part of the
+  # gradient; AdamW's decoupled decay after Adam; the learning rate; per-leaf multipliers;
+  # the entry masks last, so nothing after them can move a masked entry.
   clip = float(_get(cfg, 'grad_clip_norm', 0.0))
   chain = [optax.clip_by_global_norm(clip)] if clip > 0 else []
   for modifier, term in plan.terms.items():  # the modifiers' gradient terms (L2-SP)
     chain.append(registry.get(modifier).transform(term, anchor))
+  # Coupled L2 for sgd and adam: added to the gradient before the moments, as
+  # `torch.optim.SGD(weight_decay=)` does.
   if weight_decay and name != 'adamw':
     chain.append(add_decayed_weights(weight_decay, decay))
   if name == 'sgd':
@@ -225,10 +243,15 @@ def make(
         eps=float(_get(cfg, 'eps', 1e-8)),
       )
     )
+    # Decoupled (Loshchilov & Hutter): after Adam's scaling, still multiplied by the learning
+    # rate below, as `optax.adamw` does.
     if weight_decay and name == 'adamw':
       chain.append(add_decayed_weights(weight_decay, decay))
   schedule = learning_rate_schedule(cfg, total_steps)
   if first_step:
+    # The default argument binds the run's schedule now; without it the lambda would call
+    # itself. optax counts from 0 at each new optimizer, so the offset keeps a later stage on
+    # the run's one curve.
     schedule = lambda count, schedule=schedule: schedule(count + first_step)
   chain.append(optax.scale_by_learning_rate(schedule))
   # Inside the partition the trainable group sees frozen leaves as empty MaskedNodes;
@@ -236,11 +259,15 @@ def make(
   mults = jax.tree.map(
     lambda m, keep: m if keep else optax.MaskedNode(), plan.lr_multipliers, plan.trainable_mask
   )
+  # MaskedNodes have no leaves: the frozen leaves' 0.0 multipliers do not count here, and a
+  # plan without lr shapes or rules gets no multiplier transformation at all.
   if any(m != 1.0 for m in jax.tree.leaves(mults)):
     chain.append(scale_by_multipliers(mults))
   if plan.element_levels:
     chain.append(mask_entries(plan.element_levels, plan.resample_p, seed))
   labels = jax.tree.map(lambda keep: 'trainable' if keep else 'frozen', plan.trainable_mask)
+  # `optax.partition` rather than `optax.masked`: masked leaves would pass their raw gradient
+  # through as the update, and the frozen group's `set_to_zero` holds no state.
   return optax.partition({'trainable': optax.chain(*chain), 'frozen': optax.set_to_zero()}, labels)
 
 
@@ -309,6 +336,8 @@ def _stored_fields(tree: Any, field: str) -> dict[str, Any]:
   for path, x in _flat_with_nones(tree).items():
     parts = path.split(paths.SEP)
     if field in parts:
+      # The first occurrence of the field name: optax's state nesting (partition, chain, masked)
+      # comes before it, the parameter path after.
       found[paths.join(*parts[parts.index(field) + 1 :])] = x
   return found
 
@@ -318,6 +347,8 @@ def with_entry_mask(opt_state: Any, mask: Mapping[str, jnp.ndarray]) -> Any:
   leaves), with the moments (`MOMENTS`) of every entry whose membership changed set to
   zero; traceable (`ftlab.plans.dynamic_masks.remask`)."""
   old = entry_levels(opt_state)
+  # Entries that enter or leave the mask get their moments reset (they describe another
+  # role); entries that stay keep theirs.
   changed = {p: (old[p] == TRAINED) != m for p, m in mask.items()}
 
   def by_path(tree, fn):

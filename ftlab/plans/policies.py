@@ -62,11 +62,13 @@ class PlanKey:
   stage: int
   expression: str
 
+  # Stored in checkpoint meta as plain JSON, so a checkpoint is read without this class.
   def as_json(self) -> dict:
     return dataclasses.asdict(self)
 
   @classmethod
   def from_json(cls, found: Mapping[str, Any] | None) -> PlanKey | None:
+    # None for checkpoints written before plan keys existed; the caller then compares names.
     return cls(**found) if found else None
 
 
@@ -141,6 +143,8 @@ class Stage:
 def _get(cfg: Any, key: str, default: Any) -> Any:
   if cfg is None:
     return default
+  # A ConfigDict, a plain dict or any object with attributes: tests and scripts build policy
+  # sections by hand.
   value = cfg.get(key, default) if hasattr(cfg, 'get') else getattr(cfg, key, default)
   return default if value is None else value
 
@@ -153,6 +157,7 @@ def lr_multipliers(paths: list[str], trainable: set[str], cfg: Any) -> dict[str,
   """
   rules = [(str(p), float(m)) for p, m in _get(cfg, 'lr_multipliers', ())]
   matches = match_rules(paths, [p for p, _ in rules], 'lr_multipliers', error=PlanError)
+  # Two rules on one path would make the multiplier depend on rule order; refused instead.
   twice = doubled(matches)
   if twice:
     raise PlanError(f'lr_multipliers: paths matched by more than one rule: {", ".join(twice)}')
@@ -171,6 +176,8 @@ def _evaluate(node: Any, ctx: Context) -> dict:
     combine = {
       '|': np.maximum,
       '&': np.minimum,
+      # Difference keeps an entry of `a` only where `b` leaves it frozen: subtracting a set that
+      # trains or resamples an entry freezes it, whatever level `a` gave it.
       '-': lambda a, b: np.where(np.asarray(b) == FROZEN, a, FROZEN),
     }[node.op]
     return {p: combine(left[p], right[p]) for p in ctx.paths}
@@ -180,6 +187,8 @@ def _evaluate(node: Any, ctx: Context) -> dict:
 def _normalise(level: Any) -> Any:
   """A level array whose entries are all equal becomes that scalar level."""
   level = np.asarray(level, np.uint8)
+  # A per-element result that turned out uniform (a whole leaf chosen or none of it) becomes a
+  # plain leaf-level decision: no entry mask, no masking work in the optimizer.
   if level.ndim == 0 or (level == level.flat[0]).all():
     return int(level.flat[0])
   return level
@@ -214,6 +223,7 @@ def plan_stages(
   for spec in specs[:-1]:
     starts.append(starts[-1] + spec.steps)
   if total_steps is not None:
+    # Stages that would start at or after the run's end are dropped; the first always stays.
     specs = specs[: max(1, sum(s < total_steps for s in starts))]
   count = len(specs)
   return [
@@ -232,6 +242,7 @@ def plan_stages(
 
 def stage_at(stages: list[Stage], steps_done: int) -> Stage:
   """The stage that takes step `steps_done + 1`."""
+  # Stages are in start order, so the last one started is the current one.
   return [s for s in stages if s.start <= steps_done][-1]
 
 
@@ -265,6 +276,8 @@ def make_plan(
   stage = stage or plan_stages(structure, cfg)[0]
   flat = flatten(params)
   paths = list(flat)
+  # Shapes (`jax.ShapeDtypeStruct`) plan and check without weights; real arrays let
+  # per-element selectors choose their entries now.
   has_values = all(isinstance(x, (np.ndarray, np.generic, jax.Array)) for x in flat.values())
   shapes = {p: tuple(np.shape(x)) for p, x in flat.items()}
   ctx = Context(paths, structure, flat if has_values else None, shapes, scores_fn)
@@ -275,6 +288,8 @@ def make_plan(
   trainable |= scope
   if not trainable:
     raise PlanError(f'plan {stage.name} trains no parameter; choose a policy that trains something')
+  # `shape` collects the modifiers' lr factors by depth; below it multiplies the config's
+  # per-path multipliers (0 for frozen leaves) and the stage's factor.
   shape, terms = dict.fromkeys(paths, 1.0), {}
   for call in stage.expression.modifiers:
     modifier = registry.get(call.name)
@@ -287,8 +302,12 @@ def make_plan(
   mults = {
     p: m * shape[p] * stage.lr_scale for p, m in lr_multipliers(paths, trainable, cfg).items()
   }
+  # A layer is frozen only if none of its leaves trains: a BatchNorm layer whose shift
+  # trains (bitfit) normalises by batch statistics and updates its running ones, as usual.
   moving = {paths_.layer_of(p) for p in trainable}
   frozen_layers = tuple(sorted({paths_.layer_of(p) for p in paths} - moving))
+  # Entry levels are kept only where they say something: a dynamic scope always (its mask
+  # will move), otherwise leaves that are neither wholly trained nor wholly frozen.
   element = {
     p: np.full(shapes[p], v, np.uint8) if np.ndim(v) == 0 else v
     for p, v in levels.items()
@@ -389,6 +408,8 @@ def frozen_checksums(plan: Plan, params: PyTree) -> dict[str, str]:
   """sha256 of every frozen leaf's bytes, by path: proof that frozen parameters did not move."""
   mask = plan.flat_mask()
   return {
+    # The bytes of the C-ordered array: identical values give identical hashes whatever the
+    # array's layout, and a -0.0 that became 0.0 counts as moved.
     p: hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
     for p, x in flatten(params).items()
     if not mask[p]

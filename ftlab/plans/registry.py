@@ -38,6 +38,8 @@ class _Required:
     return 'REQUIRED'
 
 
+# A sentinel rather than None: None is how an expression (or an unset config field) says
+# "not given" (`Method.arguments`), so it cannot also mean "has no default".
 REQUIRED = _Required()  # the default of a parameter that must be given
 
 
@@ -74,12 +76,16 @@ class Call:
   """
 
   name: str
+  # Pairs in a tuple, not a dict: the call is frozen and hashable (it sits inside expressions,
+  # stages and plan keys), and keeps the order the arguments were written in.
   args: tuple[tuple[str, Any], ...] = ()
 
   def get(self, key: str, default: Any = None) -> Any:
     return dict(self.args).get(key, default)
 
   def __str__(self) -> str:
+    # A nested call prints as a call, a literal as Python source, so the name parses back to the
+    # same call.
     text = lambda v: str(v) if isinstance(v, Call) else repr(v)
     return f'{self.name}({", ".join(f"{k}={text(v)}" for k, v in self.args)})'
 
@@ -217,6 +223,8 @@ def register(method: Method | type[Method]) -> Any:
   Raises:
     TypeError: not a `Method`, or one without a name or kind.
   """
+  # Methods are stateless declarations: one instance serves every plan. The class itself is
+  # returned, so the decorator leaves the module's name bound to the class.
   instance = method() if isinstance(method, type) else method
   if not isinstance(instance, Method) or not instance.name or instance.kind not in KINDS:
     raise TypeError(f'{method!r} is not a named Method of a kind in {KINDS}')
@@ -244,6 +252,8 @@ def methods() -> dict[str, Method]:
   """Every registered method by name, in registration order."""
   global _loaded
   if not _loaded:
+    # Set before the imports: each method module imports this one, and a module that asked for
+    # the vocabulary while being imported must not start the loading again.
     _loaded = True
     _load_methods()
   return dict(_METHODS)
@@ -263,6 +273,8 @@ def rows() -> list[tuple[str, str, str, str]]:
   """`(signature, kind, summary, paper)` of every method, by kind then name: the data of the
   README's policy table (`scripts/readme_tables.py`) and of `help_text`."""
   order = {k: i for i, k in enumerate(KINDS)}
+  # Sorted by kind, then name, not by registration: the README's table must not change with
+  # the order in which modules happen to be imported.
   found = sorted(methods().values(), key=lambda m: (order[m.kind], m.name))
   return [(m.signature(), m.kind, m.summary, m.paper) for m in found]
 

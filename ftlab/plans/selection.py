@@ -79,6 +79,8 @@ class Context:
     Raises:
       PlanError: the plan is made without a score pass (`who` asked for one).
     """
+    # Plans made on shapes (`run.check_plans`) never read scores: their per-element selectors
+    # stop at `pending` before asking.
     if self.scores_fn is None:
       raise PlanError(f'policy {who} needs gradients of the training data (a {kind} pass)')
     return {p: np.asarray(s) for p, s in self.scores_fn(kind, num_batches).items()}
@@ -103,6 +105,7 @@ def fraction(call: Call, key: str) -> float:
     PlanError: naming the value.
   """
   found = value(call, key, None)
+  # `bool` is an `int` in Python; `True` would otherwise pass as a density of 1.
   if isinstance(found, bool) or not isinstance(found, (int, float)) or not 0 < found <= 1:
     raise PlanError(f'policy {call.name}: {key}={found!r} is not a fraction in (0, 1]')
   return float(found)
@@ -164,10 +167,14 @@ def blocks_scope(ctx: Context, call: Call) -> list[str]:
 def top_fraction(scores: Mapping[str, np.ndarray], density: float) -> dict[str, np.ndarray]:
   """Boolean masks choosing exactly round(density * n) entries with the largest scores,
   over all the given leaves together."""
+  # One ranking over all leaves together: the density is a share of the whole backbone, so a
+  # layer with large scores may get more than its share of entries.
   flat = np.concatenate([np.asarray(s, np.float64).ravel() for s in scores.values()])
   k = int(round(density * flat.size))
   chosen = np.zeros(flat.size, bool)
   if k:
+    # `argpartition` finds the top k in linear time without sorting; which of tied entries it
+    # takes is deterministic but not by index (unlike `top_count`).
     chosen[np.argpartition(-flat, k - 1)[:k]] = True
   return _unflat(chosen, scores)
 
@@ -177,6 +184,8 @@ def top_count(scores: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndar
   leaves together (in the mapping's order); ties go to the lower flat index, NaN ranks last.
   The numpy twin of `ftlab.plans.dynamic_masks.top_count` (the tests hold them equal)."""
   flat = np.concatenate([np.asarray(s, np.float32).ravel() for s in scores.values()])
+  # NaN ranks last, as in `dynamic_masks.top`: float32 and a stable sort, so the first mask
+  # and every later one break ties the same way.
   flat = np.where(np.isnan(flat), -np.inf, flat)
   chosen = np.zeros(flat.size, bool)
   chosen[np.argsort(-flat, kind='stable')[:count]] = True
@@ -223,6 +232,8 @@ class ElementSelector(Selector):
     self.check(call)
     backbone, head = ctx.backbone, ctx.head_if(call)
     levels = {p: TRAINED if p in head else FROZEN for p in ctx.paths}
+    # Every entry is marked trainable while pending, so the optimizer planned on shapes has
+    # the structure (and the checks) of any mask the real weights could choose.
     if ctx.params is None:  # shapes only: any backbone entry may be chosen
       ctx.pending = True
       return {**levels, **dict.fromkeys(backbone, TRAINED)}

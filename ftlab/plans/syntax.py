@@ -34,6 +34,9 @@ __all__ = ['Call', 'Expression', 'PlanError', 'SetOp', 'parse']
 
 # Arguments a bare name may take from config.policy (the config fields predate expressions).
 CONFIG_FIELDS = ('k', 'blocks', 'train_head', 'trainable', 'frozen')
+# The language is a subset of Python expressions, parsed by `ast`, so its precedence is
+# Python's: `+` and `-` bind tighter than `&`, which binds tighter than `|`. Modifiers are
+# collected from any depth (`_walk`), so where a `+ modifier` is written does not matter.
 OPERATORS = {ast.BitOr: '|', ast.BitAnd: '&', ast.Sub: '-'}
 SETS = ('selector', 'tuner')
 ALONE = ('schedule', 'dynamic')  # kinds that stand alone (with modifiers)
@@ -63,6 +66,8 @@ class Expression:
     main = self.schedule or self.selection
     text = str(main)
     if isinstance(main, SetOp):
+      # `SetOp` parenthesises every operation, so the text is unambiguous whatever precedence
+      # the user relied on: it is the plan's name and part of its key (`policies.PlanKey`).
       text = text[1:-1]  # no outer parentheses
     if self.schedule and self.selection:  # lp_ft(...) + lora(...): the second stage's set
       text += f' + {self.selection}'
@@ -74,6 +79,7 @@ class Expression:
     while todo:
       node = todo.pop(0)
       if isinstance(node, SetOp):
+        # Pushed in front: the terms come out left to right, as written.
         todo[:0] = [node.left, node.right]
       else:
         out.append(node)
@@ -115,9 +121,13 @@ def _call(node: ast.AST, text: str, config: Any, allowed: tuple[str, ...] = ()) 
     args[kw.arg] = _argument(name, by_name[kw.arg], kw.value, text)
   if isinstance(node, ast.Name) and config is not None:  # a bare name: config fields
     for field in CONFIG_FIELDS:
+      # Only a bare name reads the config: `last_blocks(2)` says everything itself, and a config
+      # field silently overriding a written argument would surprise.
       value = config.get(field, None) if hasattr(config, 'get') else None
       # train_head=True is every policy's default: named only when it is switched off.
       if field in params and value is not None and not (field == 'train_head' and value):
+        # Tuples become lists (as `_literal` does), so a config's `(4, 5)` and an expression's
+        # `[4, 5]` give the same call and the same plan name.
         args[field] = list(value) if isinstance(value, tuple) else value
   return Call(name, tuple((p, args[p]) for p in params if p in args))
 
@@ -126,6 +136,7 @@ def _argument(name: str, param: registry.Param, node: ast.AST, text: str) -> Any
   """A literal, or for a parameter that takes a call (`reselect`'s `policy`) that call."""
   if not param.calls:
     return _literal(node, text)
+  # No config for an inner call: the config's fields belong to the outer, bare method.
   inner = _call(node, text, None)
   if inner.name not in param.calls:
     raise _error(text, f'{name} chooses by {" or ".join(param.calls)}, not {inner.name}')
@@ -149,6 +160,8 @@ def _walk(node: ast.AST, text: str, config: Any) -> tuple[Any, list[Call], list[
   if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
     sel_l, alone_l, mod_l = _walk(node.left, text, config)
     sel_r, alone_r, mod_r = _walk(node.right, text, config)
+    # `+` between two sets would read as a union; it is refused so that `+` always means
+    # "add a modifier" and set algebra is written with | & - only.
     if sel_l is not None and sel_r is not None:
       raise _error(text, 'combine trainable sets with | & -; + only adds modifiers')
     return sel_l if sel_l is not None else sel_r, alone_l + alone_r, mod_l + mod_r
@@ -205,6 +218,8 @@ def _check_tuners(text: str, selection: Any, alone: list[Call]) -> None:
       f'{which} per plan ({", ".join(tuners)} given): adapters of two kinds on one kernel '
       'have no single fold',
     )
+  # A tuner's adapters replace a kernel's update as a whole (`tuners.fold`); a per-element
+  # mask on the same kernel would have no entries of its own to mask.
   per_element = sorted({c.name for c in calls if getattr(registry.get(c.name), 'per_element', 0)})
   if tuners and per_element:
     raise _error(

@@ -82,6 +82,8 @@ class Tuner(registry.Selector):
       PlanError: bad arguments, or a tree without its adapters (`attach` adds them).
     """
     self.check(call)
+    # The adapters themselves are the set; the kernels they adapt stay frozen unless another
+    # term trains them, which `trained_layers` refuses.
     found = {p for p in ctx.paths if paths.leaf_of(p) in self.trained}
     if not found:
       raise PlanError(
@@ -95,6 +97,7 @@ def all_tuners() -> dict[str, Tuner]:
 
 
 def _by_leaf() -> dict[str, Tuner]:
+  # Recomputed on each call, not cached: a test may register or remove a tuner at any time.
   return {leaf: t for t in all_tuners().values() for leaf in t.leaves}
 
 
@@ -106,6 +109,8 @@ def is_adapter(path: str) -> bool:
 def find(expressions: Iterable[Any]) -> tuple[Tuner, Call] | None:
   """The tuner term of a plan's stage expressions (`Stage.expression`), or None."""
   tuners = all_tuners()
+  # A set, because a schedule's stages repeat the same tuner call; `syntax` allows one tuner
+  # term per plan, so at most one distinct call is found.
   calls = {c for e in expressions for c in e.calls() if c.name in tuners}
   if not calls:
     return None
@@ -119,6 +124,7 @@ def adaptable_layers(params: PyTree, structure: Any, tuner: Tuner) -> list[str]:
   return [
     paths.layer_of(p)
     for p, x in paths.flatten(params).items()
+    # Top-level `layer/kernel` leaves only: an adapter's own leaves are never adapted again.
     if p.count(paths.SEP) == 1 and paths.leaf_of(p) == 'kernel' and tuner.adapts(np.shape(x))
     if paths.layer_of(p) not in head
   ]
@@ -143,6 +149,7 @@ def attach(
   """
   tuner.check(call)
   flat = paths.flatten(params)
+  # Sorted, so layer i draws the same key whatever order the plan listed the layers in.
   for i, layer in enumerate(sorted(layers)):
     kernel = flat[paths.join(layer, 'kernel')]
     key = None
@@ -160,6 +167,9 @@ def plan_shapes(params: PyTree, structure: Any, stages: Iterable[Any]) -> PyTree
   if not found:
     return params
   tuner, call = found
+  # Every adaptable kernel gets adapters for planning, so any stage's set expression can name
+  # any of them; only the layers some stage actually trains are attached for the run
+  # (`adapted`).
   return attach(params, adaptable_layers(params, structure, tuner), tuner, call)
 
 
@@ -196,6 +206,8 @@ def trained_layers(plans: Iterable[Any]) -> list[str]:
         raise PlanError(
           f'{where} trains {path}, {tuner.constants[leaf]}; select adapters with {tuner.name}()'
         )
+      # A kernel trained beside its own adapter would be updated twice over (directly and through
+      # the fold), and the adapter would no longer be a pure low-rank delta of the loaded kernel.
       if mask[paths.join(layer, 'kernel')]:
         raise PlanError(
           f'{where} trains {layer}/kernel and its {tuner.title} adapter; combine '
@@ -225,10 +237,13 @@ def fold(params: PyTree) -> PyTree:
   parameters they differentiate, so gradients reach the adapters through it."""
   flat = paths.flatten(params)
   adapted_layers = _adapted_layers(flat)
+  # A plain tree is returned as it came, not rebuilt from `flat`: callers outside a trace
+  # keep their own tree and arrays.
   if not adapted_layers:
     return params
   for layer, tuner in adapted_layers.items():
     prefix = layer + paths.SEP
+    # Popped, so the adapters vanish from the folded tree and the model sees a plain VGG layer.
     leaves = {paths.leaf_of(p): flat.pop(p) for p in list(flat) if p.startswith(prefix)}
     for leaf, value in tuner.fold(leaves).items():
       flat[paths.join(layer, leaf)] = value
@@ -240,6 +255,8 @@ def merge(params: PyTree) -> PyTree:
   evaluation). Its logits equal the adapted model's up to float rounding."""
   if not _adapted_layers(paths.flatten(params)):
     return params
+  # Through `jit`, like the step: the merged kernels are computed by the same XLA program as
+  # the ones the training evaluated.
   return jax.device_get(jax.jit(fold)(params))
 
 

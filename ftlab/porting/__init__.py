@@ -61,6 +61,8 @@ def detect_format(path: str | os.PathLike) -> str:
   """
   if not os.path.isfile(path):
     raise PortError(f'no such file: {path}')
+  # By content first, name last: weight files are often renamed (`best.pt`, `model.bin`), but
+  # their first bytes say what they are. Only ONNX (a bare protobuf) has no signature.
   if keras_h5.is_hdf5(path) or keras_h5.is_keras_archive(path):
     return 'keras_h5'
   if tensor_files.kind(path):
@@ -134,6 +136,8 @@ def read(
       ported = keras_h5.read(path, arch, prefix=prefix, allow_nonfinite=allow_nonfinite)
     else:
       raise PortError(f'{path} is not a torch.save or .safetensors file (format={format!r})')
+  # The caller's convention replaces the format's (or the ONNX guess) and is recorded as
+  # given, not as a guess.
   if preprocess:
     ported = dataclasses.replace(ported, preprocessing=Preprocessing(preprocess))
   return ported

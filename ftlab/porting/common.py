@@ -58,6 +58,8 @@ class Preprocessing:
       raise PortError(str(e)) from None
 
   def __call__(self, images_BHWC: Any) -> np.ndarray:
+    # Cast first: `normalize` takes float32 on the 0-255 scale, and the result is float32
+    # whatever integer type the images came in.
     return preprocessing.normalize(np.asarray(images_BHWC, np.float32), self.name)
 
   def to_json(self) -> dict:
@@ -91,6 +93,8 @@ class Arch:
   @classmethod
   def of(cls, model: vgg.VGG) -> Arch:
     """The architecture of a VGG module (`model()` run backwards)."""
+    # Only the fields an architecture has: a model's binding (frozen BatchNorm, device axis,
+    # block range) is not part of what a weight file describes.
     return cls(**{f.name: getattr(model, f.name) for f in dataclasses.fields(cls)})
 
   def model(self) -> vgg.VGG:
@@ -190,6 +194,8 @@ def linear_after_nchw_flatten(channels: int) -> Layout:
 
   def to_flax(w, s):
     side = math.isqrt(s[0] // channels)
+    # Per output unit: (in) -> (c, h, w) as torch flattened it -> (h, w, c) as Flax flattens
+    # -> (in), then transposed to Flax's (in, out).
     return w.reshape(s[1], channels, side, side).transpose(0, 2, 3, 1).reshape(s[1], -1).T
 
   def from_flax(kernel):
@@ -203,6 +209,9 @@ def linear_after_nchw_flatten(channels: int) -> Layout:
 def conv_as_dense(kernel: int) -> Layout:
   """A torch Conv2d with a `kernel`-square kernel on a map of that size, as a Dense (timm)."""
 
+  # A k x k conv over a k x k map is a dense layer over its (h, w, c) flatten: reading the
+  # conv kernel as (kh, kw, Cin, Cout) row-major is exactly the NHWC flatten's order, so no
+  # permutation is needed, unlike a Linear after an NCHW flatten.
   def source_shape(s):
     return (s[1], s[0] // kernel**2, kernel, kernel)
 
@@ -263,6 +272,8 @@ def assemble(
   covered = sorted(r.target for r in rules)
   # A programming error, not a file error: the rules of a format module must fit the model.
   assert covered == sorted(shapes), f'rules do not cover the model: {covered} vs {sorted(shapes)}'
+  # Expected source shapes come from the model's own variable shapes through each layout, so
+  # a format's table never spells a shape that could disagree with `vgg.VGG`.
   wanted = {r.source: r.layout.source_shape(shapes[r.target]) for r in rules}
   missing = [f'{shown(n)} (expected {s})' for n, s in wanted.items() if n not in tensors]
   unexpected = [
@@ -287,6 +298,8 @@ def assemble(
     check_finite({shown(r.source): tensors[r.source] for r in rules}, source)
   variables: dict = {}
   for r in rules:
+    # float32 whatever was stored: float16 and bfloat16 files widen exactly, and ftlab's
+    # parameters are float32 (`vgg.VGG.dtype` casts activations only).
     value = r.layout.to_flax(np.asarray(tensors[r.source], np.float32), shapes[r.target])
     # Contiguous copies: transposed views would keep the whole source array alive.
     _set(variables, r.target, np.ascontiguousarray(value))

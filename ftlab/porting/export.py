@@ -32,6 +32,7 @@ KERAS_SIDE = 7  # Keras' include_top VGGs: 224-pixel inputs, a 7x7 block-5 map f
 
 def _pooled_side(model: vgg.VGG, image_size: int) -> int:
   """The side of the map the first dense layer of an `imagenet` head reads."""
+  # Without an adaptive pool, five 2x2 pools leave image_size / 32 on a side.
   return model.adaptive_pool or image_size // vgg.MIN_INPUT_SIZE
 
 
@@ -92,6 +93,7 @@ def keras_tensors(
   if model.head == 'mlp':
     raise PortError("Keras' VGG heads are imagenet, gap or none; this model's is mlp")
   side = image_size // vgg.MIN_INPUT_SIZE
+  # At 224 pixels an adaptive pool to 7 is the identity, so such a model is Keras' too.
   if model.head == 'imagenet' and (side != KERAS_SIDE or model.adaptive_pool not in (0, side)):
     raise PortError(
       "Keras' imagenet head flattens the unpooled 7x7 block-5 map of 224-pixel images; this "
@@ -125,6 +127,8 @@ def save(
     return
   import torch
 
+  # `np.array` copies into a writable array: `torch.from_numpy` shares memory and warns about
+  # read-only buffers.
   torch.save({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, path)
 
 
@@ -139,6 +143,8 @@ def _write_keras_h5(tensors: Mapping[str, np.ndarray], path: str) -> None:
     f.attrs['keras_version'] = b'ftlab export'
     for layer in layers:
       group = f.create_group(layer)
+      # Keras 2's names, with the ':0' TensorFlow suffix; the '/' makes h5py nest a subgroup per
+      # layer inside the layer's group, as Keras' own files do.
       names = [f'{layer}/kernel:0', f'{layer}/bias:0']
       group.attrs['weight_names'] = np.array([n.encode() for n in names])
       for name, key in zip(names, ('kernel', 'bias')):

@@ -89,6 +89,8 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   Raises:
     PortError: not readable as a Keras weights file.
   """
+  # Imported here: h5py is needed for Keras files only, and the other formats must not
+  # require it.
   import h5py
 
   archive = is_keras_archive(path)
@@ -99,6 +101,8 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     else:
       source = os.fspath(path)
     with h5py.File(source, 'r') as f:
+      # Keras 3 files start with `layers/` (or `vars/` for a bare layer); legacy files keep
+      # their `layer_names` attribute at the top or under `model_weights/`.
       if 'layers' in f or 'vars' in f:
         tensors = _keras3_tensors(f)
       else:
@@ -138,9 +142,12 @@ def _keras3_tensors(root) -> dict[str, np.ndarray]:
 
   def visit(group, path: list[str]) -> None:
     if 'vars' in group and path:
+      # Numerically: the vars are named 0, 1, ..., and as strings '10' sorts before '2'.
       arrays = [np.asarray(group['vars'][k]) for k in sorted(group['vars'], key=int)]
       tensors.update(_named('/'.join(path), [f'var{i}' for i in range(len(arrays))], arrays))
     for key, child in group.get('layers', {}).items():
+      # Keras 3 keys its groups by class-derived names (`conv2d_3`); the layer's own name
+      # (`block1_conv1`), which the port needs, is an attribute.
       name = child['vars'].attrs.get('name', key) if 'vars' in child else key
       visit(child, [*path, name.decode() if isinstance(name, bytes) else str(name)])
 
@@ -149,6 +156,8 @@ def _keras3_tensors(root) -> dict[str, np.ndarray]:
 
 
 def _named(layer: str, names: list[str], arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+  # Kernel and bias by shape and position, not by name: the names differ across Keras
+  # versions (see the module docstring), the order does not.
   if len(arrays) == 2 and arrays[0].ndim >= 2 and arrays[1].ndim == 1:
     return {f'{layer}/kernel': arrays[0], f'{layer}/bias': arrays[1]}
   return {f'{layer}/{name}': array for name, array in zip(names, arrays)}
@@ -184,6 +193,7 @@ def locate(
       groups[m['prefix'] or ''][f'{m["layer"]}/{m["weight"]}'] = name
   found = []
   for where, members in groups.items():
+    # Whole path segments: `prefix='vgg'` must not select a model named `vgg16_2`.
     if prefix is not None and not (where + '/').startswith(prefix.rstrip('/') + '/'):
       continue
     (layout, counts) = infer_depth(members)
@@ -194,6 +204,8 @@ def locate(
     last_conv = tensors.get(members.get(f'{common.conv_layers(layout[0])[-1][1]}/kernel', ''))
     if len(head) != 2 * len(DENSE_LAYERS) and not _pooled_predictions(head, last_conv, tensors):
       head = {}  # not the whole top: the VGG ports without it
+    # Most convs first, then a group with a head, then the shallowest prefix; the prefix itself
+    # last, so equal candidates are ordered the same way on every run.
     found.append(((-sum(counts), -len(head), where.count('/'), where), where, {**convs, **head}))
   if not found:
     raise PortError(_nothing_found(tensors, groups, source, prefix))
@@ -215,6 +227,8 @@ def _pooled_predictions(head: dict, last_conv: np.ndarray | None, tensors: dict)
   `include_top=False, pooling='avg'` and a Dense: ftlab's `gap` head)."""
   if set(head) != {'predictions/kernel', 'predictions/bias'} or last_conv is None:
     return False
+  # A Dense right after a global average pool reads exactly the last conv's channels; after a
+  # flatten it would read 7 x 7 times as many.
   return tensors[head['predictions/kernel']].shape[0] == last_conv.shape[-1]
 
 

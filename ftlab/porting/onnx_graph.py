@@ -52,6 +52,7 @@ def _tensors(chain: Chain, identity_bn: bool) -> dict[str, np.ndarray]:
       bn = layer.batch_norm
       if bn is None and identity_bn:
         ones = np.ones(layer.weight.shape[0], np.float32)
+        # Variance 1 - eps makes sqrt(var + eps) exactly 1: the added BatchNorm is the identity.
         bn = {'scale': ones, 'bias': 0 * ones, 'mean': 0 * ones, 'var': ones - BN_EPSILON}
       tensors.update({f'{name}_bn/{k}': v for k, v in (bn or {}).items()})
   for name, layer in zip(DENSE_LAYERS, chain.dense):
@@ -126,11 +127,15 @@ def read(
     raise PortError(f'cannot read {path} as ONNX (truncated or damaged?): {e}') from None
   chain = walk(graph)
   counts = tuple(len(b) for b in chain.blocks)
+  # `_closed` has checked that either every conv has BatchNorm or none has, so the first
+  # conv speaks for all.
   graph_bn = chain.blocks[0][0].batch_norm is not None
   depth = common.depth_of(counts)
   depth, batch_norm = common.choose_depth(
     (depth, graph_bn) if depth else None, arch, f'{path} has {counts} convs per block'
   )
+  # The `_bn` layout asked of a graph whose exporter folded BatchNorm into the convs: the
+  # folded convs already compute the whole function, so identity BatchNorm layers fill in.
   identity_bn = batch_norm and not graph_bn
   first, last = chain.blocks[0][0].weight, chain.blocks[-1][-1].weight
   ported_arch = common.Arch(
@@ -138,6 +143,7 @@ def read(
     batch_norm=batch_norm,
     head='imagenet' if chain.dense else 'none',
     width=common.width_of(first.shape[0]),
+    # Weights are in torch's (out, in) layout here (`onnx_walk`), so shape[0] is the output.
     num_classes=chain.dense[-1].weight.shape[0] if chain.dense else 1000,
     # fc1's inputs are side x side x channels of the pooled map.
     adaptive_pool=math.isqrt(chain.dense[0].weight.shape[1] // last.shape[0])

@@ -185,6 +185,7 @@ class _Walk:
       weight = weight.T  # (in, out) -> torch's (out, in)
     bias = self.const(node, 2, 'bias') if node.op_type == 'Gemm' else None
     if bias is not None:
+      # Gemm computes alpha * A B + beta * C; alpha is checked to be 1, beta is folded here.
       bias = bias * np.float32(attrs.get('beta', 1.0))
     self.chain.dense.append(Layer(weight, bias))
     return self.flattened
@@ -199,8 +200,11 @@ class _Walk:
 
   def transpose(self, node, x):
     perm = tuple(_attributes(node).get('perm', ()))
+    # A transpose to NCHW before any weight means the graph takes NHWC images: a TensorFlow
+    # export, which is what the preprocessing guess reads.
     if perm == TO_NCHW and not self.seen_weights:
       self.chain.nhwc_input = True
+    # The layout at the flatten decides whether fc1's rows need reordering (`nchw_flatten`).
     self.layout = {TO_NCHW: 'NCHW', TO_NHWC: 'NHWC'}.get(perm, self.layout)
     return True
 
@@ -240,6 +244,8 @@ def walk(graph) -> Chain:
         raise PortError(
           f'not a VGG graph: tensor {x!r} feeds {len(users)} nodes ({ops}); a VGG is one chain'
         )
+      # A snapshot of the complete conv base: should the head turn out not to be VGG's, the walk
+      # falls back to it instead of failing the whole port.
       if state.conv_base_done() and base_end is None:
         base_end = (len(visited), _copy(state.chain))
       state.step(users[0], x)
@@ -287,6 +293,7 @@ def _headless(chain: Chain, graph, constants, kept: list, reason: str) -> Chain:
     f'{size:,} weights in {len(weights)} tensors; not a VGG head '
     f'({reason.removeprefix("not a VGG graph: ")})'
   )
+  # The softmax belonged to the head that was left out.
   chain.softmax = False
   return _closed(chain)
 

@@ -53,6 +53,7 @@ def kind(path: str | os.PathLike) -> str | None:
         names = z.namelist()
     except zipfile.BadZipFile:
       return 'pth'  # damaged: let torch report it
+    # Any other zip (a `.keras` archive, a dataset) is not a torch file.
     return 'pth' if any(n.endswith('/data.pkl') for n in names) else None
   if head.startswith(b'\x80'):
     return 'pth'
@@ -107,6 +108,7 @@ def _read_pth(path: str | os.PathLike) -> TensorFile:
       '.safetensors where torch is installed'
     ) from None
   try:
+    # `map_location='cpu'`: a file saved from GPU tensors loads on a machine without CUDA.
     loaded = torch.load(os.fspath(path), map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
     # weights_only refused a global: the file holds objects other than tensors, maybe code.

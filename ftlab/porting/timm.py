@@ -24,6 +24,7 @@ import numpy as np
 from ftlab.porting import common, tensor_files, torchvision
 
 HEAD = {
+  # A 7x7 conv on the 7x7 pooled map is fc1; a 1x1 conv on the resulting 1x1 map is fc2.
   'fc1': ('pre_logits.fc1', common.conv_as_dense(torchvision.POOL_SIZE)),
   'fc2': ('pre_logits.fc2', common.conv_as_dense(1)),
   'predictions': ('head.fc', common.LINEAR),

@@ -38,6 +38,7 @@ from ftlab.porting import common, tensor_files
 
 # torchvision's AdaptiveAvgPool2d before the classifier.
 POOL_SIZE = 7
+# Indices 1, 2, 4 and 5 are ReLU and Dropout, which hold no parameters.
 CLASSIFIER = {'fc1': 'classifier.0', 'fc2': 'classifier.3', 'predictions': 'classifier.6'}
 FEATURE = re.compile(r'features\.(\d+)\.weight')
 
@@ -261,6 +262,8 @@ def _layout(group: _Group, tensors: Mapping[str, np.ndarray]) -> tuple[int, bool
       layout = [i for i, _ in feature_indices(depth, batch_norm)]
       if convs[: len(layout)] != layout:
         continue
+      # BatchNorm is told by its running statistics one index after each conv: a 1-d `weight`
+      # alone could be any per-channel layer.
       with_bn = all('running_mean' in group.entries.get(i + 1, {}) for i in layout)
       if with_bn == batch_norm and (best is None or len(layout) > best[2]):
         best = (depth, batch_norm, len(layout))
@@ -308,15 +311,20 @@ def locate(
   """
   unwrapped = {}
   for name in tensors:
+    # The first name in file order wins where a wrapped and an unwrapped copy both exist.
     unwrapped.setdefault(unwrap(name), name)
   arrays = {u: tensors[n] for u, n in unwrapped.items()}
   found = []
   for group in _groups(list(unwrapped)):
+    # Whole name segments, and unwrapped like the names: `prefix='model'` must not select
+    # `model_ema`, and a `module.` in the prefix must not stop a match.
     if prefix is not None and not (group.container + '.').startswith(unwrap(prefix) + '.'):
       continue
     layout = _layout(group, arrays)
     if layout is None:
       continue
+    # The group may run on past the VGG (a detector's extra layers after `features`); only
+    # indices up to the last conv (or its BatchNorm) belong to the port, the rest is left out.
     last = max(i for i, _ in feature_indices(*layout)) + (1 if layout[1] else 0)
     body = {
       f'features.{i}.{p}': name
@@ -327,6 +335,8 @@ def locate(
     head = _head(group, set(unwrapped), arrays)
     root = group.container.split('.')[0] if group.container else ''
     rank = PREFERRED_ROOTS.index(root) if root in PREFERRED_ROOTS else len(PREFERRED_ROOTS)
+    # Most convs first (a whole VGG19 over a VGG16-shaped prefix of it), then a group with its
+    # head, then the shallowest name, then the trainer's usual roots (the EMA copy last).
     score = (-sum(vgg.CONVS_PER_BLOCK[layout[0]]), -bool(head), group.container.count('.'), rank)
     found.append((score, group, layout, {**body, **head}))
   if not found:
@@ -340,6 +350,8 @@ def locate(
     f'{f"vgg{lay[0]}" + ("_bn" if lay[1] else "")} under {g.container or "the top level"} '
     f'(prefix={g.container.split(".")[0]!r} ports it)'
     for _, g, lay, _ in found[1:]
+    # Groups under the chosen root are parts of the same model (slices, a sub-list); only other
+    # roots hold other VGGs worth naming.
     if g.container.split('.')[0] != group.container.split('.')[0]
   ]
   return common.Located(

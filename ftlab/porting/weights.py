@@ -149,6 +149,7 @@ NAMESPACES = tuple(sorted({n.split(':')[0] for n in REGISTRY}))
 
 def is_name(value: str) -> bool:
   """Whether `value` names registered weights (`keras:...`), not a directory."""
+  # An existing path wins over a name: a directory may be called `keras:vgg16` on purpose.
   return value.split(':', 1)[0] in NAMESPACES and ':' in value and not os.path.exists(value)
 
 
@@ -180,6 +181,7 @@ def download_path(weights: Weights) -> str:
 
 def ported_dir(weights: Weights) -> str:
   """Where the port of `weights` is kept (a checkpoint directory and its port.json)."""
+  # ':' is not safe in every file system's names (nor in every tool's idea of a path).
   return os.path.join(cache_root(), 'ported', weights.name.replace(':', '-'))
 
 
@@ -188,6 +190,8 @@ def _locked(path: str) -> Iterator[None]:
   """An exclusive lock on `path + '.lock'`: other processes wait (one download, one port)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + '.lock', 'w') as lock:
+    # A blocking lock: the processes of one job on one machine wait for the first to finish
+    # the download or port, then find it done.
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
       yield
@@ -210,6 +214,7 @@ def _verified(weights: Weights, digest: str, etag: str | None, path: str) -> str
         'cannot be verified; it is not used'
       )
     kind = 'sha256'
+  # A prefix test: torchvision's file names carry only the first hex digits of the sha256.
   if not digest.startswith(want.lower()):
     raise WeightsError(
       f'{weights.name}: {path} has {kind} {digest}, the publisher says {want}: a corrupt or '
@@ -245,8 +250,11 @@ def _download(weights: Weights, path: str) -> str:
   )
   try:
     opener = urllib.request.build_opener(keep)
+    # Hashed while streaming: one pass over the bytes, nothing re-read from disk.
     with opener.open(weights.url, timeout=TIMEOUT_SEC) as response, open(part, 'wb') as f:
       keep.headers.update({k.lower(): v for k, v in response.headers.items()})
+      # A server that sends no length gives None: the progress bar runs without a total and the
+      # size check below is skipped (the checksum still guards the file).
       total = int(keep.headers.get('content-length') or 0) or None
       with tqdm(
         total=total,
@@ -262,9 +270,12 @@ def _download(weights: Weights, path: str) -> str:
           digest.update(chunk)
           received += len(chunk)
           bar.update(len(chunk))
+    # A connection that closes early without an error ends the loop like a complete download;
+    # only the byte count tells them apart.
     if total is not None and received != total:
       raise stopped()
     record = _verified(weights, digest.hexdigest(), keep.headers.get('x-linked-etag'), weights.url)
+  # `BaseException`: a Ctrl-C in the middle of a download must also remove the part file.
   except BaseException as e:
     _remove(part)  # interrupted, cut or corrupt: nothing half-written stays
     if isinstance(e, http.client.IncompleteRead):
@@ -316,6 +327,8 @@ def fetch(name: str) -> tuple[str, str]:
       if kind == 'etag':
         return path, 'unverified: a file placed by hand (the hub sends its sha256 on download)'
       record = _verified(weights, file_digest(path, kind), None, path)
+      # A marker beside the file: later runs trust a verified file without hashing
+      # hundreds of megabytes again.
       with open(path + '.verified', 'w') as f:
         f.write(record + '\n')
       return path, record
@@ -332,6 +345,8 @@ def _packaged(weights: Weights) -> tuple[str, str]:
     )
   path = os.path.join(list(spec.submodule_search_locations)[0], inner)
   kind = weights.checksum.partition(':')[0]
+  # Hashed at every use, with no `.verified` marker beside it: a package's directory may be
+  # read-only.
   return path, _verified(weights, file_digest(path, kind), None, path)
 
 
@@ -351,6 +366,8 @@ def resolve(name: str) -> tuple[str, dict]:
   directory = ported_dir(weights)
   record_path = os.path.join(directory, 'port.json')
   with _locked(directory):
+    # A complete checkpoint step means a finished port: an interrupted one left none (Orbax's
+    # commit marker), so it is simply redone.
     if checkpoint.latest_step(directory) is None:
       path, verified = fetch(weights.name)
       ported = porting.read(path, weights.format, preprocess=weights.preprocess)

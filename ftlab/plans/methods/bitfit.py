@@ -20,5 +20,7 @@ class BitFit(Selector):
   paper = 'Ben Zaken et al., ACL 2022'
 
   def select(self, call: Call, ctx: Context) -> dict[str, int]:
+    # By leaf name: Flax calls BatchNorm's shift `bias` too, so the `_bn` layers' shifts are
+    # chosen with the conv and dense biases, and their scales are not.
     biases = {p for p in ctx.paths if paths.leaf_of(p) == 'bias'}
     return whole(ctx, biases | ctx.head_if(call))

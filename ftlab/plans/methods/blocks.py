@@ -34,6 +34,7 @@ class LinearProbe(Selector):
 
 
 def _block_count(call: Call, ctx: Context) -> int:
+  # `bool` is an `int` in Python: `last_blocks(True)` is refused rather than read as k=1.
   k, n = value(call, 'k', None), len(ctx.structure.blocks)
   if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
     raise PlanError(f'policy {call.name}: k={k!r} is not a block count in 1..{n}')
@@ -52,6 +53,8 @@ class LastBlocks(Selector):
 
   def select(self, call: Call, ctx: Context) -> dict[str, int]:
     k = _block_count(call, ctx)
+    # `blocks` excludes the head, so with the `imagenet` head the last block is `fc`
+    # (fc1 and fc2), the pretrained dense layers, before any conv block.
     return whole(ctx, ctx.layers(_with_head(list(ctx.structure.blocks[-k:]), call, ctx)))
 
 

@@ -54,4 +54,6 @@ class ChildTuningF(Selector):
     """Every backbone entry is RESAMPLED; `ctx.resample_p` carries p to the optimizer."""
     ctx.resample_p = fraction(call, 'p')
     backbone, head = set(ctx.backbone), ctx.head_if(call)
+    # Every backbone entry may be updated on some step, so the optimizer keeps dense moments for
+    # all of them; the per-step draw happens in `optim.mask_entries`.
     return {p: TRAINED if p in head else RESAMPLED if p in backbone else FROZEN for p in ctx.paths}

@@ -27,4 +27,5 @@ class GradualUnfreezing(Schedule):
     n = stage_steps(call, 'stage_steps')
     sets = [Call('linear_probe')]
     sets += [Call('last_blocks', (('k', k),)) for k in range(1, len(structure.blocks) + 1)]
+    # The last stage has no length: it runs to the end of the run, however long that is.
     return [StageSpec(s, n if i + 1 < len(sets) else None) for i, s in enumerate(sets)]

@@ -39,6 +39,8 @@ def add_l2_sp(
       coef, toward_anchor = coefficients[paths_.from_key_path(kp)]
       if not (toward_anchor and coef):
         return None
+      # A copy in the optimizer state, not a reference to the run's loaded tree: checkpoints save
+      # it, so a resume pulls toward the same point even if the init weights changed on disk.
       return jnp.asarray(anchor[paths_.from_key_path(kp)], x.dtype)
 
     return L2SPState(jax.tree_util.tree_map_with_path(leaf, params))
@@ -49,6 +51,8 @@ def add_l2_sp(
     )
 
     def leaf(u, c, w, w0):
+      # Added to the gradient before momentum or Adam (see `optim.make`), like coupled L2: with
+      # Adam the pull is rescaled per entry.
       return u if not c else u + c * (w - w0 if w0 is not None else w)
 
     is_none = lambda x: x is None
@@ -79,6 +83,7 @@ class L2SP(Modifier):
         raise PlanError(f'l2_sp: {key}={value!r} is not a non-negative number')
     head = set(structure.head.layers)
     return {
+      # The new head has no pretrained value to return to: it is pulled toward zero, with beta.
       p: (float(beta), False) if paths_.layer_of(p) in head else (float(alpha), True)
       for p in paths
       if p in trainable

@@ -88,10 +88,14 @@ class LoRA(tuners.Tuner):
         B: jax.ShapeDtypeStruct(shape_b, kernel.dtype),
         ALPHA: jax.ShapeDtypeStruct((), jnp.float32),
       }
+    # fan_in excludes the output axis: k*k*Cin for a conv, `in` for a dense kernel.
     bound = 1.0 / np.sqrt(np.prod(kernel.shape[:-1]))
     return {
       A: jax.random.uniform(key, shape_a, kernel.dtype, -bound, bound),
+      # B at zero makes A B zero, so the folded kernel is the loaded kernel bit for bit at step 0.
       B: jnp.zeros(shape_b, kernel.dtype),
+      # Stored as a leaf, not only in the plan: a checkpoint or exported tree folds itself
+      # without the plan expression that made it.
       ALPHA: jnp.asarray(spec.alpha, jnp.float32),
     }
 
@@ -99,6 +103,8 @@ class LoRA(tuners.Tuner):
     """The kernel `W + alpha / r * A B` (A B over the rank axis: `einsum('...r,ro->...o')`)."""
     plain = {k: v for k, v in layer.items() if k not in self.leaves}
     a, b, alpha, kernel = layer[A], layer[B], layer[ALPHA], layer['kernel']
+    # `a.shape[-1]` is r, static: the scale alpha / r keeps the update's size comparable across
+    # ranks, as in the paper.
     delta = jnp.tensordot(a, b, axes=1) * (alpha / a.shape[-1])
     plain['kernel'] = (kernel + delta.astype(kernel.dtype)).astype(kernel.dtype)
     return plain

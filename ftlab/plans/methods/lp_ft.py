@@ -45,7 +45,11 @@ class LpFt(Schedule):
     m = call.get('probe_lr_multiplier', 1.0)
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < float('inf'):
       raise PlanError(f'lp_ft: probe_lr_multiplier={m!r} is not a positive number')
+    # A probe as long as the run would leave the second stage empty, and LP-FT would silently
+    # be a linear probe.
     if total_steps is not None and n >= total_steps:
       raise PlanError(f'lp_ft: probe_steps={n} leaves no fine-tuning in {total_steps} steps')
     second = selection if selection is not None else Call('full')
+    # The multiplier scales the probe stage only: the run has one schedule, and this is how the
+    # probe gets its own rate on it.
     return [StageSpec(Call('linear_probe'), n, float(m)), StageSpec(second, None)]

@@ -21,6 +21,7 @@ def _by_depth(paths: list[str], units: list[set[str]], rate: float) -> dict[str,
   for layers in none)."""
   depth = {layer: i for i, unit in enumerate(units) for layer in unit}
   top = len(units) - 1
+  # A layer in no unit (none in VGG today) is treated as the top, at the full rate.
   return {p: float(rate ** (top - depth.get(paths_.layer_of(p), top))) for p in paths}
 
 
@@ -53,7 +54,11 @@ class DiscriminativeLr(Modifier):
 
   def lr_scale(self, call: Call, paths: list[str], structure: Any) -> dict[str, float]:
     factor = call.get('factor')
+    # A factor becomes a per-unit rate in (0, 1]; a bad factor passes through unchanged so the
+    # check below names it.
     rate = 1.0 / factor if isinstance(factor, (int, float)) and factor > 0 else factor
     _check_rate(rate, 'discriminative_lr: factor', factor)
+    # One unit per conv or dense layer with its BatchNorm: the norm's scale and shift train at
+    # the rate of the layer they follow.
     layers = [l for b in structure.all_blocks for l in b.layers if not l.endswith('_bn')]
     return _by_depth(paths, [{l, f'{l}_bn'} for l in layers], rate)

@@ -21,6 +21,8 @@ class Regex(Selector):
     rules = [(p, True) for p in value(call, 'trainable', ())]
     rules += [(p, False) for p in value(call, 'frozen', ())]
     matches = match_rules(ctx.paths, [p for p, _ in rules], 'policy regex', error=PlanError)
+    # Every path must be claimed by exactly one rule: a parameter no rule mentions would
+    # otherwise be frozen (or trained) silently by a default.
     uncovered = [p for p in ctx.paths if not matches[p]]
     twice = [f'{p} ({", ".join(rules[i][0] for i in matches[p])})' for p in doubled(matches)]
     if uncovered or twice:

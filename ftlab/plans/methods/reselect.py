@@ -53,10 +53,14 @@ class Reselect(registry.Dynamic):
     density = fraction(inner, 'density')
     which = check_which(inner) if inner.name == 'magnitude' else 'largest'
     num_batches = optional_batches(inner) if inner.name == 'fisher' else None
+    # At density 1 every entry is always chosen: nothing could change, and the dynamic engine's
+    # scores and remasks would be pure cost.
     if density >= 1:
       raise PlanError(f'policy reselect: density={density!r} leaves nothing to change; use < 1')
     scope, head = blocks_scope(ctx, call), ctx.head_if(call)
     levels = {p: TRAINED if p in head else FROZEN for p in ctx.paths}
+    # From shapes only, so the plan made on shapes and the real one agree on the count, which
+    # the compiled remask step takes as static.
     count = int(round(density * sum(np.prod(ctx.shapes[p], dtype=int) for p in scope)))
     options = (('which', which),) if inner.name == 'magnitude' else ()
     ctx.dynamic = dynamic_masks.DynamicMask(

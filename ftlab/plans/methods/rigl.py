@@ -56,12 +56,18 @@ def rigl_choice(
   """
   active = flat_order(trained, scope)
   size = active.size
+  # No more can grow than there are untrained entries; at most `count` can drop since
+  # fraction <= 1.
   swap = min(int(round(fraction * count)), size - count)
   lowest = jnp.finfo(jnp.float32).min  # above -inf: any active entry outranks an inactive one
   keep_score = jnp.nan_to_num(-flat_order(magnitudes, scope).astype(jnp.float32), nan=lowest)
   drop = top(jnp.where(active, jnp.maximum(keep_score, lowest), -jnp.inf), swap)
+  # Growth ranks the entries that were inactive before this change, so an entry dropped just
+  # now cannot come straight back.
   grow_score = jnp.nan_to_num(flat_order(growth, scope).astype(jnp.float32), nan=lowest)
   grow = top(jnp.where(active, -jnp.inf, jnp.maximum(grow_score, lowest)), swap)
+  # `drop` lies in the active set and `grow` outside it, both of size `swap`: the count is
+  # unchanged.
   return unflat((active & ~drop) | grow, trained, scope)
 
 
@@ -99,6 +105,7 @@ class RigL(registry.Dynamic):
     if ctx.params is None:  # shapes only: the count needs no values, the mask does
       ctx.pending = True
       return {**levels, **dict.fromkeys(scope, TRAINED)}
+    # The first mask is random, as RigL's, but over the scope uniformly rather than by ERK.
     scores = RandomSparse().entry_scores(call, ctx, ctx.dynamic.scope)
     return {**levels, **levels_of(top_count(scores, count))}
 

@@ -33,6 +33,8 @@ class RandomSparse(ElementSelector):
     int_seed(call)
 
   def entry_scores(self, call: Call, ctx: Context, paths: list[str]) -> dict[str, np.ndarray]:
+    # One generator drawn in sorted path order: the same seed gives the same mask on every
+    # process and launch.
     rng = np.random.default_rng(int_seed(call))
     return {p: rng.random(ctx.shapes[p], np.float32) for p in paths}
 
@@ -60,6 +62,7 @@ class Magnitude(ElementSelector):
 
   def entry_scores(self, call: Call, ctx: Context, paths: list[str]) -> dict[str, np.ndarray]:
     sign = 1.0 if check_which(call) == 'largest' else -1.0
+    # Negated for `smallest`, so one top-k serves both ends.
     return {p: sign * np.abs(np.asarray(ctx.params[p], np.float32)) for p in paths}
 
 
