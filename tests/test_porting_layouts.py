@@ -473,3 +473,27 @@ def test_port_script_reports_where_and_what_was_left_out(tmp_path):
   )
   assert result.returncode == 2 and 'Traceback' not in result.stderr
   assert 'features.0.bias (1 NaN)' in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+  'op, attribute, says',
+  [
+    ('Conv', 'pads', r"Conv node .* has pads=\[0, 0, 0, 0\] \(ONNX's default"),
+    ('MaxPool', 'strides', r"MaxPool node .* has strides=\[1, 1\] \(ONNX's default"),
+  ],
+)
+def test_onnx_attributes_left_out_take_onnxs_defaults(tmp_path, op, attribute, says):
+  """A Conv without `pads` pads nothing and a MaxPool without `strides` strides by 1 (ONNX's
+  defaults): such a graph computes something else than a VGG and is refused, not ported."""
+  import onnx
+
+  path = tmp_path / 'graph.onnx'
+  tf2onnx_like_graph(path)
+  model = onnx.load(str(path))
+  node = next(n for n in model.graph.node if n.op_type == op)
+  kept = [a for a in node.attribute if a.name != attribute]
+  del node.attribute[:]
+  node.attribute.extend(kept)
+  onnx.save(model, str(path))
+  with pytest.raises(PortError, match=says):
+    porting.read(str(path))

@@ -76,17 +76,31 @@ def _constants(graph) -> dict[str, np.ndarray]:
   return found
 
 
-def _check(node, expected: dict, what: str) -> None:
+def _check(node, expected: dict, what: str, defaults: dict) -> None:
+  """Raises PortError unless each attribute of `node` (or ONNX's default for it, where the node
+  leaves it out) is one of the `expected` values.
+
+  The defaults are ONNX's, never the values a VGG needs: a Conv without `pads` pads nothing
+  and a MaxPool without `strides` strides by 1, and such a graph is not a VGG.
+  """
   attrs = _attributes(node)
   for key, want in expected.items():
-    got = attrs.get(key, want[0])
+    got = attrs.get(key, defaults.get(key))
     if isinstance(got, bytes):
       got = got.decode()
     if got not in want:
       raise PortError(
-        f'not a VGG graph: {node.op_type} node {node.name!r} has {key}={got!r}; a VGG {what} '
-        f'has {key} in {list(want)}'
+        f'not a VGG graph: {node.op_type} node {node.name!r} has {key}={got!r}'
+        + ('' if key in attrs else " (ONNX's default: the node leaves it out)")
+        + f'; a VGG {what} has {key} in {list(want)}'
       )
+
+
+# ONNX's defaults for the attributes checked (onnx.ai operator docs: Conv, MaxPool, Flatten).
+# A Conv's kernel_shape defaults to its weight's spatial shape, filled in where it is checked.
+CONV_DEFAULTS = {'strides': [1, 1], 'group': 1, 'dilations': [1, 1], 'pads': [0, 0, 0, 0]}
+POOL_DEFAULTS = {'strides': [1, 1], 'pads': [0, 0, 0, 0]}
+FLATTEN_DEFAULTS = {'axis': 1}
 
 
 class _Walk:
@@ -137,8 +151,12 @@ class _Walk:
   def conv(self, node, x):
     same = _attributes(node).get('auto_pad', b'NOTSET') in (b'SAME_UPPER', b'SAME_LOWER')
     conv = {'kernel_shape': ([3, 3],), 'strides': ([1, 1],), 'group': (1,), 'dilations': ([1, 1],)}
-    _check(node, conv if same else {**conv, 'pads': ([1, 1, 1, 1],)}, 'conv')
     weight, bias = self.const(node, 1, 'weight'), self.const(node, 2, 'bias')
+    defaults = {
+      **CONV_DEFAULTS,
+      'kernel_shape': list(np.shape(weight)[2:]) if weight is not None else None,
+    }
+    _check(node, conv if same else {**conv, 'pads': ([1, 1, 1, 1],)}, 'conv', defaults)
     self.chain.blocks[-1].append(Layer(weight, bias))
     return not self.flattened
 
@@ -155,7 +173,7 @@ class _Walk:
 
   def max_pool(self, node, x):
     pool = {'kernel_shape': ([2, 2],), 'strides': ([2, 2],), 'pads': ([0, 0, 0, 0],)}
-    _check(node, pool, 'pool')
+    _check(node, pool, 'pool', POOL_DEFAULTS)
     self.chain.blocks.append([])
     self.chain.last_pool = node.name
     return not self.flattened
@@ -170,7 +188,7 @@ class _Walk:
 
   def flatten(self, node, x):
     if node.op_type == 'Flatten':
-      _check(node, {'axis': (1,)}, 'flatten')
+      _check(node, {'axis': (1,)}, 'flatten', FLATTEN_DEFAULTS)
     if self.flattened:
       return False
     self.flattened, self.chain.nchw_flatten = True, self.layout == 'NCHW'
