@@ -18,8 +18,9 @@ their last bits. Where a row's bits do not depend on its neighbours (an Intel Xe
 AVX-512) the cached run equals the uncached one bit for bit (tests/test_activation_cache.py
 bounds the difference by the run's own sensitivity to one ulp).
 
-A cache holds every example of a split in `DataSplit.indices` order, with its label; every
-process holds the whole split (a training batch can take any example). A disk cache is a raw
+A cache holds the examples of a split in `DataSplit.indices` order, with their labels; each
+process keeps the examples its batches can take (the training shards its rows come from, its
+part of each eval split: `Cache.positions`). A disk cache is a raw
 array (`np.memmap`; on an object store, objects read into memory) plus a JSON file, put in
 place once complete; its name carries a
 fingerprint of the prefix's model, variables and data, so a resumed run reuses it, and so do

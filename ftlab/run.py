@@ -34,18 +34,6 @@ PyTree = Any
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def flag_error_line(error: Exception) -> str:
-  """A bad `--config` flag's error in one line: a config file that raised comes wrapped in
-  its traceback, whose last line is the error; a KeyError's message is its argument."""
-  # `str()` of a KeyError is the repr of its argument (quoted, newlines escaped); the argument
-  # itself is the message.
-  text = error.args[0] if isinstance(error, KeyError) and error.args else error
-  lines = [line for line in str(text).strip().splitlines() if line.strip()]
-  if any(line.startswith('Traceback') for line in lines):
-    return lines[-1]
-  return ' '.join(' '.join(lines).split())
-
-
 def resolve_conv_lowering(choice: str) -> str:
   """`conv` or `matmul` for `config.model.conv_lowering` on this process's default backend."""
   return lowering.for_backend(choice, jax.default_backend())

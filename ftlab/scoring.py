@@ -208,7 +208,10 @@ class Scorer:
     sums = {}
     # A `magnitude` rule reads the weights themselves: no pass, no gradient computed.
     if dynamic.score in PASSES:
-      sums = self._sums(dynamic.score, state, dynamic.num_batches, steps_done)
+      # The pass reads the weights only: the same tree `scores` passes, so one compile serves
+      # the first mask and every change.
+      weights = TrainState(state.step, state.params, state.batch_stats, ())
+      sums = self._sums(dynamic.score, weights, dynamic.num_batches, steps_done)
     # Keyed by the `DynamicMask` itself (a frozen dataclass): a plan whose mask schedule
     # changes between stages gets its own compiled step.
     if dynamic not in self._compiled:

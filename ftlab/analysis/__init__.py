@@ -1,6 +1,7 @@
 """The analysis family: finished runs read back, combined and explained.
 
-  ensemble.py      exact eval of runs, output ensembles, soups and WiSE-FT (`combine`)
+  ensemble.py      `ExactEval`: models and output ensembles scored exactly, BatchNorm reset
+  combine.py       output ensembles, soups and WiSE-FT over finished runs (`combine`)
   soups.py         exact pytree averages: uniform soups, interpolation, greedy selection
   mask_report.py   what a run trained, layer by layer; overlaps of masks
   masked_delta.py  masked-delta checkpoints: the changed entries against a base checksum

@@ -150,8 +150,8 @@ def read_run(directory: str, step: int | None = None) -> RunWeights:
   kernels = {p for p in initial if paths.layer_of(p) in adapted and paths.leaf_of(p) == 'kernel'}
 
   def entries(p: str, x: np.ndarray) -> np.ndarray:
-    if p in levels:
-      return np.asarray(levels[p]) == policies.TRAINED
+    if p in levels:  # Child-Tuning_F's RESAMPLED entries train too (with probability p)
+      return np.asarray(levels[p]) != policies.FROZEN
     return np.full(x.shape, bool(mask.get(p, False)) or p in kernels)
 
   trained = {p: entries(p, x) for p, x in initial.items()}

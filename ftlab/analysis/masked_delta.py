@@ -59,7 +59,7 @@ def _changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def make(
   initial: Mapping[str, np.ndarray], final: Mapping[str, np.ndarray], **about: Any
 ) -> dict[str, Any]:
-  """The delta from `base` to `final`.
+  """The delta from `initial` (the base) to `final`.
 
   Args:
     initial: `{path: array}`, the base: the weights the run started from.

@@ -55,7 +55,8 @@ class PlanKey:
   Attributes:
     schedule: the schedule's call (`lp_ft(probe_steps=100)`), '' for a one-stage plan.
     stage: the stage's index.
-    expression: the stage's expression in canonical form (every argument given, by name).
+    expression: the stage's expression in canonical form (`Expression.canonical`: every
+      argument of every method given, defaults filled in, by name).
   """
 
   schedule: str
@@ -123,6 +124,7 @@ class Stage:
   expression: syntax.Expression
   schedule: str = ''
   lr_scale: float = 1.0  # multiplies every lr multiplier of the stage (lp_ft's probe)
+  schedule_key: str = ''  # the schedule's call in canonical form (every argument given)
 
   def label(self, inner: str) -> str:
     if not self.schedule:
@@ -137,7 +139,7 @@ class Stage:
   @property
   def key(self) -> PlanKey:
     """The stage's plan identity (`Plan.key`)."""
-    return PlanKey(self.schedule, self.index, str(self.expression))
+    return PlanKey(self.schedule_key, self.index, self.expression.canonical())
 
 
 def _get(cfg: Any, key: str, default: Any) -> Any:
@@ -235,6 +237,7 @@ def plan_stages(
       syntax.Expression(spec.selection, None, mods),
       str(schedule),
       spec.lr_scale,
+      str(syntax.complete(schedule)),
     )
     for i, spec in enumerate(specs)
   ]

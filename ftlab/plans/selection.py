@@ -7,7 +7,9 @@ of two sets is their maximum and the intersection their minimum (`ftlab.plans.po
 
 Per-element selectors choose a share of the *backbone* (every parameter outside the head)
 and train the head whole unless `train_head=False`; `top_fraction` and `top_count` choose
-exactly `round(density * n)` or `count` entries, with deterministic ties.
+exactly `round(density * n)` or `count` entries. `top_count` (and its jnp twin, which dynamic
+masks use) gives ties to the lower flat index; `top_fraction` breaks them in
+`np.argpartition`'s order, the same for the same scores, but not by index.
 """
 
 from __future__ import annotations

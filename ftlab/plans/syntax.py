@@ -73,6 +73,15 @@ class Expression:
       text += f' + {self.selection}'
     return ' + '.join([text] + [str(m) for m in self.modifiers])
 
+  def canonical(self) -> str:
+    """The expression with every method's every argument given (defaults filled in from the
+    registry): `lora(8)` and `lora(8, alpha=8.0)` read the same, so a plan's identity
+    (`policies.PlanKey`) does not depend on which defaults were written out."""
+    full = lambda node: None if node is None else complete(node)
+    return str(
+      Expression(full(self.selection), full(self.schedule), tuple(map(full, self.modifiers)))
+    )
+
   def calls(self) -> list[Call]:
     """Every set term, in order."""
     out, todo = [], [self.selection] if self.selection else []
@@ -84,6 +93,16 @@ class Expression:
       else:
         out.append(node)
     return out
+
+
+def complete(node: Call | SetOp) -> Call | SetOp:
+  """`node` with every call's every argument given, in parameter order (`Method.arguments`);
+  a call inside an argument (`reselect`'s policy) is completed too."""
+  if isinstance(node, SetOp):
+    return SetOp(node.op, complete(node.left), complete(node.right))
+  args = registry.get(node.name).arguments(node)
+  filled = ((k, complete(v) if isinstance(v, Call) else v) for k, v in args.items())
+  return Call(node.name, tuple(filled))
 
 
 def _error(text: str, message: str) -> PlanError:

@@ -114,7 +114,7 @@ def find(expressions: Iterable[Any]) -> tuple[Tuner, Call] | None:
   calls = {c for e in expressions for c in e.calls() if c.name in tuners}
   if not calls:
     return None
-  call = next(iter(calls))
+  call = min(calls, key=str)  # one tuner per plan (the parser), but never by set order
   return tuners[call.name], call
 
 

@@ -56,7 +56,8 @@ class DiscriminativeLr(Modifier):
     factor = call.get('factor')
     # A factor becomes a per-unit rate in (0, 1]; a bad factor passes through unchanged so the
     # check below names it.
-    rate = 1.0 / factor if isinstance(factor, (int, float)) and factor > 0 else factor
+    number = isinstance(factor, (int, float)) and not isinstance(factor, bool)
+    rate = 1.0 / factor if number and factor > 0 else factor
     _check_rate(rate, 'discriminative_lr: factor', factor)
     # One unit per conv or dense layer with its BatchNorm: the norm's scale and shift train at
     # the rate of the layer they follow.
