@@ -342,6 +342,12 @@ def _summary(run, final, stages, results, best, stop, window, flops, frozen) -> 
       'total_parameters': n_total,
       'trainable_percent': 100.0 * n_trainable / n_total,
       'init': run.init.summary() if run.init else {},
+      # What the weights expect of an image: exports carry it to whoever loads them.
+      'inputs': {
+        'preprocess': run.data.preprocess,
+        'image_size': run.data.image_size,
+        'classes': list(run.data.train.class_names),
+      },
       **({'train_step_flops': flops[plan.key]} if plan.key in flops else {}),
     }
   )

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+import ftlab
 from ftlab import init_from, run
 from ftlab.errors import InputError
 from ftlab.files import checkpoint, workdir
@@ -26,7 +27,9 @@ from ftlab.porting import export
 
 
 def load_run(directory: str, step: int | None = None):
-  """`(model, variables, image_size)` of a run's checkpoint."""
+  """`(model, variables, image_size, provenance)` of a run's checkpoint: `provenance` is what
+  the weight file cannot hold (`export.save`): the input convention the run trained on, its
+  class names, the run and step, and the ftlab that wrote the export."""
   files = workdir.Workdir(directory)
   if not os.path.exists(files.config):
     raise workdir.RunError(f'{directory} holds no config.json: not an ftlab run directory')
@@ -41,7 +44,26 @@ def load_run(directory: str, step: int | None = None):
   variables = {
     key: init_from.load_params(files.checkpoints, shapes[key], key=key, step=step) for key in shapes
   }
-  return model, variables, size
+  return model, variables, size, provenance(files, config, step)
+
+
+def provenance(files: workdir.Workdir, config: ml_collections.ConfigDict, step: int | None):
+  """The run's input convention and classes: from its summary (the convention resolved, `auto`
+  included), else from its config; None where neither says (an `auto` run that never
+  finished: a port then guesses, and says so)."""
+  inputs = {}
+  if files.summary.exists():
+    inputs = json.loads(files.summary.read_text()).get('inputs', {})
+  preprocess = inputs.get('preprocess') or config.dataset.preprocess
+  found = checkpoint.latest_step(files.checkpoints) if step is None else step
+  return {
+    'preprocessing': None if preprocess == 'auto' else preprocess,
+    'classes': inputs.get('classes'),
+    'image_size': config.dataset.image_size,
+    'run': os.path.abspath(os.fspath(files.root)),
+    'step': found,
+    'ftlab_version': ftlab.version(),
+  }
 
 
 def main(argv=None) -> int:
@@ -53,12 +75,14 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   checkpoint.quiet_orbax_logs()
   try:
-    model, variables, size = load_run(args.run, args.step)
-    export.save(variables, model, args.format, args.output, image_size=size)
+    model, variables, size, record = load_run(args.run, args.step)
+    export.save(variables, model, args.format, args.output, image_size=size, provenance=record)
   except (InputError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(f'{args.format}: {model.depth}-layer VGG ({model.head} head) -> {args.output}')
+  inputs = record['preprocessing'] or 'unknown'
+  print(f'  inputs: {inputs} (recorded in {export.provenance_path(args.output)})')
   return 0
 
 

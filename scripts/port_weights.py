@@ -92,9 +92,16 @@ def main(argv):
   with open(os.path.join(output, 'port.json'), 'w') as f:
     json.dump(record, f, indent=2)
   logging.info('ported %s (%s, %s)', FLAGS.input, ported.format, ported.arch.name)
+  guess = ported.preprocessing.guess
   print(
     f'{ported.report()}\n  written to:  {output}\n'
     f'train from it with: {shlex.join(record["config_flags"])}'
+    + (
+      f'\n  the input convention {ported.preprocessing.name!r} is a guess ({guess}): check it, '
+      'or port again with --preprocess'
+      if guess
+      else ''
+    )
   )
 
 

@@ -13,7 +13,7 @@ order one and a 1e-5 bound says something.
 import json
 import os
 
-import export_weights  # noqa: E402
+import export_weights
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from configs import default
 from ftlab import paths, porting, run
 from ftlab.files import checkpoint
+from ftlab.porting import export as export_module
 
 MAX_ABS_DIFF = 1e-5
 NARROW = 1 / 16
@@ -62,9 +63,13 @@ def scaled_random(shapes, seed=0, first_divisor=1.0):
   return paths.unflatten(out)
 
 
-def make_run(directory, name, head, *, width=NARROW, classes=10, size=64, pool=0, divisor=1.0):
-  """A run directory as `ftlab.main` leaves it: `config.json` and a step-0 checkpoint."""
+def make_run(
+  directory, name, head, *, width=NARROW, classes=10, size=64, pool=0, divisor=1.0, inputs='torch'
+):
+  """A run directory as `ftlab.main` leaves it: `config.json` (trained on `inputs`) and a
+  step-0 checkpoint."""
   config = default.get_config()
+  config.dataset.preprocess = inputs
   config.model.name, config.model.head, config.model.width = name, head, width
   config.model.adaptive_pool, config.dataset.image_size = pool, size
   os.makedirs(directory)
@@ -116,7 +121,23 @@ def test_torchvision_export_loads_strictly_into_torch_and_ports_back(name, tmp_p
   ported = porting.read(path)
   assert (ported.format, ported.arch.name, ported.arch.head) == ('torchvision', name, 'imagenet')
   assert_same_variables(ported.variables, variables)
+  # The run's convention is recorded beside the file and read back, not guessed.
+  assert (ported.preprocessing.name, ported.preprocessing.guess) == ('torch', '')
   assert_close(logits(ported.arch.model(), ported.variables, ported.preprocessing(x)), ours)
+  os.remove(export_module.provenance_path(path))  # a file alone: the convention is a guess
+  alone = porting.read(path).preprocessing
+  assert alone.name == 'torch' and 'does not record' in alone.guess
+
+
+def test_an_export_carries_the_runs_input_convention_back_to_a_port(tmp_path):
+  """A run trained on `unit` inputs, exported in torchvision's layout: the port says `unit`
+  (read from beside the file), where the format alone would have said `torch`."""
+  _, variables = make_run(tmp_path / 'run', 'vgg11', 'imagenet', pool=7, inputs='unit')
+  path = export(tmp_path / 'run', 'torchvision', tmp_path / 'unit.pth')
+  ported = porting.read(path)
+  assert (ported.preprocessing.name, ported.preprocessing.guess) == ('unit', '')
+  assert ported.provenance['run'] == str(tmp_path / 'run') and ported.provenance['step'] == 0
+  assert_same_variables(ported.variables, variables)
 
 
 def test_safetensors_export_is_torchvision_without_pickle(tmp_path):
@@ -138,11 +159,15 @@ def test_safetensors_export_is_torchvision_without_pickle(tmp_path):
 
 @pytest.mark.parametrize('head, size', [('imagenet', 224), ('gap', 64), ('none', 64)])
 def test_keras_h5_export_ports_back_exactly(head, size, tmp_path):
-  model, variables = make_run(tmp_path / 'run', 'vgg16', head, size=size, divisor=100)
+  model, variables = make_run(
+    tmp_path / 'run', 'vgg16', head, size=size, divisor=100, inputs='caffe'
+  )
   path = export(tmp_path / 'run', 'keras_h5', tmp_path / 'vgg16.h5')
   ported = porting.read(path)
   assert (ported.format, ported.arch.name, ported.arch.head) == ('keras_h5', 'vgg16', head)
   assert_same_variables(ported.variables, variables)
+  assert ported.preprocessing.name == 'caffe'  # the run's, recorded beside the file
+  assert ported.provenance['classes'] is None and ported.provenance['step'] == 0
   x = images(size)
   assert_close(
     logits(ported.arch.model(), ported.variables, ported.preprocessing(x)),

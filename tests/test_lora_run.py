@@ -73,7 +73,7 @@ def test_lora_resume_is_bit_identical(lora_run, tmp_path):
 
 def test_export_and_combine_read_plain_parameters(lora_run):
   workdir, summary = lora_run
-  model, variables, size = export_weights.load_run(workdir)
+  model, variables, size, _ = export_weights.load_run(workdir)
   assert not any(tuners.is_adapter(p) for p in paths.flatten(variables['params']))
   raw = stored_params(workdir)
   x = np.random.RandomState(0).uniform(size=(4, size, size, 3)).astype(np.float32)

@@ -34,7 +34,7 @@ import numpy as np
 
 from ftlab.data import preprocessing
 from ftlab.models import vgg
-from ftlab.porting import keras_h5, onnx_graph, tensor_files, timm, torchvision
+from ftlab.porting import export, keras_h5, onnx_graph, tensor_files, timm, torchvision
 from ftlab.porting.common import Arch, Ported, PortError, Preprocessing, param_count
 
 __all__ = [
@@ -136,8 +136,20 @@ def read(
       ported = keras_h5.read(path, arch, prefix=prefix, allow_nonfinite=allow_nonfinite)
     else:
       raise PortError(f'{path} is not a torch.save or .safetensors file (format={format!r})')
-  # The caller's convention replaces the format's (or the ONNX guess) and is recorded as
-  # given, not as a guess.
+  # What ftlab's own export recorded beside the file: the run's input convention, which a
+  # weight file cannot hold, read back rather than guessed from the format.
+  provenance = export.read_provenance(path)
+  if provenance is not None:
+    recorded = provenance.get('preprocessing')
+    ported = dataclasses.replace(
+      ported,
+      preprocessing=Preprocessing(recorded) if recorded else ported.preprocessing,
+      notes=ported.notes
+      + (f'input convention and classes recorded by ftlab: {export.provenance_path(path)}',),
+      provenance=provenance,
+    )
+  # The caller's convention replaces the format's (or a guess) and is recorded as given, not
+  # as a guess.
   if preprocess:
     ported = dataclasses.replace(ported, preprocessing=Preprocessing(preprocess))
   return ported

@@ -34,6 +34,14 @@ class PortError(InputError):
   """A weight file that cannot be read, or that does not match the requested VGG."""
 
 
+# What a weight file's format says of its input convention: only what its framework's own
+# ImageNet weights use. A fine-tuned file may have been trained on anything, so the convention
+# is a guess unless the file's provenance records it (`export.read_provenance`) or the user
+# or a named weights entry gives it.
+TORCHVISION_GUESS = "torchvision's ImageNet weights use it; the file does not record its own"
+KERAS_GUESS = "Keras applications' ImageNet weights use it; the file does not record its own"
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
   """How the source model expects its images: `caffe`, `torch` or `unit`
@@ -369,6 +377,8 @@ class Ported:
     found_at: where in the file the ported VGG was (a name prefix, a part of a graph); ''
       when the file is a VGG and nothing else.
     left_out: what the file holds that was not ported, summarised; '' for nothing.
+    provenance: what ftlab's export recorded beside the file (`export.read_provenance`: the
+      run's input convention, class names, run and step), or None.
   """
 
   format: str
@@ -378,6 +388,7 @@ class Ported:
   notes: tuple[str, ...] = ()
   found_at: str = ''
   left_out: str = ''
+  provenance: dict | None = None
 
   def record(self, source: str) -> dict:
     """What `port.json` says about this port of the file `source` (scripts/port_weights.py
@@ -391,6 +402,7 @@ class Ported:
       'preprocessing': self.preprocessing.to_json(),
       'param_count': param_count(self.variables),
       'notes': list(self.notes),
+      **({'provenance': self.provenance} if self.provenance else {}),
     }
 
   def report(self) -> str:

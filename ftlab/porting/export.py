@@ -15,6 +15,7 @@ torch implementation of torchvision's VGG.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
@@ -106,9 +107,26 @@ def keras_tensors(
 
 
 def save(
-  variables: Mapping[str, Any], model: vgg.VGG, format: str, path: str, *, image_size: int
+  variables: Mapping[str, Any],
+  model: vgg.VGG,
+  format: str,
+  path: str,
+  *,
+  image_size: int,
+  provenance: Mapping[str, Any] | None = None,
 ) -> None:
-  """Writes the model's variables to `path` in `format` (one of `FORMATS`).
+  """Writes the model's variables to `path` in `format` (one of `FORMATS`), and `provenance`
+  beside it (`provenance_path(path)`), which `ftlab.porting.read` reads back.
+
+  Args:
+    variables: the model's `{'params', 'batch_stats'}` (plain: a tuner's adapters folded).
+    model: the model.
+    format: one of `FORMATS`.
+    path: the file to write.
+    image_size: the run's input side, pixels (fixes the first dense layer's layout).
+    provenance: what a weight file cannot say: `preprocessing` (the input convention the
+      run was trained on: `caffe`, `torch` or `unit`), `classes` (names, in label order),
+      the run and step it came from. None: nothing is written beside the file.
 
   Raises:
     PortError: an unknown format, or a model the format cannot hold (see above).
@@ -118,18 +136,51 @@ def save(
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   if format == 'keras_h5':
     _write_keras_h5(keras_tensors(variables, model, image_size), path)
-    return
-  tensors = torchvision_state_dict(variables, model, image_size)
-  if format == 'safetensors':
-    from safetensors.numpy import save_file
+  else:
+    tensors = torchvision_state_dict(variables, model, image_size)
+    if format == 'safetensors':
+      from safetensors.numpy import save_file
 
-    save_file(tensors, path)
-    return
-  import torch
+      save_file(tensors, path)
+    else:
+      import torch
 
-  # `np.array` copies into a writable array: `torch.from_numpy` shares memory and warns about
-  # read-only buffers.
-  torch.save({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, path)
+      # `np.array` copies into a writable array: `torch.from_numpy` shares memory and warns
+      # about read-only buffers.
+      torch.save({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, path)
+  if provenance is not None:
+    # Beside the file, not in it: torchvision's strict `load_state_dict` refuses any key that
+    # is not a tensor of the model, and every format's reader then loads the file as it is.
+    record = {'format': PROVENANCE_FORMAT, 'export_format': format, **provenance}
+    with open(provenance_path(path), 'w') as f:
+      json.dump(record, f, indent=2)
+
+
+PROVENANCE_FORMAT = 'ftlab-export-provenance-1'
+
+
+def provenance_path(path: str) -> str:
+  """Where `save` writes what the weight file cannot hold: `PATH.ftlab.json`."""
+  return f'{os.fspath(path)}.ftlab.json'
+
+
+def read_provenance(path: str) -> dict | None:
+  """The provenance `save` wrote beside the weight file `path`, or None.
+
+  Raises:
+    PortError: a file at `provenance_path(path)` that is not ftlab's provenance record.
+  """
+  found = provenance_path(path)
+  if not os.path.exists(found):
+    return None
+  try:
+    with open(found) as f:
+      record = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise PortError(f'{found}: not a readable provenance record ({e})') from None
+  if not isinstance(record, dict) or record.get('format') != PROVENANCE_FORMAT:
+    raise PortError(f'{found}: not an ftlab export provenance record ({PROVENANCE_FORMAT})')
+  return record
 
 
 def _write_keras_h5(tensors: Mapping[str, np.ndarray], path: str) -> None:

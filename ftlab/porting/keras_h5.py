@@ -311,7 +311,7 @@ def read(
     'keras_h5',
     ported_arch,
     variables,
-    common.Preprocessing('caffe'),
+    common.Preprocessing('caffe', common.KERAS_GUESS),
     notes + located.notes,
     found_at=located.found_at,
     left_out=located.left_out,

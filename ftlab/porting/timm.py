@@ -99,7 +99,9 @@ def from_tensors(
     hint=torchvision.forced_arch_hint(found, arch),
   )
   notes = ('exact up to 224 px; above, timm averages its conv head over positions',)
-  return common.Ported('timm', ported_arch, variables, common.Preprocessing('torch'), notes)
+  return common.Ported(
+    'timm', ported_arch, variables, common.Preprocessing('torch', common.TORCHVISION_GUESS), notes
+  )
 
 
 def read(path: str | os.PathLike, arch: str | None = None) -> common.Ported:

@@ -170,7 +170,13 @@ def from_tensors(
     hint=forced_arch_hint(found, arch),
   )
   notes = ('num_batches_tracked not ported (eval ignores it)',) if batch_norm else ()
-  return common.Ported('torchvision', ported_arch, variables, common.Preprocessing('torch'), notes)
+  return common.Ported(
+    'torchvision',
+    ported_arch,
+    variables,
+    common.Preprocessing('torch', common.TORCHVISION_GUESS),
+    notes,
+  )
 
 
 def forced_arch_hint(found: tuple[int, bool] | None, arch: str | None) -> str:

