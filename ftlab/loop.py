@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
+import ftlab
 from ftlab import ema, parallel
 from ftlab.evals.base import StageView
 from ftlab.files import checkpoint, metric_writers, workdir
@@ -301,6 +302,7 @@ def _save(run: Run, state: TrainState, plan: policies.Plan, step: int) -> None:
     'plan_key': plan.key.as_json(),
     'config': run.config.to_dict(),
     'step': step,
+    'ftlab_version': ftlab.version(),  # a later ftlab names it when the state does not fit
   }
   checkpoint.save(
     run.workdir.checkpoints, step, host_state, meta, max_to_keep=run.config.keep_checkpoints
@@ -320,6 +322,8 @@ def _record_launch(run: Run) -> None:
     data,
     processes=jax.process_count(),
     devices=jax.device_count(),
+    warnings=run.warnings,
+    version=ftlab.version(),
   )
 
 
@@ -329,6 +333,8 @@ def _summary(run, final, stages, results, best, stop, window, flops, frozen) -> 
   cached = {s.plan.name: s.cached_from for s in stages if s.cached_from}
   n_trainable, n_total = policies.trainable_count(plan, final.params)
   summary = {'plan': run.plan_label, 'steps': int(final.step)}
+  if run.warnings:
+    summary['warnings'] = list(run.warnings)
   for evaluator in run.evaluators:
     summary.update(evaluator.summary(results))
   summary.update(

@@ -60,7 +60,15 @@ def initialize_distributed(multi_host: bool) -> None:
       process_id=int(os.environ['FTLAB_PROCESS_ID']),
     )
   elif multi_host:
-    jax.distributed.initialize()
+    try:
+      # No arguments: JAX reads the cluster's environment (SLURM, Open MPI, TPU pods, GKE).
+      jax.distributed.initialize()
+    except ValueError as e:  # the one call: JAX found no cluster to take a coordinator from
+      raise ConfigError(
+        f'multi_host=True, but this machine is in no cluster JAX can join ({e}); set '
+        'multi_host=False to run on this machine, or start one process per host under SLURM, '
+        'Open MPI or a TPU pod (scripts/launch_local.py runs several on one machine)'
+      ) from None
 
 
 class PreemptionNotice:

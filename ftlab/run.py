@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
+import ftlab
 from ftlab import activation_cache, ema, errors, evals, init_from, parallel, paths, scoring, train
-from ftlab.data import datasets, input_pipeline, preprocessing
+from ftlab.data import datasets, input_pipeline, preprocessing, sources
 from ftlab.files import checkpoint, storage, workdir
 from ftlab.models import lowering, vgg
 from ftlab.plans import optim, policies, syntax, tuners
@@ -98,6 +99,12 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
     ds.name, train_split, examples_per_class=ds.examples_per_class, **common
   )
   eval_data = {k: datasets.build_dataset(ds.name, s, **common) for k, s in splits.items()}
+  fields = {'train': 'dataset.train_split', 'eval': 'dataset.eval_split'}
+  for name, found in [('train', train_data), *eval_data.items()]:
+    # An empty split would train on nothing, or evaluate nothing after every step was paid
+    # for: refused here, by the field that chose it.
+    field = fields.get(name, 'dataset.minival')
+    check_not_empty(found, field, ds.name)
   order = input_pipeline.BatchOrder(
     config.batch_size,
     seed=config.seed,
@@ -133,6 +140,52 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
     ds.augment,
     ds.name,
   )
+
+
+def check_not_empty(split: datasets.DataSplit, field: str, dataset: str) -> None:
+  """Raises DatasetError, naming `field` and the split it chose, when `split` holds nothing.
+
+  Raises:
+    DatasetError: in one line.
+  """
+  if split.num_examples == 0:
+    raise sources.DatasetError(
+      f'{field}: {split.spec!r} selects no examples of {dataset} (a slice or class subset of a '
+      'smaller split than it was written for?)'
+    )
+
+
+def check_values(config: Any) -> list[str]:
+  """The run-level numbers checked for sense where the run reads them, before anything
+  else: steps, batch sizes, cadences, checkpoints kept, label smoothing, patience, budgets;
+  then the optimizer's (`optim.check`).
+
+  Returns:
+    Warnings for legal but surprising values, each naming its field.
+
+  Raises:
+    ConfigError: naming the first bad field, its value and what would be valid.
+  """
+
+  def whole(field: str, value: Any, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise errors.ConfigError(f'{field}={value!r} is not a whole number >= {least}')
+
+  for field in ('num_train_steps', 'batch_size', 'eval_batch_size', 'log_every_steps'):
+    whole(field, config.get(field), 1)
+  for field in ('eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    whole(field, config.get(field), 1)
+  whole('early_stopping_patience', config.get('early_stopping_patience', 0), 0)
+  whole('accum_steps', config.get('accum_steps', 1), 1)
+  whole('dataset.examples_per_class', config.dataset.get('examples_per_class', 0), 0)
+  whole('dataset.shuffle_buffer', config.dataset.get('shuffle_buffer', 1), 1)
+  whole('dataset.shards', config.dataset.get('shards', 1), 1)
+  smoothing = config.get('label_smoothing', 0.0)
+  if (
+    isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1
+  ):
+    raise errors.ConfigError(f'label_smoothing={smoothing!r} is not a number in [0, 1)')
+  return optim.check(config.optimizer, config.num_train_steps)
 
 
 def check_plans(
@@ -209,6 +262,8 @@ class Run:
     plan_label: the plan's name for the summary (the schedule's, for a multi-stage plan).
     init: where the initial variables came from (for the summary).
     activation_cache_dir: where disk activation caches go (`activation_cache_dir`).
+    warnings: what was legal but surprising in the config (`check_values`), said once at
+      launch and kept in the run's record.
   """
 
   config: Any
@@ -227,6 +282,7 @@ class Run:
   plan_label: str
   init: init_from.Source | None
   activation_cache_dir: str
+  warnings: tuple[str, ...] = ()
 
   # Indexed by steps done, not by the step about to run: a checkpoint of step N is resumed
   # by the stage that takes step N + 1, and a boundary is crossed when that stage changes.
@@ -284,6 +340,9 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
   # and until then `jax.device_count()` would count this process's devices only.
   parallel.initialize_distributed(config.multi_host)
   changes = workdir.check_config_change(config, files, allow_config_change)
+  warnings = tuple(check_values(config))
+  for warning in warnings:
+    logging.warning('%s', warning)
   spread = parallel.Spread(config.parallelism)
   parallel.check_divisible(config.batch_size, jax.device_count())
   parallel.check_divisible(config.eval_batch_size, jax.device_count())
@@ -352,6 +411,7 @@ def make_run(config: Any, directory: str, *, allow_config_change: bool = False) 
     plan_label=label,
     init=source,
     activation_cache_dir=cache_dir,
+    warnings=warnings,
   )
 
 
@@ -362,8 +422,15 @@ def _evaluator_setting(config, model, data, spread, variables, source, name: str
   ds, kwargs = config.dataset, _dataset_kwargs(config)
 
   def build_split(split: str, examples_per_class: int = 0, what: str = ''):
-    del what
-    return datasets.build_dataset(ds.name, split, examples_per_class=examples_per_class, **kwargs)
+    found = datasets.build_dataset(
+      ds.name,
+      split,
+      examples_per_class=examples_per_class,
+      budget_name=what or 'dataset.examples_per_class',
+      **kwargs,
+    )
+    check_not_empty(found, f'evals.{name} split', ds.name)
+    return found
 
   section = config.get('evals', {}).get(name, None)
   return evals.base.Setting(
@@ -446,7 +513,19 @@ def _restore_step(
   # Checkpoints from before plan keys were recorded have only the display name to compare.
   same = key == plan.key if key is not None else meta.get('plan') == plan.name
   if same:
-    restored, _ = checkpoint.restore(ckpt_dir, state, step)
+    try:
+      restored, _ = checkpoint.restore(ckpt_dir, state, step)
+    except checkpoint.MismatchError as e:  # another model, optimizer or ftlab: say which ftlab
+      writer = meta.get('ftlab_version', 'a version that did not record it (before 0.1.0+d703480)')
+      raise checkpoint.MismatchError(
+        f'checkpoint step {step} was written by ftlab {writer}; this is ftlab {ftlab.version()}. '
+        + str(e),
+        e.path,
+        e.expected,
+        e.found,
+        e.skipped,
+        e.unused_dont_load,
+      ) from None
     logging.info('resumed from step %d', step)
     return restored, False
   # A new stage: parameters carry over, the optimizer state is rebuilt for the new plan.

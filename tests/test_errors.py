@@ -32,7 +32,7 @@ def set_field(config, dotted, value):
     ('init.checkpoint', '/nonexistent/weights', errors.InputError, '/nonexistent/weights'),
     ('batch_size', 12, errors.ConfigError, 'global batch size 12 is not divisible by 8'),
     ('parallelism', 'vmap', errors.ConfigError, "unknown parallelism 'vmap'"),
-    ('optimizer.name', 'adamax', registry.PlanError, "unknown optimizer 'adamax'"),
+    ('optimizer.name', 'adamax', errors.ConfigError, "unknown optimizer 'adamax'"),
   ],
 )
 def test_each_typed_error_is_one_line_and_exit_2(tmp_path, capsys, field, value, kind, says):

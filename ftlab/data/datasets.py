@@ -96,6 +96,7 @@ def build_dataset(
   classes: Sequence[int] = (),
   examples_per_class: int = 0,
   seed: int = 0,
+  budget_name: str = 'dataset.examples_per_class',
 ) -> DataSplit:
   """Resolves a split of a dataset to the examples it holds.
 
@@ -107,6 +108,8 @@ def build_dataset(
     examples_per_class: keep the first N examples of each class in an order shuffled by
       `seed` (0: all); the few-shot budget.
     seed: the seed of the budget's order.
+    budget_name: the setting the budget comes from, for its error (the few-shot probe's
+      `evals.fewshot.shots` draws with this function too).
 
   Returns:
     The `DataSplit`, with `num_examples`, `num_classes` and `class_names`.
@@ -151,13 +154,27 @@ def build_dataset(
     if (classes or examples_per_class or len(indices) <= COUNT_LABELS_UP_TO) and labels is None:
       labels = read_labels(builder, read_split)
   if classes or examples_per_class:
-    indices, label_map = select(labels, indices, classes, len(names), examples_per_class, seed)
+    try:
+      indices, label_map = select(labels, indices, classes, len(names), examples_per_class, seed)
+    except ShortClass as e:  # named here, where the class names and the split are known
+      raise DatasetError(
+        f'{budget_name}={examples_per_class}: class {names[e.label]!r} has only '
+        f'{e.count} examples in {split!r} of {name}; lower it, or give the class more data'
+      ) from None
     names = tuple(names[c] for c in classes) if classes else names
   if labels is not None:
     labels = labels[indices] if label_map is None else label_map[labels[indices]]
   return DataSplit(
     builder, read_split, indices, label_map, names, labels, orientation, split, tuple(classes)
   )
+
+
+class ShortClass(DatasetError):
+  """A class with fewer examples than a per-class budget (`select`)."""
+
+  def __init__(self, label: int, count: int, budget: int):
+    super().__init__(f'class {label} has {count} examples, fewer than {budget}')
+    self.label, self.count, self.budget = label, count, budget
 
 
 def select(
@@ -196,9 +213,7 @@ def select(
     for c in classes or range(num_classes):
       of_class = order[labels[order] == c]
       if len(of_class) < examples_per_class:
-        raise DatasetError(
-          f'class {c} has {len(of_class)} examples, fewer than {examples_per_class}'
-        )
+        raise ShortClass(c, len(of_class), examples_per_class)
       kept.append(of_class[:examples_per_class])
     indices = np.concatenate(kept)
   # Ascending: the pipeline filters records in file order, and `narrow` reads the range from
@@ -219,6 +234,17 @@ def minival_split(split: str, holdout: int | str) -> tuple[str, str]:
   """
   if '[' in split or '+' in split:
     raise DatasetError(f'minival is carved from an unsliced split, not {split!r}')
+  text = str(holdout).strip()
+  amount = text[:-1] if text.endswith('%') else text
+  try:
+    value = float(amount) if text.endswith('%') else int(amount)
+  except ValueError:
+    value = None
+  if value is None or value <= 0 or (text.endswith('%') and value >= 100):
+    raise DatasetError(
+      f'dataset.minival={holdout!r} is not a number of examples > 0 or a percentage in (0, 100) '
+      "(e.g. '10%' or 5000)"
+    )
   # The end of the split, in its fixed order: the same examples on every launch and process,
   # and never any of the eval split's.
   return f'{split}[:-{holdout}]', f'{split}[-{holdout}:]'

@@ -32,6 +32,7 @@ Parameters are named by their path joined with '/', e.g. `block1_conv1/kernel`; 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -105,6 +106,30 @@ def _registry() -> ocp.handlers.CheckpointHandlerRegistry:
     registry.add(item, save_args, handler)
     registry.add(item, restore_args, handler)
   return registry
+
+
+class StorageError(InputError):
+  """A checkpoint that could not be written (disk full, permissions, a file too large) or
+  that cannot be read back where it was written; the steps saved before are intact."""
+
+
+# Characters TensorStore (Orbax's array store) writes into a local path but cannot open again:
+# `[`/`]` (read as a glob by its file driver) and `\` (a separator to it). Seen with Orbax
+# 0.12.8: the save succeeds and every restore fails with NOT_FOUND.
+UNREADABLE = ('[', ']', '\\')
+
+
+def check_directory(directory: PathLike, what: str = 'checkpoint directory') -> None:
+  """Raises StorageError, in one line, for a local checkpoint directory whose path Orbax
+  writes but cannot read back (`UNREADABLE`): found before a run writes anything, not at its
+  next launch."""
+  value = os.fspath(directory)
+  bad = [c for c in UNREADABLE if c in value] if not storage.scheme(value) else []
+  if bad:
+    raise StorageError(
+      f'{what} {value!r} holds {" and ".join(map(repr, bad))}: Orbax writes checkpoints there '
+      'but cannot read them back; choose a path without [ ] \\'
+    )
 
 
 def _path(directory: PathLike) -> epath.Path:
@@ -228,10 +253,92 @@ def save(
   args = ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(state), META: ocp.args.JsonSave(meta)})
   # A manager per save, closed at once: nothing Orbax holds (threads, open handles) outlives
   # the call, and a later `save` sees the directory as it is on disk.
-  with ocp.CheckpointManager(directory, options=options, handler_registry=_registry()) as mngr:
-    # `force`: the caller decides when to save, not Orbax's save-interval policy.
-    mngr.save(step, args=args, force=True)
+  try:
+    with ocp.CheckpointManager(directory, options=options, handler_registry=_registry()) as mngr:
+      # `force`: the caller decides when to save, not Orbax's save-interval policy.
+      mngr.save(step, args=args, force=True)
+  except (OSError, ValueError) as e:
+    reason = storage_failure(e)
+    if reason is None:  # not the storage's doing: a programming error keeps its traceback
+      raise
+    kept = f'step {latest} is intact' if latest is not None else 'no earlier step was saved'
+    raise StorageError(
+      f'checkpoint step {step} could not be written to {directory} ({reason}); {kept}: fix the '
+      'storage and run the same command to resume'
+    ) from None
+  verify_readable(directory, step)
   return directory / str(step)
+
+
+# How storage failures read in what Orbax and TensorStore raise (TensorStore's status codes and
+# the OS error behind them): disk full, quota, a file too large, no permission, read-only.
+_STORAGE_FAILURES = (
+  'RESOURCE_EXHAUSTED',
+  'PERMISSION_DENIED',
+  'No space left',
+  'Disk quota exceeded',
+  'File too large',
+  'Permission denied',
+  'Read-only file system',
+)
+
+
+def storage_failure(error: BaseException) -> str | None:
+  """The storage's reason for `error` in one line (`No space left on device`), or None when
+  the error is not a failure of the storage."""
+  text = str(error)
+  if isinstance(error, OSError) and error.errno is not None:
+    return os.strerror(error.errno)
+  if not any(mark in text for mark in _STORAGE_FAILURES):
+    return None
+  # The OS's words where TensorStore passes them on, else its status code.
+  return next(
+    (r for r in _OS_REASONS if r in text), next(m for m in _STORAGE_FAILURES if m in text)
+  )
+
+
+_OS_REASONS = (
+  'No space left on device',
+  'Disk quota exceeded',
+  'File too large',
+  'Permission denied',
+  'Read-only file system',
+)
+
+
+def verify_readable(directory: PathLike, step: int) -> None:
+  """Reads back the meta and the smallest array of a step just written: a checkpoint that
+  cannot be read where it was written (`check_directory` knows the paths seen) is found now,
+  not at the next launch.
+
+  Raises:
+    StorageError: naming the step, the directory and what failed.
+  """
+  path = _step_dir(directory, step)
+  try:
+    restore_meta(directory, step)
+    with _checkpointer() as ckptr:
+      saved = ckptr.metadata(path).item_metadata[STATE].tree
+    flat = ocp.tree.to_flat_dict(saved, sep='/')
+    if flat:
+      # One array, the smallest, read for real; every other leaf a placeholder, not read.
+      smallest = min(flat, key=lambda p: (int(np.prod(flat[p].shape)), p))
+      item = jax.tree_util.tree_map_with_path(
+        lambda kp, m: (
+          np.zeros(m.shape, m.dtype) if paths.from_key_path(kp) == smallest else ocp.PLACEHOLDER
+        ),
+        saved,
+      )
+      restore_args = jax.tree.map(
+        lambda x: x if x is ocp.PLACEHOLDER else ocp.RestoreArgs(restore_type=np.ndarray), item
+      )
+      _restore_items(path, **{STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args)})
+  except (OSError, ValueError) as e:
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise StorageError(
+      f'checkpoint step {step} was written to {directory} but cannot be read back ({first}); '
+      'use another directory'
+    ) from None
 
 
 def save_variables(
@@ -385,16 +492,42 @@ def restore(directory: PathLike, target: PyTree, step: int | None = None) -> tup
       {p: _shape_dtype(x)[0] for p, x in ocp.tree.to_flat_dict(target, sep='/').items()},
       {p: shape for p, (shape, _) in stored.items()},
     )
+  # A part of the target with no arrays that the saved state lacks altogether (a field added
+  # to the train state since the checkpoint was written, as `ema`, empty unless asked for) is
+  # left out of the restore and comes back from the target: an older checkpoint resumes.
+  absent = _absent_empty_fields(path, target)
+  item = target
+  if absent:
+    absl_logging.warning('checkpoint %s predates the fields %s; they start empty', path, absent)
+    item = {k: v for k, v in _fields(target).items() if k not in absent}
   # Restoring as numpy ignores the saved sharding, so any device layout can resume.
-  restore_args = _map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  restore_args = _map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), item)
   restored = _restore_items(
     path,
     **{
-      STATE: ocp.args.PyTreeRestore(item=target, restore_args=restore_args),
+      STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args),
       META: ocp.args.JsonRestore(),
     },
   )
-  return restored[STATE], restored[META]
+  state = restored[STATE]
+  if absent:
+    state = target.replace(**state) if hasattr(target, 'replace') else {**target, **state}
+  return state, restored[META]
+
+
+def _fields(tree: Any) -> dict[str, Any]:
+  """The top-level parts of a dict or a dataclass pytree (a `TrainState`), by name."""
+  if dataclasses.is_dataclass(tree):
+    return {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
+  return dict(tree) if isinstance(tree, Mapping) else {}
+
+
+def _absent_empty_fields(path: epath.Path, target: Any) -> list[str]:
+  """Top-level parts of `target` that hold no arrays and that the step's saved tree lacks."""
+  with _checkpointer() as ckptr:
+    saved = ckptr.metadata(path).item_metadata[STATE].tree
+  names = set(saved) if isinstance(saved, Mapping) else set()
+  return [k for k, v in _fields(target).items() if k not in names and not jax.tree.leaves(v)]
 
 
 def load_params(

@@ -73,6 +73,8 @@ class Workdir:
 
   def __post_init__(self):
     storage.check(self.root, 'workdir')
+    # Refused before anything is written: a workdir Orbax cannot read its checkpoints back from.
+    checkpoint.check_directory(self.root, 'workdir')
 
   def _join(self, name: str) -> epath.Path:
     return storage.path(self.root) / name
@@ -211,10 +213,13 @@ def record_launch(
   *,
   processes: int,
   devices: int,
+  warnings: Sequence[str] = (),
+  version: str = '',
 ) -> None:
   """config.json, plan.txt and data.json on the first launch (never rewritten: they record
-  what ran); a line in launches.jsonl on every launch. A later launch that reads other data
-  than the first is warned about."""
+  what ran); a line in launches.jsonl on every launch, with the config's `warnings` and the
+  ftlab `version` that ran it. A later launch that reads other data than the first is warned
+  about."""
   storage.path(workdir.root).mkdir(parents=True, exist_ok=True)
   if not workdir.config.exists():
     workdir.config.write_text(config.to_json_best_effort(indent=2) + '\n')
@@ -231,6 +236,8 @@ def record_launch(
     'first_step': first_step,
     'processes': processes,
     'devices': devices,
+    **({'ftlab_version': version} if version else {}),
+    **({'warnings': list(warnings)} if warnings else {}),
   }
   if changes:
     # The whole config, not only the changes: `last_config` can then take the newest record

@@ -17,6 +17,7 @@ Adam moments), for live states and for states read back from a checkpoint.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -25,12 +26,70 @@ import numpy as np
 import optax
 
 from ftlab import paths
+from ftlab.errors import ConfigError
 from ftlab.plans import registry
 from ftlab.plans.policies import Plan, PlanError
 from ftlab.plans.selection import FROZEN, RESAMPLED, TRAINED
 
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 SCHEDULES = ('cosine', 'constant')
+
+
+def _number(cfg: Any, key: str, default: Any, valid: str, ok) -> float:
+  """`cfg.key` as a float, checked by `ok`; a ConfigError naming the field, its value and
+  what would be valid otherwise."""
+  value = _get(cfg, key, default)
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not number or not math.isfinite(value) or not ok(value):
+    raise ConfigError(f'optimizer.{key}={value!r} is not {valid}')
+  return float(value)
+
+
+def check(cfg: Any, total_steps: int) -> list[str]:
+  """Checks the optimizer config's values for sense, before anything is built on them.
+
+  Refused (as `torch.optim` refuses them): a learning rate that is not positive, a decay or
+  clipping norm below 0, momentum or Adam betas outside [0, 1) (b1 = 1 divides Adam's bias
+  correction by zero at every step), eps that is not positive, negative warmup steps.
+
+  Args:
+    cfg: the optimizer config.
+    total_steps: the run's steps.
+
+  Returns:
+    Warnings for values that are legal but surprising (a warmup at least as long as the run:
+    the peak learning rate is never reached), each naming the field.
+
+  Raises:
+    ConfigError: naming the first bad field, its value and what would be valid.
+  """
+  name = _get(cfg, 'name', 'sgd')
+  if name not in OPTIMIZERS:
+    raise ConfigError(f'unknown optimizer {name!r}; valid: {", ".join(OPTIMIZERS)}')
+  lr = _number(cfg, 'learning_rate', None, 'a positive number (e.g. 1e-3)', lambda v: v > 0)
+  _number(cfg, 'weight_decay', 0.0, 'a number >= 0 (0: no decay)', lambda v: v >= 0)
+  _number(cfg, 'grad_clip_norm', 0.0, 'a number >= 0 (0: no clipping)', lambda v: v >= 0)
+  fraction = 'a number in [0, 1)'
+  if name == 'sgd':
+    _number(cfg, 'momentum', 0.9, f'{fraction} (0: plain SGD)', lambda v: 0 <= v < 1)
+  else:
+    _number(cfg, 'b1', 0.9, f'{fraction} (e.g. 0.9)', lambda v: 0 <= v < 1)
+    _number(cfg, 'b2', 0.999, f'{fraction} (e.g. 0.999)', lambda v: 0 <= v < 1)
+    _number(cfg, 'eps', 1e-8, 'a positive number (e.g. 1e-8)', lambda v: v > 0)
+  warmup = _get(cfg, 'warmup_steps', 0)
+  if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    raise ConfigError(f'optimizer.warmup_steps={warmup!r} is not a number of steps >= 0')
+  schedule = _get(cfg, 'schedule', 'cosine')
+  if schedule not in SCHEDULES:
+    raise ConfigError(f'unknown schedule {schedule!r}; valid: {", ".join(SCHEDULES)}')
+  warnings = []
+  if warmup and warmup >= total_steps:
+    reached = lr * total_steps / warmup
+    warnings.append(
+      f'optimizer.warmup_steps={warmup} >= num_train_steps={total_steps}: the learning rate '
+      f'rises to {reached:.3g} at the last step and never reaches its peak {lr:g}'
+    )
+  return warnings
 
 
 def _get(cfg: Any, key: str, default: Any) -> Any:
@@ -45,11 +104,10 @@ def learning_rate_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
     cfg: the optimizer config (`learning_rate`, `warmup_steps`, `schedule`).
     total_steps: training steps; cosine decays to 0 at this step.
   """
+  check(cfg, total_steps)
   lr = float(cfg.learning_rate)
   warmup = int(_get(cfg, 'warmup_steps', 0))
   name = _get(cfg, 'schedule', 'cosine')
-  if name not in SCHEDULES:
-    raise PlanError(f'unknown schedule {name!r}; valid: {", ".join(SCHEDULES)}')
   if name == 'cosine' and not warmup:
     # optax's warmup-cosine with 0 warmup steps: the same values, without its warning about
     # a zero-step linear schedule.
@@ -214,9 +272,8 @@ def make(
   Returns:
     A transformation whose state holds nothing for frozen leaves.
   """
+  check(cfg, total_steps)
   name = _get(cfg, 'name', 'sgd')
-  if name not in OPTIMIZERS:
-    raise PlanError(f'unknown optimizer {name!r}; valid: {", ".join(OPTIMIZERS)}')
   weight_decay = float(_get(cfg, 'weight_decay', 0.0))
   decay = decay_multipliers(_get(cfg, 'wd_mults', ()), list(paths.flatten(plan.trainable_mask)))
   # The chain's order is its meaning: clipping first, on the raw trainable gradient; then the
