@@ -149,7 +149,7 @@ def test_a_budget_larger_than_a_class_names_the_setting_and_the_class(tmp_path, 
   config = folder_config(name)
   config.dataset.examples_per_class = 5
   one_line_exit_2(
-    config, tmp_path / 'a', capsys, 'dataset.examples_per_class=5', "class 'cat' has only 3"
+    config, tmp_path / 'a', capsys, 'dataset.examples_per_class=5', "class 'cat' has 3 examples"
   )
   config = folder_config(name)
   config.evals.fewshot.shots = (1, 4)

@@ -158,8 +158,9 @@ def build_dataset(
       indices, label_map = select(labels, indices, classes, len(names), examples_per_class, seed)
     except ShortClass as e:  # named here, where the class names and the split are known
       raise DatasetError(
-        f'{budget_name}={examples_per_class}: class {names[e.label]!r} has only '
-        f'{e.count} examples in {split!r} of {name}; lower it, or give the class more data'
+        f'{budget_name}={examples_per_class}: class {names[e.label]!r} has {e.count} '
+        f'examples in {split!r} of {name}, fewer than {examples_per_class}; lower it, or give '
+        'the class more data'
       ) from None
     names = tuple(names[c] for c in classes) if classes else names
   if labels is not None:
