@@ -14,6 +14,10 @@ import numpy as np
 from ftlab import paths
 from ftlab.models import vgg
 
+# Why a module that needs torch skips: its CPU wheel lies on these machines' disks for Python
+# 3.11 only (setup.cfg asks for it there); elsewhere pip would fetch a CUDA build of several GB.
+NO_TORCH = 'torch is not installed (its CPU wheel is installed on Python 3.11 only; see setup.cfg)'
+
 
 def tiny_vgg(batch_norm=False, head='gap', num_classes=5, width=1 / 16, **kw):
   """A VGG11 narrow enough for a CPU test (4 to 32 channels at width 1/16)."""

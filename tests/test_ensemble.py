@@ -193,9 +193,13 @@ def test_batch_norm_reset_averages_batch_statistics_over_devices():
     first,
     second,
   )
-  # Statistics of the global batch: the same on one device as on eight.
+  # Statistics of the global batch: the same on one device as on eight, up to summation
+  # order. A mean summed in another order moves by a few ulps of its summands, not of the
+  # (possibly cancelling) result, and each layer's statistics inherit the previous layer's
+  # differences: so the bound scales with the leaf's largest entry. Measured: 6.3e-6 on a
+  # channel mean of -0.08 whose leaf peaks at 2.57 (jax 0.10.0), i.e. 2.4e-6 of the peak.
   jax.tree.map(
-    lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6),
+    lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-5 * np.abs(y).max()),
     first,
     reset(train_data[:1], num_devices=1),
   )

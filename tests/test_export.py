@@ -10,6 +10,14 @@ statistics), drawn here and not taken from a torch or Keras model, so that logit
 order one and a 1e-5 bound says something.
 """
 
+# ruff: noqa: E402 (the imports below need torch, which this module asks for first)
+
+import pytest
+
+from tests import fakes
+
+torch = pytest.importorskip('torch', reason=fakes.NO_TORCH)
+
 import json
 import os
 
@@ -18,8 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import porting_refs as refs
-import pytest
-import torch
 from safetensors.torch import load_file
 
 from configs import default

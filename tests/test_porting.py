@@ -6,6 +6,14 @@ Full-width models only where the equivalence must be shown at full size (Keras V
 torch VGG16 and VGG16_BN); every other test uses width 1/16.
 """
 
+# ruff: noqa: E402 (the imports below need torch, which this module asks for first)
+
+import pytest
+
+from tests import fakes
+
+torch = pytest.importorskip('torch', reason=fakes.NO_TORCH)
+
 import functools
 import hashlib
 import json
@@ -17,8 +25,6 @@ import warnings
 import jax
 import numpy as np
 import porting_refs as refs
-import pytest
-import torch
 from safetensors.torch import save_file
 
 from ftlab import porting

@@ -6,6 +6,14 @@ framework's numbers and says what it left out; non-finite values are refused.
 References are independent: torch modules (tests/porting_refs.py), Keras itself, onnxruntime.
 """
 
+# ruff: noqa: E402 (the imports below need torch, which this module asks for first)
+
+import pytest
+
+from tests import fakes
+
+torch = pytest.importorskip('torch', reason=fakes.NO_TORCH)
+
 import glob
 import importlib.util
 import json
@@ -16,8 +24,6 @@ import sys
 
 import numpy as np
 import porting_refs as refs
-import pytest
-import torch
 
 from ftlab import porting
 from ftlab.porting import PortError

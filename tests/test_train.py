@@ -308,3 +308,48 @@ def test_skip_nonfinite_keeps_state_and_counts():
   for a, b in zip(jax.tree.leaves((host.params, host.batch_stats)), before):
     assert np.array_equal(a, b)
   assert not any(np.any(x) for x in jax.tree.leaves(host.opt_state))  # momentum untouched
+
+
+def test_bfloat16_computes_in_bfloat16_with_float32_master_weights():
+  """`model.dtype=bfloat16`: activations in bfloat16, parameters, optimizer state, gradients
+  and loss in float32 (master weights). One step agrees with float32 to bfloat16's precision
+  (8 significant bits, a rounding of 2^-9 per operation, compounding down the backward pass):
+  the loss within 1% and each gradient's direction within a cosine of 0.9 (measured on this
+  narrow VGG11-BN: 0.01% and 0.956 at the first block, 0.9996 at the head)."""
+  variables = init(tiny(batch_norm=True))
+  found = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    model = tiny(batch_norm=True, dtype=dtype)
+    plan = policies.make_plan(
+      variables['params'], model.block_structure(), ConfigDict(POLICIES['full'])
+    )
+    tx = optim.make(plan, ConfigDict(dict(SGD, momentum=0.9)), 10)
+    bound = train.bind_model(model, plan, axis_name=None)
+
+    def loss(params, batch, bound=bound):
+      logits, _ = bound.apply(
+        {**variables, 'params': params}, batch['image'], train=True, mutable=['batch_stats']
+      )
+      assert logits.dtype == jnp.float32  # the loss is float32 whatever the activations
+      return train.cross_entropy(logits, batch['label']).mean()
+
+    batch = batches(1)[0]
+    found[dtype] = jax.value_and_grad(loss)(variables['params'], batch)
+    state, metrics = run(model, variables, plan, tx, [batch], num_devices=1)
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype(np.float32)}
+    assert {x.dtype for x in jax.tree.leaves(state.opt_state)} <= {
+      np.dtype(np.float32),
+      np.dtype(np.int32),
+    }
+    assert np.isfinite(metrics['loss'])
+  (loss32, grads32), (loss16, grads16) = found[jnp.float32], found[jnp.bfloat16]
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads16))  # master gradients
+  assert abs(float(loss16) - float(loss32)) <= 0.01 * abs(float(loss32))
+  flat32 = paths.flatten(grads32)
+  for path, g32 in flat32.items():
+    if paths.leaf_of(path) == 'bias' and f'{paths.layer_of(path)}_bn/scale' in flat32:
+      continue  # a conv bias before BatchNorm: its gradient is zero but for rounding
+    g16 = np.ravel(paths.flatten(grads16)[path]).astype(np.float64)
+    g32 = np.ravel(g32).astype(np.float64)
+    cosine = g16 @ g32 / (np.linalg.norm(g16) * np.linalg.norm(g32) + 1e-30)
+    assert cosine > 0.9, (path, cosine)

@@ -3,6 +3,14 @@ with no server), a checksum that does not match, an interrupted transfer, offlin
 placed by hand, the hub's sha256 behind a redirect, one download for concurrent fetches; and
 the config side: `auto` preprocessing, a mismatch refused, transfer.py's explicit scratch."""
 
+# ruff: noqa: E402 (the imports below need torch, which this module asks for first)
+
+import pytest
+
+from tests import fakes
+
+torch = pytest.importorskip('torch', reason=fakes.NO_TORCH)
+
 import contextlib
 import hashlib
 import http.server
@@ -12,8 +20,6 @@ import threading
 
 import numpy as np
 import porting_refs as refs
-import pytest
-import torch
 
 from configs import transfer
 from ftlab import init_from
