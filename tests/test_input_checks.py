@@ -60,7 +60,7 @@ def one_line_exit_2(config, workdir_, capsys, *says):
 @pytest.mark.parametrize(
   'field, value, says',
   [
-    ('learning_rate', -0.01, 'optimizer.learning_rate=-0.01 is not a positive number'),
+    ('learning_rate', -0.01, 'optimizer.learning_rate=-0.01 is not a number >= 0'),
     ('learning_rate', float('nan'), 'optimizer.learning_rate=nan'),
     ('weight_decay', -0.1, 'optimizer.weight_decay=-0.1 is not a number >= 0'),
     ('momentum', 1.0, 'optimizer.momentum=1.0 is not a number in [0, 1)'),
@@ -90,6 +90,12 @@ def test_a_warmup_longer_than_the_run_is_a_warning_not_an_error():
   assert 'optimizer.warmup_steps=100 >= num_train_steps=2' in warning
   assert 'never reaches its peak 0.01' in warning
   assert optim.check(ConfigDict(dict(name='adam', learning_rate=1e-2, warmup_steps=1)), 2) == []
+
+
+def test_a_zero_learning_rate_is_a_warning_not_an_error():
+  # torch.optim also takes lr=0; a run at lr 0 evaluates its starting weights.
+  (warning,) = optim.check(ConfigDict(dict(name='sgd', learning_rate=0.0)), 10)
+  assert warning.startswith('optimizer.learning_rate=0: no parameter changes')
 
 
 @pytest.mark.parametrize(

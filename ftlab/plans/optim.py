@@ -48,7 +48,7 @@ def _number(cfg: Any, key: str, default: Any, valid: str, ok) -> float:
 def check(cfg: Any, total_steps: int) -> list[str]:
   """Checks the optimizer config's values for sense, before anything is built on them.
 
-  Refused (as `torch.optim` refuses them): a learning rate that is not positive, a decay or
+  Refused (as `torch.optim` refuses them): a negative learning rate, a decay or
   clipping norm below 0, momentum or Adam betas outside [0, 1) (b1 = 1 divides Adam's bias
   correction by zero at every step), eps that is not positive, negative warmup steps.
 
@@ -57,8 +57,9 @@ def check(cfg: Any, total_steps: int) -> list[str]:
     total_steps: the run's steps.
 
   Returns:
-    Warnings for values that are legal but surprising (a warmup at least as long as the run:
-    the peak learning rate is never reached), each naming the field.
+    Warnings for values that are legal but surprising, each naming the field: a learning rate
+    of 0 (nothing trains; the run evaluates its starting weights, a baseline some studies
+    want), a warmup at least as long as the run (the peak learning rate is never reached).
 
   Raises:
     ConfigError: naming the first bad field, its value and what would be valid.
@@ -66,7 +67,7 @@ def check(cfg: Any, total_steps: int) -> list[str]:
   name = _get(cfg, 'name', 'sgd')
   if name not in OPTIMIZERS:
     raise ConfigError(f'unknown optimizer {name!r}; valid: {", ".join(OPTIMIZERS)}')
-  lr = _number(cfg, 'learning_rate', None, 'a positive number (e.g. 1e-3)', lambda v: v > 0)
+  lr = _number(cfg, 'learning_rate', None, 'a number >= 0 (e.g. 1e-3)', lambda v: v >= 0)
   _number(cfg, 'weight_decay', 0.0, 'a number >= 0 (0: no decay)', lambda v: v >= 0)
   _number(cfg, 'grad_clip_norm', 0.0, 'a number >= 0 (0: no clipping)', lambda v: v >= 0)
   fraction = 'a number in [0, 1)'
@@ -83,6 +84,11 @@ def check(cfg: Any, total_steps: int) -> list[str]:
   if schedule not in SCHEDULES:
     raise ConfigError(f'unknown schedule {schedule!r}; valid: {", ".join(SCHEDULES)}')
   warnings = []
+  if lr == 0:
+    warnings.append(
+      'optimizer.learning_rate=0: no parameter changes (BatchNorm statistics of trained '
+      'layers still do); the run evaluates its starting weights'
+    )
   if warmup and warmup >= total_steps:
     reached = lr * total_steps / warmup
     warnings.append(
