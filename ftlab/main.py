@@ -3,8 +3,12 @@
 Trains and evaluates one run (`ftlab.loop.train_and_evaluate`). A bad config value, input
 file or flag stops before any compute with one line and exit code 2; a non-finite loss or a
 frozen parameter that moved exits 1; SIGTERM/SIGINT checkpoints and exits 128 + the signal.
+SIGUSR1 prints every thread's Python stack to stderr and the run goes on (`kill -USR1 PID`
+on a run that seems stuck; `scripts/launch_local.py` does it before stopping a timed-out job).
 """
 
+import faulthandler
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -65,6 +69,9 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> int:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  # Where a stuck run waits, without stopping it (a multi-process job that hangs in a collective
+  # shows which call each process is in).
+  faulthandler.register(signal.SIGUSR1, all_threads=True)
   code = run(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
   if code:
     sys.exit(code)

@@ -9,7 +9,9 @@ Each copy gets `FTLAB_COORDINATOR_ADDRESS` (a free loopback port), `FTLAB_NUM_PR
 of `--collective_timeout` seconds (XLA's default, 30 s, is shorter than one process's compile
 may take when the machine is busy). Output is streamed
 with a `[pI]` prefix. When one copy fails, the others are stopped (SIGTERM, then SIGKILL) and
-the launcher exits with the failed copy's code; `--timeout` ends a stuck launch the same way.
+the launcher exits with the failed copy's code; `--timeout` ends a stuck launch the same way,
+after a SIGUSR1 to each copy (`ftlab.main` then prints every thread's Python stack: where each
+process was waiting).
 """
 
 import argparse
@@ -22,6 +24,7 @@ import threading
 import time
 
 GRACE_SECONDS = 10  # between SIGTERM and SIGKILL when stopping the others
+STACKS_SECONDS = 3  # for the copies to print their stacks (SIGUSR1) before a timed-out stop
 # XLA's CPU collectives (gloo) give the processes 30 s to meet at a collective; the first one
 # waits while every process compiles its step, which on a busy 2-core machine can take longer
 # for one process than the other (the suite under two CPU burners ended in DEADLINE_EXCEEDED).
@@ -51,6 +54,14 @@ def stop(procs: list[subprocess.Popen]) -> None:
     except subprocess.TimeoutExpired:
       p.kill()
       p.wait()
+
+
+def dump_stacks(procs: list[subprocess.Popen]) -> None:
+  """Asks every running copy for its Python stacks (printed to its stderr, which is streamed)."""
+  for p in procs:
+    if p.poll() is None:
+      p.send_signal(signal.SIGUSR1)
+  time.sleep(STACKS_SECONDS)
 
 
 def describe(code: int) -> str:
@@ -115,10 +126,12 @@ def main() -> int:
         return 0
       if time.time() > deadline:
         print(
-          f'launch_local: timed out after {args.timeout:g} s; stopping all processes',
+          f'launch_local: timed out after {args.timeout:g} s; their stacks, then stopping all '
+          'processes',
           file=sys.stderr,
           flush=True,
         )
+        dump_stacks(procs)
         stop(procs)
         return 124
       time.sleep(0.1)

@@ -74,9 +74,14 @@ def test_sigterm_checkpoints_the_current_step_and_resume_is_bit_identical(tmp_pa
     cli(tmp_path, *SOAK), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
   )
   wait_for_step(proc, tmp_path / 'checkpoints', 30)
+  # SIGUSR1 prints where the run is (every thread's stack) and the run goes on.
+  proc.send_signal(signal.SIGUSR1)
+  time.sleep(0.5)
+  assert proc.poll() is None
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signal.SIGTERM
+  assert '(most recent call first)' in stderr and 'in train_and_evaluate' in stderr
   line = [l for l in stderr.splitlines() if l.startswith('preempted at step')][-1]
   step = int(line.split()[3])
   assert line == (
