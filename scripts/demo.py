@@ -21,6 +21,7 @@ interrupted demo resumes; frozen-prefix outputs are computed once for all runs
 import json
 import os
 import sys
+import textwrap
 import time
 
 import jax
@@ -158,7 +159,9 @@ def plot(rows: list[dict], shots: int, path: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(7.5, 3.6))
+  # Labels wrapped and the height grown with the rows, so long plan descriptions leave the bars
+  # their width.
+  fig, ax = plt.subplots(figsize=(9, 1.0 + 0.5 * len(rows)))
   y = np.arange(len(rows))
   means = [100 * r['mean'] for r in rows]
   colors = ['grey' if r['plan'] == 'scratch' else 'tab:blue' for r in rows]
@@ -179,7 +182,7 @@ def plot(rows: list[dict], shots: int, path: str) -> None:
       color='white',
       fontsize=8,
     )
-  ax.set_yticks(y, [r['label'] for r in rows], fontsize=8)
+  ax.set_yticks(y, [textwrap.fill(r['label'], 48) for r in rows], fontsize=8)
   ax.set_xlim(0, 100)
   ax.invert_yaxis()
   ax.set_xlabel(f'Fashion-MNIST test accuracy (%), {shots} labels per class; dots: seeds')
