@@ -59,6 +59,7 @@ def initialize_distributed(multi_host: bool) -> None:
       num_processes=int(os.environ['FTLAB_NUM_PROCESSES']),
       process_id=int(os.environ['FTLAB_PROCESS_ID']),
     )
+    _connect_devices()
   elif multi_host:
     try:
       # No arguments: JAX reads the cluster's environment (SLURM, Open MPI, TPU pods, GKE).
@@ -69,6 +70,33 @@ def initialize_distributed(multi_host: bool) -> None:
         'multi_host=False to run on this machine, or start one process per host under SLURM, '
         'Open MPI or a TPU pod (scripts/launch_local.py runs several on one machine)'
       ) from None
+
+
+def _connect_devices() -> None:
+  """Forms the job's Gloo connections while the processes are in step.
+
+  Gloo connects the devices of a collective at its first use and gives every process a fixed
+  30 s to arrive (XLA sets no timeout there). At the first train step one process can be further
+  behind than that on a busy machine (its compile): seen as "Gloo context initialization failed
+  ... 29.99999994s" at the first step of a 2 x 4 run beside two CPU burners. Just after
+  `jax.distributed.initialize` has brought the processes together, two tiny collectives form
+  the groups the run uses and reuses: every device (the steps' sums over the `'batch'` axis)
+  and each device with its peers (`multihost_utils`' gathers, Orbax's barriers).
+
+  Raises:
+    RuntimeError: the sum over the devices is not their number (a broken connection).
+  """
+  mesh = Mesh(np.array(jax.devices()), (AXIS,))
+  ones = jax.make_array_from_process_local_data(
+    NamedSharding(mesh, P(AXIS)), np.ones(jax.local_device_count(), np.float32)
+  )
+  count = jax.jit(
+    jax.shard_map(lambda x: jax.lax.psum(x, AXIS), mesh=mesh, in_specs=P(AXIS), out_specs=P())
+  )(ones)
+  found = float(np.asarray(count.addressable_shards[0].data)[0])
+  if found != jax.device_count():
+    raise RuntimeError(f'a sum of ones over {jax.device_count()} devices gave {found}')
+  multihost_utils.sync_global_devices('ftlab: connect every device')
 
 
 class PreemptionNotice:
