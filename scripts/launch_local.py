@@ -28,6 +28,8 @@ STACKS_SECONDS = 3  # for the copies to print their stacks (SIGUSR1) before a ti
 # XLA's CPU collectives (gloo) give the processes 30 s to meet at a collective; the first one
 # waits while every process compiles its step, which on a busy 2-core machine can take longer
 # for one process than the other (the suite under two CPU burners ended in DEADLINE_EXCEEDED).
+# Gloo's own 30 s to connect a group at its first use is not this flag's: `ftlab.parallel`
+# connects every group at start, while the processes are in step.
 COLLECTIVE_TIMEOUT_SECONDS = 600
 
 

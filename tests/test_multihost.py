@@ -98,8 +98,15 @@ def started_pids(proc, until, output):
 
 @pytest.mark.parametrize('parallelism', ['pmap', 'shard_map'])
 def test_two_processes_equal_one(tmp_path, one_by_eight, parallelism):
-  launch(tmp_path, 2, 4, f'--config.parallelism={parallelism}')
+  result = launch(tmp_path, 2, 4, f'--config.parallelism={parallelism}')
   assert_same_run(tmp_path, one_by_eight)
+  # Each process connects its Gloo groups at start (`parallel._connect_devices`), none at a
+  # step, where a busy machine can put one process past gloo's fixed 30 s.
+  for p in range(2):
+    lines = [line for line in result.stdout.splitlines() if line.startswith(f'[p{p}]')]
+    connected = [i for i, line in enumerate(lines) if '[Gloo]' in line]
+    steps = next(i for i, line in enumerate(lines) if 'training steps 1..20' in line)
+    assert connected and max(connected) < steps, '\n'.join(lines)
   # Only process 0 writes: every logged step appears once.
   steps = [r['step'] for r in read_jsonl(tmp_path / 'metrics.jsonl') if 'train/loss' in r]
   assert steps == [5, 10, 15, 20]
