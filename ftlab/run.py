@@ -161,7 +161,9 @@ def check_values(config: Any) -> list[str]:
   then the optimizer's (`optim.check`).
 
   Returns:
-    Warnings for legal but surprising values, each naming its field.
+    Warnings for legal but surprising values, each naming its field: `num_train_steps=0`
+    (nothing trains: the run evaluates its starting weights, e.g. a checkpoint's), and the
+    optimizer's.
 
   Raises:
     ConfigError: naming the first bad field, its value and what would be valid.
@@ -171,7 +173,8 @@ def check_values(config: Any) -> list[str]:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
       raise errors.ConfigError(f'{field}={value!r} is not a whole number >= {least}')
 
-  for field in ('num_train_steps', 'batch_size', 'eval_batch_size', 'log_every_steps'):
+  whole('num_train_steps', config.get('num_train_steps'), 0)
+  for field in ('batch_size', 'eval_batch_size', 'log_every_steps'):
     whole(field, config.get(field), 1)
   for field in ('eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     whole(field, config.get(field), 1)
@@ -185,7 +188,13 @@ def check_values(config: Any) -> list[str]:
     isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1
   ):
     raise errors.ConfigError(f'label_smoothing={smoothing!r} is not a number in [0, 1)')
-  return optim.check(config.optimizer, config.num_train_steps)
+  warnings = []
+  if config.num_train_steps == 0:
+    warnings.append(
+      'num_train_steps=0: nothing trains; the run evaluates its starting weights '
+      '(init.checkpoint, or the initialisation)'
+    )
+  return warnings + optim.check(config.optimizer, config.num_train_steps)
 
 
 def check_plans(

@@ -101,8 +101,7 @@ def test_a_zero_learning_rate_is_a_warning_not_an_error():
 @pytest.mark.parametrize(
   'field, value, says',
   [
-    ('num_train_steps', -5, 'num_train_steps=-5 is not a whole number >= 1'),
-    ('num_train_steps', 0, 'num_train_steps=0'),
+    ('num_train_steps', -5, 'num_train_steps=-5 is not a whole number >= 0'),
     ('batch_size', 0, 'batch_size=0'),
     ('eval_every_steps', 0, 'eval_every_steps=0'),
     ('keep_checkpoints', 0, 'keep_checkpoints=0'),
@@ -116,6 +115,15 @@ def test_run_values_are_refused_by_name(field, value, says):
   with pytest.raises(errors.ConfigError) as e:
     run.check_values(config)
   assert says in str(e.value)
+
+
+def test_zero_steps_evaluate_the_starting_weights_with_a_warning(tmp_path):
+  # A 0-step run is how a checkpoint is evaluated under a new config (`init.checkpoint=RUN`).
+  config = folder_config(image_folder(tmp_path / 'data', {'train': 4, 'test': 2}))
+  config.num_train_steps = 0
+  summary = loop.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['steps'] == 0 and summary['eval_examples'] == 4
+  assert summary['warnings'][0].startswith('num_train_steps=0: nothing trains')
 
 
 def test_warnings_are_said_once_and_kept_in_the_record(tmp_path, caplog):
