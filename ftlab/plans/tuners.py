@@ -65,9 +65,18 @@ class Tuner(registry.Selector):
     raise NotImplementedError
 
   def describe(self, layers: Mapping[str, Mapping[str, Any]]) -> str:
-    """One line for the audit table, given `{layer: {leaf: value}}` of the adapted layers."""
-    count = sum(int(np.prod(np.shape(v))) for leaves in layers.values() for v in leaves.values())
-    return f'{self.title}: {count:,} adapter parameters on {len(layers)} frozen kernels'
+    """One line for the audit table, given `{layer: {leaf: value}}` of the adapted layers
+    (constants such as a stored alpha are not counted: they never train)."""
+    count = sum(
+      int(np.prod(np.shape(v)))
+      for leaves in layers.values()
+      for leaf, v in leaves.items()
+      if leaf in self.trained
+    )
+    return (
+      f'{self.title}: {count:,} adapter parameters on {len(layers)} frozen kernels, '
+      'folded into them for export, soups and evaluation (tuners.merge)'
+    )
 
   @property
   def trained(self) -> tuple[str, ...]:
@@ -90,6 +99,50 @@ class Tuner(registry.Selector):
         f'policy {self.name}: the parameters hold no adapters (tuners.attach adds them)'
       )
     return whole(ctx, found | ctx.head_if(call))
+
+
+def rank_and_alpha(call: Call, default_alpha: float) -> tuple[int, float]:
+  """The checked `rank` and `alpha` of a low-rank tuner's call (LoRA, DoRA, LoHa, LoKr: the
+  update is scaled by alpha / rank).
+
+  Raises:
+    PlanError: a rank that is not a positive integer or an alpha that is not a positive number.
+  """
+  rank, alpha = call.get('rank'), call.get('alpha', default_alpha)
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    raise PlanError(
+      f'policy {call.name}: rank={rank!r} is not a positive integer (e.g. {call.name}(8))'
+    )
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < np.inf:
+    raise PlanError(f'policy {call.name}: alpha={alpha!r} is not a positive number (e.g. alpha=16)')
+  return rank, float(alpha)
+
+
+def kaiming_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype: Any) -> jax.Array:
+  """U(+-1/sqrt(fan_in)) of `shape`: torch's `kaiming_uniform_(a=sqrt(5))`, which peft uses for
+  the adapter factors that do not start at zero (fan_in as torch counts it for the factor's
+  own torch layout, given by the caller)."""
+  bound = 1.0 / np.sqrt(fan_in)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def torch_order(kernel: Any) -> Any:
+  """A kernel as the `[D, Cout]` matrix whose rows are in torch's `(Cin, kh, kw)` order: conv
+  `[k, k, Cin, Cout]` -> `[Cin * k * k, Cout]`, dense `[in, out]` as it is. The methods whose
+  result depends on how a conv kernel's input axes are grouped (OFT's blocks) use this order,
+  so that their blocks are peft's."""
+  if kernel.ndim == 2:
+    return kernel
+  k1, k2, cin, cout = kernel.shape
+  return kernel.transpose(2, 0, 1, 3).reshape(cin * k1 * k2, cout)
+
+
+def from_torch_order(matrix: Any, shape: tuple[int, ...]) -> Any:
+  """The inverse of `torch_order`: the `[D, Cout]` matrix back to a kernel of `shape`."""
+  if len(shape) == 2:
+    return matrix
+  k1, k2, cin, cout = shape
+  return matrix.reshape(cin, k1, k2, cout).transpose(1, 2, 0, 3)
 
 
 def all_tuners() -> dict[str, Tuner]:
