@@ -72,6 +72,61 @@ PLANS = {
     'lora(461, alpha=461) & blocks([5])',
     'LoRA rank 461 on block 5 + head (last_block budget)',
   ),
+  # The tuners beside LoRA (ftlab/plans/methods/), alpha = rank where there is one. The low-rank
+  # and rotation families at sparse_top's budget on blocks 4-5 (3% of the backbone); SSF and
+  # (IA)^3 at their natural budgets on every conv (2 Cout and Cout per layer).
+  'dora_top': (
+    'dora(16, alpha=16) & blocks([4, 5])',
+    'DoRA rank 16 on blocks 4-5 + head (sparse_top budget)',
+  ),
+  # LoHa: 2 r (9 Cin + Cout) per layer, r = 12: 436,224 on blocks 4-5.
+  'loha_top': (
+    'loha(12, alpha=12) & blocks([4, 5])',
+    'LoHa rank 12 on blocks 4-5 + head (sparse_top budget)',
+  ),
+  # LoKr with 4 x 4 Kronecker factors (factor=4): 16 + r (9 d + b) per layer, r = 100: 454,464.
+  'lokr_top': (
+    'lokr(100, alpha=100, factor=4) & blocks([4, 5])',
+    'LoKr rank 100, factor 4, on blocks 4-5 + head (sparse_top budget)',
+  ),
+  # OFT: D (b - 1) / 2 per layer, b = 64: 508,032 on blocks 4-5 (sparse_top's budget lies
+  # between b = 48 and b = 64, and b must divide D).
+  'oft_top': (
+    'oft(64) & blocks([4, 5])',
+    'OFT blocks of 64 on blocks 4-5 + head (sparse_top budget)',
+  ),
+  'ssf': ('ssf', 'SSF: scale and shift of every conv output channel + head'),
+  'ia3': ('ia3', '(IA)^3: scale of every conv output channel + head'),
+}
+# The README demo's plans (`bash scripts/demo.sh`); the others are the tuner comparison
+# (README, "The tuner family at matched budgets").
+DEMO = (
+  'scratch',
+  'linear_probe',
+  'last_block',
+  'full',
+  'lp_ft',
+  'sparse_top',
+  'reselect_magnitude',
+  'reselect_fisher',
+  'rigl',
+  'lora_top',
+  'lora_last',
+)
+# Each plan's family: one series of the accuracy-against-parameters plot.
+FAMILY = {
+  'sparse_top': 'per-element masks',
+  'reselect_magnitude': 'dynamic masks',
+  'reselect_fisher': 'dynamic masks',
+  'rigl': 'dynamic masks',
+  'lora_top': 'low-rank (LoRA, DoRA, LoHa, LoKr)',
+  'lora_last': 'low-rank (LoRA, DoRA, LoHa, LoKr)',
+  'dora_top': 'low-rank (LoRA, DoRA, LoHa, LoKr)',
+  'loha_top': 'low-rank (LoRA, DoRA, LoHa, LoKr)',
+  'lokr_top': 'low-rank (LoRA, DoRA, LoHa, LoKr)',
+  'oft_top': 'orthogonal (OFT)',
+  'ssf': 'channel scales (SSF, (IA)^3)',
+  'ia3': 'channel scales (SSF, (IA)^3)',
 }
 # Plans that take another plan's minival-chosen learning rate (not selected on their own).
 LR_FROM = {

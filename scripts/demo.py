@@ -192,43 +192,39 @@ def plot(rows: list[dict], shots: int, path: str) -> None:
 
 
 def params_plot(rows: list[dict], shots: int, path: str) -> None:
-  """Mean test accuracy (± std over seeds) against trainable parameters (log scale): LoRA
-  plans (`lora_*`) and the other plans (masks, probes, full) as two series on one axis."""
+  """Mean test accuracy (± std over seeds) against trainable parameters (log scale), one
+  series per family of plans (`configs/fewshot.FAMILY`; probes, full and from-scratch runs
+  are "baselines")."""
   import matplotlib
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(7.5, 4.2))
-  for is_lora, color, marker, name in (
-    (False, 'tab:blue', 'o', 'masks and baselines'),
-    (True, 'tab:red', 's', 'LoRA'),
-  ):
-    chosen = [r for r in rows if r['plan'].startswith('lora') == is_lora]
-    if not chosen:
-      continue
-    x = [r['trainable_parameters'] for r in chosen]
+  families = list(dict.fromkeys(fewshot.FAMILY.get(r['plan'], 'baselines') for r in rows))
+  fig, ax = plt.subplots(figsize=(8.5, 4.8))
+  for i, family in enumerate(families):
+    chosen = [r for r in rows if fewshot.FAMILY.get(r['plan'], 'baselines') == family]
     ax.errorbar(
-      x,
+      [r['trainable_parameters'] for r in chosen],
       [100 * r['mean'] for r in chosen],
       yerr=[100 * r['std'] for r in chosen],
-      fmt=marker,
-      color=color,
+      fmt='osD^vP*X'[i % 8],
+      color=f'C{i}',
       capsize=3,
-      label=name,
+      label=family,
     )
     for r in chosen:
       ax.annotate(
         r['plan'],
         (r['trainable_parameters'], 100 * r['mean']),
-        fontsize=8,
-        xytext=(5, -10 if is_lora else 5),
+        fontsize=7,
+        xytext=(5, 5 if i % 2 else -10),
         textcoords='offset points',
       )
   ax.set_xscale('log')
-  ax.set_xlabel('trainable parameters (adapters for LoRA; the head included)')
+  ax.set_xlabel('trainable parameters (adapters for tuners; the head included)')
   ax.set_ylabel(f'test accuracy (%), {shots} labels per class')
-  ax.legend(fontsize=8, loc='lower right')
+  ax.legend(fontsize=7, loc='lower right')
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -344,7 +340,9 @@ def study() -> None:
 def define_flags() -> None:
   """The command line (defined when run as a script, so tests can import the module)."""
   flags.DEFINE_string('workdir', 'workdirs/fewshot', 'where the runs and results go')
-  flags.DEFINE_list('plans', list(fewshot.PLANS), f'plans among {", ".join(fewshot.PLANS)}')
+  flags.DEFINE_list(
+    'plans', list(fewshot.DEMO), f"plans among {', '.join(fewshot.PLANS)} (default: the demo's)"
+  )
   flags.DEFINE_list('seeds', ['0', '1', '2'], 'seeds: each draws its labelled images and head init')
   flags.DEFINE_integer('shots', 10, 'labelled training images per class')
   flags.DEFINE_bool('select', False, 'choose learning rates on minival: configs/fewshot_lrs.json')
@@ -358,7 +356,7 @@ def define_flags() -> None:
     'bars',
     ['bars', 'params'],
     'bars per plan, or accuracy against '
-    'trainable parameters (LoRA and the other plans as two series)',
+    'trainable parameters (one series per family of plans, configs/fewshot.FAMILY)',
   )
 
 
