@@ -181,6 +181,24 @@ def blocks_scope(ctx: Context, call: Call) -> list[str]:
   return [p for p in ctx.backbone if p in chosen]
 
 
+def kernel_biases(ctx: Context, paths: list[str]) -> dict[str, str | None]:
+  """`{kernel path: its layer's bias path or None}` of the kernels among `paths`: leaves with
+  a fan-in and a unit axis (the last: a conv filter of `[kh, kw, Cin, Cout]`, a dense unit of
+  `[in, out]`); a bias is the layer's one-dimensional leaf of shape `(units,)` among `paths`."""
+  by_layer: dict[str, list[str]] = {}
+  for p in paths:
+    by_layer.setdefault(paths_.layer_of(p), []).append(p)
+  found = {}
+  for p in paths:
+    shape = ctx.shapes[p]
+    if len(shape) < 2:
+      continue
+    # The layer's leaf with one value per unit (`bias` in every VGG layer).
+    same = [q for q in by_layer[paths_.layer_of(p)] if ctx.shapes[q] == shape[-1:]]
+    found[p] = same[0] if same else None
+  return found
+
+
 def top_fraction(scores: Mapping[str, np.ndarray], density: float) -> dict[str, np.ndarray]:
   """Boolean masks choosing exactly round(density * n) entries with the largest scores,
   over all the given leaves together."""

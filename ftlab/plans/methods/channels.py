@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from ftlab import paths as paths_
 from ftlab.plans import registry
 from ftlab.plans.methods.snip import snip_scores
 from ftlab.plans.registry import Call, Param, PlanError, Selector
@@ -31,6 +30,7 @@ from ftlab.plans.selection import (
   TRAINED,
   Context,
   fraction,
+  kernel_biases,
   levels_of,
   optional_batches,
   top_count,
@@ -50,21 +50,6 @@ def check_score(call: Call) -> str:
   if score not in SCORES:
     raise PlanError(f'policy {call.name}: score={score!r}; valid: {", ".join(SCORES)}')
   return score
-
-
-def units(ctx: Context, paths: list[str]) -> dict[str, str | None]:
-  """`{kernel path: its layer's bias path or None}` of the kernels among `paths` (leaves with
-  a fan-in and a unit axis); a bias is the layer's `bias` leaf of shape `(units,)`."""
-  found = {}
-  for p in paths:
-    shape = ctx.shapes[p]
-    if len(shape) < 2:
-      continue
-    layer = paths_.layer_of(p)
-    # The layer's one-dimensional leaf with a value per unit (`bias` in every VGG layer).
-    bias = [q for q in paths if paths_.layer_of(q) == layer and ctx.shapes[q] == shape[-1:]]
-    found[p] = bias[0] if bias else None
-  return found
 
 
 @registry.register
@@ -91,7 +76,7 @@ class Channels(Selector):
     score = check_score(call)
     num_batches = optional_batches(call)
     head = ctx.head_if(call)
-    kernels = units(ctx, ctx.backbone)
+    kernels = kernel_biases(ctx, ctx.backbone)
     candidates = list(kernels) + [b for b in kernels.values() if b is not None]
     levels = {p: TRAINED if p in head else FROZEN for p in ctx.paths}
     if ctx.params is None:  # shapes only: any unit may be chosen

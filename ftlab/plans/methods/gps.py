@@ -9,9 +9,12 @@ trainable weights, unlike a global top-k, which the paper argues is what makes t
 work. A unit with `k` or fewer incoming weights trains all of them; ties go to the lower
 index along the unit's flattened fan-in (`kh, kw, Cin` in row-major order).
 
-Differences from the paper: the gradients are of the cross-entropy loss (the paper's are of
-a supervised contrastive loss), and only weights are chosen, as in the paper: biases and
-BatchNorm leaves stay frozen (add `| bitfit` to train them too).
+Biases: the paper's selection is of weights (connections), and its official code
+(`utils/pruning.py`, `prune_by_percentile_gradient_perCell`) trains every bias whole beside
+them and freezes the normalisation layers; so here the bias of each scored kernel trains
+whole and BatchNorm leaves stay frozen (`gps(k) - bitfit(train_head=False)` for weights
+only). The gradients are of the cross-entropy loss (the paper's are of a supervised
+contrastive loss).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ftlab.plans.selection import (
   FROZEN,
   TRAINED,
   Context,
+  kernel_biases,
   levels_of,
   optional_batches,
   positive_int,
@@ -57,7 +61,7 @@ class Gps(Selector):
   params = (Param('k'), Param('num_batches', None), Param('train_head', True))
   summary = (
     'the `k` incoming weights of each output unit with the largest |mean gradient| over '
-    '`num_batches` training batches; biases frozen'
+    "`num_batches` training batches, and their layers' biases"
   )
   paper = 'Zhang et al., CVPR 2024'
   per_element = True
@@ -67,9 +71,11 @@ class Gps(Selector):
     k = positive_int(call, 'k')
     num_batches = optional_batches(call)
     head = ctx.head_if(call)
-    # The candidates: every backbone kernel (a leaf with a fan-in and a unit axis).
-    kernels = [p for p in ctx.backbone if len(ctx.shapes[p]) >= 2]
-    levels = {p: TRAINED if p in head else FROZEN for p in ctx.paths}
+    # The candidates: every backbone kernel (a leaf with a fan-in and a unit axis); their
+    # biases train whole, as in the paper's code.
+    kernels = kernel_biases(ctx, ctx.backbone)
+    biases = [b for b in kernels.values() if b is not None]
+    levels = {p: TRAINED if p in head or p in biases else FROZEN for p in ctx.paths}
     if ctx.params is None:  # shapes only: any entry of a kernel may be chosen
       ctx.pending = True
       return {**levels, **dict.fromkeys(kernels, TRAINED)}
