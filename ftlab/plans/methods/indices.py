@@ -33,7 +33,7 @@ def read_masks(call: Call, ctx: Context) -> dict[str, np.ndarray]:
   against the model's shapes (`ctx.shapes`).
 
   Raises:
-    PlanError: naming the file and its first bad entry (in key order): an unreadable file,
+    PlanError: naming the file and its first bad entry (keys sorted): an unreadable file,
       an unknown parameter (with the closest known one), a wrong shape, an index out of
       range or a dtype that is neither bool nor integer.
   """
