@@ -10,6 +10,21 @@ and train the head whole unless `train_head=False`; `top_fraction` and `top_coun
 exactly `round(density * n)` or `count` entries. `top_count` (and its jnp twin, which dynamic
 masks use) gives ties to the lower flat index; `top_fraction` breaks them in
 `np.argpartition`'s order, the same for the same scores, but not by index.
+
+How a density is shared among the leaves (`allocate`, an element selector's `alloc`):
+
+- `global`: one ranking over every leaf together; a leaf with large scores may get more than
+  its share (FISH and the magnitude baselines as published).
+- `uniform`: every leaf gets `round(density * n_leaf)` of its own entries (so the total may
+  differ from `round(density * n)` by the leaves' roundings).
+- `erk`: Erdős–Rényi-kernel (Evci et al., ICML 2020, RigL; jaxpruner's `erk`): leaf l's density
+  is `eps * sum(shape_l) / prod(shape_l)`, eps chosen so that the counts add up to
+  `density * n`; a leaf whose density would pass 1 is dense and eps is found again without it.
+  Counts are rounded by largest remainder, so they add up to exactly `round(density * n)`.
+
+A "layer" of `uniform` and `erk` is a leaf: a kernel and its bias are shared out separately.
+A bias (C,) has the ERK factor C / C = 1, far above any kernel's, so `erk` makes biases dense
+first, as RigL leaves biases dense.
 """
 
 from __future__ import annotations
@@ -166,13 +181,37 @@ def blocks_scope(ctx: Context, call: Call) -> list[str]:
   return [p for p in ctx.backbone if p in chosen]
 
 
+def kernel_biases(ctx: Context, paths: list[str]) -> dict[str, str | None]:
+  """`{kernel path: its layer's bias path or None}` of the kernels among `paths`: leaves with
+  a fan-in and a unit axis (the last: a conv filter of `[kh, kw, Cin, Cout]`, a dense unit of
+  `[in, out]`); a bias is the layer's one-dimensional leaf of shape `(units,)` among `paths`."""
+  by_layer: dict[str, list[str]] = {}
+  for p in paths:
+    by_layer.setdefault(paths_.layer_of(p), []).append(p)
+  found = {}
+  for p in paths:
+    shape = ctx.shapes[p]
+    if len(shape) < 2:
+      continue
+    # The layer's leaf with one value per unit (`bias` in every VGG layer).
+    same = [q for q in by_layer[paths_.layer_of(p)] if ctx.shapes[q] == shape[-1:]]
+    found[p] = same[0] if same else None
+  return found
+
+
 def top_fraction(scores: Mapping[str, np.ndarray], density: float) -> dict[str, np.ndarray]:
   """Boolean masks choosing exactly round(density * n) entries with the largest scores,
   over all the given leaves together."""
   # One ranking over all leaves together: the density is a share of the whole backbone, so a
   # layer with large scores may get more than its share of entries.
+  n = sum(np.size(s) for s in scores.values())
+  return top_k(scores, int(round(density * n)))
+
+
+def top_k(scores: Mapping[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+  """Boolean masks choosing exactly `k` entries with the largest scores over all the given
+  leaves together, tied entries in `np.argpartition`'s order (`top_fraction`)."""
   flat = np.concatenate([np.asarray(s, np.float64).ravel() for s in scores.values()])
-  k = int(round(density * flat.size))
   chosen = np.zeros(flat.size, bool)
   if k:
     # `argpartition` finds the top k in linear time without sorting; which of tied entries it
@@ -194,6 +233,83 @@ def top_count(scores: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndar
   return _unflat(chosen, scores)
 
 
+ALLOCS = ('global', 'uniform', 'erk')
+
+
+def check_alloc(call: Call) -> str:
+  """`alloc` of `call` (default `global`), one of `ALLOCS`.
+
+  Raises:
+    PlanError: naming the value.
+  """
+  alloc = value(call, 'alloc', 'global')
+  if alloc not in ALLOCS:
+    raise PlanError(f'policy {call.name}: alloc={alloc!r}; valid: {", ".join(ALLOCS)}')
+  return alloc
+
+
+def erk_counts(shapes: Mapping[str, tuple[int, ...]], density: float) -> dict[str, int]:
+  """Entries per leaf under Erdős–Rényi-kernel densities (RigL, Evci et al., ICML 2020).
+
+  Args:
+    shapes: `{path: shape}` of the leaves sharing the density.
+    density: the share of all their entries, in (0, 1].
+
+  Returns:
+    `{path: count}`, each at most the leaf's size, adding up to `round(density * n)`.
+  """
+  sizes = {p: int(np.prod(s)) for p, s in shapes.items()}
+  # ERK's raw density of a leaf: (sum of its dims) / (product of its dims); a leaf with one
+  # entry per dimension (a scalar) counts as 1.
+  raw = {p: (sum(s) / sizes[p] if len(s) else 1.0) if sizes[p] else 0.0 for p, s in shapes.items()}
+  target = density * sum(sizes.values())
+  dense: set[str] = set()
+  # RigL's loop: give eps to the sparse leaves; while the densest would pass 1, make it dense
+  # and find eps again for the rest (each pass makes at least one more leaf dense).
+  while True:
+    rest = [p for p in sizes if p not in dense and raw[p] > 0]
+    left = target - sum(sizes[p] for p in dense)
+    if not rest or left <= 0:
+      eps = 0.0
+      break
+    eps = left / sum(raw[p] * sizes[p] for p in rest)
+    top = max(raw[p] for p in rest)
+    if eps * top <= 1:
+      break
+    dense |= {p for p in rest if raw[p] == top}
+  exact = {p: float(sizes[p]) if p in dense else eps * raw[p] * sizes[p] for p in sizes}
+  counts = {p: min(int(np.floor(x)), sizes[p]) for p, x in exact.items()}
+  # Largest remainder: the counts add up to exactly round(density * n); remainders tie to
+  # the earlier leaf (the mapping's order).
+  short = int(round(density * sum(sizes.values()))) - sum(counts.values())
+  order = sorted(sizes, key=lambda p: -(exact[p] - counts[p]))
+  for p in [p for p in order if counts[p] < sizes[p]][: max(short, 0)]:
+    counts[p] += 1
+  return counts
+
+
+def allocate(scores: Mapping[str, np.ndarray], density: float, alloc: str) -> dict[str, np.ndarray]:
+  """Boolean masks choosing a share `density` of the leaves' entries by score, shared among
+  the leaves as `alloc` says (`global`, `uniform`, `erk`: the module's docstring).
+
+  Args:
+    scores: `{path: float array}` of the candidate leaves (larger: chosen first).
+    density: the share, in (0, 1].
+    alloc: one of `ALLOCS`.
+
+  Returns:
+    `{path: bool array}` of the scores' shapes.
+  """
+  if alloc == 'global':
+    return top_fraction(scores, density)
+  if alloc == 'uniform':
+    return {p: top_fraction({p: s}, density)[p] for p, s in scores.items()}
+  if alloc == 'erk':
+    counts = erk_counts({p: np.shape(s) for p, s in scores.items()}, density)
+    return {p: top_k({p: s}, counts[p])[p] for p, s in scores.items()}
+  raise ValueError(f'allocate: unknown alloc {alloc!r}')
+
+
 def _unflat(chosen: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   out, offset = {}, 0
   for path, s in like.items():
@@ -209,10 +325,12 @@ def levels_of(mask: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 class ElementSelector(Selector):
   """A per-element selector from a scoring rule: the top `density` share of the backbone's
-  entries by score (`top_fraction`), plus the whole head unless `train_head=False`.
+  entries by score, plus the whole head unless `train_head=False`.
 
   Subclasses give `entry_scores` (and `check` for arguments besides the density); `density`
-  names the share's parameter (Child-Tuning_D calls it `p`).
+  names the share's parameter (Child-Tuning_D calls it `p`). A subclass that declares
+  `Param('alloc', 'global')` lets the plan say how the share is spread over the leaves
+  (`allocate`); without it the share is global.
   """
 
   per_element: ClassVar[bool] = True
@@ -231,6 +349,7 @@ class ElementSelector(Selector):
 
   def select(self, call: Call, ctx: Context) -> dict[str, Any]:
     share = fraction(call, self.density)
+    alloc = check_alloc(call)
     self.check(call)
     backbone, head = ctx.backbone, ctx.head_if(call)
     levels = {p: TRAINED if p in head else FROZEN for p in ctx.paths}
@@ -240,5 +359,5 @@ class ElementSelector(Selector):
       ctx.pending = True
       return {**levels, **dict.fromkeys(backbone, TRAINED)}
     scores = self.entry_scores(call, ctx, backbone)
-    chosen = top_fraction({p: scores[p] for p in backbone}, share)
+    chosen = allocate({p: scores[p] for p in backbone}, share, alloc)
     return {**levels, **levels_of(chosen)}

@@ -10,6 +10,10 @@ unless `train_head=False`), once, from the loaded weights or the training data:
   `num_batches` shuffled training batches (every training example once if None), the model
   in inference mode.
 
+Each takes `alloc`: how the share is spread over the leaves, `'global'` (one ranking over the
+whole backbone, the default), `'uniform'` (the same density in every leaf) or `'erk'`
+(Erdős–Rényi-kernel densities, RigL); `ftlab.plans.selection.allocate`.
+
 The mask multiplies the *updates* after the optimizer (`ftlab.plans.optim`), so masked
 entries stay bit-identical under momentum, Adam and weight decay.
 """
@@ -26,7 +30,7 @@ from ftlab.plans.selection import Context, ElementSelector, int_seed, optional_b
 @registry.register
 class RandomSparse(ElementSelector):
   name = 'random_sparse'
-  params = (Param('density'), Param('seed', 0), Param('train_head', True))
+  params = (Param('density'), Param('seed', 0), Param('train_head', True), Param('alloc', 'global'))
   summary = "a share `density` of the backbone's entries, uniformly at random"
 
   def check(self, call: Call) -> None:
@@ -54,7 +58,12 @@ def check_which(call: Call) -> str:
 @registry.register
 class Magnitude(ElementSelector):
   name = 'magnitude'
-  params = (Param('density'), Param('which', 'largest'), Param('train_head', True))
+  params = (
+    Param('density'),
+    Param('which', 'largest'),
+    Param('train_head', True),
+    Param('alloc', 'global'),
+  )
   summary = "by |w| of the loaded weights (`'smallest'` for the other end)"
 
   def check(self, call: Call) -> None:
@@ -69,7 +78,12 @@ class Magnitude(ElementSelector):
 @registry.register
 class Fisher(ElementSelector):
   name = 'fisher'
-  params = (Param('density'), Param('num_batches', None), Param('train_head', True))
+  params = (
+    Param('density'),
+    Param('num_batches', None),
+    Param('train_head', True),
+    Param('alloc', 'global'),
+  )
   summary = (
     'FISH mask: the top mean squared per-example gradient over `num_batches` shuffled '
     'training batches (all training examples once if None), model in inference mode'
