@@ -95,6 +95,17 @@ PLANS = {
     'oft(64) & blocks([4, 5])',
     'OFT blocks of 64 on blocks 4-5 + head (sparse_top budget)',
   ),
+  # Masks chosen as papers choose them, at sparse_top's budget in blocks 4-5: SNIP's |w grad|
+  # at the same 3.52% of every leaf (alloc='uniform': 456,868 entries there), and GPS's top 223
+  # incoming weights of each of blocks 4-5's 2,048 filters (456,704, with their biases).
+  'snip_top': (
+    "(snip(0.0352, num_batches=2, alloc='uniform') & blocks([4, 5])) | linear_probe",
+    'SNIP: top 3.5% of each layer of blocks 4-5 by |w grad| (2 batches) + head',
+  ),
+  'gps_top': (
+    '(gps(223, num_batches=2) & blocks([4, 5])) | linear_probe',
+    'GPS: top 223 weights by |grad| of each filter of blocks 4-5, + biases + head',
+  ),
   'ssf': ('ssf', 'SSF: scale and shift of every conv output channel + head'),
   'ia3': ('ia3', '(IA)^3: scale of every conv output channel + head'),
 }
@@ -125,6 +136,8 @@ FAMILY = {
   'loha_top': 'low-rank (LoRA, DoRA, LoHa, LoKr)',
   'lokr_top': 'low-rank (LoRA, DoRA, LoHa, LoKr)',
   'oft_top': 'orthogonal (OFT)',
+  'snip_top': 'per-element masks',
+  'gps_top': 'per-element masks',
   'ssf': 'channel scales (SSF, (IA)^3)',
   'ia3': 'channel scales (SSF, (IA)^3)',
 }
