@@ -79,32 +79,33 @@ PLANS = {
     'dora(16, alpha=16) & blocks([4, 5])',
     'DoRA rank 16 on blocks 4-5 + head (sparse_top budget)',
   ),
-  # LoHa: 2 r (9 Cin + Cout) per layer, r = 12: 436,224 on blocks 4-5.
+  # Blocks 4-5 of VGG16 are six 3 x 3 convs: 256 -> 512, then five 512 -> 512.
+  # LoHa: 2 r (9 Cin + Cout) per conv, r = 8: 454,656 (LoRA rank 16's count).
   'loha_top': (
-    'loha(12, alpha=12) & blocks([4, 5])',
-    'LoHa rank 12 on blocks 4-5 + head (sparse_top budget)',
+    'loha(8, alpha=8) & blocks([4, 5])',
+    'LoHa rank 8 on blocks 4-5 + head (sparse_top budget)',
   ),
-  # LoKr with 4 x 4 Kronecker factors (factor=4): 16 + r (9 d + b) per layer, r = 100: 454,464.
+  # LoKr with factor=4 (W1 4 x 4): 16 + r (9 d + b) per conv, d = Cin / 4, b = 128; r = 64:
+  # 454,752.
   'lokr_top': (
-    'lokr(100, alpha=100, factor=4) & blocks([4, 5])',
-    'LoKr rank 100, factor 4, on blocks 4-5 + head (sparse_top budget)',
+    'lokr(64, alpha=64, factor=4) & blocks([4, 5])',
+    'LoKr rank 64, factor 4, on blocks 4-5 + head (sparse_top budget)',
   ),
-  # OFT: D (b - 1) / 2 per layer, b = 64: 508,032 on blocks 4-5 (sparse_top's budget lies
-  # between b = 48 and b = 64, and b must divide D).
+  # OFT: D (b - 1) / 2 per conv (D = 9 Cin), b = 36 (it divides 2,304 and 4,608): 443,520.
   'oft_top': (
-    'oft(64) & blocks([4, 5])',
-    'OFT blocks of 64 on blocks 4-5 + head (sparse_top budget)',
+    'oft(36) & blocks([4, 5])',
+    'OFT blocks of 36 on blocks 4-5 + head (sparse_top budget)',
   ),
   # Masks chosen as papers choose them, at sparse_top's budget in blocks 4-5: SNIP's |w grad|
-  # at the same 3.52% of every leaf (alloc='uniform': 456,868 entries there), and GPS's top 223
-  # incoming weights of each of blocks 4-5's 2,048 filters (456,704, with their biases).
+  # at the same 3.52% of every leaf (alloc='uniform'), and GPS's top 149 incoming weights of
+  # each of blocks 4-5's 3,072 filters (457,728, and their 3,072 biases).
   'snip_top': (
     "(snip(0.0352, num_batches=2, alloc='uniform') & blocks([4, 5])) | linear_probe",
     'SNIP: top 3.5% of each layer of blocks 4-5 by |w grad| (2 batches) + head',
   ),
   'gps_top': (
-    '(gps(223, num_batches=2) & blocks([4, 5])) | linear_probe',
-    'GPS: top 223 weights by |grad| of each filter of blocks 4-5, + biases + head',
+    '(gps(149, num_batches=2) & blocks([4, 5])) | linear_probe',
+    'GPS: top 149 weights by |grad| of each filter of blocks 4-5, + biases + head',
   ),
   'ssf': ('ssf', 'SSF: scale and shift of every conv output channel + head'),
   'ia3': ('ia3', '(IA)^3: scale of every conv output channel + head'),

@@ -20,10 +20,10 @@ Q starts at zero, so R = I and step 0 is the loaded model bit for bit (the rotat
 at HIGHEST precision, in which multiplying by I is exact). Where b does not divide D it is
 moved to the nearest divisor (ties to the smaller), as peft's `adjust_oft_parameters` does
 (VGG's first conv has D = 27); the block size of each layer is its adapter's shape. The
-Cayley transform is exact (a linear solve), peft's `use_cayley_neumann=False`; peft's
-default approximates it by a Neumann series, which is not exactly orthogonal. peft's COFT
-projection, block sharing and BOFT's butterfly factors are not implemented. Counts per layer:
-(D / b) b (b - 1) / 2.
+Cayley transform is exact (a linear solve, by elimination in XLA's own operations: `solve`),
+peft's `use_cayley_neumann=False`; peft's default approximates it by a Neumann series, which
+is not exactly orthogonal. peft's COFT projection, block sharing and BOFT's butterfly factors
+are not implemented. Counts per layer: (D / b) b (b - 1) / 2.
 """
 
 from __future__ import annotations
@@ -69,17 +69,66 @@ def block_size_from(entries: int) -> int:
   return int(round((1 + np.sqrt(1 + 8 * entries)) / 2))
 
 
+def _eliminate(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`a^-1 b` for `[n, m, m]` batches by Gauss-Jordan elimination without pivoting, in XLA's
+  own operations (no LAPACK call: see `solve`). Without pivoting it needs every leading minor
+  of `a` nonzero, which holds for I + Q with Q skew-symmetric (each leading block is again
+  I + skew, whose eigenvalues 1 + i t have modulus >= 1); for a = I it returns b exactly."""
+  m = a.shape[-1]
+  index = jnp.arange(m)
+
+  def step(k, ab):
+    a, b = ab
+    pivot = a[:, k, k][:, None]
+    row_a, row_b = a[:, k, :] / pivot, b[:, k, :] / pivot
+    # Column k of every other row, removed by subtracting that multiple of the pivot row.
+    factor = jnp.where(index == k, 0.0, a[:, :, k])[:, :, None]
+    is_k = (index == k)[None, :, None]
+    a = jnp.where(is_k, row_a[:, None, :], a - factor * row_a[:, None, :])
+    b = jnp.where(is_k, row_b[:, None, :], b - factor * row_b[:, None, :])
+    return a, b
+
+  return jax.lax.fori_loop(0, m, step, (a, b))[1]
+
+
+@jax.custom_vjp
+def solve(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`a^-1 b` for `[n, m, m]` float32 batches of matrices I + Q (Q skew-symmetric).
+
+  `jnp.linalg.solve` would call LAPACK, whose batched CPU kernels in jaxlib 0.10 wait on the
+  thread pool they run in: with a few such solves in one step (one per adapted layer) on a
+  2-core machine every worker waited and the first training step of `oft(64) & blocks([4,
+  5])` on VGG16 never finished (stacks in jaxlib's `ParallelBatchMap` of `lapack_strsm_ffi`).
+  The gradient is the implicit one (d b = a^-T g, d a = -(d b) x^T), by the same elimination.
+  """
+  return _eliminate(a, b)
+
+
+def _solve_fwd(a, b):
+  x = _eliminate(a, b)
+  return x, (a, x)
+
+
+def _solve_bwd(residuals, g):
+  a, x = residuals
+  grad_b = _eliminate(jnp.swapaxes(a, -1, -2), g)
+  return -grad_b @ jnp.swapaxes(x, -1, -2), grad_b
+
+
+solve.defvjp(_solve_fwd, _solve_bwd)
+
+
 def rotations(q: jax.Array) -> jax.Array:
   """`[n, b, b]` orthogonal blocks `(I + Q)^-1 (I - Q)` from `[n, b (b - 1) / 2]` upper
-  triangles (float32; Q skew-symmetric)."""
+  triangles (float32; Q skew-symmetric). Q = 0 gives the identity exactly."""
   n, entries = q.shape
   b = block_size_from(entries)
   rows, cols = np.triu_indices(b, 1)
   upper = jnp.zeros((n, b, b), jnp.float32).at[:, rows, cols].set(q.astype(jnp.float32))
   skew = upper - upper.transpose(0, 2, 1)
-  eye = jnp.eye(b, dtype=jnp.float32)
+  eye = jnp.broadcast_to(jnp.eye(b, dtype=jnp.float32), skew.shape)
   # I + Q and I - Q commute, so the order of the inverse and the product does not matter.
-  return jnp.linalg.solve(eye + skew, jnp.broadcast_to(eye, skew.shape) - skew)
+  return solve(eye + skew, eye - skew)
 
 
 @registry.register
