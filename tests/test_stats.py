@@ -10,6 +10,7 @@ from scipy import stats as scipy_stats
 
 from ftlab.analysis import stats
 from ftlab.errors import InputError
+from scripts import study_tables
 
 # Fixed per-seed accuracies (fractions), three to five seeds: what a study's cells look like.
 SAMPLES = [
@@ -224,3 +225,24 @@ def test_tables_of_summaries_and_comparisons():
     stats.compare_table(
       {**table, 'cifar': {'full': [0.5], 'linear_probe': PAIRS[1][1]}}, 'linear_probe'
     )
+
+
+def test_cells_read_as_mean_std_interval_and_n():
+  assert (
+    study_tables.describe(stats.summarize(SAMPLES[0])) == '70.8 ± 2.3 (95% CI [65.1, 76.5], n=3)'
+  )
+  assert study_tables.describe(stats.summarize([0.7])) == '70.0 (one seed, no interval)'
+  assert study_tables.describe(stats.summarize([1, 2, 3], 0.9), scale=1, digits=2) == (
+    '2.00 ± 1.00 (90% CI [0.31, 3.69], n=3)'
+  )
+
+
+def test_a_difference_within_the_noise_reads_as_not_distinguishable():
+  within, above, below = (study_tables.describe_comparison(stats.paired(v, b)) for v, b in PAIRS)
+  assert within == '+2.0 (95% CI [-0.3, 4.3], p=0.066, n=4), not distinguishable'
+  assert above == '+10.8 (95% CI [9.2, 12.4], p<0.0001, n=5)'
+  assert below.startswith('-10.7 (95% CI [') and 'not distinguishable' not in below
+  same = study_tables.describe_comparison(stats.paired([0.7, 0.8], [0.7, 0.8]))
+  assert same == '+0.0 (95% CI [0.0, 0.0], p=1, n=2), not distinguishable'
+  one = study_tables.describe_comparison(stats.paired([0.9], [0.1]))
+  assert one == '+80.0 (one seed, no interval), not distinguishable'
