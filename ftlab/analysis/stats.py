@@ -175,7 +175,9 @@ def _per_seed(values: Values, where: str) -> tuple[np.ndarray, tuple[Hashable, .
   bad = np.flatnonzero(~np.isfinite(array))
   if bad.size:
     named = [f'seed {seeds[i]!r}' if seeds else f'position {i}' for i in bad]
-    raise StatsError(f'{where}: values that are not finite at {_shown(named)}: {array[bad]}')
+    raise StatsError(
+      f'{where}: values that are not finite at {_shown(named)}: {array[bad[:SHOWN]]}'
+    )
   return array, seeds
 
 
