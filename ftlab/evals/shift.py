@@ -15,8 +15,9 @@ Corruptions (of RGB pixels in [0, 1], at the model's input size, each as in the 
   gaussian_blur   a Gaussian filter of std c pixels over height and width, edges extended
                   (`skimage.filters.gaussian`'s defaults: mode 'nearest', truncated at 4 std).
   contrast        (x - m) * c + m, m the image's mean per channel, clipped to [0, 1].
-  jpeg            encoded as JPEG at quality c and decoded (8-bit, 4:2:0 chroma as PIL's
-                  default), by TensorFlow's libjpeg (`tf.io.encode_jpeg`).
+  jpeg            rounded to 8 bits, encoded as JPEG at quality c and decoded, by TensorFlow's
+                  libjpeg (`tf.io.encode_jpeg`, 4:2:0 chroma; accurate integer DCT): the same
+                  pixels as ImageNet-C's PIL round trip (tested bit for bit).
   pixelate        box-filter resize to int(c * side) pixels and back (PIL's `Image.BOX`, whose
                   coefficients `box_matrix` reproduces, as linear maps on float pixels).
 
@@ -227,7 +228,11 @@ def _jpeg_round_trip(quality: int) -> Callable:
   @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
   def round_trip(images):
     return tf.map_fn(
-      lambda image: tf.io.decode_jpeg(tf.io.encode_jpeg(image, quality=quality), channels=3),
+      # The accurate integer DCT, as PIL decodes (TensorFlow's default is the fast one, which
+      # rounds differently): with it the round trip is PIL's bit for bit.
+      lambda image: tf.io.decode_jpeg(
+        tf.io.encode_jpeg(image, quality=quality), channels=3, dct_method='INTEGER_ACCURATE'
+      ),
       images,
       fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
     )
@@ -371,6 +376,18 @@ class ShiftedSets:
     return found
 
 
+def evenly_spaced(split: DataSplit, count: int) -> DataSplit:
+  """`count` examples of `split` spread evenly over it (all of them if `count` is 0 or at
+  least its size), keeping their record indices (the noise's seeds)."""
+  if not 0 < count < split.num_examples:
+    return split
+  # Evenly spaced rather than the first k: a split stored class by class (image folders)
+  # keeps its classes.
+  chosen = np.arange(count) * split.num_examples // count
+  labels = None if split.labels is None else split.labels[chosen]
+  return dataclasses.replace(split, indices=split.indices[chosen], labels=labels)
+
+
 def _names(value: Any, field: str, valid: Sequence) -> tuple:
   """`value` as a tuple of distinct entries of `valid`, in order; one line if it is not."""
   values = (value,) if isinstance(value, (str, int)) else tuple(value)
@@ -419,12 +436,7 @@ class Shift(Evaluator):
     # By default the very examples the classification evaluator scores, so `shift/clean_accuracy`
     # is `eval/accuracy` and the corrupted numbers compare with it.
     split = setting.build_split(name) if name else data.evals['eval']
-    if 0 < max_examples < split.num_examples:
-      # Evenly spaced rather than the first k: a split stored class by class (image folders)
-      # keeps its classes.
-      chosen = np.arange(max_examples) * split.num_examples // max_examples
-      labels = None if split.labels is None else split.labels[chosen]
-      split = dataclasses.replace(split, indices=split.indices[chosen], labels=labels)
+    split = evenly_spaced(split, max_examples)
     order = data.order.with_batch(data.eval_batch)
     sets = ShiftedSets(
       split, corruptions, severities, table, order, data.image_size, data.preprocess
