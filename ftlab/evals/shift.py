@@ -40,7 +40,10 @@ each batch is corrupted on the host, then normalised with the run's convention
 (`data.preprocessing.normalize`) and classified by the eval step. Reading once per eval and
 corrupting every batch in turn costs one decode of the split plus one classification pass per
 (corruption, severity) and one for the clean images. Unlike ImageNet-C's files, the corrupted
-images are not rounded to 8 bits (except by JPEG itself).
+images are not rounded to 8 bits (except by JPEG itself). The host work per corruption is
+about 0.05 ms per 32 px image and 2 ms per 224 px image (measured on a busy 2-core CPU); the
+eval steps are dispatched without waiting, so it overlaps the device's work, and on a large
+split with a fast accelerator `max_examples` bounds it.
 """
 
 from __future__ import annotations
@@ -390,10 +393,13 @@ def evenly_spaced(split: DataSplit, count: int) -> DataSplit:
 
 def _names(value: Any, field: str, valid: Sequence) -> tuple:
   """`value` as a tuple of distinct entries of `valid`, in order; one line if it is not."""
-  values = (value,) if isinstance(value, (str, int)) else tuple(value)
+  # A bare value (`table='auto'`, `severities=5`) is a one-entry list; anything but a list or
+  # tuple is one value, checked like the others, so a wrong type is a one-line error too.
+  values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
   for v in values:
-    # bool is an int: `severities=(True,)` is a mistake, not severity 1.
-    if isinstance(v, bool) or v not in valid:
+    # bool is an int and 1.0 == 1: `severities=(True,)` or `(1.0,)` is a mistake, not severity 1
+    # (and would name its metrics `..._1.0`).
+    if isinstance(v, bool) or not isinstance(v, type(valid[0])) or v not in valid:
       raise ConfigError(
         f'evals.shift.{field}: {v!r} is not one of {", ".join(str(x) for x in valid)}'
       )
