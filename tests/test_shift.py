@@ -296,6 +296,24 @@ def test_run_records_the_shifted_accuracies_at_every_eval(tmp_path, fashion_mnis
   assert worst < summary['final_shift']['clean_accuracy']  # some corruption hurts
 
 
+@pytest.mark.slow
+def test_a_stage_on_cached_prefix_outputs_is_still_evaluated_from_images(
+  tmp_path, fashion_mnist_prepared
+):
+  """With the activation cache on, the steps and the classification eval run the rest of the
+  network on cached outputs; the shifted sets need pixels, so they run the whole model on the
+  images: their clean accuracy is still the eval accuracy."""
+  config = runlocal(enabled=True, corruptions=('contrast',), severities=(5,))
+  config.policy.name, config.dataset.augment = 'last_blocks(1)', 'none'
+  config.activation_cache = 'memory'
+  summary = loop.train_and_evaluate(config, str(tmp_path))
+  assert summary['activation_cache'] == {'last_blocks(k=1)': 'block5'}
+  found = summary['final_shift']
+  assert set(found) == {'clean_accuracy', 'contrast_5/accuracy', 'mean_accuracy'}
+  assert found['clean_accuracy'] == pytest.approx(summary['final_eval_accuracy'], abs=1e-3)
+  assert found['contrast_5/accuracy'] != found['clean_accuracy']
+
+
 @pytest.mark.parametrize(
   'section, message',
   [
