@@ -149,6 +149,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # loaded model's (1.0 while the backbone is unchanged). A split of the dataset; '' = off.
   config.evals.forgetting = ml_collections.ConfigDict()
   config.evals.forgetting.split = ''
+  # Shifted test sets (ftlab/evals/shift.py): the eval split under ImageNet-C-style corruptions
+  # (Hendrycks & Dietterich, 2019) at every eval; metrics shift/<corruption>_<severity>/accuracy,
+  # shift/clean_accuracy (the same examples uncorrupted) and shift/mean_accuracy.
+  config.evals.shift = ml_collections.ConfigDict()
+  config.evals.shift.enabled = False
+  # () = all: gaussian_noise, gaussian_blur, contrast, jpeg, pixelate
+  config.evals.shift.corruptions = ()
+  config.evals.shift.severities = (1, 3, 5)  # of 1..5
+  # Severity constants: imagenet_c (ImageNet-C's, 224 px) | cifar10_c (CIFAR-10-C's, 32 px) |
+  # auto (cifar10_c up to 64 px inputs); the blur's std is scaled to the input size.
+  config.evals.shift.table = 'auto'
+  config.evals.shift.max_examples = 0  # evenly spaced examples of the split (0 = all)
+  config.evals.shift.split = ''  # '' = the run's eval split (the classification eval's examples)
 
   config.init = ml_collections.ConfigDict()
   config.init.checkpoint = ''  # directory of a checkpoint (train run or ported weights)
