@@ -432,3 +432,41 @@ def test_a_bad_indices_file_stops_a_real_run_with_exit_2_before_compute(tmp_path
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith('error: policy indices: ') and "'block3_conv2/kernel'" in last, last
   assert not (tmp_path / 'run').exists()  # refused before anything was written or trained
+
+
+@pytest.mark.parametrize(
+  'expression',
+  ['fisher(0.05, num_batches=1)', 'snip(0.05, num_batches=1)', 'gps(3, num_batches=1)'],
+)
+def test_score_masks_intersected_with_blocks_choose_inside_them(expression, tmp_path):
+  """The score pass differentiates only what `& blocks([4, 5])` can train; the selectors rank
+  the leaves it left out last (before, the first unscored leaf was a KeyError)."""
+  from configs import default
+  from ftlab import run
+  from tests.run_files import plain_vgg11
+
+  config = plain_vgg11(default.get_config('runlocal'))
+  config.policy.name = f'{expression} & blocks([4, 5])'
+  built = run.make_run(config, str(tmp_path))
+  (plan,) = [s.plan for s in built.stages]
+  mask = plan.flat_mask()
+  params = paths.flatten(built.variables['params'])
+  trained = {
+    p: int(np.count_nonzero(plan.element_levels[p])) if p in plan.element_levels else params[p].size
+    for p in mask
+    if mask[p]
+  }
+  outside = [
+    p
+    for p, n in trained.items()
+    if n and not p.startswith(('block4', 'block5', 'fc', 'predictions'))
+  ]
+  assert not outside
+  inside = sum(n for p, n in trained.items() if p.startswith(('block4', 'block5')))
+  if expression.startswith('gps'):
+    kernels = [p for p in params if p.startswith(('block4', 'block5')) and p.endswith('/kernel')]
+    assert inside == sum(3 * params[p].shape[-1] + params[p].shape[-1] for p in kernels)
+  else:
+    # Exactly round(0.05 n) of the backbone's n entries, all in blocks 4-5.
+    backbone = sum(x.size for p, x in params.items() if not p.startswith(('fc', 'predictions')))
+    assert inside == round(0.05 * backbone)

@@ -5,7 +5,6 @@ and one-line errors. Their folds against peft's torch modules: tests/test_tuners
 import jax
 import numpy as np
 import pytest
-from jax import lax
 from ml_collections import ConfigDict
 
 from ftlab import parallel, paths, train
@@ -14,16 +13,11 @@ from ftlab.plans import optim, policies, registry, tuners
 from ftlab.plans.methods import dora, lokr, oft
 from ftlab.plans.syntax import PlanError
 from tests import fakes
+from tests.test_lora import MODEL, OPTIMIZERS, VARIABLES, conv, logits, lora_run
 
-MODEL = vgg.VGG(depth=11, num_classes=5, head='gap', width=1 / 8, batch_norm=True)
-STRUCTURE = MODEL.block_structure()
-VARIABLES = fakes.random_variables(MODEL)
-OPTIMIZERS = {
-  'sgd': dict(name='sgd', momentum=0.9, weight_decay=1e-3, learning_rate=0.05),
-  'adamw': dict(name='adamw', weight_decay=1e-2, learning_rate=1e-2),
-}
 # One small call of each tuner; OFT's block 4 at width 1/8 (D = 9 * 32 = 288 for block4_conv1).
 TUNERS = {
+  'lora': ('lora(4)', ('lora_a', 'lora_b')),
   'dora': ('dora(4)', ('dora_a', 'dora_b', 'dora_dm')),
   'ssf': ('ssf', ('ssf_scale', 'ssf_shift')),
   'ia3': ('ia3', ('ia3_scale',)),
@@ -33,26 +27,9 @@ TUNERS = {
 }
 
 
-def tuner_run(name, params=VARIABLES['params'], seed=0, steps=None):
-  """The stages, plans and adapted parameters `run.check_plans` and `run.make_run` make."""
-  cfg = ConfigDict(dict(name=name))
-  stages = policies.plan_stages(STRUCTURE, cfg, steps)
-  shapes = tuners.plan_shapes(jax.eval_shape(lambda: params), STRUCTURE, stages)
-  shaped = [policies.make_plan(shapes, STRUCTURE, cfg, stage=s) for s in stages]
-  layers, tuner, call = tuners.adapted(stages, shaped)
-  adapted = tuners.attach(params, layers, tuner, call, rng=jax.random.key(seed))
-  plans = [policies.make_plan(adapted, STRUCTURE, cfg, stage=s) for s in stages]
-  return stages, plans, adapted
-
-
-def logits(params, x, batch_stats=VARIABLES['batch_stats']):
-  return MODEL.apply(train.model_variables(params, batch_stats), x, train=False)
-
-
-def conv(x, kernel):
-  return lax.conv_general_dilated(
-    x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
-  )
+# The adapted parameters and plans as `run.check_plans` and `run.make_run` make them (generic
+# over tuners despite the name).
+tuner_run = lora_run
 
 
 def test_every_tuner_is_registered_with_its_paper():

@@ -91,7 +91,9 @@ class Context:
     return self.head if value(call, 'train_head', True) else set()
 
   def scores(self, kind: str, num_batches: int | None, who: str) -> dict[str, np.ndarray]:
-    """The run's `kind` scores over `num_batches` training batches (None: every example).
+    """The run's `kind` scores over `num_batches` training batches (None: every example), for
+    every path: -inf for a leaf the score pass did not differentiate (one the plan cannot
+    train, such as a leaf outside `blocks(...)` in `fisher(0.01) & blocks([4, 5])`).
 
     Raises:
       PlanError: the plan is made without a score pass (`who` asked for one).
@@ -100,7 +102,15 @@ class Context:
     # stop at `pending` before asking.
     if self.scores_fn is None:
       raise PlanError(f'policy {who} needs gradients of the training data (a {kind} pass)')
-    return {p: np.asarray(s) for p, s in self.scores_fn(kind, num_batches).items()}
+    found = self.scores_fn(kind, num_batches)
+    # The pass differentiates only the leaves the plan can train (`run.make_run`'s scorer
+    # scope): under `&` or `-` fewer than the backbone a selector ranks. The others score -inf,
+    # so they rank last and are never chosen (before, `fisher(0.01) & blocks([4, 5])` failed
+    # with a KeyError on the first unscored leaf).
+    return {
+      p: np.asarray(found[p]) if p in found else np.full(self.shapes[p], -np.inf, np.float32)
+      for p in self.paths
+    }
 
 
 def value(call: Call, key: str, default: Any = None) -> Any:

@@ -80,5 +80,8 @@ class Gps(Selector):
       ctx.pending = True
       return {**levels, **dict.fromkeys(kernels, TRAINED)}
     grads = ctx.scores('gradient', num_batches, call.name)
-    chosen = {p: per_unit_top_k(np.abs(np.asarray(grads[p], np.float32)), k) for p in kernels}
+    # A kernel the score pass left out (-inf, `Context.scores`) is outside what the plan can
+    # train: its choice is intersected away, so any k entries will do.
+    magnitude = {p: np.abs(np.asarray(grads[p], np.float32)) for p in kernels}
+    chosen = {p: per_unit_top_k(g, k) for p, g in magnitude.items()}
     return {**levels, **levels_of(chosen)}

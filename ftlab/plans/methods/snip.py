@@ -20,16 +20,19 @@ from ftlab.plans.selection import Context, ElementSelector, optional_batches
 
 
 def snip_scores(ctx: Context, paths: list[str], num_batches: int | None, who: str) -> dict:
-  """`{path: |θ ⊙ g|}` (float32, the leaf's shape) of `paths`, g the mean loss gradient.
+  """`{path: |θ ⊙ g|}` (float32, the leaf's shape) of `paths`, g the mean loss gradient; -inf
+  on leaves the score pass did not differentiate.
 
   Raises:
     PlanError: the plan is made without a score pass.
   """
   grads = ctx.scores('gradient', num_batches, who)
-  return {
-    p: np.abs(np.asarray(ctx.params[p], np.float32) * np.asarray(grads[p], np.float32))
-    for p in paths
-  }
+  out = {}
+  for p in paths:
+    g = np.asarray(grads[p], np.float32)
+    # -inf: a leaf the score pass left out (`Context.scores`) stays last, not |w * -inf| = inf.
+    out[p] = np.where(np.isneginf(g), -np.inf, np.abs(np.asarray(ctx.params[p], np.float32) * g))
+  return out
 
 
 @registry.register
