@@ -194,8 +194,9 @@ def get_config(arg: str | None = None):
   config.checkpoint_every_steps = STEPS
   config.keep_checkpoints = 2
   config.record_step_flops = False
-  # The frozen prefix runs once per image (exact); full training has no frozen prefix.
-  config.activation_cache = 'off' if PLANS[args.plan][0] == 'full' else 'disk'
+  # The frozen prefix runs once per image (exact); full training, SSF and (IA)^3 (which adapt
+  # block 1 too) have no frozen prefix.
+  config.activation_cache = 'off' if PLANS[args.plan][0] in ('full', 'ssf', 'ia3') else 'disk'
   config.init.checkpoint = 'scratch' if args.plan == 'scratch' else WEIGHTS
   if args.runlocal:
     default.shrink(config)
