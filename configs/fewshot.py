@@ -101,11 +101,11 @@ PLANS = {
   # each of blocks 4-5's 3,072 filters (457,728, and their 3,072 biases).
   'snip_top': (
     "(snip(0.0352, num_batches=2, alloc='uniform') & blocks([4, 5])) | linear_probe",
-    'SNIP: top 3.5% of each layer of blocks 4-5 by |w grad| (2 batches) + head',
+    'SNIP: top 3.5% of each layer of blocks 4-5 by abs(w grad), 2 batches, + head',
   ),
   'gps_top': (
     '(gps(149, num_batches=2) & blocks([4, 5])) | linear_probe',
-    'GPS: top 149 weights by |grad| of each filter of blocks 4-5, + biases + head',
+    'GPS: top 149 weights by abs(grad) of each filter of blocks 4-5, + biases + head',
   ),
   'ssf': ('ssf', 'SSF: scale and shift of every conv output channel + head'),
   'ia3': ('ia3', '(IA)^3: scale of every conv output channel + head'),

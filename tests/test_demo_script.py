@@ -173,3 +173,25 @@ def test_fewshot_demo_end_to_end_resumes_and_writes_the_readme(tmp_path):
   stale = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
   assert stale.returncode == 2
   assert "optimizer.schedule='cosine' (was 'constant')" in stale.stderr.splitlines()[-1]
+
+
+def test_paired_table_against_a_baseline_says_when_seeds_cannot_tell():
+  demo = load_script('demo')
+  runs = {
+    'linear_probe': [summary(a) for a in (0.60, 0.62, 0.64)],
+    'full': [summary(a, 1000) for a in (0.70, 0.72, 0.75)],  # +10, +10, +11 points
+    'last_block': [
+      summary(a) for a in (0.65, 0.60, 0.66)
+    ],  # +5, -2, +2 points: mean 1.67, sd 3.51, half-width 4.3027 * 3.51 / sqrt(3) = 8.73
+  }
+  rows = demo.aggregate(runs, dict.fromkeys(runs, 1e-3))
+  table = demo.paired_table(rows, 'linear_probe')
+  # differences 10, 10, 11: mean 10.33, sd 0.577, t(0.975, 2) = 4.3027: [8.9, 11.8]
+  assert '| full fine-tuning | +10.3 (95% CI [8.9, 11.8], p=0.001' in table
+  assert (
+    '| last block: block 5 + head | +1.7 (95% CI [-7.1, 10.4], p=0.5, n=3), not distinguishable |'
+    in table
+  )
+  assert 'linear probe: the new head |' not in table.split('|---|---|')[1]
+  with pytest.raises(ValueError, match="--baseline 'nope' is not among"):
+    demo.paired_table(rows, 'nope')
