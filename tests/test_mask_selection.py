@@ -436,7 +436,11 @@ def test_a_bad_indices_file_stops_a_real_run_with_exit_2_before_compute(tmp_path
 
 @pytest.mark.parametrize(
   'expression',
-  ['fisher(0.05, num_batches=1)', 'snip(0.05, num_batches=1)', 'gps(3, num_batches=1)'],
+  [
+    'fisher(0.05, num_batches=1)',
+    pytest.param('snip(0.05, num_batches=1)', marks=pytest.mark.slow),
+    pytest.param('gps(3, num_batches=1)', marks=pytest.mark.slow),
+  ],
 )
 def test_score_masks_intersected_with_blocks_choose_inside_them(expression, tmp_path):
   """The score pass differentiates only what `& blocks([4, 5])` can train; the selectors rank
