@@ -30,8 +30,11 @@ def snip_scores(ctx: Context, paths: list[str], num_batches: int | None, who: st
   out = {}
   for p in paths:
     g = np.asarray(grads[p], np.float32)
-    # -inf: a leaf the score pass left out (`Context.scores`) stays last, not |w * -inf| = inf.
-    out[p] = np.where(np.isneginf(g), -np.inf, np.abs(np.asarray(ctx.params[p], np.float32) * g))
+    # -inf: a leaf the score pass left out (`Context.scores`) stays last, not |w * -inf| = inf
+    # (nor 0 * -inf = nan where w is 0).
+    unscored = np.isneginf(g)
+    score = np.abs(np.asarray(ctx.params[p], np.float32) * np.where(unscored, 0.0, g))
+    out[p] = np.where(unscored, -np.inf, score).astype(np.float32)
   return out
 
 
