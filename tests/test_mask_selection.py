@@ -105,6 +105,7 @@ def mean_gradient_by_pass():
   return {p: v / total['count'] for p, v in paths.flatten(total['grads']).items()}
 
 
+@pytest.mark.slow  # a compile-heavy pass or a subprocess: the whole suite runs it
 def test_the_gradient_pass_is_the_mean_gradient_snip_and_gps_read():
   batches = fakes.image_batches(2, seed=3)
   images = np.concatenate([b['image'] for b in batches])
@@ -408,6 +409,7 @@ def test_unreadable_indices_files_are_one_line_errors(tmp_path):
     assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
 
 
+@pytest.mark.slow  # a compile-heavy pass or a subprocess: the whole suite runs it
 def test_a_bad_indices_file_stops_a_real_run_with_exit_2_before_compute(tmp_path):
   # About 7 s on 2 CPU cores (the import of jax and the dataset's metadata), so not `slow`.
   # runlocal's model (narrow VGG11-BN): a kernel of the wrong shape.

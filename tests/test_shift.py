@@ -234,6 +234,7 @@ def test_rows_carry_their_record_index_on_one_and_two_processes(fake):
 # --- The evaluator. -------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a compile-heavy pass or a subprocess: the whole suite runs it
 def test_evaluator_on_1_and_8_devices_equals_corrupting_then_normalising(fake):
   """The same metrics on 1 and 8 devices and on a second run, and they are the accuracies of
   the one-device model on the corrupted pixels normalised with the run's convention (caffe:
