@@ -54,9 +54,10 @@ class Tuner(registry.Selector):
     """Whether a kernel of this shape can be adapted (conv and dense kernels)."""
     return len(shape) in (2, 4)
 
-  def adapters(self, call: Call, kernel: Any, key: jax.Array | None) -> dict[str, Any]:
+  def adapters(self, call: Call, kernel: Any, key: jax.Array) -> dict[str, Any]:
     """`{leaf: array}` for one kernel, chosen so that the folded kernel is the kernel itself
-    (step 0 is the loaded model); `jax.ShapeDtypeStruct`s when `key` is None."""
+    (step 0 is the loaded model); `key` draws any random factor. Traceable: `attach` plans on
+    shapes by `jax.eval_shape` of this function."""
     raise NotImplementedError
 
   def fold(self, layer: Mapping[str, Any]) -> dict[str, Any]:
@@ -205,10 +206,12 @@ def attach(
   # Sorted, so layer i draws the same key whatever order the plan listed the layers in.
   for i, layer in enumerate(sorted(layers)):
     kernel = flat[paths.join(layer, 'kernel')]
-    key = None
-    if rng is not None and not isinstance(kernel, jax.ShapeDtypeStruct):
-      key = jax.random.fold_in(jax.random.fold_in(rng, 1), i)
-    for leaf, value in tuner.adapters(call, kernel, key).items():
+    if rng is None or isinstance(kernel, jax.ShapeDtypeStruct):
+      # Shapes only: the adapters' shapes and dtypes, traced, nothing drawn or computed.
+      new = jax.eval_shape(lambda k: tuner.adapters(call, k, jax.random.key(0)), kernel)
+    else:
+      new = tuner.adapters(call, kernel, jax.random.fold_in(jax.random.fold_in(rng, 1), i))
+    for leaf, value in new.items():
       flat[paths.join(layer, leaf)] = value
   return paths.unflatten(flat)
 

@@ -70,18 +70,11 @@ class DoRA(tuners.Tuner):
   def check(self, call: Call) -> None:
     tuners.rank_and_alpha(call, DEFAULT_ALPHA)
 
-  def adapters(self, call: Call, kernel: Any, key: jax.Array | None) -> dict[str, Any]:
+  def adapters(self, call: Call, kernel: Any, key: jax.Array) -> dict[str, Any]:
     """A `[..., r]` (U(+-1/sqrt(fan_in)), fan_in = k k Cin or in), B `[r, Cout]` zeros, dm
     `[Cout]` float32 zeros (m = ||W||), alpha a float32 scalar."""
     rank, alpha = tuners.rank_and_alpha(call, DEFAULT_ALPHA)
     shape_a, shape_b = (*kernel.shape[:-1], rank), (rank, kernel.shape[-1])
-    if key is None:
-      return {
-        A: jax.ShapeDtypeStruct(shape_a, kernel.dtype),
-        B: jax.ShapeDtypeStruct(shape_b, kernel.dtype),
-        DM: jax.ShapeDtypeStruct(shape_b[1:], jnp.float32),
-        ALPHA: jax.ShapeDtypeStruct((), jnp.float32),
-      }
     return {
       A: tuners.kaiming_uniform(key, shape_a, int(np.prod(kernel.shape[:-1])), kernel.dtype),
       B: jnp.zeros(shape_b, kernel.dtype),

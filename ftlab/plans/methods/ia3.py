@@ -41,11 +41,9 @@ class IA3(tuners.Tuner):
   title = '(IA)^3'
   leaves = (SCALE,)
 
-  def adapters(self, call: Call, kernel: Any, key: jax.Array | None) -> dict[str, Any]:
+  def adapters(self, call: Call, kernel: Any, key: jax.Array) -> dict[str, Any]:
     """The scale `[Cout]`, ones in the kernel's dtype (`key` unused)."""
     shape = (kernel.shape[-1],)
-    if key is None:
-      return {SCALE: jax.ShapeDtypeStruct(shape, kernel.dtype)}
     return {SCALE: jnp.ones(shape, kernel.dtype)}
 
   def fold(self, layer: Mapping[str, Any]) -> dict[str, Any]:

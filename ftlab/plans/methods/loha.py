@@ -53,19 +53,11 @@ class LoHa(tuners.Tuner):
   def check(self, call: Call) -> None:
     tuners.rank_and_alpha(call, DEFAULT_ALPHA)
 
-  def adapters(self, call: Call, kernel: Any, key: jax.Array | None) -> dict[str, Any]:
+  def adapters(self, call: Call, kernel: Any, key: jax.Array) -> dict[str, Any]:
     """A1 `[..., r]` U(+-1/sqrt(D)), B1 and B2 `[r, Cout]` U(+-1/sqrt(r)), A2 zeros (peft's
     initialisation), alpha a float32 scalar; factors in the kernel's dtype."""
     rank, alpha = tuners.rank_and_alpha(call, DEFAULT_ALPHA)
     shape_a, shape_b = (*kernel.shape[:-1], rank), (rank, kernel.shape[-1])
-    if key is None:
-      return {
-        A1: jax.ShapeDtypeStruct(shape_a, kernel.dtype),
-        B1: jax.ShapeDtypeStruct(shape_b, kernel.dtype),
-        A2: jax.ShapeDtypeStruct(shape_a, kernel.dtype),
-        B2: jax.ShapeDtypeStruct(shape_b, kernel.dtype),
-        ALPHA: jax.ShapeDtypeStruct((), jnp.float32),
-      }
     key_a1, key_b1, key_b2 = jax.random.split(key, 3)
     dim = int(np.prod(kernel.shape[:-1]))
     return {

@@ -87,7 +87,7 @@ class LoKr(tuners.Tuner):
   def check(self, call: Call) -> None:
     spec_of(call)
 
-  def adapters(self, call: Call, kernel: Any, key: jax.Array | None) -> dict[str, Any]:
+  def adapters(self, call: Call, kernel: Any, key: jax.Array) -> dict[str, Any]:
     """W1 `[c, a]` zeros, U `[..., d, r]` U(+-1/sqrt(k k d)), V `[r, b]` U(+-1/sqrt(r)), alpha a
     float32 scalar; factors in the kernel's dtype."""
     rank, alpha, factor = spec_of(call)
@@ -95,13 +95,6 @@ class LoKr(tuners.Tuner):
     a, b = factorization(kernel.shape[-1], factor)
     window = kernel.shape[:-2]  # (k, k) for a conv, () for a dense kernel
     shape_w1, shape_u, shape_v = (c, a), (*window, d, rank), (rank, b)
-    if key is None:
-      return {
-        W1: jax.ShapeDtypeStruct(shape_w1, kernel.dtype),
-        U: jax.ShapeDtypeStruct(shape_u, kernel.dtype),
-        V: jax.ShapeDtypeStruct(shape_v, kernel.dtype),
-        ALPHA: jax.ShapeDtypeStruct((), jnp.float32),
-      }
     key_u, key_v = jax.random.split(key)
     return {
       # W1 at zero makes the Kronecker product zero: step 0 is the loaded model.

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftlab.plans import registry, tuners
-from ftlab.plans.registry import Call, Param, PlanError
+from ftlab.plans.registry import Call, Param
 
 A, B, ALPHA = 'lora_a', 'lora_b', 'lora_alpha'
 DEFAULT_ALPHA = 8.0  # peft's `lora_alpha` default
@@ -52,12 +52,7 @@ def spec_of(call: Call) -> Spec:
   Raises:
     PlanError: a rank that is not a positive integer or an alpha that is not a positive number.
   """
-  rank, alpha = call.get('rank'), call.get('alpha', DEFAULT_ALPHA)
-  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-    raise PlanError(f'policy lora: rank={rank!r} is not a positive integer (e.g. lora(8))')
-  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < np.inf:
-    raise PlanError(f'policy lora: alpha={alpha!r} is not a positive number (e.g. alpha=16)')
-  return Spec(rank, float(alpha))
+  return Spec(*tuners.rank_and_alpha(call, DEFAULT_ALPHA))
 
 
 @registry.register
@@ -76,22 +71,16 @@ class LoRA(tuners.Tuner):
   def check(self, call: Call) -> None:
     spec_of(call)
 
-  def adapters(self, call: Call, kernel: Any, key: jax.Array | None) -> dict[str, Any]:
+  def adapters(self, call: Call, kernel: Any, key: jax.Array) -> dict[str, Any]:
     """A `[..., r]` (U(+-1/sqrt(fan_in)), fan_in = k * k * Cin or in, as peft's
     `kaiming_uniform_(a=sqrt(5))`), B `[r, Cout]` zeros, alpha a float32 scalar; A and B in
     the kernel's dtype."""
     spec = spec_of(call)
     shape_a, shape_b = (*kernel.shape[:-1], spec.rank), (spec.rank, kernel.shape[-1])
-    if key is None:
-      return {
-        A: jax.ShapeDtypeStruct(shape_a, kernel.dtype),
-        B: jax.ShapeDtypeStruct(shape_b, kernel.dtype),
-        ALPHA: jax.ShapeDtypeStruct((), jnp.float32),
-      }
     # fan_in excludes the output axis: k*k*Cin for a conv, `in` for a dense kernel.
-    bound = 1.0 / np.sqrt(np.prod(kernel.shape[:-1]))
+    fan_in = int(np.prod(kernel.shape[:-1]))
     return {
-      A: jax.random.uniform(key, shape_a, kernel.dtype, -bound, bound),
+      A: tuners.kaiming_uniform(key, shape_a, fan_in, kernel.dtype),
       # B at zero makes A B zero, so the folded kernel is the loaded kernel bit for bit at step 0.
       B: jnp.zeros(shape_b, kernel.dtype),
       # Stored as a leaf, not only in the plan: a checkpoint or exported tree folds itself

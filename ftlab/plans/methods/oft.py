@@ -146,13 +146,11 @@ class OFT(tuners.Tuner):
   def check(self, call: Call) -> None:
     block_size_of(call)
 
-  def adapters(self, call: Call, kernel: Any, key: jax.Array | None) -> dict[str, Any]:
+  def adapters(self, call: Call, kernel: Any, key: jax.Array) -> dict[str, Any]:
     """Q `[D / b, b (b - 1) / 2]` zeros, float32 (`key` unused: OFT starts at the identity)."""
     dim = int(np.prod(kernel.shape[:-1]))
     b = fitted_block_size(dim, block_size_of(call))
     shape = (dim // b, b * (b - 1) // 2)
-    if key is None:
-      return {Q: jax.ShapeDtypeStruct(shape, jnp.float32)}
     return {Q: jnp.zeros(shape, jnp.float32)}
 
   def fold(self, layer: Mapping[str, Any]) -> dict[str, Any]:

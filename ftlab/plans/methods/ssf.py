@@ -44,15 +44,10 @@ class SSF(tuners.Tuner):
   title = 'SSF'
   leaves = (SCALE, SHIFT)
 
-  def adapters(self, call: Call, kernel: Any, key: jax.Array | None) -> dict[str, Any]:
+  def adapters(self, call: Call, kernel: Any, key: jax.Array) -> dict[str, Any]:
     """Scale `[Cout]` ones and shift `[Cout]` zeros, in the kernel's dtype (`key` unused: SSF
     starts deterministic)."""
     shape = (kernel.shape[-1],)
-    if key is None:
-      return {
-        SCALE: jax.ShapeDtypeStruct(shape, kernel.dtype),
-        SHIFT: jax.ShapeDtypeStruct(shape, kernel.dtype),
-      }
     return {SCALE: jnp.ones(shape, kernel.dtype), SHIFT: jnp.zeros(shape, kernel.dtype)}
 
   def fold(self, layer: Mapping[str, Any]) -> dict[str, Any]:
