@@ -150,6 +150,18 @@ def positive_int(call: Call, key: str, default: Any = REQUIRED) -> int:
   return found
 
 
+def one_of(call: Call, key: str, default: str, valid: Iterable[str]) -> str:
+  """The argument `key` of `call` (or `default`), checked to be one of `valid`.
+
+  Raises:
+    PlanError: naming the value and the valid ones.
+  """
+  found = value(call, key, default)
+  if found not in valid:
+    raise PlanError(f'policy {call.name}: {key}={found!r}; valid: {", ".join(valid)}')
+  return found
+
+
 def optional_batches(call: Call) -> int | None:
   """`num_batches` of a score pass: a positive int, or None for every training example.
 
@@ -252,10 +264,7 @@ def check_alloc(call: Call) -> str:
   Raises:
     PlanError: naming the value.
   """
-  alloc = value(call, 'alloc', 'global')
-  if alloc not in ALLOCS:
-    raise PlanError(f'policy {call.name}: alloc={alloc!r}; valid: {", ".join(ALLOCS)}')
-  return alloc
+  return one_of(call, 'alloc', 'global', ALLOCS)
 
 
 def erk_counts(shapes: Mapping[str, tuple[int, ...]], density: float) -> dict[str, int]:

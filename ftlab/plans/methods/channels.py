@@ -24,7 +24,7 @@ import numpy as np
 
 from ftlab.plans import registry
 from ftlab.plans.methods.snip import snip_scores
-from ftlab.plans.registry import Call, Param, PlanError, Selector
+from ftlab.plans.registry import Call, Param, Selector
 from ftlab.plans.selection import (
   FROZEN,
   TRAINED,
@@ -32,6 +32,7 @@ from ftlab.plans.selection import (
   fraction,
   kernel_biases,
   levels_of,
+  one_of,
   optional_batches,
   top_count,
   value,
@@ -46,10 +47,7 @@ def check_score(call: Call) -> str:
   Raises:
     PlanError: naming the value.
   """
-  score = value(call, 'score', 'magnitude')
-  if score not in SCORES:
-    raise PlanError(f'policy {call.name}: score={score!r}; valid: {", ".join(SCORES)}')
-  return score
+  return one_of(call, 'score', 'magnitude', SCORES)
 
 
 @registry.register
