@@ -411,7 +411,7 @@ def test_unreadable_indices_files_are_one_line_errors(tmp_path):
 
 @pytest.mark.slow  # a compile-heavy pass or a subprocess: the whole suite runs it
 def test_a_bad_indices_file_stops_a_real_run_with_exit_2_before_compute(tmp_path):
-  # About 7 s on 2 CPU cores (the import of jax and the dataset's metadata), so not `slow`.
+  # About 7 s on 2 CPU cores (the import of jax and the dataset's metadata): slow tier.
   # runlocal's model (narrow VGG11-BN): a kernel of the wrong shape.
   np.savez(tmp_path / 'bad.npz', **{'block3_conv2/kernel': np.ones((3, 3, 3, 3), bool)})
   out = subprocess.run(
