@@ -46,7 +46,9 @@ def launch(workdir, processes, devices, *overrides, wait=True):
     'scripts/launch_local.py',
     f'--num_processes={processes}',
     f'--devices_per_process={devices}',
-    '--timeout=300',
+    # A stuck launch ends with each process's Python stacks (`failure`); a slow one (the CI
+    # machine running other subprocess tests beside these) has room.
+    '--timeout=600',
     '--',
     sys.executable,
     '-m',
@@ -62,8 +64,19 @@ def launch(workdir, processes, devices, *overrides, wait=True):
       command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
   result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert result.returncode == 0, failure(result.stdout + result.stderr)
   return result
+
+
+def failure(output: str) -> str:
+  """What a failed launch printed last, and first every process's stack in ftlab's code (a
+  timed-out launch's SIGUSR1 dump), which the tail alone loses: where each process waited."""
+  frames = [
+    line
+    for line in output.splitlines()
+    if re.match(r'\[p\d+\]\s+(File ".*/(ftlab|scripts)/|Thread 0x|Current thread)', line)
+  ]
+  return '\n'.join(frames[-80:]) + '\n...\n' + output[-2500:]
 
 
 def assert_same_run(a, b):
