@@ -112,7 +112,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500  # also at the last step
   config.keep_checkpoints = 2  # newest checkpoints kept (>= 2: never lose the last good one)
   config.early_stopping_patience = 0  # stop after this many evals without improvement (0 = off)
-  config.record_step_flops = True  # XLA's FLOP count of each stage's compiled step, in summary
+  # XLA's FLOP count and per-device memory of each stage's compiled step, in summary (one more
+  # compile per stage)
+  config.record_step_flops = True
   # Gradient accumulation: each device's share of batch_size cut into this many
   # micro-batches, one update on their mean gradient (batch_size stays the global batch;
   # BatchNorm normalises per micro-batch). Memory of one micro-batch's activations.

@@ -122,6 +122,7 @@ class _Window:
     self.spread, self.config = spread, config
     self.skip_nonfinite = bool(config.skip_nonfinite_updates)
     self.skipped_total = 0
+    self.seconds_per_step = []  # one entry per log window
     self._reset(first_step)
 
   def _reset(self, first_step: int) -> None:
@@ -129,6 +130,16 @@ class _Window:
 
   def add(self, metrics: dict) -> None:
     self.pending.append(metrics)
+
+  def restart_clock(self) -> None:
+    """After an evaluation or a checkpoint: the window's time counts train steps only."""
+    self.start = time.time()
+
+  def step_time(self) -> float | None:
+    """Median seconds per step over the log windows; the first window, which holds the
+    step's compilation, is left out when there are others. None before the first log."""
+    windows = self.seconds_per_step[1:] or self.seconds_per_step
+    return float(np.median(windows)) if windows else None
 
   def check(self) -> None:
     # Only the metrics since the last check come to the host, in one transfer; between checks
@@ -155,6 +166,7 @@ class _Window:
     # Wall time includes the first step's compilation in the first window, and any evaluation
     # or checkpoint in between, so the rate is a lower bound on the step's own speed.
     steps_per_sec = len(self.pending) / (time.time() - self.start)
+    self.seconds_per_step.append(1 / steps_per_sec)
     means['examples_per_sec'] = steps_per_sec * self.config.batch_size
     self._reset(step + 1)
     writer.write(step, {f'train/{k}': v for k, v in means.items()})
@@ -221,7 +233,7 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
     run.workdir.metrics, run.workdir.tensorboard, enabled=is_writer
   )
   window, best = _Window(first + 1, spread, config), _Best(config.early_stopping_patience)
-  stop, results, flops = False, {}, {}
+  stop, results, costs = False, {}, {}
   held_out = f'{run.data.held_out}/accuracy'  # the split that picks the best step
 
   logging.info('training steps %d..%d under %s', first + 1, last, current.plan.name)
@@ -235,8 +247,8 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
       batch = next(current.train_batches)
       # Once per plan, before its first step: the cost analysis compiles a separate program, so
       # it is not repeated.
-      if config.record_step_flops and current.plan.key not in flops:
-        flops[current.plan.key] = parallel.compiled_flops(current.p_train_step, state, batch, rng)
+      if config.record_step_flops and current.plan.key not in costs:
+        costs[current.plan.key] = parallel.compiled_costs(current.p_train_step, state, batch, rng)
       # The state passed in is donated; only the returned one may be used from here on.
       state, metrics = current.p_train_step(state, batch, rng)
       window.add(metrics)
@@ -251,11 +263,14 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
         window.log(step, last, writer)
       # Evaluate before saving, so an early stop decided by this evaluation still writes the
       # checkpoint of the step it stopped at.
-      if is_time(step, config.eval_every_steps, last):
+      evaluate = is_time(step, config.eval_every_steps, last)
+      if evaluate:
         results = _evals(run, state, step, writer)
         stop = best.update(step, results[held_out])
       if save or stop:
         _save(run, state, current.plan, step)
+      if evaluate or save or stop:
+        window.restart_clock()  # the step time measures steps, not evaluations or saves
       # After the save above: a preemption always leaves the checkpoint of the step it finished.
       if preempted:
         writer.close()
@@ -272,7 +287,7 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
   _check_all_skipped(config, int(final.step) - first, window.skipped_total)
   # The last stage's frozen leaves only; earlier stages were checked at their boundaries.
   frozen = _check_frozen(current.plan, current.frozen_reference, final.params)
-  summary = _summary(run, final, stages, results, best, stop, window, flops, frozen)
+  summary = _summary(run, final, stages, results, best, stop, window, costs, frozen)
   summary['wall_time_sec'] = time.time() - wall_start
   if is_writer:
     workdir.write_summary(run.workdir, summary)
@@ -327,7 +342,7 @@ def _record_launch(run: Run) -> None:
   )
 
 
-def _summary(run, final, stages, results, best, stop, window, flops, frozen) -> dict:
+def _summary(run, final, stages, results, best, stop, window, costs, frozen) -> dict:
   """`summary.json` but for the wall time."""
   select, plan = run.data.held_out, stages[-1].plan
   cached = {s.plan.name: s.cached_from for s in stages if s.cached_from}
@@ -354,11 +369,17 @@ def _summary(run, final, stages, results, best, stop, window, flops, frozen) -> 
         'image_size': run.data.image_size,
         'classes': list(run.data.train.class_names),
       },
-      **({'train_step_flops': flops[plan.key]} if plan.key in flops else {}),
+      # What the last stage costs: its optimizer state (bytes of every leaf, as checkpointed)
+      # and its compiled step's FLOPs and per-device memory (XLA's analyses, `compiled_costs`).
+      'optimizer_state_bytes': optimizer_state_bytes(final.opt_state),
+      **_costs_fields(costs.get(plan.key)),
     }
   )
+  step_time = window.step_time()
+  if step_time is not None:
+    summary['step_time_sec'] = step_time
   if len(run.stages) > 1:
-    summary['stages'] = _stage_summary(run, flops)
+    summary['stages'] = _stage_summary(run, costs)
   if cached:  # plans whose steps ran on cached prefix outputs, with the first block they ran
     summary['activation_cache'] = cached
   # Frozen leaves checked bit for bit against the loaded values (sha256 per leaf).
@@ -370,14 +391,25 @@ def _summary(run, final, stages, results, best, stop, window, flops, frozen) -> 
   return summary
 
 
-def _stage_summary(run: Run, flops: dict) -> list[dict]:
+def optimizer_state_bytes(opt_state: Any) -> int:
+  """Bytes of every array leaf of `opt_state` (one copy: the host state, not per device)."""
+  return int(sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(opt_state)))
+
+
+def _costs_fields(costs: dict | None) -> dict:
+  """`train_step_flops` and `train_step_memory` from `compiled_costs`, if it ran."""
+  if costs is None:  # config.record_step_flops off
+    return {}
+  return {'train_step_flops': costs['flops'], 'train_step_memory': costs['memory']}
+
+
+def _stage_summary(run: Run, costs: dict) -> list[dict]:
   rows = []
   for at in run.stages:
     s = at.stage
     end = s.end if s.end is not None else run.config.num_train_steps
     rows.append({'plan': s.name, 'first_step': s.start + 1, 'last_step': end})
-    if s.key in flops:
-      rows[-1]['train_step_flops'] = flops[s.key]
+    rows[-1].update(_costs_fields(costs.get(s.key)))
   return rows
 
 

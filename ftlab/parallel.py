@@ -355,11 +355,38 @@ def collect(
   return found
 
 
-def compiled_flops(compiled_fn: Callable, *args: Any) -> float:
-  """FLOPs of `compiled_fn(*args)` from XLA's cost analysis of the compiled program."""
-  # A separate lowering and compile: the FLOPs are those of the program the step runs, but
-  # recording them costs one more compilation per plan.
-  analysis = compiled_fn.lower(*args).compile().cost_analysis()
+def compiled_costs(compiled_fn: Callable, *args: Any) -> dict:
+  """XLA's cost and memory analyses of the program `compiled_fn(*args)` runs.
+
+  Args:
+    compiled_fn: a jitted or pmapped function (it has `.lower`).
+    *args: what it is called with (arrays or `jax.ShapeDtypeStruct`s).
+
+  Returns:
+    `{'flops': float, 'memory': {...}}`. `memory` is per device, in bytes, from
+    `Compiled.memory_analysis()`: `arguments`, `outputs`, `temps` (XLA's scratch buffers),
+    `aliased` (outputs written over donated arguments) and `total` = arguments + outputs −
+    aliased + temps, what the program needs at once in the worst case (XLA may reuse temps, so
+    this is an upper bound on its peak). Code size is left out.
+  """
+  # A separate lowering and compile: the numbers are those of the program the step runs, but
+  # recording them costs one more compilation (a hit in the persistent compilation cache when
+  # one is configured).
+  compiled = compiled_fn.lower(*args).compile()
+  analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax returned one dict per program
     analysis = analysis[0]
-  return float(analysis['flops'])
+  stats = compiled.memory_analysis()
+  memory = {
+    'arguments': int(stats.argument_size_in_bytes),
+    'outputs': int(stats.output_size_in_bytes),
+    'temps': int(stats.temp_size_in_bytes),
+    'aliased': int(stats.alias_size_in_bytes),
+  }
+  memory['total'] = memory['arguments'] + memory['outputs'] - memory['aliased'] + memory['temps']
+  return {'flops': float(analysis['flops']), 'memory': memory}
+
+
+def compiled_flops(compiled_fn: Callable, *args: Any) -> float:
+  """FLOPs of `compiled_fn(*args)` from XLA's cost analysis of the compiled program."""
+  return compiled_costs(compiled_fn, *args)['flops']

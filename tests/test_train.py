@@ -9,7 +9,7 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from ftlab import parallel, paths, train
+from ftlab import loop, parallel, paths, train
 from ftlab.models import vgg
 from ftlab.plans import optim, policies
 from tests import fakes
@@ -353,3 +353,38 @@ def test_bfloat16_computes_in_bfloat16_with_float32_master_weights():
     g32 = np.ravel(g32).astype(np.float64)
     cosine = g16 @ g32 / (np.linalg.norm(g16) * np.linalg.norm(g32) + 1e-30)
     assert cosine > 0.9, (path, cosine)
+
+
+def test_step_memory_and_optimizer_state_are_the_hand_counts():
+  """XLA's memory analysis of the compiled step (per device) against bytes counted by hand:
+  the arguments are the replicated state and one device's share of the batch (the unused
+  dropout key is pruned by jit), the donated state comes back in place (aliased), and the
+  outputs are the state, the metrics and XLA's table of output buffers (8 bytes a leaf). Adam
+  keeps two float32 moments of each trainable entry and nothing for frozen leaves."""
+  model = tiny(batch_norm=True)
+  adam = dict(SGD, name='adam', b1=0.9, b2=0.999, eps=1e-8)
+  variables, plan, tx = setup(model, POLICIES['last_blocks'], opt=adam)
+  spread = parallel.Spread('shard_map')
+  p_train_step, _ = train.compile_steps(spread, model=model, tx=tx, plan=plan)
+  host = train.create_train_state(variables, tx)
+  state, batch, rng = spread.replicate(host), batches(1)[0], jax.random.key(0)
+  costs = parallel.compiled_costs(p_train_step, state, spread.shard(batch), rng)
+
+  def nbytes(tree):
+    return sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree))
+
+  state_bytes, batch_bytes = nbytes(host), nbytes(batch) // jax.device_count()
+  memory = costs['memory']
+  assert memory['arguments'] == state_bytes + batch_bytes
+  assert memory['aliased'] == state_bytes
+  metrics = jax.eval_shape(p_train_step, state, spread.shard(batch), rng)[1]
+  metric_bytes = sum(x.dtype.itemsize for x in jax.tree.leaves(metrics))  # replicated scalars
+  table = 8 * (len(jax.tree.leaves(host)) + len(jax.tree.leaves(metrics)))
+  assert memory['outputs'] - state_bytes - metric_bytes in (0, table)
+  assert memory['total'] == memory['arguments'] + memory['outputs'] - state_bytes + memory['temps']
+  assert costs['flops'] > 0
+
+  trainable, _ = policies.trainable_count(plan, variables['params'])
+  counts = [x for x in jax.tree.leaves(host.opt_state) if np.asarray(x).dtype == np.int32]
+  assert loop.optimizer_state_bytes(host.opt_state) == 2 * 4 * trainable + 4 * len(counts)
+  assert 0 < len(counts) <= 2  # Adam's step count (and the schedule's)
