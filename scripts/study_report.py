@@ -1,0 +1,399 @@
+"""A study's report, from its run directories alone: `report.json`, `report.md` and plots.
+
+  python scripts/study_report.py DIR
+
+`DIR` is a `scripts/study.py` workdir: `DIR/study.json` (the study's config: tasks, plans,
+seeds, rates, baseline, groups, labels) and `DIR/runs/<task>/<plan>/lr<lr>/seed<seed>/`, each
+an ordinary ftlab run whose `summary.json` holds the numbers. Nothing else is read, so the
+report is rebuilt the same from the same runs, and a partial study reports what has finished.
+
+What it holds:
+- `selection`: per (task, plan), the minival accuracy of each candidate rate (first seed) and
+  the chosen rate (the best; a tie: the smaller);
+- `runs`: one row per finished run: task, plan, seed, lr, role (`test` for the chosen rate's
+  seeds, `selection` for the other candidates), each accuracy the run reports (test, minival,
+  the shift evaluator's mean over corruptions) and its cost fields (trainable parameters and %,
+  optimizer-state bytes, the compiled step's per-device memory and FLOPs, median step time,
+  wall time);
+- `cells`: per (task, plan), the test accuracy's mean, sample std and 95% Student-t interval
+  over seeds, with the per-seed values (`ftlab.analysis.stats.summarize`), and the same for the
+  shifted accuracy where the runs measured it;
+- `plans`: per plan, the mean over tasks (over groups when the tasks have groups: VTAB's
+  convention, `stats.over_tasks`) once every task has the plan's test runs, and its costs
+  (median over its test runs);
+- `paired`: per task, every plan against the baseline on the same seeds (the same labelled
+  draw and head init): mean difference, its 95% interval and the paired t-test's p, with
+  `distinguishable` false when the interval covers 0.
+
+`report.md` says the same in tables (cells written by `study_tables`); the plots are
+`accuracy_vs_params.png` (one series per family) and `heatmap.png` (tasks x plans).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+sys.path[:0] = [p for p in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),)]
+
+import study_plots  # noqa: E402
+import study_tables  # noqa: E402
+
+from ftlab.analysis import stats  # noqa: E402
+from ftlab.errors import InputError  # noqa: E402
+from ftlab.files import workdir  # noqa: E402
+
+STUDY_FILE = 'study.json'
+JSON = 'report.json'
+MARKDOWN = 'report.md'
+RUNS = 'runs'
+# The run-summary fields a report row copies: what a plan costs.
+COST_FIELDS = (
+  'trainable_parameters',
+  'total_parameters',
+  'trainable_percent',
+  'optimizer_state_bytes',
+  'train_step_flops',
+  'step_time_sec',
+  'wall_time_sec',
+  'steps',
+)
+
+
+class ReportError(InputError):
+  """A directory that holds no study (no `study.json`)."""
+
+
+def run_directory(root: str, task: str, plan: str, lr: float, seed: int) -> str:
+  """Where a study's run lives: `root/runs/<task>/<plan>/lr<lr>/seed<seed>`."""
+  return os.path.join(root, RUNS, task, plan, f'lr{lr:g}', f'seed{seed}')
+
+
+def read_study(root: str) -> dict:
+  """The study config `scripts/study.py` recorded in `root`.
+
+  Raises:
+    ReportError: `root` holds no `study.json`.
+  """
+  path = os.path.join(root, STUDY_FILE)
+  if not os.path.exists(path):
+    raise ReportError(f'{root}: no {STUDY_FILE}; is it a scripts/study.py workdir?')
+  with open(path) as f:
+    return json.load(f)['study']
+
+
+def _row(task: str, plan: str, lr: float, seed: int, summary: dict) -> dict:
+  """One run's report row from its summary."""
+  accuracy = {'test': summary['final_eval_accuracy']}
+  if 'final_minival_accuracy' in summary:
+    accuracy['minival'] = summary['final_minival_accuracy']
+  shift = summary.get('final_shift', {})
+  if 'mean_accuracy' in shift:
+    accuracy['shift'] = shift['mean_accuracy']
+  row = dict(task=task, plan=plan, seed=seed, lr=lr, accuracy=accuracy)
+  row.update({k: summary[k] for k in COST_FIELDS if k in summary})
+  if 'train_step_memory' in summary:
+    row['train_step_memory_bytes'] = summary['train_step_memory']['total']
+  return row
+
+
+def read_runs(root: str, study: dict) -> list[dict]:
+  """Every finished run of the study's tasks and plans, in task, plan, lr, seed order."""
+  rows = []
+  for task in study['tasks']:
+    for plan in study['plans']:
+      for lr in sorted(float(x) for x in study['learning_rates']):
+        for seed in study['seeds']:
+          files = workdir.Workdir(run_directory(root, task, plan, lr, int(seed)))
+          if os.path.exists(files.summary):
+            with open(files.summary) as f:
+              rows.append(_row(task, plan, lr, int(seed), json.load(f)))
+  return rows
+
+
+def choose(minival: dict[float, float]) -> float:
+  """The rate with the best minival accuracy; a tie goes to the smaller rate."""
+  return min(minival, key=lambda lr: (-minival[lr], lr))
+
+
+def selection(study: dict, rows: list[dict]) -> list[dict]:
+  """Per (task, plan): each candidate's minival accuracy (first seed) and the chosen rate, or
+  no `chosen` while a candidate has not finished."""
+  lrs = sorted(float(x) for x in study['learning_rates'])
+  first = int(study['seeds'][0])
+  out = []
+  for task in study['tasks']:
+    for plan in study['plans']:
+      if len(lrs) == 1:
+        out.append(dict(task=task, plan=plan, minival={}, chosen=lrs[0]))
+        continue
+      minival = {
+        r['lr']: r['accuracy']['minival']
+        for r in rows
+        if (r['task'], r['plan'], r['seed']) == (task, plan, first)
+      }
+      entry = dict(task=task, plan=plan, minival={f'{lr:g}': minival[lr] for lr in minival})
+      if len(minival) == len(lrs):
+        entry['chosen'] = choose(minival)
+      out.append(entry)
+  return out
+
+
+def _summary_dict(s: stats.Summary) -> dict:
+  return dict(
+    n=s.n,
+    mean=s.mean,
+    std=None if math.isnan(s.std) else s.std,
+    low=None if math.isnan(s.low) else s.low,
+    high=None if math.isnan(s.high) else s.high,
+    values=list(s.values),
+    seeds=list(s.seeds) if s.seeds else None,
+  )
+
+
+def _test_table(study: dict, rows: list[dict], metric: str) -> dict:
+  """`{task: {plan: {seed: accuracy}}}` of the test runs that measured `metric`."""
+  table: dict = {}
+  for r in rows:
+    if r['role'] == 'test' and metric in r['accuracy']:
+      table.setdefault(r['task'], {}).setdefault(r['plan'], {})[r['seed']] = r['accuracy'][metric]
+  # In the study's order, whatever order the runs were read in.
+  return {
+    t: {p: table[t][p] for p in study['plans'] if p in table[t]}
+    for t in study['tasks']
+    if t in table
+  }
+
+
+def _median(rows: list[dict], field: str) -> float | None:
+  values = [r[field] for r in rows if r.get(field) is not None]
+  return float(np.median(values)) if values else None
+
+
+def build(root: str) -> dict:
+  """The report of the study in `root` (see the module docstring), as a JSON-ready dict.
+
+  Raises:
+    ReportError: `root` holds no study.
+  """
+  study = read_study(root)
+  rows = read_runs(root, study)
+  chosen = {(s['task'], s['plan']): s.get('chosen') for s in selection(study, rows)}
+  seeds = {int(s) for s in study['seeds']}
+  for r in rows:
+    r['role'] = (
+      'test' if chosen[r['task'], r['plan']] == r['lr'] and r['seed'] in seeds else ('selection')
+    )
+  report: dict[str, Any] = dict(study=study, selection=selection(study, rows), runs=rows)
+  cells = []
+  for metric in ('test', 'shift'):
+    summaries = stats.summarize_table(_test_table(study, rows, metric))
+    for task, by_plan in summaries.items():
+      for plan, s in by_plan.items():
+        cells.append(dict(task=task, plan=plan, metric=metric, **_summary_dict(s)))
+  report['cells'] = cells
+  table = _test_table(study, rows, 'test')
+  complete = {
+    p
+    for p in study['plans']
+    if all(len(table.get(t, {}).get(p, {})) == len(seeds) for t in study['tasks'])
+  }
+  groups = {t: c['group'] for t, c in study['tasks'].items() if c.get('group')}
+  means = {}
+  if complete:
+    full = {t: {p: v for p, v in table[t].items() if p in complete} for t in study['tasks']}
+    means = stats.over_tasks(full, groups if len(groups) == len(study['tasks']) else None)
+  plans = []
+  for plan, about in study['plans'].items():
+    tests = [r for r in rows if r['plan'] == plan and r['role'] == 'test']
+    entry = dict(
+      plan=plan,
+      label=about.get('label') or plan,
+      family=about.get('family') or 'baselines',
+      complete=plan in complete,
+      runs=len(tests),
+    )
+    if plan in means:
+      entry.update(mean_over_tasks=means[plan].mean, group_means=means[plan].groups)
+    for field in COST_FIELDS + ('train_step_memory_bytes',):
+      entry[field] = _median(tests, field)
+    entry['wall_time_sec_total'] = float(sum(r.get('wall_time_sec', 0.0) for r in tests))
+    plans.append(entry)
+  report['plans'] = plans
+  report['paired'] = []
+  baseline = study.get('baseline')
+  if baseline:
+    for task, cells_of_task in table.items():
+      for plan, values in cells_of_task.items():
+        base = cells_of_task.get(baseline)
+        if plan == baseline or base is None or set(values) != set(base):
+          continue  # compared once both have the same seeds
+        c = stats.paired(values, base)
+        report['paired'].append(
+          dict(
+            task=task,
+            plan=plan,
+            baseline=baseline,
+            n=c.n,
+            mean=c.mean,
+            low=None if math.isnan(c.low) else c.low,
+            high=None if math.isnan(c.high) else c.high,
+            p_value=None if math.isnan(c.p_value) else c.p_value,
+            distinguishable=c.distinguishable,
+            text=study_tables.describe_comparison(c),
+          )
+        )
+  return report
+
+
+def _label(study: dict, plan: str) -> str:
+  return study['plans'][plan].get('label') or plan
+
+
+def selection_markdown(report: dict) -> str:
+  """Minival accuracy of every (task, plan) × candidate rate; the chosen one in bold."""
+  study = report['study']
+  lrs = sorted(float(x) for x in study['learning_rates'])
+  if len(lrs) == 1:
+    return f'One learning rate ({lrs[0]:g}) for every plan: nothing chosen on minival.'
+  lines = [
+    f'Minival accuracy (`dataset.minival={study["minival"]}`, seed {study["seeds"][0]}) of each '
+    'candidate learning rate; the chosen one in bold:',
+    '',
+    '| task | plan | ' + ' | '.join(f'lr {lr:g}' for lr in lrs) + ' |',
+    '|---|---|' + '---:|' * len(lrs),
+  ]
+  for s in report['selection']:
+    cells = []
+    for lr in lrs:
+      score = s['minival'].get(f'{lr:g}')
+      text = '–' if score is None else f'{100 * score:.1f}%'
+      cells.append(f'**{text}**' if s.get('chosen') == lr else text)
+    lines.append(f'| {s["task"]} | {_label(study, s["plan"])} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def _cell_text(cell: dict) -> str:
+  summary = stats.summarize({seed: v for seed, v in zip(cell['seeds'], cell['values'])})
+  return study_tables.describe(summary)
+
+
+def _number(value: float | None, form: str) -> str:
+  return '–' if value is None else form.format(value)
+
+
+def _bytes(n: float | None) -> str:
+  if n is None:
+    return '–'
+  for unit, size in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
+    if n >= size:
+      return f'{n / size:.1f} {unit}'
+  return f'{n:.0f} B'
+
+
+def markdown(report: dict) -> str:
+  """`report.md`: the accuracy table, the mean over tasks with costs, the paired comparisons
+  and the selection table."""
+  study = report['study']
+  tasks = list(study['tasks'])
+  cells = {(c['task'], c['plan'], c['metric']): c for c in report['cells']}
+  has_shift = any(c['metric'] == 'shift' for c in report['cells'])
+  lines = [
+    f'Test accuracy (%) per task: mean ± std over seeds ({", ".join(map(str, study["seeds"]))}), '
+    '95% Student-t interval and n' + ('; shifted: the mean over corruptions' if has_shift else ''),
+    '',
+    '| plan | ' + ' | '.join(tasks) + ' |',
+    '|---|' + '---|' * len(tasks),
+  ]
+  for plan in study['plans']:
+    texts = []
+    for task in tasks:
+      cell = cells.get((task, plan, 'test'))
+      text = '–' if cell is None else _cell_text(cell)
+      if (task, plan, 'shift') in cells:
+        text += f'; shifted {_cell_text(cells[task, plan, "shift"])}'
+      texts.append(text)
+    lines.append(f'| {_label(study, plan)} | ' + ' | '.join(texts) + ' |')
+  lines += [
+    '',
+    'Per plan: the mean over tasks'
+    + (
+      ' (the mean of the group means)'
+      if any(t.get('group') for t in study['tasks'].values())
+      else ''
+    )
+    + ", and costs (median over its test runs; memory is XLA's analysis of the compiled train "
+    'step per device: arguments + outputs − donated + temporaries):',
+    '',
+    '| plan | family | mean over tasks | trainable params | trainable % | optimizer state | '
+    'step memory | s / step | s / run |',
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|',
+  ]
+  for p in report['plans']:
+    mean = f'{100 * p["mean_over_tasks"]:.1f}' if 'mean_over_tasks' in p else 'incomplete'
+    cells = [
+      p['label'],
+      p['family'],
+      mean,
+      _number(p['trainable_parameters'], '{:,.0f}'),
+      _number(p['trainable_percent'], '{:.2f}%'),
+      _bytes(p['optimizer_state_bytes']),
+      _bytes(p['train_step_memory_bytes']),
+      _number(p['step_time_sec'], '{:.3f}'),
+      _number(p['wall_time_sec'], '{:.0f}'),
+    ]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  if report['paired']:
+    baseline = study['baseline']
+    lines += [
+      '',
+      f'Paired with {_label(study, baseline)} (same task, same seeds: the same labelled draw and '
+      'head init): difference in test accuracy points, 95% t interval, paired t-test. With few '
+      'seeds and many comparisons a single p below 0.05 is weak evidence.',
+      '',
+      '| plan | ' + ' | '.join(tasks) + ' |',
+      '|---|' + '---|' * len(tasks),
+    ]
+    found = {(c['task'], c['plan']): c['text'] for c in report['paired']}
+    for plan in study['plans']:
+      if plan != baseline:
+        texts = [found.get((task, plan), '–') for task in tasks]
+        lines.append(f'| {_label(study, plan)} | ' + ' | '.join(texts) + ' |')
+  lines += ['', selection_markdown(report)]
+  return '\n'.join(lines) + '\n'
+
+
+def write(root: str) -> dict:
+  """Builds the report of `root` and writes `report.json`, `report.md` and the plots there."""
+  report = build(root)
+  with open(os.path.join(root, JSON), 'w') as f:
+    json.dump(report, f, indent=2)
+    f.write('\n')
+  with open(os.path.join(root, MARKDOWN), 'w') as f:
+    f.write(markdown(report))
+  study_plots.accuracy_vs_params(report, os.path.join(root, 'accuracy_vs_params.png'))
+  study_plots.heatmap(report, os.path.join(root, 'heatmap.png'))
+  return report
+
+
+def main(argv: list[str]) -> int:
+  """`study_report.py DIR`: writes the report and prints `report.md`; a bad DIR is one line."""
+  if len(argv) != 1 or argv[0].startswith('-'):
+    print('usage: python scripts/study_report.py DIR', file=sys.stderr)
+    return 2
+  try:
+    write(argv[0])
+  except InputError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(open(os.path.join(argv[0], MARKDOWN)).read())
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,271 @@
+"""scripts/study.py (the driver) and scripts/study_report.py (the report from run directories)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from ftlab.data import sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+
+import study  # noqa: E402
+import study_report  # noqa: E402
+
+needs_fashion_mnist = pytest.mark.skipif(
+  not os.path.isdir(sources.DEBIAN_FASHION_MNIST_DIR),
+  reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
+)
+SMOKE = 'configs/studies/smoke.py'
+
+
+def smoke(arg=''):
+  return study.load_study(f'{SMOKE}:{arg}' if arg else SMOKE)
+
+
+@pytest.mark.parametrize(
+  'change, message',
+  [
+    (dict(baseline='lora'), r"baseline 'lora' is not one of the plans \(linear_probe, full\)"),
+    (dict(learning_rates=(0.1, 0.01)), r'2 learning rates to choose from, but no minival split'),
+    (dict(seeds=(0, 0)), r'seeds \[0, 0\] repeat a seed'),
+    (dict(learning_rates=(0.1, -1.0)), r'must be distinct and > 0'),
+    (dict(seeds=()), r'seeds is empty'),
+  ],
+)
+def test_bad_study_is_one_line_before_any_run(change, message):
+  config = smoke()
+  for field, value in change.items():
+    config[field] = value
+  with pytest.raises(study.StudyError, match=message):
+    study.check_study(config, SMOKE)
+
+
+def test_run_config_is_base_then_study_task_and_plan(tmp_path):
+  config = smoke('lrs=0.1/0.01')
+  job = study.Job('fashion_5to9', 'linear_probe', 1, 0.01)
+  run = study.run_config(config, job, str(tmp_path))
+  assert run.dataset.classes == (5, 6, 7, 8, 9)  # the task's
+  assert run.num_train_steps == 10 and run.dataset.train_split == 'train'  # the study's
+  assert run.model.width == 1 / 16  # the base's (runlocal)
+  assert (run.policy.name, run.seed, run.optimizer.learning_rate) == ('linear_probe', 1, 0.01)
+  assert run.dataset.minival == '1000'
+  assert run.activation_cache_dir == os.path.join(str(tmp_path), 'activation_cache')
+  assert job.directory('D') == 'D/runs/fashion_5to9/linear_probe/lr0.01/seed1'
+  config['tasks']['fashion_5to9']['overrides'] = [['dataset.clases', [1, 2]]]
+  with pytest.raises(study.StudyError, match=r"^task fashion_5to9: 'dataset.clases' is not a f"):
+    study.run_config(config, job, str(tmp_path))
+
+
+def test_selection_then_test_jobs_reuse_the_first_seeds_run():
+  config = smoke('lrs=0.1/0.01,seeds=3')
+  selection = study.selection_jobs(config)
+  assert len(selection) == 2 * 2 * 2 and {j.seed for j in selection} == {0}
+  chosen = {(t, p): 0.01 for t in config['tasks'] for p in config['plans']}
+  tests = study.test_jobs(config, chosen)
+  assert len(tests) == 2 * 2 * 3 and {j.lr for j in tests} == {0.01}
+  assert set(selection) & set(tests) == {j for j in tests if j.seed == 0}  # the same runs
+  assert study.selection_jobs(smoke()) == []  # one candidate: nothing to choose
+
+
+def fake_study(root, seeds=(0, 1, 2), lrs=(0.1, 0.01), groups=None):
+  """A study.json and summaries of made-up runs, as the driver leaves them."""
+  config = smoke()
+  config.update(seeds=list(seeds), learning_rates=list(lrs), minival='1000')
+  for task, group in (groups or {}).items():
+    config['tasks'][task]['group'] = group
+  study.record_study(config, SMOKE, str(root))
+  rng = np.random.default_rng(0)
+  accuracies = {}
+  for task in config['tasks']:
+    for plan in config['plans']:
+      for lr in lrs:
+        for seed in seeds:
+          accuracy = float(rng.uniform(0.2, 0.9))
+          accuracies[task, plan, lr, seed] = accuracy
+          directory = study_report.run_directory(str(root), task, plan, lr, seed)
+          os.makedirs(directory)
+          summary = dict(
+            final_eval_accuracy=accuracy,
+            final_minival_accuracy=float(rng.uniform(0.2, 0.9)),
+            trainable_parameters=10 if plan == 'linear_probe' else 1000,
+            trainable_percent=1.0 if plan == 'linear_probe' else 100.0,
+            optimizer_state_bytes=80 if plan == 'linear_probe' else 8000,
+            train_step_memory=dict(total=1000 + seed),
+            step_time_sec=0.1 * (1 + seed),
+            wall_time_sec=5.0,
+          )
+          with open(os.path.join(directory, 'summary.json'), 'w') as f:
+            json.dump(summary, f)
+  return config, accuracies
+
+
+def test_report_numbers_against_scipy_and_by_hand(tmp_path):
+  config, accuracies = fake_study(tmp_path)
+  report = study_report.build(str(tmp_path))
+  chosen = {}
+  for s in report['selection']:
+    minival = {float(lr): v for lr, v in s['minival'].items()}
+    assert s['chosen'] == max(minival, key=minival.get)  # no ties in random numbers
+    chosen[s['task'], s['plan']] = s['chosen']
+  test_rows = [r for r in report['runs'] if r['role'] == 'test']
+  assert len(test_rows) == 2 * 2 * 3 and len(report['runs']) == 2 * 2 * 2 * 3
+  for cell in (c for c in report['cells'] if c['metric'] == 'test'):
+    values = [
+      accuracies[cell['task'], cell['plan'], chosen[cell['task'], cell['plan']], s]
+      for s in (0, 1, 2)
+    ]
+    low, high = scipy_stats.t.interval(0.95, 2, np.mean(values), scipy_stats.sem(values))
+    assert cell['values'] == values and cell['n'] == 3
+    np.testing.assert_allclose(
+      [cell['mean'], cell['low'], cell['high']], [np.mean(values), low, high], rtol=1e-12
+    )
+  for pair in report['paired']:
+    assert pair['baseline'] == 'full'
+    a = [
+      accuracies[pair['task'], pair['plan'], chosen[pair['task'], pair['plan']], s]
+      for s in (0, 1, 2)
+    ]
+    b = [accuracies[pair['task'], 'full', chosen[pair['task'], 'full'], s] for s in (0, 1, 2)]
+    np.testing.assert_allclose(pair['p_value'], scipy_stats.ttest_rel(a, b).pvalue, rtol=1e-10)
+    assert pair['distinguishable'] == (pair['low'] > 0 or pair['high'] < 0)
+  by_plan = {p['plan']: p for p in report['plans']}
+  probe = by_plan['linear_probe']
+  task_means = [
+    np.mean([accuracies[t, 'linear_probe', chosen[t, 'linear_probe'], s] for s in (0, 1, 2)])
+    for t in config['tasks']
+  ]
+  np.testing.assert_allclose(probe['mean_over_tasks'], np.mean(task_means), rtol=1e-12)
+  assert probe['step_time_sec'] == pytest.approx(0.2)  # the median of 0.1, 0.2, 0.3 per task
+  assert probe['train_step_memory_bytes'] == 1001 and probe['optimizer_state_bytes'] == 80
+  assert probe['wall_time_sec_total'] == 5.0 * 6
+
+
+def test_report_of_a_partial_study_says_what_is_missing(tmp_path):
+  fake_study(tmp_path, lrs=(0.1,))
+  gone = study_report.run_directory(str(tmp_path), 'fashion_5to9', 'linear_probe', 0.1, 2)
+  os.remove(os.path.join(gone, 'summary.json'))
+  report = study_report.write(str(tmp_path))
+  by_plan = {p['plan']: p for p in report['plans']}
+  assert (
+    not by_plan['linear_probe']['complete'] and 'mean_over_tasks' not in by_plan['linear_probe']
+  )
+  assert by_plan['full']['complete'] and 'mean_over_tasks' in by_plan['full']
+  text = open(tmp_path / 'report.md').read()
+  assert '| linear probe | baselines | incomplete |' in text
+  assert 'n=2' in text and 'n=3' in text
+  assert os.path.getsize(tmp_path / 'heatmap.png') > 0
+
+
+def test_groups_make_the_mean_a_mean_of_group_means(tmp_path):
+  fake_study(tmp_path, lrs=(0.1,), groups={'fashion_0to4': 'a', 'fashion_5to9': 'b'})
+  report = study_report.build(str(tmp_path))
+  for plan in report['plans']:
+    assert set(plan['group_means']) == {'a', 'b'}
+    np.testing.assert_allclose(plan['mean_over_tasks'], np.mean(list(plan['group_means'].values())))
+
+
+def test_report_of_a_directory_without_a_study_is_one_line(tmp_path, capsys):
+  assert study_report.main([str(tmp_path)]) == 2
+  error = f'error: {tmp_path}: no study.json; is it a scripts/study.py workdir?\n'
+  assert capsys.readouterr().err == error
+
+
+def run_study(workdir, *args, wait=True):
+  command = [sys.executable, 'scripts/study.py', f'--workdir={workdir}', *args]
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  if not wait:
+    return subprocess.Popen(
+      command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return result.stdout
+
+
+def summaries(workdir):
+  found = {}
+  for base, _, files in os.walk(os.path.join(workdir, 'runs')):
+    if 'summary.json' in files:
+      found[os.path.relpath(base, workdir)] = os.path.getmtime(os.path.join(base, 'summary.json'))
+  return found
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_smoke_study_killed_resumes_and_a_rerun_trains_nothing(tmp_path):
+  workdir = tmp_path / 'smoke'
+  proc = run_study(workdir, f'--study={SMOKE}', wait=False)
+  deadline = time.time() + 600
+  while len(summaries(workdir)) < 2 and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)  # no goodbye: what a crashed machine leaves
+  proc.wait()
+  finished = summaries(workdir)
+  assert 2 <= len(finished) < 8, finished
+  out = run_study(workdir, f'--study={SMOKE}')
+  assert f'{8 - len(finished)} runs trained, {len(finished)} done before' in out
+  after = summaries(workdir)
+  assert len(after) == 8 and all(after[run] == finished[run] for run in finished)
+  out = run_study(workdir, f'--study={SMOKE}')
+  assert '0 runs trained, 8 done before' in out and summaries(workdir) == after
+  report = json.load(open(workdir / 'report.json'))
+  assert len(report['runs']) == 8 and all(p['complete'] for p in report['plans'])
+  for row in report['runs']:  # the cost fields of every run
+    assert row['optimizer_state_bytes'] > 0 and row['train_step_memory_bytes'] > 0
+    assert row['step_time_sec'] > 0 and row['train_step_flops'] > 0
+  # The report is rebuilt from the run directories alone, the same.
+  os.remove(workdir / 'report.json')
+  subprocess.run(
+    [sys.executable, 'scripts/study_report.py', str(workdir)],
+    cwd=ROOT,
+    check=True,
+    capture_output=True,
+  )
+  assert json.load(open(workdir / 'report.json')) == report
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_selection_on_minival_and_workers_give_the_same_runs(tmp_path):
+  """Two candidate rates: the minival chooses, and the first seed's selection run is the test
+  run. Two worker processes train the same runs to the same numbers as one process."""
+  arg = f'--study={SMOKE}:seeds=1,tasks=1,lrs=0.1/0.003'
+  out = run_study(tmp_path / 'one', arg)
+  # 2 plans x 2 rates on seed 0; the test phase's seed-0 runs are two of them.
+  assert '4 runs trained, 2 done before' in out
+  report = json.load(open(tmp_path / 'one' / 'report.json'))
+  for s in report['selection']:
+    assert s['chosen'] == study_report.choose({float(k): v for k, v in s['minival'].items()})
+  assert sum(r['role'] == 'test' for r in report['runs']) == 2
+  # A finished run under another config is refused, in one line, before anything trains.
+  changed = tmp_path / 'changed.py'
+  changed.write_text(
+    'from configs.studies import smoke\n\n\ndef get_config(arg=None):\n'
+    '  study = smoke.get_config(arg)\n'
+    "  study.overrides += (('num_train_steps', 12),)\n"
+    '  return study\n'
+  )
+  before = summaries(tmp_path / 'one')
+  command = [sys.executable, 'scripts/study.py', f'--workdir={tmp_path / "one"}']
+  result = subprocess.run(
+    [*command, f'--study={changed}:seeds=1,tasks=1,lrs=0.1/0.003'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and 'num_train_steps=10, the study now asks 12' in errors[0]
+  assert summaries(tmp_path / 'one') == before
+  out = run_study(tmp_path / 'two', arg, '--workers=2')
+  two = json.load(open(tmp_path / 'two' / 'report.json'))
+  accuracy = lambda r: {(x['task'], x['plan'], x['lr']): x['accuracy'] for x in r['runs']}  # noqa: E731
+  assert accuracy(two) == accuracy(report)
