@@ -51,6 +51,7 @@ import ml_collections
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [p for p in (ROOT, os.path.dirname(os.path.abspath(__file__))) if p not in sys.path]
 
+import readme_section  # noqa: E402
 import study_report  # noqa: E402
 
 from ftlab import loop  # noqa: E402
@@ -318,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     '--report_only', action='store_true', help='rebuild the report from the run directories'
   )
   parser.add_argument('--log_runs', action='store_true', help="show each run's own log")
+  parser.add_argument(
+    '--readme',
+    default='',
+    help='also write report.md between the README markers <!-- study-NAME:start/end --> '
+    '(NAME: the study file name without .py)',
+  )
   args = parser.parse_args(argv)
   if args.workers < 1:
     parser.error(f'--workers {args.workers}: need 1 or more')
@@ -325,7 +332,13 @@ def main(argv: list[str] | None = None) -> int:
 
   if not args.log_runs:
     logging.set_verbosity(logging.WARNING)  # one line per run instead of each run's log
+  markers = readme_markers(args.study)
   try:
+    if args.readme:  # a README that cannot take the report fails now, not after the runs
+      try:
+        readme_section.check(args.readme, markers)
+      except OSError as e:
+        raise readme_section.ReadmeError(f'--readme {args.readme}: {e.strerror}') from None
     if args.report_only:
       study_report.write(args.workdir)
     else:
@@ -339,8 +352,20 @@ def main(argv: list[str] | None = None) -> int:
   except loop.Preempted as e:  # SIGTERM: the run's checkpoint is written
     print(f'study stopped: {e}', file=sys.stderr)
     return 128 + e.signum
-  print(open(os.path.join(args.workdir, study_report.MARKDOWN)).read() if not args.select else '')
+  if args.select:
+    return 0
+  with open(os.path.join(args.workdir, study_report.MARKDOWN)) as f:
+    text = f.read()
+  if args.readme:
+    readme_section.replace(args.readme, markers, text.strip())
+  print(text)
   return 0
+
+
+def readme_markers(spec: str) -> tuple[str, str]:
+  """The README markers of a study's report: `configs/studies/smoke.py` -> study-smoke."""
+  name = os.path.splitext(os.path.basename(spec.partition(':')[0]))[0]
+  return f'<!-- study-{name}:start -->', f'<!-- study-{name}:end -->'
 
 
 if __name__ == '__main__':

@@ -214,8 +214,11 @@ def test_smoke_study_killed_resumes_and_a_rerun_trains_nothing(tmp_path):
   assert f'{8 - len(finished)} runs trained, {len(finished)} done before' in out
   after = summaries(workdir)
   assert len(after) == 8 and all(after[run] == finished[run] for run in finished)
-  out = run_study(workdir, f'--study={SMOKE}')
+  readme = tmp_path / 'README.md'
+  readme.write_text('# x\n<!-- study-smoke:start -->\nold\n<!-- study-smoke:end -->\n')
+  out = run_study(workdir, f'--study={SMOKE}', f'--readme={readme}')
   assert '0 runs trained, 8 done before' in out and summaries(workdir) == after
+  assert open(workdir / 'report.md').read().strip() in readme.read_text()
   report = json.load(open(workdir / 'report.json'))
   assert len(report['runs']) == 8 and all(p['complete'] for p in report['plans'])
   for row in report['runs']:  # the cost fields of every run
