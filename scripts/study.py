@@ -119,14 +119,19 @@ def check_study(study: dict, spec: str) -> None:
   seeds = [int(s) for s in study['seeds']]
   if len(set(seeds)) != len(seeds):
     raise StudyError(f'study {spec!r}: seeds {seeds} repeat a seed')
-  lrs = [float(lr) for lr in study['learning_rates']]
-  if any(lr <= 0 for lr in lrs) or len(set(lrs)) != len(lrs):
-    raise StudyError(f'study {spec!r}: learning_rates {lrs} must be distinct and > 0')
-  if len(lrs) > 1 and not study['minival']:
-    raise StudyError(
-      f'study {spec!r}: {len(lrs)} learning rates to choose from, but no minival split to '
-      "choose on (set minival, e.g. '1000' or '10%' of the training split)"
-    )
+  for plan, about in study['plans'].items():
+    lrs = [float(lr) for lr in about.get('learning_rates', study['learning_rates'])]
+    if not lrs or any(lr <= 0 for lr in lrs) or len(set(lrs)) != len(lrs):
+      raise StudyError(
+        f'study {spec!r}: plan {plan!r}: learning_rates {lrs} must be distinct and > 0'
+      )
+    for task in study['tasks']:
+      if len(lrs) > 1 and not study_report.minival(study, task):
+        raise StudyError(
+          f'study {spec!r}: plan {plan!r} has {len(lrs)} learning rates to choose from, but '
+          f"task {task!r} has no minival split to choose on (set minival, e.g. '1000' or "
+          "'10%' of the training split)"
+        )
   if study['baseline'] and study['baseline'] not in study['plans']:
     raise StudyError(
       f'study {spec!r}: baseline {study["baseline"]!r} is not one of the plans '
@@ -181,21 +186,21 @@ def run_config(study: dict, job: Job, root: str) -> ml_collections.ConfigDict:
   config.policy.name = policy
   config.seed = job.seed
   config.optimizer.learning_rate = job.lr
-  config.dataset.minival = study['minival']
+  config.dataset.minival = study_report.minival(study, job.task)
   config.activation_cache_dir = os.path.join(root, 'activation_cache')
   return config
 
 
 def selection_jobs(study: dict) -> list[Job]:
-  """Every (task, plan) at every candidate rate on the first seed; none with one candidate."""
-  if len(study['learning_rates']) < 2:
-    return []
+  """Every (task, plan) at every candidate rate on the first seed; none for a plan with one
+  candidate."""
   seed = int(study['seeds'][0])
   return [
-    Job(task, plan, seed, float(lr))
+    Job(task, plan, seed, lr)
     for task in study['tasks']
     for plan in study['plans']
-    for lr in study['learning_rates']
+    if len(study_report.learning_rates(study, plan)) > 1
+    for lr in study_report.learning_rates(study, plan)
   ]
 
 
@@ -289,10 +294,10 @@ def run_study(spec: str, root: str, *, select_only: bool = False, workers: int =
     workdir.ConfigChanged: a finished run of another config in the way.
   """
   study = load_study(spec)
-  first = int(study['seeds'][0]), float(study['learning_rates'][0])
   for task in study['tasks']:  # every run config builds, so a typo fails now, not hours in
     for plan in study['plans']:
-      run_config(study, Job(task, plan, *first), root)
+      lr = study_report.learning_rates(study, plan)[0]
+      run_config(study, Job(task, plan, int(study['seeds'][0]), lr), root)
   record_study(study, spec, root)
   start = time.time()
   selection = selection_jobs(study)

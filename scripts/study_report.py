@@ -74,6 +74,18 @@ def run_directory(root: str, task: str, plan: str, lr: float, seed: int) -> str:
   return os.path.join(root, RUNS, task, plan, f'lr{lr:g}', f'seed{seed}')
 
 
+def learning_rates(study: dict, plan: str) -> list[float]:
+  """The candidate rates of `plan`, ascending: its own `learning_rates`, else the study's."""
+  return sorted(
+    float(x) for x in study['plans'][plan].get('learning_rates', study['learning_rates'])
+  )
+
+
+def minival(study: dict, task: str) -> str:
+  """The minival held out of `task`'s training split: its own `minival`, else the study's."""
+  return study['tasks'][task].get('minival', study['minival'])
+
+
 def read_study(root: str) -> dict:
   """The study config `scripts/study.py` recorded in `root`.
 
@@ -107,7 +119,7 @@ def read_runs(root: str, study: dict) -> list[dict]:
   rows = []
   for task in study['tasks']:
     for plan in study['plans']:
-      for lr in sorted(float(x) for x in study['learning_rates']):
+      for lr in learning_rates(study, plan):
         for seed in study['seeds']:
           files = workdir.Workdir(run_directory(root, task, plan, lr, int(seed)))
           if os.path.exists(files.summary):
@@ -124,11 +136,11 @@ def choose(minival: dict[float, float]) -> float:
 def selection(study: dict, rows: list[dict]) -> list[dict]:
   """Per (task, plan): each candidate's minival accuracy (first seed) and the chosen rate, or
   no `chosen` while a candidate has not finished."""
-  lrs = sorted(float(x) for x in study['learning_rates'])
   first = int(study['seeds'][0])
   out = []
   for task in study['tasks']:
     for plan in study['plans']:
+      lrs = learning_rates(study, plan)
       if len(lrs) == 1:
         out.append(dict(task=task, plan=plan, minival={}, chosen=lrs[0]))
         continue
@@ -258,17 +270,19 @@ def _label(study: dict, plan: str) -> str:
 def selection_markdown(report: dict) -> str:
   """Minival accuracy of every (task, plan) × candidate rate; the chosen one in bold."""
   study = report['study']
-  lrs = sorted(float(x) for x in study['learning_rates'])
-  if len(lrs) == 1:
-    return f'One learning rate ({lrs[0]:g}) for every plan: nothing chosen on minival.'
+  lrs = sorted({lr for plan in study['plans'] for lr in learning_rates(study, plan)})
+  chosen = [s for s in report['selection'] if s['minival']]
+  if not chosen:
+    fixed = ', '.join(f'{_label(study, p)} {learning_rates(study, p)[0]:g}' for p in study['plans'])
+    return f'One learning rate per plan, nothing chosen on minival: {fixed}.'
   lines = [
-    f'Minival accuracy (`dataset.minival={study["minival"]}`, seed {study["seeds"][0]}) of each '
+    f'Minival accuracy (held out of each training split; seed {study["seeds"][0]}) of each '
     'candidate learning rate; the chosen one in bold:',
     '',
     '| task | plan | ' + ' | '.join(f'lr {lr:g}' for lr in lrs) + ' |',
     '|---|---|' + '---:|' * len(lrs),
   ]
-  for s in report['selection']:
+  for s in chosen:
     cells = []
     for lr in lrs:
       score = s['minival'].get(f'{lr:g}')

@@ -82,6 +82,7 @@ def test_accumulation_drift_is_float_rounding():
     assert_same_change(plan, variables, paths.flatten(accumulated), paths.flatten(whole), 1e-12)
 
 
+@pytest.mark.slow  # 15 s of compiles: the fast tier's budget went to the packaged datasets
 def test_batch_norm_under_accumulation_is_per_micro_batch():
   """With BatchNorm each micro-batch is normalised by its own statistics and the running
   statistics take one update per micro-batch: the step equals the mean of the micro-batches'

