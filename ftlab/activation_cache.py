@@ -313,7 +313,7 @@ def compute(
 
   pending = []
   for k, batch in enumerate(batches):
-    pending.append((k, p_prefix(state, spread.shard(batch))))
+    pending.append((k, parallel.in_dispatch_order(p_prefix(state, spread.shard(batch)))))
     if len(pending) > 1:  # the next batch runs while this one is copied to the host
       write(*pending.pop(0))
   for item in pending:

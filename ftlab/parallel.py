@@ -295,6 +295,24 @@ class Spread:
     return jax.jit(mapped, donate_argnums=tuple(donate_argnums))
 
 
+def in_dispatch_order(outputs: Any) -> Any:
+  """`outputs`, waited for in a multi-process run on CPUs; elsewhere returned at once.
+
+  Call it on each output of a loop that dispatches programs which do not depend on each other
+  but hold cross-process collectives (the eval steps of one evaluation all read the same
+  state). XLA's CPU runtime may run such programs in another order than they were dispatched,
+  and then a process's collective (gloo) meets another program's on the other process: the
+  suspected cause of 2 x 4 CPU jobs that stopped making progress inside an evaluation under
+  load (README, "Where it is tested"; never inside training, whose steps depend on each other
+  through the state). Waiting keeps every process's collectives in dispatch order. On GPU and
+  TPU a device runs its programs in order, and one process has no cross-process collectives:
+  nothing waits there.
+  """
+  if jax.process_count() > 1 and jax.default_backend() == 'cpu':
+    jax.block_until_ready(outputs)
+  return outputs
+
+
 def prefetch_to_devices(batches: Iterator[Any], spread: Spread, size: int = 2) -> Iterator[Any]:
   """Shards host batches onto the devices `size` batches ahead of their use.
 

@@ -27,7 +27,7 @@ from jax import lax
 
 from ftlab import paths
 from ftlab.data.input_pipeline import Data
-from ftlab.parallel import AXIS, REPLICATED, SHARDED, Spread
+from ftlab.parallel import AXIS, REPLICATED, SHARDED, Spread, in_dispatch_order
 from ftlab.plans import dynamic_masks, policies
 from ftlab.train import TrainState, bind_model, cross_entropy, model_variables
 
@@ -177,7 +177,7 @@ class Scorer:
     """The pass's sums over the batches, replicated on the devices."""
     p_step, totals = self._pass(kind), None
     for batch in self._batches(num_batches, start_step):
-      sums = p_step(state, self.spread.shard(batch))
+      sums = in_dispatch_order(p_step(state, self.spread.shard(batch)))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     return totals
 

@@ -31,7 +31,7 @@ from jax import lax
 from ftlab import ema as ema_
 from ftlab import paths
 from ftlab.errors import ConfigError
-from ftlab.parallel import AXIS, BROADCAST, REPLICATED, SHARDED
+from ftlab.parallel import AXIS, BROADCAST, REPLICATED, SHARDED, in_dispatch_order
 from ftlab.plans import policies, tuners
 
 PyTree = Any
@@ -323,7 +323,7 @@ def evaluate(p_eval_step: Callable, state: Any, spread: Any, batches: Iterable[d
   """
   totals = None
   for batch in batches:
-    sums = p_eval_step(state, spread.shard(batch))
+    sums = in_dispatch_order(p_eval_step(state, spread.shard(batch)))
     # The totals stay on the devices; the one `device_get` below is the evaluation's only
     # host sync, so batches are dispatched without waiting on each other.
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)

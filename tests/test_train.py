@@ -388,3 +388,28 @@ def test_step_memory_and_optimizer_state_are_the_hand_counts():
   counts = [x for x in jax.tree.leaves(host.opt_state) if np.asarray(x).dtype == np.int32]
   assert loop.optimizer_state_bytes(host.opt_state) == 2 * 4 * trainable + 4 * len(counts)
   assert 0 < len(counts) <= 2  # Adam's step count (and the schedule's)
+
+
+def test_multi_process_cpu_evaluation_waits_for_each_batch(monkeypatch):
+  """`parallel.in_dispatch_order` waits for each eval batch's sums when several CPU processes
+  run (their independent collective programs would otherwise run in any order), and never in
+  one process; `train.evaluate` routes every batch through it."""
+  waited = []
+  monkeypatch.setattr(jax, 'block_until_ready', lambda x: waited.append(x) or x)
+  out = {'count': np.float32(3)}
+  assert parallel.in_dispatch_order(out) is out and waited == []  # one process
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  assert parallel.in_dispatch_order(out) is out and waited == [out]
+
+  class Spread:
+    def shard(self, batch):
+      return batch
+
+    def unreplicate(self, tree):
+      return tree
+
+  sums = [dict(loss_sum=1.0 * k, correct=k, count=2 * k) for k in (1, 2, 3)]
+  step = iter(sums)
+  metrics = train.evaluate(lambda state, batch: next(step), None, Spread(), [{}, {}, {}])
+  assert metrics == {'loss': 6 / 12, 'accuracy': 6 / 12, 'count': 12}
+  assert waited[1:] == sums  # each batch's sums, before the next was dispatched

@@ -59,7 +59,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ftlab import train
+from ftlab import parallel, train
 from ftlab.data import input_pipeline, preprocessing
 from ftlab.data.datasets import DataSplit
 from ftlab.errors import ConfigError
@@ -366,7 +366,8 @@ class ShiftedSets:
           pixels = corrupt(pixels, corruption, severity, examples, self.table)
         # Back on the 0-255 scale the conventions start from, then the run's normalisation.
         images = preprocessing.normalize(pixels * np.float32(255), self.preprocess)
-        sums = p_eval_step(state, spread.shard({**batch, 'image': images.astype(np.float32)}))
+        batch_of_cell = spread.shard({**batch, 'image': images.astype(np.float32)})
+        sums = parallel.in_dispatch_order(p_eval_step(state, batch_of_cell))
         # The sums stay on the devices until the one `device_get` below.
         totals[cell] = sums if cell not in totals else jax.tree.map(jnp.add, totals[cell], sums)
     host = jax.device_get({k: spread.unreplicate(v) for k, v in totals.items()})
