@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from ftlab.data import sources
+from ftlab.data import packaged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
@@ -19,9 +19,19 @@ sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 import study  # noqa: E402
 import study_report  # noqa: E402
 
-needs_fashion_mnist = pytest.mark.skipif(
-  not os.path.isdir(sources.DEBIAN_FASHION_MNIST_DIR),
-  reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist',
+
+def installed(*names):
+  try:
+    for name in names:
+      packaged.path_of(name)
+  except packaged.PackageMissing:
+    return False
+  return True
+
+
+needs_smoke_data = pytest.mark.skipif(
+  not installed('sklearn_digits', 'skimage_faces'),
+  reason='scikit-learn or scikit-image absent: bash scripts/setup.sh installs them',
 )
 SMOKE = 'configs/studies/smoke.py'
 
@@ -36,7 +46,7 @@ def smoke(arg=''):
     (dict(baseline='lora'), r"baseline 'lora' is not one of the plans \(linear_probe, full\)"),
     (
       dict(learning_rates=(0.1, 0.01)),
-      r"plan 'linear_probe' has 2 learning rates to choose from, but task 'fashion_0to4' has no",
+      r"plan 'linear_probe' has 2 learning rates to choose from, but task 'digits' has no",
     ),
     (dict(seeds=(0, 0)), r'seeds \[0, 0\] repeat a seed'),
     (dict(learning_rates=(0.1, -1.0)), r'must be distinct and > 0'),
@@ -53,17 +63,17 @@ def test_bad_study_is_one_line_before_any_run(change, message):
 
 def test_run_config_is_base_then_study_task_and_plan(tmp_path):
   config = smoke('lrs=0.1/0.01')
-  job = study.Job('fashion_5to9', 'linear_probe', 1, 0.01)
+  job = study.Job('faces', 'linear_probe', 1, 0.01)
   run = study.run_config(config, job, str(tmp_path))
-  assert run.dataset.classes == (5, 6, 7, 8, 9)  # the task's
+  assert (run.dataset.name, run.dataset.examples_per_class) == ('skimage_faces', 20)  # the task's
   assert run.num_train_steps == 10 and run.dataset.train_split == 'train'  # the study's
   assert run.model.width == 1 / 16  # the base's (runlocal)
   assert (run.policy.name, run.seed, run.optimizer.learning_rate) == ('linear_probe', 1, 0.01)
-  assert run.dataset.minival == '1000'
+  assert run.dataset.minival == '40'  # the task's own
   assert run.activation_cache_dir == os.path.join(str(tmp_path), 'activation_cache')
-  assert job.directory('D') == 'D/runs/fashion_5to9/linear_probe/lr0.01/seed1'
-  config['tasks']['fashion_5to9']['overrides'] = [['dataset.clases', [1, 2]]]
-  with pytest.raises(study.StudyError, match=r"^task fashion_5to9: 'dataset.clases' is not a f"):
+  assert job.directory('D') == 'D/runs/faces/linear_probe/lr0.01/seed1'
+  config['tasks']['faces']['overrides'] = [['dataset.clases', [1, 2]]]
+  with pytest.raises(study.StudyError, match=r"^task faces: 'dataset.clases' is not a f"):
     study.run_config(config, job, str(tmp_path))
 
 
@@ -181,7 +191,7 @@ def test_report_numbers_against_scipy_and_by_hand(tmp_path):
 
 def test_report_of_a_partial_study_says_what_is_missing(tmp_path):
   fake_study(tmp_path, lrs=(0.1,))
-  gone = study_report.run_directory(str(tmp_path), 'fashion_5to9', 'linear_probe', 0.1, 2)
+  gone = study_report.run_directory(str(tmp_path), 'faces', 'linear_probe', 0.1, 2)
   os.remove(os.path.join(gone, 'summary.json'))
   report = study_report.write(str(tmp_path))
   by_plan = {p['plan']: p for p in report['plans']}
@@ -202,7 +212,7 @@ def test_report_of_a_partial_study_says_what_is_missing(tmp_path):
 
 
 def test_groups_make_the_mean_a_mean_of_group_means(tmp_path):
-  fake_study(tmp_path, lrs=(0.1,), groups={'fashion_0to4': 'a', 'fashion_5to9': 'b'})
+  fake_study(tmp_path, lrs=(0.1,), groups={'digits': 'a', 'faces': 'b'})
   report = study_report.build(str(tmp_path))
   for plan in report['plans']:
     assert set(plan['group_means']) == {'a', 'b'}
@@ -236,7 +246,7 @@ def summaries(workdir):
 
 
 @pytest.mark.slow
-@needs_fashion_mnist
+@needs_smoke_data
 def test_smoke_study_killed_resumes_and_a_rerun_trains_nothing(tmp_path):
   workdir = tmp_path / 'smoke'
   proc = run_study(workdir, f'--study={SMOKE}', wait=False)
@@ -273,7 +283,7 @@ def test_smoke_study_killed_resumes_and_a_rerun_trains_nothing(tmp_path):
 
 
 @pytest.mark.slow
-@needs_fashion_mnist
+@needs_smoke_data
 def test_selection_on_minival_and_workers_give_the_same_runs(tmp_path):
   """Two candidate rates: the minival chooses, and the first seed's selection run is the test
   run. Two worker processes train the same runs to the same numbers as one process."""

@@ -1,12 +1,16 @@
 """The smoke study: two tiny tasks, two plans, two seeds, one learning rate (about a minute).
 
-  python scripts/study.py --study configs/studies/smoke.py[:seeds=N,lrs=A/B] --workdir /tmp/smoke
+  python scripts/study.py --study configs/studies/smoke.py[:seeds=N,tasks=N,lrs=A/B] \
+      --workdir /tmp/smoke
 
 `seeds` (default 2), `tasks` (1 or 2) and `lrs` (candidate rates, '/'-separated; default one,
-0.05) shrink or grow it; with several rates each (task, plan) chooses on a 1,000-image minival.
+0.05) shrink or grow it; with several rates each (task, plan) chooses on its minival (200
+digits, 40 faces, held out of the training split).
 
 It checks the study driver end to end (runs, skips, resume, report), not a result: a narrow
-VGG11-BN from scratch for 10 steps on two halves of Fashion-MNIST's classes.
+VGG11-BN from scratch for 10 steps on two small offline tasks from the package registries
+(`ftlab/data/packaged.py`): scikit-learn's 8x8 digits (10 labels per class) and scikit-image's
+faces vs non-faces (20 per class).
 
 Every study config has these fields (`scripts/study.py` reads them):
 - `base`: the run config every run starts from, `path[:arg]` as `--config` takes it;
@@ -29,7 +33,8 @@ import ml_collections
 
 from configs import default
 
-HALVES = {'fashion_0to4': (0, 1, 2, 3, 4), 'fashion_5to9': (5, 6, 7, 8, 9)}
+# name -> (dataset, labels per class, minival when rates are chosen)
+TASKS = {'digits': ('sklearn_digits', 10, '200'), 'faces': ('skimage_faces', 20, '40')}
 
 
 def get_config(arg=None):
@@ -41,12 +46,17 @@ def get_config(arg=None):
     ('eval_every_steps', 10),
     ('checkpoint_every_steps', 5),
     ('log_every_steps', 5),
-    ('dataset.eval_split', 'test[:500]'),
+    ('dataset.train_split', 'train'),
+    ('dataset.eval_split', 'test'),
     ('dataset.augment', 'none'),
   )
+  choose = len(args.lrs.split('/')) > 1
   study.tasks = {
-    name: {'overrides': (('dataset.classes', classes), ('dataset.examples_per_class', 40))}
-    for name, classes in list(HALVES.items())[: args.tasks]
+    name: {
+      'overrides': (('dataset.name', dataset), ('dataset.examples_per_class', shots)),
+      'minival': minival if choose else '',
+    }
+    for name, (dataset, shots, minival) in list(TASKS.items())[: args.tasks]
   }
   study.plans = {
     'linear_probe': {'policy': 'linear_probe', 'label': 'linear probe', 'family': 'baselines'},
@@ -55,8 +65,5 @@ def get_config(arg=None):
   study.seeds = tuple(range(args.seeds))
   study.learning_rates = tuple(float(lr) for lr in args.lrs.split('/'))
   study.minival = ''
-  if len(study.learning_rates) > 1:  # minival is carved from the whole (unsliced) train split
-    study.minival = '1000'
-    study.overrides += (('dataset.train_split', 'train'),)
   study.baseline = 'full'
   return study
