@@ -362,6 +362,8 @@ def markdown(report: dict) -> str:
       _number(p['wall_time_sec'], '{:.0f}'),
     ]
     lines.append('| ' + ' | '.join(cells) + ' |')
+  if any(p['runs'] and p['train_step_memory_bytes'] is None for p in report['plans']):
+    lines += ['', 'Step memory "–": those runs did not record it (`record_step_flops` off).']
   if report['paired']:
     baseline = study['baseline']
     lines += [
