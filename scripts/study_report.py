@@ -195,13 +195,14 @@ def build(root: str) -> dict:
   """
   study = read_study(root)
   rows = read_runs(root, study)
-  chosen = {(s['task'], s['plan']): s.get('chosen') for s in selection(study, rows)}
+  selected = selection(study, rows)
+  chosen = {(s['task'], s['plan']): s.get('chosen') for s in selected}
   seeds = {int(s) for s in study['seeds']}
   for r in rows:
     r['role'] = (
       'test' if chosen[r['task'], r['plan']] == r['lr'] and r['seed'] in seeds else ('selection')
     )
-  report: dict[str, Any] = dict(study=study, selection=selection(study, rows), runs=rows)
+  report: dict[str, Any] = dict(study=study, selection=selected, runs=rows)
   cells = []
   for metric in ('test', 'shift'):
     summaries = stats.summarize_table(_test_table(study, rows, metric))

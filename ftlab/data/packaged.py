@@ -176,13 +176,13 @@ def builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   here on first use.
 
   Raises:
-    PackageMissing: see `load`.
+    PackageMissing: see `path_of`.
   """
   cls = type(
     f'Packaged_{name}', (_Builder,), {'name': name, '__module__': __name__}, skip_registration=True
   )
   built = cls(data_dir=data_dir)
   if not built.is_prepared():
-    load(name)  # the package check, before tfds writes anything
+    path_of(name)  # the package check, before tfds writes anything
     built.download_and_prepare()
   return built
