@@ -55,12 +55,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.local_dir = ''  # fashion_mnist IDX files ('' = the Debian package's path)
   config.dataset.train_split = 'train'  # tfds split string, slicing allowed ('train[:90%]')
   config.dataset.eval_split = 'test'  # split evaluated every eval_every_steps
+  # What the label is: '' (the dataset's own) | 'key:FEATURE' | 'bins:FEATURE:N' |
+  # clevr_count | clevr_distance | kitti_distance (VTAB's structured tasks; ftlab/data/labels.py)
+  config.dataset.label = ''
   config.dataset.classes = ()  # keep only these labels, relabelled 0.. in this order
   config.dataset.examples_per_class = 0  # few-shot budget per class in train (0 = all)
   config.dataset.image_size = 32  # pixels, square; images are resized to it
   config.dataset.preprocess = 'unit'  # caffe | torch | unit: the pretrained weights' convention
   config.dataset.augment = 'pad_crop'  # training only: none | flip | pad_crop | resized_crop
-  config.dataset.minival = ''  # hold out the end of train_split ('10%' or '5000') as minival
+  # The minival split, which picks learning rates and the best step: the end of train_split
+  # held out ('10%' or '5000'), or a split of its own ('validation[:200]', not overlapping train)
+  config.dataset.minival = ''
+  # More named splits evaluated beside eval_split, 'name=split, ...' ('v2=test[:50%]'): each
+  # reported as <name>/accuracy and in summary.json's final_split_accuracy
+  config.dataset.eval_splits = ''
   config.dataset.shuffle_buffer = 10_000  # examples (per data shard)
   # The training split cut into this many contiguous parts, each shuffled on its own and
   # filling batch_size / shards rows of every batch. A process reads only the shards its rows

@@ -71,6 +71,7 @@ def _dataset_kwargs(config: Any) -> dict:
     fashion_mnist_dir=ds.local_dir or None,
     classes=tuple(ds.classes),
     seed=config.seed,
+    label=ds.get('label', ''),
   )
 
 
@@ -95,16 +96,25 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
   # split stays untouched for the final numbers.
   if ds.minival:
     train_split, splits['minival'] = datasets.minival_split(ds.train_split, ds.minival)
+  fields = {'train': 'dataset.train_split', 'eval': 'dataset.eval_split'}
+  fields['minival'] = 'dataset.minival'
+  for name, split in eval_splits(ds.get('eval_splits', '')).items():
+    if name in splits:
+      raise errors.ConfigError(
+        f'dataset.eval_splits names {name!r}, which the run evaluates already '
+        f'({fields[name]}); choose another name'
+      )
+    splits[name], fields[name] = split, f'dataset.eval_splits {name}'
   train_data = datasets.build_dataset(
     ds.name, train_split, examples_per_class=ds.examples_per_class, **common
   )
   eval_data = {k: datasets.build_dataset(ds.name, s, **common) for k, s in splits.items()}
-  fields = {'train': 'dataset.train_split', 'eval': 'dataset.eval_split'}
   for name, found in [('train', train_data), *eval_data.items()]:
     # An empty split would train on nothing, or evaluate nothing after every step was paid
     # for: refused here, by the field that chose it.
-    field = fields.get(name, 'dataset.minival')
-    check_not_empty(found, field, ds.name)
+    check_not_empty(found, fields[name], ds.name)
+  if 'minival' in eval_data:  # a minival named as a split of its own must not overlap train
+    datasets.check_disjoint(train_data, eval_data['minival'], 'dataset.minival')
   order = input_pipeline.BatchOrder(
     config.batch_size,
     seed=config.seed,
@@ -140,6 +150,27 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
     ds.augment,
     ds.name,
   )
+
+
+def eval_splits(text: str) -> dict[str, str]:
+  """`dataset.eval_splits`: more named splits evaluated beside `eval`, `'name=split, ...'`
+  (`'v2=test[:50%], val=validation'`), each reported as `<name>/accuracy` and in the summary's
+  `final_split_accuracy`.
+
+  Raises:
+    ConfigError: an entry that is not `name=split`, a name that is not an identifier, or a
+      name given twice; one line.
+  """
+  found = {}
+  for entry in filter(None, (e.strip() for e in str(text or '').split(','))):
+    name, sep, split = (x.strip() for x in entry.partition('='))
+    if not sep or not name.isidentifier() or not split or name in found:
+      raise errors.ConfigError(
+        f'dataset.eval_splits entry {entry!r} is not name=split with a new identifier as the '
+        "name (e.g. 'v2=test[:50%], val=validation')"
+      )
+    found[name] = split
+  return found
 
 
 def check_not_empty(split: datasets.DataSplit, field: str, dataset: str) -> None:

@@ -139,7 +139,7 @@ def test_warnings_are_said_once_and_kept_in_the_record(tmp_path, caplog):
   assert 'optimizer.warmup_steps=5' in record and 'ftlab_version' in record
 
 
-@pytest.mark.parametrize('holdout', ['0', '-5', '0%', '100%', 'ten', '150%'])
+@pytest.mark.parametrize('holdout', ['0', '-5', '0%', '100%', '1O', '150%'])
 def test_a_minival_of_nothing_or_everything_is_refused(holdout):
   with pytest.raises(
     sources.DatasetError, match=r'dataset\.minival=.* is not a number of examples'

@@ -206,6 +206,44 @@ def test_minival_is_the_disjoint_end_of_train(fake):
   assert not set(train_ids) & set(minival_ids)
 
 
+def test_minival_of_its_own_and_named_eval_splits(fake):
+  """`dataset.minival` naming a split (VTAB's val200) is used as given and checked not to
+  overlap the training split; `dataset.eval_splits` adds named splits beside eval."""
+  from configs import default
+  from ftlab import errors, run
+
+  config = default.get_config('runlocal')
+  config.dataset.update(data_dir=fake['data_dir'], local_dir=fake['fashion_mnist_dir'])
+  config.dataset.update(train_split='train[:50]', minival='train[60:70]', eval_split='test')
+  config.dataset.eval_splits = ' tail = train[80:], head=test[:5] '
+  data = run.make_data(config)
+  assert list(data.evals) == ['eval', 'minival', 'tail', 'head']
+  assert data.train.num_examples == 50
+  sizes = {k: d.num_examples for k, d in data.evals.items()}
+  assert (sizes['minival'], sizes['tail'], sizes['head']) == (10, 20, 5)
+  _, minival_ids = eval_ids(data.evals['minival'], 128)
+  full = datasets.build_dataset('fashion_mnist', 'train', **fake)
+  np.testing.assert_array_equal(minival_ids, eval_ids(full, 128)[1][60:70])
+  config.dataset.minival = 'train[40:60]'
+  with pytest.raises(sources.DatasetError, match=r"shares examples 40..49 of 'train' with"):
+    run.make_data(config)
+  config.dataset.minival = 'train[:-10]+train[95:]'  # open ends and unions are compared too
+  with pytest.raises(sources.DatasetError, match=r'shares examples 0..49'):
+    run.make_data(config)
+  config.dataset.minival = 'ten'  # a word is a split name: it must be one of the dataset's
+  with pytest.raises(sources.DatasetError, match=r"^'ten' is no split of 'fashion_mnist'"):
+    run.make_data(config)
+  config.dataset.minival = ''
+  for bad, message in [
+    ('eval=test[:5]', r"names 'eval', which the run evaluates already \(dataset.eval_split\)"),
+    ('tail', r"entry 'tail' is not name=split"),
+    ('a=test, a=train', r"entry 'a=train' is not name=split with a new identifier"),
+  ]:
+    config.dataset.eval_splits = bad
+    with pytest.raises(errors.ConfigError, match=message):
+      run.make_data(config)
+
+
 def test_preprocessing_constants_by_hand():
   rgb = np.array([[[10, 20, 30], [200, 100, 0]]], np.uint8)  # [1, 2, 3]
   out = {
@@ -530,6 +568,7 @@ def test_exif_orientation_turns_photos_as_a_viewer_shows_them(orientation, tmp_p
 
 def test_labels_are_read_once_per_process_until_the_files_change(fake, monkeypatch):
   builder = datasets.build_dataset('fashion_mnist', 'test', **fake).builder
+  monkeypatch.setattr(sources, '_LABELS', {})  # nothing kept from other tests
   first = sources.read_labels(builder, 'test')
   reads = []
   real_read = sources.read

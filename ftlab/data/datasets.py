@@ -15,12 +15,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from ftlab.data import labels as labels_
 from ftlab.data.sources import (
   COUNT_LABELS_UP_TO,
   DatasetError,
   ImageFolder,
   get_builder,
-  keys,
   read,
   read_labels,
 )
@@ -43,6 +43,7 @@ class DataSplit:
       for image folders holding rotated photos; else None (all upright).
     spec: the split as asked for (`test[:10%]`), for records.
     classes: the labels kept, in their new order (empty: all).
+    label: what the label is (`ftlab.data.labels`); None: the dataset's supervised label.
   """
 
   builder: tfds.core.DatasetBuilder
@@ -54,6 +55,7 @@ class DataSplit:
   orientation: np.ndarray | None = None
   spec: str = ''
   classes: tuple[int, ...] = ()
+  label: labels_.Label | None = None
 
   @property
   def num_examples(self) -> int:
@@ -78,6 +80,8 @@ class DataSplit:
       'classes': list(self.class_names),
       'class_counts': self.class_counts(),
     }
+    if self.label is not None and self.label.spec:
+      found['label'] = self.label.spec
     if isinstance(self.builder, ImageFolder):
       found['ignored_files'] = list(self.builder.listing.ignored)
       found['rotated_photos'] = (
@@ -97,6 +101,7 @@ def build_dataset(
   examples_per_class: int = 0,
   seed: int = 0,
   budget_name: str = 'dataset.examples_per_class',
+  label: str = '',
 ) -> DataSplit:
   """Resolves a split of a dataset to the examples it holds.
 
@@ -110,6 +115,8 @@ def build_dataset(
     seed: the seed of the budget's order.
     budget_name: the setting the budget comes from, for its error (the few-shot probe's
       `evals.fewshot.shots` draws with this function too).
+    label: what the label is, a `dataset.label` form (`ftlab.data.labels`: '' the dataset's
+      own, 'key:F', 'bins:F:N', VTAB's computed labels); image folders have only their own.
 
   Returns:
     The `DataSplit`, with `num_examples`, `num_classes` and `class_names`.
@@ -118,12 +125,19 @@ def build_dataset(
     DatasetError: see `get_builder`; a split the dataset lacks; an image in a folder that
       does not decode; a class out of range or repeated; a class with fewer examples than
       the budget.
+    LabelError: a `label` the dataset cannot give (`labels.resolve`).
   """
   builder = get_builder(
     name, data_dir=data_dir, download=download, fashion_mnist_dir=fashion_mnist_dir
   )
   read_split, indices, labels, orientation = split, None, None, None
-  names = tuple(builder.info.features[keys(builder)[1]].names)
+  if label and isinstance(builder, ImageFolder):
+    raise labels_.LabelError(
+      f'dataset.label={label!r}: image folder {name!r} has only its folder names as labels; '
+      "valid: ''"
+    )
+  found_label = labels_.resolve(label, builder)
+  names = found_label.names
   if isinstance(builder, ImageFolder):
     # ImageFolder reads whole splits only, so slicing becomes a range of indices here.
     try:
@@ -152,7 +166,7 @@ def build_dataset(
     # Labels are read (one pass over the split) only where they are needed to choose examples,
     # or where the pass is cheap; a large split keeps `labels` None and the record says so.
     if (classes or examples_per_class or len(indices) <= COUNT_LABELS_UP_TO) and labels is None:
-      labels = read_labels(builder, read_split)
+      labels = read_labels(builder, read_split, found_label)
   if classes or examples_per_class:
     try:
       indices, label_map = select(labels, indices, classes, len(names), examples_per_class, seed)
@@ -166,7 +180,16 @@ def build_dataset(
   if labels is not None:
     labels = labels[indices] if label_map is None else label_map[labels[indices]]
   return DataSplit(
-    builder, read_split, indices, label_map, names, labels, orientation, split, tuple(classes)
+    builder,
+    read_split,
+    indices,
+    label_map,
+    names,
+    labels,
+    orientation,
+    split,
+    tuple(classes),
+    found_label,
   )
 
 
@@ -223,19 +246,26 @@ def select(
 
 
 def minival_split(split: str, holdout: int | str) -> tuple[str, str]:
-  """Carves the end of `split` off as a held-out minival split.
+  """The training and minival splits: the end of `split` held out, or a split of its own.
 
   Args:
-    split: an unsliced split name, e.g. `train`.
-    holdout: a number of examples (`5000`) or a percentage (`'10%'`).
+    split: the training split. Unsliced (`train`) when `holdout` is a size.
+    holdout: a number of examples (`5000`) or a percentage (`'10%'`) held out of the end of
+      `split`; or a split string of its own (`'validation[:200]'`, VTAB-1k's `val200`), used
+      as given (`check_disjoint` then checks it shares no example with `split`).
 
   Returns:
     `(train_split, minival_split)`, e.g. `('train[:-10%]', 'train[-10%:]')`: disjoint, and
     together the whole split.
   """
-  if '[' in split or '+' in split:
-    raise DatasetError(f'minival is carved from an unsliced split, not {split!r}')
   text = str(holdout).strip()
+  if text[:1].isalpha():  # a split name: the minival split as written
+    return split, text
+  if '[' in split or '+' in split:
+    raise DatasetError(
+      f'minival is carved from an unsliced split, not {split!r}; name a split of its own '
+      "instead (dataset.minival='validation[:200]')"
+    )
   amount = text[:-1] if text.endswith('%') else text
   try:
     value = float(amount) if text.endswith('%') else int(amount)
@@ -243,9 +273,42 @@ def minival_split(split: str, holdout: int | str) -> tuple[str, str]:
     value = None
   if value is None or value <= 0 or (text.endswith('%') and value >= 100):
     raise DatasetError(
-      f'dataset.minival={holdout!r} is not a number of examples > 0 or a percentage in (0, 100) '
-      "(e.g. '10%' or 5000)"
+      f'dataset.minival={holdout!r} is not a number of examples > 0, a percentage in (0, 100) '
+      "or a split (e.g. '10%', 5000 or 'validation[:200]')"
     )
   # The end of the split, in its fixed order: the same examples on every launch and process,
   # and never any of the eval split's.
   return f'{split}[:-{holdout}]', f'{split}[-{holdout}:]'
+
+
+def check_disjoint(a: DataSplit, b: DataSplit, what: str) -> None:
+  """Raises DatasetError when two splits of one dataset can share an example (their slices of
+  one tfds split overlap), naming `what` and both split strings; silent where tfds records no
+  split sizes (its mock data) or for image folders' listed splits.
+
+  Raises:
+    DatasetError: in one line.
+  """
+  try:
+    ranges = [_absolute(d) for d in (a, b)]
+  except (ValueError, KeyError, TypeError):
+    return
+  for name, lo, hi in ranges[0]:
+    for other, lo2, hi2 in ranges[1]:
+      if name == other and max(lo, lo2) < min(hi, hi2):
+        raise DatasetError(
+          f'{what}: {b.spec!r} shares examples {max(lo, lo2)}..{min(hi, hi2) - 1} of '
+          f'{name!r} with the training split {a.spec!r}; choose slices that do not overlap'
+        )
+
+
+def _absolute(data: DataSplit) -> list[tuple[str, int, int]]:
+  """`(tfds split, first, end)` of each part of the split's spec, ends open ends closed."""
+  splits = data.builder.info.splits
+  if not splits:
+    raise ValueError('no split sizes recorded')
+  parts = tfds.core.ReadInstruction.from_spec(data.spec).to_absolute(splits)
+  return [
+    (p.splitname, p.from_ or 0, splits[p.splitname].num_examples if p.to is None else p.to)
+    for p in parts
+  ]

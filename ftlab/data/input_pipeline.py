@@ -22,7 +22,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow.python.eager import context as tf_context
 
-from ftlab.data import preprocessing, sources
+from ftlab.data import labels, preprocessing, sources
 from ftlab.data.datasets import DataSplit
 from ftlab.errors import ConfigError
 
@@ -160,7 +160,8 @@ def exif_transpose(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
 def _examples(data: DataSplit) -> tf.data.Dataset:
   """Every example of `data`: `{'image': encoded, 'label': int32}` (and `'orientation'` for
   rotated photos), in split order."""
-  image_key, label_key = sources.keys(data.builder)
+  image_key = sources.keys(data.builder)[0]
+  label_of = (data.label or labels.resolve('', data.builder)).of
   ds = sources.read(data.builder, data.read_split)
   # A boolean table indexed by record position, as a TF constant: the filter runs on encoded
   # records, so unchosen examples are never decoded.
@@ -174,7 +175,8 @@ def _examples(data: DataSplit) -> tf.data.Dataset:
     return keep[index]
 
   def relabel(index, ex):
-    label = ex[label_key] if label_map is None else tf.gather(label_map, ex[label_key])
+    label = tf.cast(label_of(ex), tf.int64)
+    label = label if label_map is None else tf.gather(label_map, label)
     found = {'image': ex[image_key], 'label': tf.cast(label, tf.int32)}
     if orientation is not None:
       found['orientation'] = orientation[index]

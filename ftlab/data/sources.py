@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ftlab.data import packaged
+from ftlab.data import labels, packaged
 from ftlab.errors import InputError
 
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
@@ -295,26 +295,38 @@ def read(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
   # interleave over several files would hand out records in another order than the positions
   # that `DataSplit.indices` name.
   kw = dict(shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1))
-  return builder.as_dataset(split=split, decoders={keys(builder)[0]: SKIP}, **kw)
+  # Every image feature stays encoded (smallNORB has two): decoded only where kept and used.
+  features = builder.info.features
+  images = {k for k, f in features.items() if isinstance(f, tfds.features.Image)}
+  decoders = {k: SKIP for k in images | {keys(builder)[0]}}
+  return builder.as_dataset(split=split, decoders=decoders, **kw)
 
 
-def read_labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
+def read_labels(
+  builder: tfds.core.DatasetBuilder, split: str, label: labels.Label | None = None
+) -> np.ndarray:
   """Every label of `split` in its fixed order: int64 `[num_examples]`.
+
+  Args:
+    builder, split: the dataset and a split string of it.
+    label: what the label is (`labels.resolve`); None: the supervised label.
 
   Kept for the process's later calls while the split's prepared files are unchanged (path,
   size, mtime): the runs of a study drawing few-shot subsets of one split read it once.
   """
-  label_key = keys(builder)[1]
+  label = label or labels.resolve('', builder)
   files = _split_files(builder, split)
-  if files and files in _LABELS:
+  cached = files and (files, label.spec)
+  if cached and cached in _LABELS:
     # A copy, so a caller that edits its labels cannot change what later calls get.
-    return _LABELS[files].copy()
-  batches = read(builder, split).map(lambda ex: ex[label_key], tf.data.AUTOTUNE).batch(8192)
+    return _LABELS[cached].copy()
+  of = label.of
+  batches = read(builder, split).map(lambda ex: tf.cast(of(ex), tf.int64), tf.data.AUTOTUNE)
   # The empty int64 array keeps `concatenate` working (and int64) for an empty split.
-  labels = np.concatenate([np.zeros([0], np.int64), *batches.as_numpy_iterator()])
-  if files:
-    _LABELS[files] = labels.copy()
-  return labels
+  found = np.concatenate([np.zeros([0], np.int64), *batches.batch(8192).as_numpy_iterator()])
+  if cached:
+    _LABELS[cached] = found.copy()
+  return found
 
 
 _LABELS: dict[tuple, np.ndarray] = {}

@@ -1,8 +1,9 @@
 """Loss and accuracy on the run's evaluated splits, of the weights and of their moving average.
 
-Every split the data holds (`eval`, and `minival` when one is held out) is evaluated exactly:
-padded, masked batches spread over the devices, sums added over them (`ftlab.train.evaluate`),
-so every example counts once on any number of devices and hosts. When the train state keeps
+Every split the data holds (`eval`, `minival` when one is held out, and the named splits of
+`dataset.eval_splits`) is evaluated exactly: padded, masked batches spread over the devices,
+sums added over them (`ftlab.train.evaluate`), so every example counts once on any number of
+devices and hosts. When the train state keeps
 a moving average of the weights (`config.ema_decay`), the averaged model is evaluated on the
 same splits beside the raw one (`<split>/ema_accuracy`, `<split>/ema_loss`).
 """
@@ -67,6 +68,12 @@ class Classification(Evaluator):
     }
     if 'minival/accuracy' in metrics:
       found['final_minival_accuracy'] = metrics['minival/accuracy']
+    # Every evaluated split by name (`eval`, `minival`, `dataset.eval_splits`), for tables.
+    found['final_split_accuracy'] = {
+      k[: -len('/accuracy')]: v
+      for k, v in metrics.items()
+      if k.endswith('/accuracy') and k[: -len('/accuracy')] in self._sources
+    }
     if 'eval/ema_accuracy' in metrics:
       found['final_ema_eval_accuracy'] = metrics['eval/ema_accuracy']
     return found
