@@ -30,16 +30,15 @@ def directory_bytes(path: str) -> int:
   )
 
 
-def export(run_dir: str, output: str | None, step: int | None) -> dict:
-  """Writes and verifies the delta of `run_dir`; returns what the script prints.
+def make_delta(run_dir: str, step: int | None = None) -> tuple[dict, mask_report.RunWeights]:
+  """The masked delta of `run_dir` at `step` (None: the newest) with its header's account of
+  the run and its base, and the run's weights.
 
   Raises:
     mask_report.RunError: not a finished run, or its base cannot be rebuilt.
-    masked_delta.DeltaError: the delta does not reproduce the run (a bug).
   """
   weights = mask_report.read_run(run_dir, step)
-  found = workdir.read_run(run_dir)
-  config = found['config']
+  config = workdir.read_run(run_dir)['config']
   base = (
     f'init.checkpoint={config["init"]["checkpoint"]!r}, dont_load={config["init"]["dont_load"]}, '
     f'fresh parameters from seed {config["seed"]} (ftlab.run.make_run)'
@@ -52,6 +51,18 @@ def export(run_dir: str, output: str | None, step: int | None) -> dict:
     plan=weights.plan,
     base=base,
   )
+  return delta, weights
+
+
+def export(run_dir: str, output: str | None, step: int | None) -> dict:
+  """Writes and verifies the delta of `run_dir`; returns what the script prints.
+
+  Raises:
+    mask_report.RunError: not a finished run, or its base cannot be rebuilt.
+    masked_delta.DeltaError: the delta does not reproduce the run (a bug).
+  """
+  delta, weights = make_delta(run_dir, step)
+  found = workdir.read_run(run_dir)
   output = output or os.path.join(run_dir, f'masked_delta-{weights.step}.npz')
   size = masked_delta.save(output, delta)
   rebuilt = masked_delta.apply(weights.initial, masked_delta.load(output))

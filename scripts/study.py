@@ -28,8 +28,10 @@ the XLA compilation cache (`DIR/xla_cache`) and the frozen-prefix activation cac
 (`DIR/activation_cache`). They run one after the other in this process, or in `--workers N`
 processes (each run in one of them, so N runs at a time).
 
-After the runs, `scripts/study_report.py` writes `DIR/report.json`, `DIR/report.md` and the
-plots from the run directories and `DIR/study.json` (this study's config, written here), so
+After the runs, the first seed's run of each (task, plan) records the size of its masked-delta
+file (`RUN/masked_delta.json`, computed in memory), and `scripts/study_report.py` writes
+`DIR/report.json`, `DIR/report.md` and the plots from the run directories and
+`DIR/study.json` (this study's config, written here), so
 `--report_only` (or `python scripts/study_report.py DIR`) rebuilds them without training.
 `--select` stops after the selection phase and prints its minival table.
 """
@@ -275,6 +277,38 @@ def run_jobs(study_spec: str, root: str, jobs: list[Job], workers: int) -> list[
     return lines
 
 
+def record_delta_size(directory: str) -> dict:
+  """`RUN/masked_delta.json`, the size of the run's masked-delta file: the entries it changed
+  on the weights it started from (`ftlab.analysis.masked_delta`, as `scripts/export_delta.py`
+  writes it), serialized in memory, nothing else written. Read back when it exists.
+
+  The file `scripts/export_delta.py RUN` writes, byte for byte (its header names the run's
+  path, so the size moves with the path's length). A tuner's run is measured folded (its
+  adapted kernels changed whole): the file that stores its weights, not its adapter's factors
+  (those are its trainable parameters).
+  """
+  path = os.path.join(directory, study_report.DELTA_RECORD)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  import export_delta
+
+  from ftlab.analysis import masked_delta
+
+  delta, weights = export_delta.make_delta(directory)
+  found = {
+    'masked_delta_bytes': len(masked_delta.serialize(delta)),
+    'changed_entries': delta['header']['changed'],
+    'entries': delta['header']['entries'],
+    'step': weights.step,
+  }
+  partial = f'{path}.tmp{os.getpid()}'
+  with open(partial, 'w') as f:
+    json.dump(found, f, indent=2)
+  os.replace(partial, path)
+  return found
+
+
 def record_study(study: dict, spec: str, root: str) -> None:
   """`DIR/study.json`: the study's config and where it came from (the report's other input)."""
   os.makedirs(root, exist_ok=True)
@@ -307,7 +341,13 @@ def run_study(spec: str, root: str, *, select_only: bool = False, workers: int =
     print(study_report.selection_markdown(report))
     return report
   chosen = {(r['task'], r['plan']): r['chosen'] for r in report['selection']}
-  ran += run_jobs(spec, root, test_jobs(study, chosen), workers)
+  tests = test_jobs(study, chosen)
+  ran += run_jobs(spec, root, tests, workers)
+  # The delta file's size once per (task, plan), on the first seed's run: the plan fixes
+  # which entries change, the seed barely moves the count.
+  for job in tests:
+    if job.seed == int(study['seeds'][0]):
+      record_delta_size(job.directory(root))
   report = study_report.write(root)
   trained = sum('done before' not in line for line in ran)
   print(f'{trained} runs trained, {len(ran) - trained} done before; {time.time() - start:.0f} s')

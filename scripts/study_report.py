@@ -65,6 +65,9 @@ COST_FIELDS = (
 )
 
 
+DELTA_RECORD = 'masked_delta.json'  # a run's masked-delta file size (scripts/study.py)
+
+
 class ReportError(InputError):
   """A directory that holds no study (no `study.json`)."""
 
@@ -99,11 +102,14 @@ def read_study(root: str) -> dict:
     return json.load(f)['study']
 
 
-def _row(task: str, plan: str, lr: float, seed: int, summary: dict) -> dict:
-  """One run's report row from its summary."""
+def _row(task: str, plan: str, lr: float, seed: int, summary: dict, delta: dict) -> dict:
+  """One run's report row from its summary (and its masked-delta record, if any)."""
   accuracy = {'test': summary['final_eval_accuracy']}
   if 'final_minival_accuracy' in summary:
     accuracy['minival'] = summary['final_minival_accuracy']
+  for name, value in summary.get('final_split_accuracy', {}).items():
+    if name not in ('eval', 'minival'):  # `dataset.eval_splits`' named splits
+      accuracy[name] = value
   shift = summary.get('final_shift', {})
   if 'mean_accuracy' in shift:
     accuracy['shift'] = shift['mean_accuracy']
@@ -111,7 +117,17 @@ def _row(task: str, plan: str, lr: float, seed: int, summary: dict) -> dict:
   row.update({k: summary[k] for k in COST_FIELDS if k in summary})
   if 'train_step_memory' in summary:
     row['train_step_memory_bytes'] = summary['train_step_memory']['total']
+  if 'masked_delta_bytes' in delta:
+    row['masked_delta_bytes'] = delta['masked_delta_bytes']
   return row
+
+
+def _delta_record(directory) -> dict:
+  path = os.path.join(str(directory), DELTA_RECORD)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 def read_runs(root: str, study: dict) -> list[dict]:
@@ -124,7 +140,8 @@ def read_runs(root: str, study: dict) -> list[dict]:
           files = workdir.Workdir(run_directory(root, task, plan, lr, int(seed)))
           if os.path.exists(files.summary):
             with open(files.summary) as f:
-              rows.append(_row(task, plan, lr, int(seed), json.load(f)))
+              summary = json.load(f)
+            rows.append(_row(task, plan, lr, int(seed), summary, _delta_record(files.root)))
   return rows
 
 
@@ -204,7 +221,9 @@ def build(root: str) -> dict:
     )
   report: dict[str, Any] = dict(study=study, selection=selected, runs=rows)
   cells = []
-  for metric in ('test', 'shift'):
+  # The test split, the shift evaluator's mean, then every named split (`dataset.eval_splits`).
+  named = {k for r in rows for k in r['accuracy']} - {'test', 'minival', 'shift'}
+  for metric in ('test', 'shift', *sorted(named)):
     summaries = stats.summarize_table(_test_table(study, rows, metric))
     for task, by_plan in summaries.items():
       for plan, s in by_plan.items():
@@ -233,7 +252,7 @@ def build(root: str) -> dict:
     )
     if plan in means:
       entry.update(mean_over_tasks=means[plan].mean, group_means=means[plan].groups)
-    for field in COST_FIELDS + ('train_step_memory_bytes',):
+    for field in COST_FIELDS + ('train_step_memory_bytes', 'masked_delta_bytes'):
       entry[field] = _median(tests, field)
     entry['wall_time_sec_total'] = float(sum(r.get('wall_time_sec', 0.0) for r in tests))
     plans.append(entry)
@@ -318,9 +337,12 @@ def markdown(report: dict) -> str:
   tasks = list(study['tasks'])
   cells = {(c['task'], c['plan'], c['metric']): c for c in report['cells']}
   has_shift = any(c['metric'] == 'shift' for c in report['cells'])
+  others = list(dict.fromkeys(c['metric'] for c in report['cells'] if c['metric'] != 'test'))
   lines = [
     f'Test accuracy (%) per task: mean ± std over seeds ({", ".join(map(str, study["seeds"]))}), '
-    '95% Student-t interval and n' + ('; shifted: the mean over corruptions' if has_shift else ''),
+    '95% Student-t interval and n'
+    + ('; shifted: the mean over corruptions' if has_shift else '')
+    + ''.join(f"; {m}: the run's split {m!r}" for m in others if m != 'shift'),
     '',
     '| plan | ' + ' | '.join(tasks) + ' |',
     '|---|' + '---|' * len(tasks),
@@ -330,8 +352,10 @@ def markdown(report: dict) -> str:
     for task in tasks:
       cell = cells.get((task, plan, 'test'))
       text = '–' if cell is None else _cell_text(cell)
-      if (task, plan, 'shift') in cells:
-        text += f'; shifted {_cell_text(cells[task, plan, "shift"])}'
+      for metric in others:
+        if (task, plan, metric) in cells:
+          name = 'shifted' if metric == 'shift' else metric
+          text += f'; {name} {_cell_text(cells[task, plan, metric])}'
       texts.append(text)
     lines.append(f'| {_label(study, plan)} | ' + ' | '.join(texts) + ' |')
   lines += [
@@ -346,8 +370,8 @@ def markdown(report: dict) -> str:
     'step per device: arguments + outputs − donated + temporaries):',
     '',
     '| plan | family | mean over tasks | trainable params | trainable % | optimizer state | '
-    'step memory | s / step | s / run |',
-    '|---|---|---:|---:|---:|---:|---:|---:|---:|',
+    'step memory | delta file | s / step | s / run |',
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
   for p in report['plans']:
     mean = f'{100 * p["mean_over_tasks"]:.1f}' if 'mean_over_tasks' in p else 'incomplete'
@@ -359,10 +383,16 @@ def markdown(report: dict) -> str:
       _number(p['trainable_percent'], '{:.2f}%'),
       _bytes(p['optimizer_state_bytes']),
       _bytes(p['train_step_memory_bytes']),
+      _bytes(p['masked_delta_bytes']),
       _number(p['step_time_sec'], '{:.3f}'),
       _number(p['wall_time_sec'], '{:.0f}'),
     ]
     lines.append('| ' + ' | '.join(cells) + ' |')
+  lines += [
+    '',
+    "Delta file: the masked-delta file of the first seed's run (the entries it changed on the "
+    'weights it started from, `scripts/export_delta.py`); a tuner is stored folded.',
+  ]
   if any(p['runs'] and p['train_step_memory_bytes'] is None for p in report['plans']):
     lines += ['', 'Step memory "–": those runs did not record it (`record_step_flops` off).']
   if report['paired']:

@@ -1,6 +1,8 @@
 """Mask report figures and Jaccard overlaps against plain numpy, and masked deltas: a bit-exact
 round trip through the file, entries stored sparse or dense by size, another base refused."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -69,7 +71,8 @@ def test_masked_delta_round_trip_is_bit_exact(tmp_path):
   initial['conv1/bias'][1], final['conv1/bias'][1] = 0.0, -0.0  # equal as floats, not as bits
   delta = masked_delta.make(initial, final, run='tiny')
   path = str(tmp_path / 'delta.npz')
-  masked_delta.save(path, delta)
+  size = masked_delta.save(path, delta)
+  assert size == len(masked_delta.serialize(delta)) == os.path.getsize(path)  # the study's column
   loaded = masked_delta.load(path)
   rebuilt = masked_delta.apply(initial, loaded)
   for p in final:

@@ -16,6 +16,7 @@ from ftlab.data import packaged
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 
+import export_delta  # noqa: E402
 import study  # noqa: E402
 import study_report  # noqa: E402
 
@@ -271,6 +272,15 @@ def test_smoke_study_killed_resumes_and_a_rerun_trains_nothing(tmp_path):
   for row in report['runs']:  # the cost fields of every run
     assert row['optimizer_state_bytes'] > 0 and row['train_step_memory_bytes'] > 0
     assert row['step_time_sec'] > 0 and row['train_step_flops'] > 0
+    # The delta file's size on the first seed's runs: the file export_delta.py writes.
+    if row['seed'] == 0:
+      run = study_report.run_directory(str(workdir), row['task'], row['plan'], row['lr'], 0)
+      exported = export_delta.export(run, str(tmp_path / 'delta.npz'), None)
+      assert row['masked_delta_bytes'] == exported['delta_bytes']
+    else:
+      assert 'masked_delta_bytes' not in row
+  plans = {p['plan']: p for p in report['plans']}  # a probe's delta is its head alone
+  assert plans['linear_probe']['masked_delta_bytes'] < plans['full']['masked_delta_bytes'] / 10
   # The report is rebuilt from the run directories alone, the same.
   os.remove(workdir / 'report.json')
   subprocess.run(

@@ -138,15 +138,20 @@ def apply(base: Mapping[str, np.ndarray], delta: Mapping[str, Any]) -> dict[str,
   return out
 
 
-def save(path: str, delta: Mapping[str, Any]) -> int:
-  """Writes `delta` to `path` (an `.npz`), atomically; returns the file's size in bytes."""
+def serialize(delta: Mapping[str, Any]) -> bytes:
+  """The bytes of `delta`'s file as `save` writes it (`len` of them: the file's size)."""
   buffer = io.BytesIO()
   # Uncompressed `savez`: readable by numpy alone, and float values of sparse entries barely
   # compress. The header is a 0-d string array, so `load` needs no pickle.
   np.savez(buffer, **{HEADER: np.array(json.dumps(delta['header']))}, **delta['arrays'])
+  return buffer.getvalue()
+
+
+def save(path: str, delta: Mapping[str, Any]) -> int:
+  """Writes `delta` to `path` (an `.npz`), atomically; returns the file's size in bytes."""
   partial = f'{path}.tmp{os.getpid()}'
   with open(partial, 'wb') as f:
-    f.write(buffer.getvalue())
+    f.write(serialize(delta))
   os.replace(partial, path)
   return os.path.getsize(path)
 
