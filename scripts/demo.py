@@ -22,11 +22,11 @@ interrupted demo resumes; frozen-prefix outputs are computed once for all runs
 import json
 import os
 import sys
-import textwrap
 import time
 
 import jax
 import numpy as np
+import plots
 import readme_section
 import study_tables
 from absl import app, flags, logging
@@ -77,9 +77,9 @@ def run(directory: str, arg: str, shared: str) -> dict:
 
 
 def mean_std(values) -> tuple[float, float]:
-  """Mean and sample standard deviation (ddof=1; 0 for one value) of `values`."""
-  values = np.asarray(values, np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+  """Mean and sample standard deviation (`ftlab.analysis.stats`; std 0 for one value)."""
+  s = stats.summarize(list(values))
+  return s.mean, s.std if s.has_interval else 0.0
 
 
 def borrowed_lr(plan: str, shots: int) -> str:
@@ -184,85 +184,42 @@ def selection_table(minival: dict[str, dict[str, float]], chosen: dict[str, floa
 
 def plot(rows: list[dict], shots: int, path: str) -> None:
   """Mean test accuracy per plan with ± std bars and each seed's accuracy as a dot."""
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  # Labels wrapped and the height grown with the rows, so long plan descriptions leave the bars
-  # their width.
-  fig, ax = plt.subplots(figsize=(9, 1.0 + 0.5 * len(rows)))
-  y = np.arange(len(rows))
-  means = [100 * r['mean'] for r in rows]
-  colors = ['grey' if r['plan'] == 'scratch' else 'tab:blue' for r in rows]
-  ax.barh(y, means, color=colors, alpha=0.8)
-  ax.errorbar(means, y, xerr=[100 * r['std'] for r in rows], fmt='none', ecolor='k', capsize=3)
-  for i, r in enumerate(rows):
-    seeds = [100 * a for a in r['accuracies']]
-    ax.plot(seeds, [i + 0.25] * len(seeds), 'o', ms=3, color='tab:orange')
-    share = r['trainable_percent']
-    ax.text(
-      1,
-      i,
-      f'{r["mean"] * 100:.1f}%  ({share:.2f}% trainable)'
-      if share < 1
-      else f'{r["mean"] * 100:.1f}%  ({share:.0f}% trainable)',
-      va='center',
-      ha='left',
-      color='white',
-      fontsize=8,
+  bars = [
+    plots.Bar(
+      r['label'],
+      100 * r['mean'],
+      100 * r['std'],
+      [100 * a for a in r['accuracies']],
+      r['trainable_percent'],
+      baseline=r['plan'] == 'scratch',
     )
-  ax.set_yticks(y, [textwrap.fill(r['label'], 48) for r in rows], fontsize=8)
-  ax.set_xlim(0, 100)
-  ax.invert_yaxis()
-  ax.set_xlabel(f'Fashion-MNIST test accuracy (%), {shots} labels per class; dots: seeds')
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+    for r in rows
+  ]
+  xlabel = f'Fashion-MNIST test accuracy (%), {shots} labels per class; dots: seeds'
+  plots.accuracy_bars(bars, path, xlabel=xlabel)
 
 
 def params_plot(rows: list[dict], shots: int, path: str) -> None:
   """Mean test accuracy (± std over seeds) against trainable parameters (log scale), one
   series per family of plans (`configs/fewshot.FAMILY`; probes, full and from-scratch runs
   are "baselines")."""
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  families = list(dict.fromkeys(fewshot.FAMILY.get(r['plan'], 'baselines') for r in rows))
-  fig, ax = plt.subplots(figsize=(8.5, 4.8))
-  for i, family in enumerate(families):
-    chosen = [r for r in rows if fewshot.FAMILY.get(r['plan'], 'baselines') == family]
-    # Families at the same budget are dodged sideways (x 1.08 per family) so their bars stay
-    # apart; the table holds the exact counts.
-    dodge = 1.08 ** (i - (len(families) - 1) / 2)
-    ax.errorbar(
-      [dodge * r['trainable_parameters'] for r in chosen],
-      [100 * r['mean'] for r in chosen],
-      yerr=[100 * r['std'] for r in chosen],
-      fmt='osD^vP*X'[i % 8],
-      color=f'C{i}',
-      capsize=3,
-      label=family,
+  points = [
+    plots.Point(
+      r['plan'],
+      fewshot.FAMILY.get(r['plan'], 'baselines'),
+      r['trainable_parameters'],
+      100 * r['mean'],
+      100 * r['std'],
     )
-    for j, r in enumerate(chosen):
-      ax.annotate(
-        r['plan'],
-        (dodge * r['trainable_parameters'], 100 * r['mean']),
-        fontsize=7,
-        xytext=(5 if i % 2 else -5, 4 - 9 * (j % 2)),
-        ha='left' if i % 2 else 'right',
-        textcoords='offset points',
-      )
-  ax.set_xscale('log')
-  ax.set_xlabel('trainable parameters (adapters for tuners; the head included; families dodged)')
-  ax.set_ylabel(f'test accuracy (%), {shots} labels per class')
-  ax.legend(fontsize=7, loc='lower right')
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+    for r in rows
+  ]
+  plots.accuracy_vs_params(
+    points,
+    path,
+    xlabel='trainable parameters (adapters for tuners; the head included; families dodged)',
+    ylabel=f'test accuracy (%), {shots} labels per class',
+    dodge=True,
+  )
 
 
 def choose(minival: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -14,6 +14,7 @@ pretrain-demo-results markers. The README's first demo (real ImageNet-started we
 import json
 import os
 
+import plots
 import readme_section
 from absl import app, flags, logging
 
@@ -63,29 +64,17 @@ def results_table(source: dict, rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> None:
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 3.5))
-  names = [LABELS[r['name']] for r in rows]
-  accs = [100 * r['final_eval_accuracy'] for r in rows]
-  bars = ax.barh(names, accs, color=['grey'] + ['tab:blue'] * (len(rows) - 1))
-  for bar, r in zip(bars, rows):
-    ax.text(
-      bar.get_width() - 1,
-      bar.get_y() + bar.get_height() / 2,
-      f'{bar.get_width():.1f}%  ({r["trainable_percent"]:.1f}% trainable)',
-      va='center',
-      ha='right',
-      color='white',
+  """Each plan's target test accuracy, its trainable share written in the bar."""
+  bars = [
+    plots.Bar(
+      LABELS[r['name']],
+      100 * r['final_eval_accuracy'],
+      trainable_percent=r['trainable_percent'],
+      baseline=r['name'] == 'scratch',
     )
-  ax.set_xlim(0, 100)
-  ax.invert_yaxis()
-  ax.set_xlabel('target test accuracy (%), 50 labels per class')
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
+    for r in rows
+  ]
+  plots.accuracy_bars(bars, path, xlabel='target test accuracy (%), 50 labels per class')
 
 
 def main(argv):

@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path[:0] = [p for p in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),)]
 
-import study_plots  # noqa: E402
+import plots  # noqa: E402
 import study_tables  # noqa: E402
 
 from ftlab.analysis import stats  # noqa: E402
@@ -423,8 +423,7 @@ def write(root: str) -> dict:
     f.write('\n')
   with open(os.path.join(root, MARKDOWN), 'w') as f:
     f.write(markdown(report))
-  study_plots.accuracy_vs_params(report, os.path.join(root, 'accuracy_vs_params.png'))
-  study_plots.heatmap(report, os.path.join(root, 'heatmap.png'))
+  plots.study_plots(report, root)
   return report
 
 

@@ -39,7 +39,6 @@ import re
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -47,12 +46,14 @@ import time
 import zlib
 
 import jax
+import plots
 import readme_section
 from absl import flags
 from ml_collections import config_flags
 
 from ftlab import cli
 from ftlab import run as ftlab_run
+from ftlab.analysis import stats
 from ftlab.errors import InputError
 from ftlab.files import storage
 
@@ -351,9 +352,11 @@ def collect(workdir: str) -> tuple[dict, list[dict]]:
 
 
 def mean_std(values: list[float]) -> str:
-  """Percentages: '85.10 ± 0.42' over seeds, '85.10' for one."""
-  text = f'{100 * statistics.fmean(values):.2f}' if values else ''
-  return text + (f' ± {100 * statistics.stdev(values):.2f}' if len(values) > 1 else '')
+  """Percentages: '85.10 ± 0.42' over seeds (`ftlab.analysis.stats`), '85.10' for one."""
+  if not values:
+    return ''
+  s = stats.summarize(values)
+  return f'{100 * s.mean:.2f}' + (f' ± {100 * s.std:.2f}' if s.has_interval else '')
 
 
 def groups(rows: list[dict]) -> dict[tuple[str, float | None], list[dict]]:
@@ -398,36 +401,23 @@ def markdown(grid: dict, rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: str) -> None:
   """Final accuracy against trainable parameters (log scale), error bars over seeds."""
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
   several_lrs = len({lr for _, lr in groups(rows)}) > 1
-  fig, ax = plt.subplots(figsize=(10, 5))
-  for i, ((plan, lr), members) in enumerate(groups(rows).items()):
+  points = []
+  for (plan, lr), members in groups(rows).items():
     ok = [r for r in members if r['status'] == 'done']
     if ok:
-      accuracy = [100 * r['final_accuracy'] for r in ok]
-      ax.errorbar(
-        statistics.fmean(r['trainable_params'] for r in ok),
-        statistics.fmean(accuracy),
-        yerr=statistics.stdev(accuracy) if len(ok) > 1 else 0,
-        fmt='osD^vP*Xh<>p'[i % 12],  # plans on the same spot stay apart in the legend
-        capsize=3,
-        label=plan + (f' (lr {ok[0]["lr"]:g})' if several_lrs else ''),
-      )
-  ax.set_xscale('log')
-  ax.set_xlabel('trainable parameters (log scale)')
-  ax.set_ylabel('final eval accuracy (%), mean ± std over seeds')
-  ax.grid(alpha=0.3)
-  if ax.containers:  # at least one plan has a finished run
-    ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1))
-  fig.tight_layout()
-  image = io.BytesIO()
-  fig.savefig(image, format='png', dpi=100)
-  write_atomically(path, image.getvalue())
-  plt.close(fig)
+      s = stats.summarize([100 * r['final_accuracy'] for r in ok])
+      params = stats.summarize([r['trainable_params'] for r in ok]).mean
+      # Each (plan, lr) its own series: plans on the same spot stay apart in the legend.
+      family = plan + (f' (lr {ok[0]["lr"]:g})' if several_lrs else '')
+      points.append(plots.Point('', family, params, s.mean, s.std if s.has_interval else 0.0))
+  plots.accuracy_vs_params(
+    points,
+    path,
+    xlabel='trainable parameters (log scale)',
+    ylabel='final eval accuracy (%), mean ± std over seeds',
+    legend_outside=True,
+  )
 
 
 def write_report(workdir: str) -> str:
