@@ -104,6 +104,12 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
         f'dataset.eval_splits names {name!r}, which the run evaluates already '
         f'({fields[name]}); choose another name'
       )
+    if name == 'train' or name in evals.base.evaluators():
+      # `<name>/...` would mix with the training metrics or an evaluator's own.
+      raise errors.ConfigError(
+        f'dataset.eval_splits names {name!r}, a name its metrics would share with the '
+        f'{"training" if name == "train" else "evaluator " + repr(name)}; choose another name'
+      )
     splits[name], fields[name] = split, f'dataset.eval_splits {name}'
   train_data = datasets.build_dataset(
     ds.name, train_split, examples_per_class=ds.examples_per_class, **common

@@ -238,6 +238,8 @@ def test_minival_of_its_own_and_named_eval_splits(fake):
     ('eval=test[:5]', r"names 'eval', which the run evaluates already \(dataset.eval_split\)"),
     ('tail', r"entry 'tail' is not name=split"),
     ('a=test, a=train', r"entry 'a=train' is not name=split with a new identifier"),
+    ('shift=test', r"names 'shift', a name its metrics would share with the evaluator 'shift'"),
+    ('train=test', r"names 'train', a name its metrics would share with the training"),
   ]:
     config.dataset.eval_splits = bad
     with pytest.raises(errors.ConfigError, match=message):

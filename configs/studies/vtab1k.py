@@ -46,6 +46,11 @@ def _val(split: str = 'validation') -> str:
   return f'{split}[:200]'
 
 
+def _cut(train_percent: int, test_percent: int, total: int) -> tuple[str, str]:
+  """val200 and test of a dataset with one tfds split of `total` examples, cut by percent."""
+  return _tail(train_percent, total), f'train[{test_percent * total // 100}:]'
+
+
 # name -> (tfds name, val200, test, label, group)
 TASKS = {
   'caltech101': ('caltech101', _tail(90, CALTECH101_TRAIN), 'test', '', 'natural'),
@@ -57,20 +62,8 @@ TASKS = {
   'sun397': ('sun397/tfds', _val(), 'test', '', 'natural'),
   'camelyon': ('patch_camelyon', _val(), 'test', '', 'specialized'),
   # EuroSAT and RESISC45 have one tfds split, cut 60% / 20% / 20% (train / val / test).
-  'eurosat': (
-    'eurosat/rgb',
-    _tail(60, EUROSAT_TRAIN),
-    f'train[{80 * EUROSAT_TRAIN // 100}:]',
-    '',
-    'specialized',
-  ),
-  'resisc45': (
-    'resisc45',
-    _tail(60, RESISC45_TRAIN),
-    f'train[{80 * RESISC45_TRAIN // 100}:]',
-    '',
-    'specialized',
-  ),
+  'eurosat': ('eurosat/rgb', *_cut(60, 80, EUROSAT_TRAIN), '', 'specialized'),
+  'resisc45': ('resisc45', *_cut(60, 80, RESISC45_TRAIN), '', 'specialized'),
   'retinopathy': (
     'diabetic_retinopathy_detection/btgraham-300',
     _val(),
@@ -92,15 +85,13 @@ TASKS = {
   # dSprites has one tfds split, cut 80% / 10% / 10%.
   'dsprites_location': (
     'dsprites',
-    _tail(80, DSPRITES_TRAIN),
-    f'train[{90 * DSPRITES_TRAIN // 100}:]',
+    *_cut(80, 90, DSPRITES_TRAIN),
     'bins:label_x_position:16',
     'structured',
   ),
   'dsprites_orientation': (
     'dsprites',
-    _tail(80, DSPRITES_TRAIN),
-    f'train[{90 * DSPRITES_TRAIN // 100}:]',
+    *_cut(80, 90, DSPRITES_TRAIN),
     'bins:label_orientation:16',
     'structured',
   ),

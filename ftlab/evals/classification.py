@@ -3,9 +3,9 @@
 Every split the data holds (`eval`, `minival` when one is held out, and the named splits of
 `dataset.eval_splits`) is evaluated exactly: padded, masked batches spread over the devices,
 sums added over them (`ftlab.train.evaluate`), so every example counts once on any number of
-devices and hosts. When the train state keeps
-a moving average of the weights (`config.ema_decay`), the averaged model is evaluated on the
-same splits beside the raw one (`<split>/ema_accuracy`, `<split>/ema_loss`).
+devices and hosts. When the train state keeps a moving average of the weights
+(`config.ema_decay`), the averaged model is evaluated on the same splits beside the raw one
+(`<split>/ema_accuracy`, `<split>/ema_loss`).
 """
 
 from __future__ import annotations
