@@ -30,9 +30,13 @@ def directory_bytes(path: str) -> int:
   )
 
 
-def make_delta(run_dir: str, step: int | None = None) -> tuple[dict, mask_report.RunWeights]:
+def make_delta(
+  run_dir: str, step: int | None = None, unfolded: bool = False
+) -> tuple[dict, mask_report.RunWeights]:
   """The masked delta of `run_dir` at `step` (None: the newest) with its header's account of
-  the run and its base, and the run's weights.
+  the run and its base, and the run's weights. `unfolded`: a tuner's adapter factors as their
+  own leaves (as peft saves an adapter) instead of the kernels they fold into; the same delta
+  for a run without adapters.
 
   Raises:
     mask_report.RunError: not a finished run, or its base cannot be rebuilt.
@@ -43,9 +47,10 @@ def make_delta(run_dir: str, step: int | None = None) -> tuple[dict, mask_report
     f'init.checkpoint={config["init"]["checkpoint"]!r}, dont_load={config["init"]["dont_load"]}, '
     f'fresh parameters from seed {config["seed"]} (ftlab.run.make_run)'
   )
+  initial, final = weights.unfolded if unfolded else (weights.initial, weights.final)
   delta = masked_delta.make(
-    weights.initial,
-    weights.final,
+    initial,
+    final,
     run=os.path.abspath(run_dir),
     step=weights.step,
     plan=weights.plan,

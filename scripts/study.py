@@ -282,10 +282,10 @@ def record_delta_size(directory: str) -> dict:
   on the weights it started from (`ftlab.analysis.masked_delta`, as `scripts/export_delta.py`
   writes it), serialized in memory, nothing else written. Read back when it exists.
 
-  The file `scripts/export_delta.py RUN` writes, byte for byte (its header names the run's
-  path, so the size moves with the path's length). A tuner's run is measured folded (its
-  adapted kernels changed whole): the file that stores its weights, not its adapter's factors
-  (those are its trainable parameters).
+  For a run without adapters, the file `scripts/export_delta.py RUN` writes, byte for byte
+  (its header names the run's path, so the size moves with the path's length). A tuner's run
+  is measured unfolded: its adapter's factors and the leaves it trains beside them, as peft
+  saves an adapter (export_delta.py writes the folded kernels, which changed whole).
   """
   path = os.path.join(directory, study_report.DELTA_RECORD)
   if os.path.exists(path):
@@ -295,7 +295,7 @@ def record_delta_size(directory: str) -> dict:
 
   from ftlab.analysis import masked_delta
 
-  delta, weights = export_delta.make_delta(directory)
+  delta, weights = export_delta.make_delta(directory, unfolded=True)
   found = {
     'masked_delta_bytes': len(masked_delta.serialize(delta)),
     'changed_entries': delta['header']['changed'],

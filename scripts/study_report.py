@@ -21,9 +21,10 @@ What it holds:
 - `plans`: per plan, the mean over tasks (over groups when the tasks have groups: VTAB's
   convention, `stats.over_tasks`) once every task has the plan's test runs, and its costs
   (median over its test runs);
-- `paired`: per task, every plan against the baseline on the same seeds (the same labelled
-  draw and head init): mean difference, its 95% interval and the paired t-test's p, with
-  `distinguishable` false when the interval covers 0.
+- `paired`: per task and metric (test, and the shifted mean when the shift evaluator ran),
+  every plan against the baseline on the same seeds (the same labelled draw and head init):
+  mean difference, its 95% interval and the paired t-test's p, with `distinguishable` false
+  when the interval covers 0.
 
 `report.md` says the same in tables (cells written by `study_tables`); the plots are
 `accuracy_vs_params.png` (one series per family) and `heatmap.png` (tasks x plans).
@@ -259,8 +260,10 @@ def build(root: str) -> dict:
   report['plans'] = plans
   report['paired'] = []
   baseline = study.get('baseline')
-  if baseline:
-    for task, cells_of_task in table.items():
+  # Test accuracy first; then the shifted mean, so a robustness claim (LP-FT's, WiSE-FT's) is
+  # tested seed by seed too.
+  for metric in ('test', 'shift') if baseline else ():
+    for task, cells_of_task in _test_table(study, rows, metric).items():
       for plan, values in cells_of_task.items():
         base = cells_of_task.get(baseline)
         if plan == baseline or base is None or set(values) != set(base):
@@ -270,6 +273,7 @@ def build(root: str) -> dict:
           dict(
             task=task,
             plan=plan,
+            metric=metric,
             baseline=baseline,
             n=c.n,
             mean=c.mean,
@@ -391,22 +395,24 @@ def markdown(report: dict) -> str:
   lines += [
     '',
     "Delta file: the masked-delta file of the first seed's run (the entries it changed on the "
-    'weights it started from, `scripts/export_delta.py`); a tuner is stored folded.',
+    'weights it started from, `scripts/export_delta.py`); a tuner stores its adapter factors '
+    '(unfolded, as peft saves an adapter).',
   ]
   if any(p['runs'] and p['train_step_memory_bytes'] is None for p in report['plans']):
     lines += ['', 'Step memory "–": those runs did not record it (`record_step_flops` off).']
-  if report['paired']:
+  for metric in dict.fromkeys(c['metric'] for c in report['paired']):
     baseline = study['baseline']
+    what = 'test accuracy' if metric == 'test' else 'shifted accuracy (mean over corruptions)'
     lines += [
       '',
       f'Paired with {_label(study, baseline)} (same task, same seeds: the same labelled draw and '
-      'head init): difference in test accuracy points, 95% t interval, paired t-test. With few '
+      f'head init): difference in {what} points, 95% t interval, paired t-test. With few '
       'seeds and many comparisons a single p below 0.05 is weak evidence.',
       '',
       '| plan | ' + ' | '.join(tasks) + ' |',
       '|---|' + '---|' * len(tasks),
     ]
-    found = {(c['task'], c['plan']): c['text'] for c in report['paired']}
+    found = {(c['task'], c['plan']): c['text'] for c in report['paired'] if c['metric'] == metric}
     for plan in study['plans']:
       if plan != baseline:
         texts = [found.get((task, plan), '–') for task in tasks]

@@ -9,7 +9,7 @@ import pytest
 
 from configs import default
 from ftlab import loop, parallel, paths, run
-from ftlab.analysis import combine, mask_report
+from ftlab.analysis import combine, mask_report, masked_delta
 from ftlab.files import checkpoint
 from ftlab.plans import tuners
 from scripts import export_weights
@@ -120,3 +120,16 @@ def test_mask_report_reads_a_lora_run_with_its_adapters_folded(lora_run):
   trained = {r['layer'] for r in report['layers'] if r['trained']}
   adapted = {f'block{b}_conv{i}' for b in (4, 5) for i in (1, 2)}
   assert changed == trained == adapted | {'fc', 'predictions'}
+  # Unfolded (the study's delta-file column): the adapter factors as stored, on the base with
+  # adapters drawn from the run's seed; the delta holds the factors and the trained leaves.
+  initial, final = weights.unfolded
+  stored = stored_params(workdir)
+  assert set(final) == set(stored) and any(tuners.is_adapter(p) for p in final)
+  assert all(final[p].tobytes() == np.asarray(stored[p]).tobytes() for p in stored)
+  unfolded = masked_delta.make(initial, final)
+  assert masked_delta.apply(initial, unfolded)  # checksums: rebuilt base -> the stored run
+  folded = masked_delta.make(weights.initial, weights.final)
+  in_leaves = {p for p, leaf in unfolded['header']['leaves'].items() if leaf['changed']}
+  assert {paths.layer_of(p) for p in in_leaves} == adapted | {'fc', 'predictions'}
+  assert not any(paths.leaf_of(p) == 'kernel' and paths.layer_of(p) in adapted for p in in_leaves)
+  assert len(masked_delta.serialize(unfolded)) < len(masked_delta.serialize(folded)) / 2

@@ -169,6 +169,7 @@ def test_report_numbers_against_scipy_and_by_hand(tmp_path):
     np.testing.assert_allclose(
       [cell['mean'], cell['low'], cell['high']], [np.mean(values), low, high], rtol=1e-12
     )
+  assert [p['metric'] for p in report['paired']] == ['test'] * 2 + ['shift'] * 2
   for pair in report['paired']:
     assert pair['baseline'] == 'full'
     a = [
@@ -176,6 +177,9 @@ def test_report_numbers_against_scipy_and_by_hand(tmp_path):
       for s in (0, 1, 2)
     ]
     b = [accuracies[pair['task'], 'full', chosen[pair['task'], 'full'], s] for s in (0, 1, 2)]
+    if pair['metric'] == 'shift':  # the made-up shifted mean is half the test accuracy
+      a, b = [x / 2 for x in a], [x / 2 for x in b]
+    np.testing.assert_allclose(pair['mean'], np.mean(np.subtract(a, b)), rtol=1e-12)
     np.testing.assert_allclose(pair['p_value'], scipy_stats.ttest_rel(a, b).pvalue, rtol=1e-10)
     assert pair['distinguishable'] == (pair['low'] > 0 or pair['high'] < 0)
   by_plan = {p['plan']: p for p in report['plans']}

@@ -47,6 +47,8 @@ class RunWeights:
       leaf-level plans; for a tuner, every entry of the kernels it adapts and of the leaves
       it trains beside them).
     head: the paths of the head (a new head trains whole in every plan).
+    unfolded: `(initial, final)` as the run holds them, a tuner's adapter factors as their
+      own leaves (the same as `initial`, `final` for a run without adapters).
   """
 
   name: str
@@ -57,6 +59,7 @@ class RunWeights:
   final: dict[str, np.ndarray]
   trained: dict[str, np.ndarray]
   head: tuple[str, ...]
+  unfolded: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
 
 
 def _read_config(directory: str) -> tuple[dict, ml_collections.ConfigDict]:
@@ -157,8 +160,20 @@ def read_run(directory: str, step: int | None = None) -> RunWeights:
   trained = {p: entries(p, x) for p, x in initial.items()}
   head = tuple(p for p in initial if paths.layer_of(p) in structure.head.layers)
   meta_plan = found['plan'] or str(config.policy.name)
+  unfolded = (
+    {p: np.asarray(x) for p, x in raw_initial.items()},
+    {p: np.asarray(x) for p, x in raw_final.items()},
+  )
   return RunWeights(
-    workdir.run_name(directory), directory, int(step), meta_plan, initial, final, trained, head
+    workdir.run_name(directory),
+    directory,
+    int(step),
+    meta_plan,
+    initial,
+    final,
+    trained,
+    head,
+    unfolded,
   )
 
 
