@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -127,12 +126,6 @@ def bin_index(value: tf.Tensor, edges: tuple[float, ...]) -> tf.Tensor:
   less one (task_adaptation's `reduce_max(where(edges - value < 0))`). int64 scalar."""
   below = tf.cast(tf.constant(edges, tf.float32) < tf.cast(value, tf.float32), tf.int64)
   return tf.reduce_sum(below) - 1
-
-
-def bin_index_np(values: np.ndarray, edges: tuple[float, ...]) -> np.ndarray:
-  """`bin_index` on many values in numpy (the reference for tests and tools)."""
-  values = np.asarray(values, np.float32)
-  return (np.asarray(edges, np.float32)[None, :] < values[:, None]).sum(-1) - 1
 
 
 def _bin_names(edges: tuple[float, ...]) -> tuple[str, ...]:
