@@ -92,23 +92,22 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
     raise errors.ConfigError(f'unknown augmentation {ds.augment!r}; valid: {augmentations}')
   common = _dataset_kwargs(config)
   train_split, splits = ds.train_split, {'eval': ds.eval_split}
-  # The minival rows come out of the training split, so the two are disjoint and the test
-  # split stays untouched for the final numbers.
+  # The minival rows come out of the training split (or a split named for it, checked to share
+  # no example with training or eval), so the test split stays untouched for the final numbers.
   if ds.minival:
     train_split, splits['minival'] = datasets.minival_split(ds.train_split, ds.minival)
   fields = {'train': 'dataset.train_split', 'eval': 'dataset.eval_split'}
   fields['minival'] = 'dataset.minival'
   for name, split in eval_splits(ds.get('eval_splits', '')).items():
-    if name in splits:
+    if name in fields:  # `minival` too when unset: the study and the best step read it
       raise errors.ConfigError(
-        f'dataset.eval_splits names {name!r}, which the run evaluates already '
-        f'({fields[name]}); choose another name'
+        f'dataset.eval_splits names {name!r}, the name of {fields[name]}; choose another name'
       )
-    if name == 'train' or name in evals.base.evaluators():
-      # `<name>/...` would mix with the training metrics or an evaluator's own.
+    if name in evals.base.evaluators():
+      # `<name>/...` would mix with the evaluator's own metrics.
       raise errors.ConfigError(
         f'dataset.eval_splits names {name!r}, a name its metrics would share with the '
-        f'{"training" if name == "train" else "evaluator " + repr(name)}; choose another name'
+        f'evaluator {name!r}; choose another name'
       )
     splits[name], fields[name] = split, f'dataset.eval_splits {name}'
   train_data = datasets.build_dataset(
@@ -119,8 +118,9 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
     # An empty split would train on nothing, or evaluate nothing after every step was paid
     # for: refused here, by the field that chose it.
     check_not_empty(found, fields[name], ds.name)
-  if 'minival' in eval_data:  # a minival named as a split of its own must not overlap train
+  if 'minival' in eval_data:  # a minival named as a split of its own overlaps neither
     datasets.check_disjoint(train_data, eval_data['minival'], 'dataset.minival')
+    datasets.check_disjoint(eval_data['eval'], eval_data['minival'], 'dataset.minival')
   order = input_pipeline.BatchOrder(
     config.batch_size,
     seed=config.seed,
@@ -170,11 +170,13 @@ def eval_splits(text: str) -> dict[str, str]:
   found = {}
   for entry in filter(None, (e.strip() for e in str(text or '').split(','))):
     name, sep, split = (x.strip() for x in entry.partition('='))
-    if not sep or not name.isidentifier() or not split or name in found:
+    if not sep or not name.isidentifier() or not split:
       raise errors.ConfigError(
-        f'dataset.eval_splits entry {entry!r} is not name=split with a new identifier as the '
+        f'dataset.eval_splits entry {entry!r} is not name=split with an identifier as the '
         "name (e.g. 'v2=test[:50%], val=validation')"
       )
+    if name in found:
+      raise errors.ConfigError(f'dataset.eval_splits names {name!r} twice; one split per name')
     found[name] = split
   return found
 

@@ -13,8 +13,9 @@ The protocol is tune-then-test, as VTAB's (Zhai et al. 2019, google-research/tas
 and ViT_PEFT_Vision's drivers run it:
 
 1. Selection: each (task, plan) trains at every candidate learning rate on the first seed and
-   is scored on the minival split (`dataset.minival`, carved from the end of the training split,
-   so disjoint from both the labelled draw's pool and the test split). The rate with the best
+   is scored on the minival split (`dataset.minival`: carved from the end of the training split,
+   or a split named for it, as VTAB's val200; either way disjoint from the labelled draw's pool
+   and the test split). The rate with the best
    final minival accuracy is chosen (a tie: the smaller rate). With one candidate there is
    nothing to choose and no selection phase.
 2. Test: every seed trains at the chosen rate and is evaluated on the test split. The first
@@ -83,7 +84,7 @@ def load_config(spec: str, what: str) -> ml_collections.ConfigDict:
   it; a relative path is taken from the repository root when it is not found here).
 
   Raises:
-    StudyError: no such file, or no `get_config` in it.
+    StudyError: no such file, no `get_config` in it, or an argument it refuses (ValueError).
   """
   path, _, arg = spec.partition(':')
   if not os.path.exists(path) and os.path.exists(os.path.join(ROOT, path)):
@@ -95,7 +96,10 @@ def load_config(spec: str, what: str) -> ml_collections.ConfigDict:
   module_spec.loader.exec_module(module)
   if not hasattr(module, 'get_config'):
     raise StudyError(f'{what} {spec!r}: {path} has no get_config(arg)')
-  return module.get_config(arg or None)
+  try:
+    return module.get_config(arg or None)
+  except ValueError as e:  # a config's own argument check (`default.parse_arg`, a task list)
+    raise StudyError(f'{what} {spec!r}: {e}') from None
 
 
 def load_study(spec: str) -> dict:

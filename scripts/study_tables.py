@@ -35,7 +35,7 @@ def describe(summary: stats.Summary, scale: float = 100, digits: int = 1) -> str
 
 def describe_comparison(comparison: stats.Comparison, scale: float = 100, digits: int = 1) -> str:
   """One plan against the baseline: signed mean difference, its interval, p and n; ends in
-  `, not distinguishable` when the interval covers 0 (or there is no interval).
+  `, not distinguishable` when the interval covers 0; one seed has neither interval nor test.
 
   Args:
     comparison: from `stats.paired`.
@@ -44,7 +44,7 @@ def describe_comparison(comparison: stats.Comparison, scale: float = 100, digits
   """
   mean = f'{scale * comparison.mean:+.{digits}f}'
   if comparison.n < 2:
-    return f'{mean} (one seed, no interval), not distinguishable'
+    return f'{mean} (one seed: no interval, no test)'
   low, high = (f'{scale * x:.{digits}f}' for x in (comparison.low, comparison.high))
   # A p below what two digits can show is printed as a bound, never as 0.
   p = f'p={comparison.p_value:.2g}' if comparison.p_value >= 1e-4 else 'p<0.0001'

@@ -230,16 +230,20 @@ def test_minival_of_its_own_and_named_eval_splits(fake):
   config.dataset.minival = 'train[:-10]+train[95:]'  # open ends and unions are compared too
   with pytest.raises(sources.DatasetError, match=r'shares examples 0..49'):
     run.make_data(config)
+  config.dataset.minival = 'test[:10]'  # nor the eval split's: selection would see the test
+  with pytest.raises(sources.DatasetError, match=r"shares examples 0..9 of 'test' with 'test'"):
+    run.make_data(config)
   config.dataset.minival = 'ten'  # a word is a split name: it must be one of the dataset's
   with pytest.raises(sources.DatasetError, match=r"^'ten' is no split of 'fashion_mnist'"):
     run.make_data(config)
   config.dataset.minival = ''
   for bad, message in [
-    ('eval=test[:5]', r"names 'eval', which the run evaluates already \(dataset.eval_split\)"),
+    ('eval=test[:5]', r"names 'eval', the name of dataset.eval_split; choose another"),
     ('tail', r"entry 'tail' is not name=split"),
-    ('a=test, a=train', r"entry 'a=train' is not name=split with a new identifier"),
+    ('a=test, a=train', r"names 'a' twice; one split per name"),
     ('shift=test', r"names 'shift', a name its metrics would share with the evaluator 'shift'"),
-    ('train=test', r"names 'train', a name its metrics would share with the training"),
+    ('train=test', r"names 'train', the name of dataset.train_split"),
+    ('minival=test[:5]', r"names 'minival', the name of dataset.minival"),  # even when unset
   ]:
     config.dataset.eval_splits = bad
     with pytest.raises(errors.ConfigError, match=message):

@@ -1,6 +1,7 @@
 """Mask report figures and Jaccard overlaps against plain numpy, and masked deltas: a bit-exact
 round trip through the file, entries stored sparse or dense by size, another base refused."""
 
+import json
 import os
 
 import numpy as np
@@ -73,6 +74,11 @@ def test_masked_delta_round_trip_is_bit_exact(tmp_path):
   path = str(tmp_path / 'delta.npz')
   size = masked_delta.save(path, delta)
   assert size == len(masked_delta.serialize(delta)) == os.path.getsize(path)  # the study's column
+  with np.load(path) as data:  # the header as UTF-8 bytes, readable with numpy and json alone
+    assert json.loads(data['__header__'].tobytes().decode()) == delta['header']
+  old = tmp_path / 'old.npz'  # files written with the header as a 0-d string still load
+  np.savez(old, __header__=np.array(json.dumps(delta['header'])), **delta['arrays'])
+  assert masked_delta.load(str(old))['header'] == delta['header']
   loaded = masked_delta.load(path)
   rebuilt = masked_delta.apply(initial, loaded)
   for p in final:

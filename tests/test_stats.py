@@ -246,4 +246,4 @@ def test_a_difference_within_the_noise_reads_as_not_distinguishable():
   same = study_tables.describe_comparison(stats.paired([0.7, 0.8], [0.7, 0.8]))
   assert same == '+0.0 (95% CI [0.0, 0.0], p=1, n=2), not distinguishable'
   one = study_tables.describe_comparison(stats.paired([0.9], [0.1]))
-  assert one == '+80.0 (one seed, no interval), not distinguishable'
+  assert one == '+80.0 (one seed: no interval, no test)'

@@ -50,9 +50,13 @@ def test_each_tasks_label_has_the_benchmarks_classes(task):
   assert len(labels.resolve(spec, builder).names) == vtab1k.NUM_CLASSES[task]
 
 
-def test_bad_task_subset_is_one_line():
-  with pytest.raises(ValueError, match=r"\['clevr'\] are not VTAB-1k tasks; valid: caltech101/"):
-    vtab1k.get_config('tasks=clevr')
+def test_bad_task_subset_or_argument_is_one_line():
+  with pytest.raises(study.StudyError, match=r"\['clevr'\] are not VTAB-1k tasks; valid: calte"):
+    study.load_study('configs/studies/vtab1k.py:tasks=clevr')
+  with pytest.raises(study.StudyError, match=r"unknown config argument 'dat'; valid: batch, da"):
+    study.load_study('configs/studies/vtab1k.py:dat=/x')
+  config = study.load_study('configs/studies/vtab1k.py:data_dir=/data/tfds')
+  assert ['dataset.data_dir', '/data/tfds'] in config['overrides']
 
 
 def fake_value(feature, rng, length=4):

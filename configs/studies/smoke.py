@@ -25,7 +25,8 @@ Every study config has these fields (`scripts/study.py` reads them):
 - `seeds`: each seed draws its own labelled examples and head init, the same for every plan;
 - `learning_rates`: the candidates; with more than one, each (task, plan) chooses on `minival`
   (first seed), then every seed trains at the chosen rate;
-- `minival`: held out from the end of each task's (unsliced) training split, '' for none;
+- `minival`: held out from the end of each task's (unsliced) training split ('200', '10%'),
+  or a split of its own that shares nothing with train or test ('validation[:200]'); '' none;
 - `baseline`: the plan every other is compared with, seed by seed ('' for none).
 """
 

@@ -22,7 +22,8 @@ Keras weights of `configs/fewshot.py` (their x/255 input convention), at `image_
 the top blocks, full fine-tuning).
 
 Arguments: steps (default 2500), seeds (3), image_size (224), batch (64), tasks (a
-'/'-separated subset, default all). Tested offline with `tfds.testing.mock_data`
+'/'-separated subset, default all), data_dir (tfds' data directory; default tfds' own,
+~/tensorflow_datasets). Tested offline with `tfds.testing.mock_data`
 (tests/test_vtab.py); never run here (no network).
 """
 
@@ -136,7 +137,9 @@ NUM_CLASSES = {
 
 
 def get_config(arg=None):
-  args = default.parse_arg(arg, steps=2500, seeds=3, image_size=224, batch=64, tasks='')
+  args = default.parse_arg(
+    arg, steps=2500, seeds=3, image_size=224, batch=64, tasks='', data_dir=''
+  )
   names = [t for t in args.tasks.split('/') if t] or list(TASKS)
   unknown = [t for t in names if t not in TASKS]
   if unknown:
@@ -152,6 +155,8 @@ def get_config(arg=None):
     ('dataset.examples_per_class', 0),  # all of train800
     ('record_step_flops', True),  # FLOPs and step memory for the cost columns
   )
+  if args.data_dir:  # where tfds keeps (or downloads and prepares) the datasets
+    study.overrides += (('dataset.data_dir', args.data_dir),)
   study.tasks = {
     name: {
       'overrides': (

@@ -10,8 +10,9 @@ makes such deltas small.
 
 On disk a delta is one uncompressed `.npz` (readable with numpy alone): `PATH::indices`
 (uint32, ascending) and `PATH::values` per sparsely stored leaf, `PATH::dense` per densely
-stored one, and `__header__`, a JSON string (format, checksums, every leaf's shape, dtype,
-storage and changed count, and what the writer adds, e.g. the run and its base).
+stored one, and `__header__`, a JSON text as uint8 UTF-8 bytes (format, checksums, every leaf's
+shape, dtype, storage and changed count, and what the writer adds, e.g. the run and its base;
+a 0-d string array in files from before 2026-12-03, still read).
 """
 
 from __future__ import annotations
@@ -142,8 +143,10 @@ def serialize(delta: Mapping[str, Any]) -> bytes:
   """The bytes of `delta`'s file as `save` writes it (`len` of them: the file's size)."""
   buffer = io.BytesIO()
   # Uncompressed `savez`: readable by numpy alone, and float values of sparse entries barely
-  # compress. The header is a 0-d string array, so `load` needs no pickle.
-  np.savez(buffer, **{HEADER: np.array(json.dumps(delta['header']))}, **delta['arrays'])
+  # compress. The header is its UTF-8 JSON as uint8 (a numpy string array would spend 4 bytes
+  # per character: most of a small plan's file), so `load` needs no pickle.
+  header = np.frombuffer(json.dumps(delta['header']).encode(), np.uint8)
+  np.savez(buffer, **{HEADER: header}, **delta['arrays'])
   return buffer.getvalue()
 
 
@@ -165,7 +168,10 @@ def load(path: str) -> dict[str, Any]:
   with np.load(path, allow_pickle=False) as data:
     if HEADER not in data.files:
       raise DeltaError(f'{path} is not a masked delta (no {HEADER})')
-    header = json.loads(str(data[HEADER]))
+    stored = data[HEADER]
+    # uint8 UTF-8 bytes; files written before were a 0-d string array.
+    text = stored.tobytes().decode() if stored.dtype == np.uint8 else str(stored)
+    header = json.loads(text)
     arrays = {k: data[k] for k in data.files if k != HEADER}
   if header.get('format') != FORMAT:
     raise DeltaError(f'{path}: format {header.get("format")!r}, expected {FORMAT!r}')

@@ -284,7 +284,7 @@ def minival_split(split: str, holdout: int | str) -> tuple[str, str]:
 def check_disjoint(a: DataSplit, b: DataSplit, what: str) -> None:
   """Raises DatasetError when two splits of one dataset can share an example (their slices of
   one tfds split overlap), naming `what` and both split strings; silent where tfds records no
-  split sizes (its mock data) or for image folders' listed splits.
+  split sizes (its mock data).
 
   Raises:
     DatasetError: in one line.
@@ -298,7 +298,7 @@ def check_disjoint(a: DataSplit, b: DataSplit, what: str) -> None:
       if name == other and max(lo, lo2) < min(hi, hi2):
         raise DatasetError(
           f'{what}: {b.spec!r} shares examples {max(lo, lo2)}..{min(hi, hi2) - 1} of '
-          f'{name!r} with the training split {a.spec!r}; choose slices that do not overlap'
+          f'{name!r} with {a.spec!r}; choose slices that do not overlap'
         )
 
 

@@ -83,7 +83,7 @@ def resolve(spec: str, builder: tfds.core.DatasetBuilder) -> Label:
   if kind == 'bins' and rest.count(':') == 1:
     key, count = rest.split(':')
     k = _class_feature(features, key, builder).num_classes
-    n = _whole(count, spec)
+    n = _whole(count, spec, k)
     if not 1 <= n <= k:
       raise LabelError(f'dataset.label={spec!r}: {n} bins of {key}, valid: 1 to {k}')
     # Integer arithmetic: the bins of v * n // k hold k/n values each, as task_adaptation's
@@ -138,11 +138,13 @@ def _values(i: int, n: int, k: int) -> str:
   return f'{inside[0]}-{inside[-1]}' if len(inside) > 1 else str(inside[0])
 
 
-def _whole(text: str, spec: str) -> int:
+def _whole(text: str, spec: str, most: int) -> int:
   try:
     return int(text)
   except ValueError:
-    raise LabelError(f'dataset.label={spec!r}: {text!r} is not a whole number of bins') from None
+    raise LabelError(
+      f'dataset.label={spec!r}: {text!r} is not a whole number of bins (valid: 1 to {most})'
+    ) from None
 
 
 def _need(features, key: str, spec: str, builder) -> None:
@@ -159,7 +161,7 @@ def _class_feature(features, key: str, builder) -> tfds.features.ClassLabel:
   if not isinstance(feature, tfds.features.ClassLabel):
     classes = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
     raise LabelError(
-      f'{builder.name} feature {key!r} is a {type(feature).__name__}, not a class label; class '
-      f'features: {", ".join(classes) or "none"}'
+      f'dataset.label: {builder.name} feature {key!r} is no class label '
+      f'({type(feature).__name__}); class features: {", ".join(classes) or "none"}'
     )
   return feature
