@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ftlab.files import storage
+
 
 @dataclasses.dataclass(frozen=True)
 class Point:
@@ -63,13 +65,11 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> None:
-  """Writes the figure atomically (a reader never sees half a PNG), then closes it."""
+  """Writes the figure whole (a reader never sees half a PNG), to a local path or a remote
+  workdir's (`gs://`, `s3://`: `ftlab.files.storage`), then closes it."""
   image = io.BytesIO()
   fig.savefig(image, format='png', dpi=100)
-  partial = f'{path}.tmp{os.getpid()}'
-  with open(partial, 'wb') as f:
-    f.write(image.getvalue())
-  os.replace(partial, path)
+  storage.write_whole(path, image.getvalue())
   _pyplot().close(fig)
 
 
