@@ -59,7 +59,7 @@ import study_report  # noqa: E402
 
 from ftlab import loop  # noqa: E402
 from ftlab.errors import InputError  # noqa: E402
-from ftlab.files import checkpoint, workdir  # noqa: E402
+from ftlab.files import checkpoint, storage, workdir  # noqa: E402
 
 
 class StudyError(InputError):
@@ -306,10 +306,7 @@ def record_delta_size(directory: str) -> dict:
     'entries': delta['header']['entries'],
     'step': weights.step,
   }
-  partial = f'{path}.tmp{os.getpid()}'
-  with open(partial, 'w') as f:
-    json.dump(found, f, indent=2)
-  os.replace(partial, path)
+  storage.write_whole(path, json.dumps(found, indent=2) + '\n')
   return found
 
 
