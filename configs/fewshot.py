@@ -14,8 +14,9 @@ activation cache is exact). The labelled images are drawn per seed from `train[:
 
   python -m ftlab.main --workdir W --config configs/fewshot.py:plan=last_block,shots=10,seed=0
 
-`plan` is one of `PLANS`; `lr` overrides the chosen learning rate (`lr_record`, written
-by `scripts/demo.py --select`; the dynamic-mask plans take sparse_top's, `LR_FROM`);
+`plan` is one of `PLANS`; `lr` overrides the chosen learning rate (`lr_record`: a selection
+study's choice, recorded by `scripts/fewshot_lrs.py`; the dynamic-mask plans take
+sparse_top's, `LR_FROM`);
 `runlocal` is a seconds-long smoke run (narrow VGG,
 random init: no pretrained VGG is that narrow).
 """
@@ -154,7 +155,7 @@ CANDIDATE_LRS = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 
 def lr_record(path: str | None = None) -> dict:
-  """What `--select` wrote to `LEARNING_RATES_FILE` (or `path`): `{'chosen': {'10': {'full':
+  """What `scripts/fewshot_lrs.py` recorded in `LEARNING_RATES_FILE` (or `path`): `{'chosen': {'10': {'full':
   1e-4, ...}, '50': ...}, 'minival': {'10': {'full': {'0.0001': accuracy, ...}}}}`; both
   sections empty before any selection."""
   path = path or LEARNING_RATES_FILE

@@ -1,6 +1,6 @@
 """The plots of ftlab's result tables (matplotlib, written as PNG), for every runner: the study
-report (`scripts/study_report.py`), the Fashion-MNIST demo (`scripts/demo.py`), the sweep
-(`scripts/sweep.py`) and the pretrain demo (`scripts/pretrain_demo.py`).
+report (`scripts/study_report.py`), the sweep (`scripts/sweep.py`) and the pretrain demo
+(`scripts/pretrain_demo.py`).
 
 - `accuracy_vs_params`: accuracy against trainable parameters (log scale), one series per
   family, bars as the caller measures spread (intervals or std over seeds);

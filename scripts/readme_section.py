@@ -1,6 +1,6 @@
 """Rewrites one generated section of a README (between two HTML comment markers).
 
-Used by scripts/demo.py, pretrain_demo.py, sweep.py and bench.py.
+Used by scripts/study.py, pretrain_demo.py, sweep.py, bench.py and readme_tables.py.
 """
 
 import os

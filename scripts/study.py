@@ -314,11 +314,8 @@ def record_study(study: dict, spec: str, root: str) -> None:
   """`DIR/study.json`: the study's config and where it came from (the report's other input)."""
   os.makedirs(root, exist_ok=True)
   record = {'spec': spec, 'study': study}
-  partial = os.path.join(root, f'study.json.tmp{os.getpid()}')
-  with open(partial, 'w') as f:
-    json.dump(record, f, indent=2)
-    f.write('\n')
-  os.replace(partial, os.path.join(root, study_report.STUDY_FILE))
+  path = os.path.join(root, study_report.STUDY_FILE)
+  storage.write_whole(path, json.dumps(record, indent=2) + '\n')
 
 
 def run_study(spec: str, root: str, *, select_only: bool = False, workers: int = 1) -> dict:
@@ -368,8 +365,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument(
     '--readme',
     default='',
-    help='also write report.md between the README markers <!-- study-NAME:start/end --> '
-    '(NAME: the study file name without .py)',
+    help='also write report.md between the README markers <!-- SECTION:start/end -->',
+  )
+  parser.add_argument(
+    '--section',
+    default='',
+    help='the README section --readme writes (default study-NAME, NAME the study file name '
+    'without .py), so one study file with other arguments can fill another section',
   )
   args = parser.parse_args(argv)
   if args.workers < 1:
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
 
   if not args.log_runs:
     logging.set_verbosity(logging.WARNING)  # one line per run instead of each run's log
-  markers = readme_markers(args.study)
+  markers = readme_markers(args.section or args.study)
   try:
     if args.readme:  # a README that cannot take the report fails now, not after the runs
       try:
@@ -409,9 +411,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def readme_markers(spec: str) -> tuple[str, str]:
-  """The README markers of a study's report: `configs/studies/smoke.py` -> study-smoke."""
-  name = os.path.splitext(os.path.basename(spec.partition(':')[0]))[0]
-  return f'<!-- study-{name}:start -->', f'<!-- study-{name}:end -->'
+  """The README markers of a study's report: `configs/studies/smoke.py[:args]` -> study-smoke;
+  a section name (no `.py`) names itself: `study-offline-full` -> study-offline-full."""
+  path = spec.partition(':')[0]
+  name = f'study-{os.path.splitext(os.path.basename(path))[0]}' if path.endswith('.py') else spec
+  return f'<!-- {name}:start -->', f'<!-- {name}:end -->'
 
 
 if __name__ == '__main__':

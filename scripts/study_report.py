@@ -298,7 +298,10 @@ def selection_markdown(report: dict) -> str:
   chosen = [s for s in report['selection'] if s['minival']]
   if not chosen:
     fixed = ', '.join(f'{_label(study, p)} {learning_rates(study, p)[0]:g}' for p in study['plans'])
-    return f'One learning rate per plan, nothing chosen on minival: {fixed}.'
+    # A study may say where its fixed rates came from (`lr_source`), e.g. another task's
+    # selection.
+    source = f' ({study["lr_source"]})' if study.get('lr_source') else ''
+    return f'One learning rate per plan, nothing chosen on minival here{source}: {fixed}.'
   lines = [
     f'Minival accuracy (held out of each training split; seed {study["seeds"][0]}) of each '
     'candidate learning rate; the chosen one in bold:',

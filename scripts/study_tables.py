@@ -3,6 +3,7 @@
 The library returns numbers; how they read in a table is decided here, once, so every study
 table says the same thing the same way:
 
+- a short cell (`mean_std`): `70.80 ± 2.31`, for a grid without the study's protocol;
 - a cell: `70.8 ± 2.3 (95% CI [65.1, 76.5], n=3)`: mean ± sample standard deviation over seeds,
   then the Student-t interval of the mean; one seed says so instead of showing an interval;
 - a comparison with the baseline: `+3.1 (95% CI [1.2, 5.0], p=0.012, n=3)`, and
@@ -13,6 +14,16 @@ Brackets rather than a dash: intervals of differences have negative ends.
 """
 
 from ftlab.analysis import stats
+
+
+def mean_std(values, scale: float = 100, digits: int = 2) -> str:
+  """A short cell: `85.10 ± 0.42` (mean ± sample std over seeds), `85.10` for one value, ''
+  for none; for tables whose runs are not a study's (the sweep's)."""
+  if not len(values):
+    return ''
+  summary = stats.summarize(values)
+  mean = f'{scale * summary.mean:.{digits}f}'
+  return mean + (f' ± {scale * summary.std:.{digits}f}' if summary.has_interval else '')
 
 
 def describe(summary: stats.Summary, scale: float = 100, digits: int = 1) -> str:

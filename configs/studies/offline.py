@@ -2,6 +2,8 @@
 
   python scripts/study.py --study configs/studies/offline.py --workdir workdirs/offline
   python scripts/study.py --study configs/studies/offline.py:full --workdir workdirs/offline_full
+  python scripts/study.py --study configs/studies/offline.py:full,grid \
+      --workdir workdirs/offline_full
 
 Tasks (all offline: `bash scripts/setup.sh` installs them; `ftlab/data/packaged.py`):
 - `fashion_mnist`: Debian's Fashion-MNIST, 10 labels per class, tested on 1,000 test images;
@@ -18,9 +20,18 @@ the two group means.
 
 Without an argument this is the README demo (`bash scripts/demo.sh`): four plans, three seeds,
 each plan at the learning rate the Fashion-MNIST minival chose for it
-(`configs/fewshot_lrs.json`), about 10 minutes on 2 cores. `full` is the full comparison:
-every plan of `configs/fewshot.PLANS`, each (task, plan) choosing among
-`configs/fewshot.CANDIDATE_LRS` on its own minival (hours on 2 cores).
+(`configs/fewshot_lrs.json`), about 15 minutes on 2 cores. `full` is the full comparison:
+every plan of `configs/fewshot.PLANS` at those same transferred rates (228 runs, about two
+hours on 2 cores). `grid` makes each (task, plan) choose its own rate among
+`configs/fewshot.CANDIDATE_LRS` on its own minival (with `full`: 684 runs, many hours). The
+runs at the transferred rates are runs of the grid too (the same configs), so `full` and
+then `full,grid` in one workdir trains each of them once.
+
+Arguments: full, grid (above), seeds (3), tasks and plans (`/`-separated names: a subset, in
+the order given), shots (labels per class for every task instead of each task's own).
+`full,grid,tasks=fashion_mnist,seeds=1` with `--select` is the selection behind
+`configs/fewshot_lrs.json` (`scripts/fewshot_lrs.py` records its choice there);
+`tasks=fashion_mnist,shots=50,plans=...` is the 50-shot table.
 """
 
 import ml_collections
@@ -37,8 +48,15 @@ TASKS = {
 DEMO_PLANS = ('linear_probe', 'last_block', 'lora_top', 'full')
 
 
-def plan_entry(name: str, select: bool) -> dict:
-  """A study plan from `configs/fewshot.PLANS[name]`, with the run fields that plan needs."""
+def plan_entry(name: str, select: bool, shots: int = 10) -> dict:
+  """A study plan from `configs/fewshot.PLANS[name]`, with the run fields that plan needs.
+
+  Without `select`, its one rate is the one Fashion-MNIST's minival chose at `shots` labels
+  per class (`configs/fewshot_lrs.json`; the dynamic masks take sparse_top's, `LR_FROM`).
+
+  Raises:
+    ValueError: no rate was chosen for this plan at `shots`.
+  """
   policy, label = fewshot.PLANS[name]
   overrides = [('activation_cache', 'off' if policy in ('full', 'ssf', 'ia3') else 'disk')]
   if name == 'scratch':
@@ -49,14 +67,40 @@ def plan_entry(name: str, select: bool) -> dict:
     'family': fewshot.FAMILY.get(name, 'baselines'),
     'overrides': tuple(overrides),
   }
-  if not select:  # the rate Fashion-MNIST's minival chose for this plan (10 shots)
-    chosen = fewshot.lr_record()['chosen']['10']
-    entry['learning_rates'] = (chosen.get(name, chosen.get(fewshot.LR_FROM.get(name))),)
+  if not select:
+    chosen = fewshot.lr_record()['chosen'].get(str(shots), {})
+    lr = chosen.get(name, chosen.get(fewshot.LR_FROM.get(name)))
+    if lr is None:
+      raise ValueError(
+        f'offline plan {name!r}: configs/fewshot_lrs.json has no rate chosen at {shots} shots '
+        f'(chosen there: {", ".join(chosen) or "none"}); add grid to choose one on minival'
+      )
+    entry['learning_rates'] = (lr,)
   return entry
 
 
+def names(given: str, valid, what: str) -> list[str]:
+  """`'a/b'` -> ['a', 'b'] (all of `valid` when empty).
+
+  Raises:
+    ValueError: a name not in `valid`, named with the valid ones.
+  """
+  chosen = [name for name in given.split('/') if name] or list(valid)
+  unknown = [name for name in chosen if name not in valid]
+  if unknown:
+    raise ValueError(f'offline {what} {unknown} are not among {"/".join(valid)}')
+  return chosen
+
+
 def get_config(arg=None):
-  args = default.parse_arg(arg, full=False, seeds=3)
+  args = default.parse_arg(arg, full=False, grid=False, seeds=3, tasks='', plans='', shots=0)
+  tasks = names(args.tasks, TASKS, 'tasks')
+  # Named plans may be any of configs/fewshot.PLANS, the demo's or not.
+  plans = names(args.plans, fewshot.PLANS if args.full or args.plans else DEMO_PLANS, 'plans')
+  if args.shots < 0:
+    raise ValueError(
+      f"offline shots={args.shots}: labels per class must be positive (0: each task's own)"
+    )
   study = ml_collections.ConfigDict()
   study.base = 'configs/fewshot.py'
   study.overrides = (('dataset.train_split', 'train'), ('dataset.eval_split', 'test'))
@@ -64,18 +108,25 @@ def get_config(arg=None):
     name: {
       'overrides': (
         ('dataset.name', dataset),
-        ('dataset.examples_per_class', shots),
+        ('dataset.examples_per_class', args.shots or shots),
         ('dataset.eval_split', eval_split),
       ),
       'minival': minival,
       'group': group,
     }
-    for name, (dataset, shots, minival, eval_split, group) in TASKS.items()
+    for name in tasks
+    for dataset, shots, minival, eval_split, group in [TASKS[name]]
   }
-  plans = fewshot.PLANS if args.full else DEMO_PLANS
-  study.plans = {name: plan_entry(name, select=args.full) for name in plans}
+  study.plans = {name: plan_entry(name, select=args.grid, shots=args.shots or 10) for name in plans}
   study.seeds = tuple(range(args.seeds))
   study.learning_rates = fewshot.CANDIDATE_LRS
   study.minival = '1000'
-  study.baseline = 'full'
+  study.baseline = 'full' if 'full' in plans else ''
+  if not args.grid:
+    study.lr_source = (
+      f"each plan's rate was chosen on Fashion-MNIST's minival at {args.shots or 10} labels per "
+      'class, seed 0, among '
+      + ', '.join(f'{lr:g}' for lr in fewshot.CANDIDATE_LRS)
+      + '; the minival scores are in configs/fewshot_lrs.json'
+    )
   return study

@@ -27,7 +27,9 @@ Every study config has these fields (`scripts/study.py` reads them):
   (first seed), then every seed trains at the chosen rate;
 - `minival`: held out from the end of each task's (unsliced) training split ('200', '10%'),
   or a split of its own that shares nothing with train or test ('validation[:200]'); '' none;
-- `baseline`: the plan every other is compared with, seed by seed ('' for none).
+- `baseline`: the plan every other is compared with, seed by seed ('' for none);
+- `lr_source` (optional): where fixed rates came from when nothing is chosen here (another
+  task's selection, a paper), printed with them in the report.
 """
 
 import ml_collections
