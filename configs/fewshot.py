@@ -155,9 +155,9 @@ CANDIDATE_LRS = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 
 def lr_record(path: str | None = None) -> dict:
-  """What `scripts/fewshot_lrs.py` recorded in `LEARNING_RATES_FILE` (or `path`): `{'chosen': {'10': {'full':
-  1e-4, ...}, '50': ...}, 'minival': {'10': {'full': {'0.0001': accuracy, ...}}}}`; both
-  sections empty before any selection."""
+  """What `scripts/fewshot_lrs.py` recorded in `LEARNING_RATES_FILE` (or `path`):
+  `{'chosen': {'10': {'full': 1e-4, ...}, '50': ...}, 'minival': {'10': {'full': {'0.0001':
+  accuracy, ...}}}}`; both sections empty before any selection."""
   path = path or LEARNING_RATES_FILE
   if not os.path.exists(path):
     return {'chosen': {}, 'minival': {}}

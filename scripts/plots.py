@@ -200,11 +200,15 @@ def study_points(report: dict) -> list[Point]:
   return points
 
 
+STUDY_PLOTS = ('accuracy_vs_params.png', 'heatmap.png')
+
+
 def study_plots(report: dict, root: str) -> None:
-  """`accuracy_vs_params.png` and `heatmap.png` of a study report in `root`."""
+  """`STUDY_PLOTS` of a study report, in `root`: accuracy against trainable parameters and the
+  tasks x plans heat-map."""
   accuracy_vs_params(
     study_points(report),
-    os.path.join(root, 'accuracy_vs_params.png'),
+    os.path.join(root, STUDY_PLOTS[0]),
     xlabel='trainable parameters (median over runs; adapters for tuners)',
     ylabel='test accuracy (%), mean over tasks',
   )
@@ -213,4 +217,4 @@ def study_plots(report: dict, root: str) -> None:
   for c in report['cells']:
     if c['metric'] == 'test':
       grid[tasks.index(c['task']), plans.index(c['plan'])] = 100 * c['mean']
-  heatmap(tasks, plans, grid, os.path.join(root, 'heatmap.png'), label='test accuracy (%)')
+  heatmap(tasks, plans, grid, os.path.join(root, STUDY_PLOTS[1]), label='test accuracy (%)')

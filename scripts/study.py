@@ -54,6 +54,7 @@ import ml_collections
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [p for p in (ROOT, os.path.dirname(os.path.abspath(__file__))) if p not in sys.path]
 
+import plots  # noqa: E402
 import readme_section  # noqa: E402
 import study_report  # noqa: E402
 
@@ -365,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument(
     '--readme',
     default='',
-    help='also write report.md between the README markers <!-- SECTION:start/end -->',
+    help='also write report.md between the README markers <!-- SECTION:start/end --> and '
+    'its plots to docs/SECTION_*.png beside the README',
   )
   parser.add_argument(
     '--section',
@@ -406,16 +408,34 @@ def main(argv: list[str] | None = None) -> int:
     text = f.read()
   if args.readme:
     readme_section.replace(args.readme, markers, text.strip())
+    copy_plots(args.workdir, args.readme, section_name(args.section or args.study))
   print(text)
   return 0
 
 
-def readme_markers(spec: str) -> tuple[str, str]:
-  """The README markers of a study's report: `configs/studies/smoke.py[:args]` -> study-smoke;
+def section_name(spec: str) -> str:
+  """The README section of a study's report: `configs/studies/smoke.py[:args]` -> study-smoke;
   a section name (no `.py`) names itself: `study-offline-full` -> study-offline-full."""
   path = spec.partition(':')[0]
-  name = f'study-{os.path.splitext(os.path.basename(path))[0]}' if path.endswith('.py') else spec
+  return f'study-{os.path.splitext(os.path.basename(path))[0]}' if path.endswith('.py') else spec
+
+
+def readme_markers(spec: str) -> tuple[str, str]:
+  """`<!-- NAME:start -->` and `<!-- NAME:end -->` of `section_name(spec)`."""
+  name = section_name(spec)
   return f'<!-- {name}:start -->', f'<!-- {name}:end -->'
+
+
+def copy_plots(root: str, readme: str, section: str) -> list[str]:
+  """Copies the study's plots to `docs/<section>_<plot>.png` beside `readme` (the README shows
+  them from there); returns the paths written."""
+  docs = os.path.join(os.path.dirname(os.path.abspath(readme)), 'docs')
+  written = []
+  for name in plots.STUDY_PLOTS:
+    target = os.path.join(docs, f'{section}_{name}')
+    storage.write_whole(target, storage.path(os.path.join(root, name)).read_bytes())
+    written.append(target)
+  return written
 
 
 if __name__ == '__main__':

@@ -123,7 +123,13 @@ def test_offline_suite_arguments_pick_tasks_plans_and_shots():
     tuple, fifty['tasks']['fashion_mnist']['overrides']
   )
   assert fifty['plans']['full']['learning_rates'] == [fewshot.lr_record()['chosen']['50']['full']]
-  for bad, named in (('tasks=cifar', "['cifar']"), ('plans=lora_top,shots=50', 'at 50 shots')):
+  lora = study.load_study('configs/studies/offline.py:plans=lora_top/full,baseline=lora_top')
+  assert lora['baseline'] == 'lora_top'
+  for bad, named in (
+    ('tasks=cifar', "['cifar']"),
+    ('plans=lora_top,shots=50', 'at 50 shots'),
+    ('plans=full,baseline=ssf', "baseline 'ssf'"),
+  ):
     with pytest.raises(study.StudyError, match=re.escape(named)):
       study.load_study(f'configs/studies/offline.py:{bad}')
   # A README section of its own for a study file with arguments.
@@ -299,6 +305,9 @@ def test_smoke_study_killed_resumes_and_a_rerun_trains_nothing(tmp_path):
   out = run_study(workdir, f'--study={SMOKE}', f'--readme={readme}')
   assert '0 runs trained, 8 done before' in out and summaries(workdir) == after
   assert open(workdir / 'report.md').read().strip() in readme.read_text()
+  for name in ('accuracy_vs_params', 'heatmap'):  # the plots beside the README
+    copied = (tmp_path / 'docs' / f'study-smoke_{name}.png').read_bytes()
+    assert copied == (workdir / f'{name}.png').read_bytes()
   report = json.load(open(workdir / 'report.json'))
   assert len(report['runs']) == 8 and all(p['complete'] for p in report['plans'])
   for row in report['runs']:  # the cost fields of every run

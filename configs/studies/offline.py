@@ -28,7 +28,8 @@ runs at the transferred rates are runs of the grid too (the same configs), so `f
 then `full,grid` in one workdir trains each of them once.
 
 Arguments: full, grid (above), seeds (3), tasks and plans (`/`-separated names: a subset, in
-the order given), shots (labels per class for every task instead of each task's own).
+the order given), shots (labels per class for every task instead of each task's own),
+baseline (the plan the others are paired with; default full, none when full does not run).
 `full,grid,tasks=fashion_mnist,seeds=1` with `--select` is the selection behind
 `configs/fewshot_lrs.json` (`scripts/fewshot_lrs.py` records its choice there);
 `tasks=fashion_mnist,shots=50,plans=...` is the 50-shot table.
@@ -93,7 +94,9 @@ def names(given: str, valid, what: str) -> list[str]:
 
 
 def get_config(arg=None):
-  args = default.parse_arg(arg, full=False, grid=False, seeds=3, tasks='', plans='', shots=0)
+  args = default.parse_arg(
+    arg, full=False, grid=False, seeds=3, tasks='', plans='', shots=0, baseline='full'
+  )
   tasks = names(args.tasks, TASKS, 'tasks')
   # Named plans may be any of configs/fewshot.PLANS, the demo's or not.
   plans = names(args.plans, fewshot.PLANS if args.full or args.plans else DEMO_PLANS, 'plans')
@@ -121,7 +124,9 @@ def get_config(arg=None):
   study.seeds = tuple(range(args.seeds))
   study.learning_rates = fewshot.CANDIDATE_LRS
   study.minival = '1000'
-  study.baseline = 'full' if 'full' in plans else ''
+  if args.baseline not in plans and args.baseline != 'full':
+    raise ValueError(f'offline baseline {args.baseline!r} is not among the plans {"/".join(plans)}')
+  study.baseline = args.baseline if args.baseline in plans else ''  # full: when it runs
   if not args.grid:
     study.lr_source = (
       f"each plan's rate was chosen on Fashion-MNIST's minival at {args.shots or 10} labels per "
