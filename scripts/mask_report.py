@@ -50,11 +50,15 @@ def find_runs(sweep: str, include: list[str]) -> list[str]:
 
 def label(run_dir: str, base: str) -> tuple[str, str]:
   """`(group, name)`: the plan's directory and the run's name relative to `base`
-  (`10shot/rigl_lr0.003/seed0` -> `rigl_lr0.003`; a sweep's `rigl...-seed0` -> `rigl...`)."""
+  (`10shot/rigl_lr0.003/seed0` -> `rigl_lr0.003`; a study's `rigl/lr0.003/seed0` ->
+  `rigl_lr0.003`; a sweep's `rigl...-seed0` -> `rigl...`)."""
   rel = os.path.relpath(run_dir, base) if base else os.path.basename(os.path.normpath(run_dir))
   leaf = os.path.basename(rel)
   if re.fullmatch(r'seed\d+', leaf):
-    return os.path.basename(os.path.dirname(rel)) or rel, rel
+    parent = os.path.dirname(rel)
+    if re.fullmatch(r'lr[0-9.e+-]+', os.path.basename(parent)):  # scripts/study.py's layout
+      return f'{os.path.basename(os.path.dirname(parent))}_{os.path.basename(parent)}', rel
+    return os.path.basename(parent) or rel, rel
   return re.sub(r'-seed\d+.*$', '', leaf), rel
 
 

@@ -106,3 +106,19 @@ def test_masked_delta_refuses_another_base_and_other_files(tmp_path):
   np.savez(tmp_path / 'x.npz', a=np.zeros(3))
   with pytest.raises(masked_delta.DeltaError, match='not a masked delta'):
     masked_delta.load(str(tmp_path / 'x.npz'))
+
+
+def test_the_script_names_a_runs_plan_in_each_layout():
+  import importlib.util
+
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'scripts', 'mask_report.py')
+  spec = importlib.util.spec_from_file_location('mask_report_script', path)
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  base = '/w/runs/fashion_mnist'  # scripts/study.py: <plan>/lr<lr>/seed<k>
+  assert script.label(f'{base}/rigl/lr0.003/seed1', base) == ('rigl_lr0.003', 'rigl/lr0.003/seed1')
+  assert script.label('/w/10shot/rigl_lr0.003/seed0', '/w') == (
+    'rigl_lr0.003',
+    '10shot/rigl_lr0.003/seed0',
+  )
+  assert script.label('/w/rigl-lr0.01-seed2', '/w')[0] == 'rigl-lr0.01'  # a sweep's run
