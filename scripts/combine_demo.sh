@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# Ensembles, model soups and WiSE-FT of the pretrain demo's fine-tuned runs: runs that demo first (finished
-# stages are skipped), then scripts/combine.py three times, and writes the tables to
-# docs/combine_results.md (each call's combine.json and combine.md stay in workdirs/demo/combine/).
+# Ensembles, model soups and WiSE-FT of the pretrain demo's fine-tuned runs (seed 0 of each
+# plan): runs that demo first (finished runs are skipped), then scripts/combine.py three times,
+# and writes the tables to docs/combine_results.md (each call's combine.json and combine.md stay
+# in workdirs/demo/combine/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/pretrain_demo.sh
-runs=workdirs/demo
-out=$runs/combine
+out=workdirs/demo/combine
+# The study's run directories (scripts/study_report.py run_directory), seed 0 at the one rate.
+study_runs=workdirs/demo/runs/fashion_mnist_5_9
+lr=$(.venv/bin/python -c "from configs import demo; print('%g' % demo.get_config('stage=finetune').optimizer.learning_rate)")
+for plan in linear_probe last_blocks full scratch; do
+  declare "run_$plan=$study_runs/$plan/lr$lr/seed0"
+done
 combine() {
   .venv/bin/python scripts/combine.py --config configs/demo.py:stage=finetune "$@"
 }
-combine --checkpoints "$runs/linear_probe,$runs/last_blocks,$runs/full,$runs/scratch" \
+combine --checkpoints "$run_linear_probe,$run_last_blocks,$run_full,$run_scratch" \
   --method logits,probs,uniform_soup,greedy_soup --workdir "$out/all"
-combine --checkpoints "$runs/linear_probe,$runs/last_blocks,$runs/full" \
+combine --checkpoints "$run_linear_probe,$run_last_blocks,$run_full" \
   --method logits,uniform_soup,greedy_soup --workdir "$out/pretrained"
-combine --checkpoints "$runs/linear_probe,$runs/full" --method wise \
+combine --checkpoints "$run_linear_probe,$run_full" --method wise \
   --alphas 0,0.25,0.5,0.75,1 --workdir "$out/wise"
 {
   echo '# Ensembles, soups and WiSE-FT of the demo runs'

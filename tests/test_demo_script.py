@@ -5,6 +5,8 @@ pretrain demo's stages: test_main.py)."""
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -16,26 +18,47 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load_script(name):
   spec = importlib.util.spec_from_file_location(f'{name}_script', f'{ROOT}/scripts/{name}.py')
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
   spec.loader.exec_module(module)
   return module
 
 
-ROWS = [
-  dict(name='scratch', trainable_parameters=1000, trainable_percent=100.0, final_eval_accuracy=0.5),
-  dict(
-    name='linear_probe', trainable_parameters=10, trainable_percent=1.0, final_eval_accuracy=0.75
-  ),
-]
+def test_pretrain_study_starts_every_plan_but_scratch_from_the_source(tmp_path):
+  study = load_script('study')
+  spec = load_script('pretrain_demo').study_spec(str(tmp_path / 'source'), 2, runlocal=True)
+  config = study.load_study(spec)
+  assert config['seeds'] == [0, 1] and config['baseline'] == 'full'
+  runs = {
+    plan: study.run_config(config, study.Job('fashion_mnist_5_9', plan, 1, 0.02), str(tmp_path))
+    for plan in config['plans']
+  }
+  assert runs['scratch'].init.checkpoint == '' and runs['scratch'].init.dont_load == ()
+  for plan in ('linear_probe', 'last_blocks', 'full'):
+    assert runs[plan].init.checkpoint == str(tmp_path / 'source')
+    assert runs[plan].init.dont_load == ('fc/.*', 'predictions/.*')  # a new head
+  assert runs['last_blocks'].policy.name == 'last_blocks(1)'
+  assert runs['full'].dataset.classes == (5, 6, 7, 8, 9) and runs['full'].seed == 1
+  with pytest.raises(study.StudyError, match='pretrain source is empty'):
+    study.load_study('configs/studies/pretrain.py')
 
 
-def test_pretrain_demo_table_plot_and_readme_section(tmp_path):
-  demo = load_script('pretrain_demo')
-  table = demo.results_table({'steps': 7, 'final_eval_accuracy': 0.9}, ROWS)
-  assert 'for 7 steps, 90.0% on their test images' in table
-  assert '| from scratch (full, random init) | 1,000 | 100.00% | 50.0% |' in table
-  assert '| linear probe (new head only) | 10 | 1.00% | 75.0% |' in table
-  demo.plot(ROWS, str(tmp_path / 'plot.png'))
-  assert (tmp_path / 'plot.png').read_bytes()[:4] == b'\x89PNG'
+@pytest.mark.slow
+def test_pretrain_demo_pretrains_then_runs_the_study_and_a_rerun_trains_nothing(tmp_path):
+  readme = tmp_path / 'README.md'
+  readme.write_text(
+    '# x\n<!-- pretrain-demo-results:start -->\nold\n<!-- pretrain-demo-results:end -->\n'
+  )
+  command = [sys.executable, f'{ROOT}/scripts/pretrain_demo.py', '--workdir', str(tmp_path / 'w')]
+  command += ['--runlocal', '--seeds', '1', '--readme', str(readme)]
+  first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert '4 runs trained, 0 done before' in first.stdout
+  report = json.loads((tmp_path / 'w' / 'report.json').read_text())
+  assert [r['plan'] for r in report['runs']] == ['scratch', 'linear_probe', 'last_blocks', 'full']
+  assert (tmp_path / 'w' / 'report.md').read_text().strip() in readme.read_text()
+  assert (tmp_path / 'docs' / 'pretrain-demo-results_heatmap.png').exists()
+  again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+  assert again.returncode == 0 and '0 runs trained, 4 done before' in again.stdout
 
 
 def test_readme_section_is_replaced_or_refused(tmp_path):
