@@ -110,10 +110,10 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
         f'evaluator {name!r}; choose another name'
       )
     splits[name], fields[name] = split, f'dataset.eval_splits {name}'
-  train_data = datasets.build_dataset(
-    ds.name, train_split, examples_per_class=ds.examples_per_class, **common
+  train_data = _build(
+    fields['train'], ds.name, train_split, examples_per_class=ds.examples_per_class, **common
   )
-  eval_data = {k: datasets.build_dataset(ds.name, s, **common) for k, s in splits.items()}
+  eval_data = {k: _build(fields[k], ds.name, s, **common) for k, s in splits.items()}
   for name, found in [('train', train_data), *eval_data.items()]:
     # An empty split would train on nothing, or evaluate nothing after every step was paid
     # for: refused here, by the field that chose it.
@@ -156,6 +156,21 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
     ds.augment,
     ds.name,
   )
+
+
+def _build(field: str, name: str, split: str, **kwargs) -> datasets.DataSplit:
+  """`datasets.build_dataset`, its one-line error led by the config field that chose `split`
+  (`dataset.eval_splits v2: 'tset' is no split of ...`) unless it names a field already.
+
+  Raises:
+    DatasetError: the split cannot be read.
+  """
+  try:
+    return datasets.build_dataset(name, split, **kwargs)
+  except sources.DatasetError as e:
+    if str(e).startswith('dataset.'):
+      raise
+    raise sources.DatasetError(f'{field}: {e}') from None
 
 
 def eval_splits(text: str) -> dict[str, str]:

@@ -234,9 +234,12 @@ def test_minival_of_its_own_and_named_eval_splits(fake):
   with pytest.raises(sources.DatasetError, match=r"shares examples 0..9 of 'test' with 'test'"):
     run.make_data(config)
   config.dataset.minival = 'ten'  # a word is a split name: it must be one of the dataset's
-  with pytest.raises(sources.DatasetError, match=r"^'ten' is no split of 'fashion_mnist'"):
+  with pytest.raises(sources.DatasetError, match=r"^dataset.minival: 'ten' is no split of 'fashi"):
     run.make_data(config)
   config.dataset.minival = ''
+  config.dataset.eval_splits = 'v2=tset'  # the error names the field that chose the split
+  with pytest.raises(sources.DatasetError, match=r"^dataset.eval_splits v2: 'tset' is no split"):
+    run.make_data(config)
   for bad, message in [
     ('eval=test[:5]', r"names 'eval', the name of dataset.eval_split; choose another"),
     ('tail', r"entry 'tail' is not name=split"),
