@@ -11,7 +11,7 @@ import faulthandler
 import signal
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from ftlab import cli, errors, loop
@@ -49,18 +49,16 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> int:
   """Runs `config` in `workdir` as the command line does; returns the exit code (0 on
   success). Typed errors become one line on stderr; anything else keeps its traceback."""
   checkpoint.quiet_orbax_logs()
+  # One line each on stderr, where absl's log goes too: printed, not also logged (it read twice).
   try:
     loop.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
   except errors.InputError as e:  # typed errors only: anything else keeps its traceback
-    logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     return EXIT_BAD_INPUT
   except (FloatingPointError, loop.FrozenParametersChanged) as e:  # the run's files stay
-    logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     return 1
   except loop.Preempted as e:
-    logging.warning('%s', e)
     print(e, file=sys.stderr)
     return 128 + e.signum  # the shell's code for death by that signal
   return 0

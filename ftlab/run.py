@@ -159,8 +159,9 @@ def make_data(config: Any, preprocess: str | None = None) -> input_pipeline.Data
 
 
 def _build(field: str, name: str, split: str, **kwargs) -> datasets.DataSplit:
-  """`datasets.build_dataset`, its one-line error led by the config field that chose `split`
-  (`dataset.eval_splits v2: 'tset' is no split of ...`) unless it names a field already.
+  """`datasets.build_dataset`; an error about `split` itself is led by the config field that
+  chose it (`dataset.eval_splits v2: 'tset' is no split of ...`), unless it names a field
+  already (errors about the dataset, not the split, stay as they are).
 
   Raises:
     DatasetError: the split cannot be read.
@@ -168,7 +169,7 @@ def _build(field: str, name: str, split: str, **kwargs) -> datasets.DataSplit:
   try:
     return datasets.build_dataset(name, split, **kwargs)
   except sources.DatasetError as e:
-    if str(e).startswith('dataset.'):
+    if str(e).startswith('dataset.') or repr(split) not in str(e):
       raise
     raise sources.DatasetError(f'{field}: {e}') from None
 
