@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import tempfile
 import time
 from typing import Any, Callable, Iterator
 
@@ -292,6 +293,28 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
   if is_writer:
     workdir.write_summary(run.workdir, summary)
   return summary
+
+
+def step_costs(config: Any) -> dict:
+  """XLA's analyses of the train step `config` runs first, without training: the
+  `train_step_flops` and `train_step_memory` a run with `config.record_step_flops` puts in its
+  summary (`parallel.compiled_costs`; the same program, so a hit in the persistent compilation
+  cache when one is configured), for a run that did not record them.
+
+  The run is assembled as `train_and_evaluate` assembles it (data, weights, the first stage's
+  plan and step, a frozen prefix's cache), in a temporary directory that is removed after:
+  nothing is written where a run lives.
+
+  Raises:
+    InputError: as `train_and_evaluate`, before anything is compiled.
+  """
+  with tempfile.TemporaryDirectory(prefix='ftlab_step_costs_') as scratch:
+    run = make_run(config, scratch)
+    stage = _enter(run, run.start, run.state, run.frozen_reference, 0)
+    state = run.spread.replicate(run.state)
+    rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+    costs = parallel.compiled_costs(stage.p_train_step, state, next(stage.train_batches), rng)
+  return _costs_fields(costs)
 
 
 def _evals(run: Run, state: TrainState, step: int, writer: metric_writers.MetricWriter) -> dict:

@@ -30,7 +30,9 @@ the XLA compilation cache (`DIR/xla_cache`) and the frozen-prefix activation cac
 processes (each run in one of them, so N runs at a time).
 
 After the runs, the first seed's run of each (task, plan) records the size of its masked-delta
-file (`RUN/masked_delta.json`, computed in memory), and `scripts/study_report.py` writes
+file (`RUN/masked_delta.json`, computed in memory) and, when its config did not record them,
+its train step's FLOPs and memory (`RUN/step_costs.json`, one compile, no training); then
+`scripts/study_report.py` writes
 `DIR/report.json`, `DIR/report.md` and the plots from the run directories and
 `DIR/study.json` (this study's config, written here), so
 `--report_only` (or `python scripts/study_report.py DIR`) rebuilds them without training.
@@ -311,6 +313,26 @@ def record_delta_size(directory: str) -> dict:
   return found
 
 
+def record_step_costs(study: dict, root: str, job: Job) -> dict:
+  """`RUN/step_costs.json`: XLA's analyses of `job`'s train step (`loop.step_costs`: FLOPs and
+  the memory of the compiled step), for a finished run whose config left them out
+  (`record_step_flops` off: the offline suite's runs skip the extra compile while they train).
+  One more compile (a hit in the study's compilation cache), no training. Nothing is measured
+  for a run whose summary has them; a record is read back when it exists.
+  """
+  directory = job.directory(root)
+  path = os.path.join(directory, study_report.STEP_COSTS_RECORD)
+  with open(workdir.Workdir(directory).summary) as f:
+    if 'train_step_memory' in json.load(f):
+      return {}
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  found = loop.step_costs(run_config(study, job, root))
+  storage.write_whole(path, json.dumps(found, indent=2) + '\n')
+  return found
+
+
 def record_study(study: dict, spec: str, root: str) -> None:
   """`DIR/study.json`: the study's config and where it came from (the report's other input)."""
   os.makedirs(root, exist_ok=True)
@@ -342,11 +364,12 @@ def run_study(spec: str, root: str, *, select_only: bool = False, workers: int =
   chosen = {(r['task'], r['plan']): r['chosen'] for r in report['selection']}
   tests = test_jobs(study, chosen)
   ran += run_jobs(spec, root, tests, workers)
-  # The delta file's size once per (task, plan), on the first seed's run: the plan fixes
-  # which entries change, the seed barely moves the count.
+  # The delta file's size and the step's costs once per (task, plan), on the first seed's run:
+  # the plan fixes which entries change and what the step holds, the seed barely moves either.
   for job in tests:
     if job.seed == int(study['seeds'][0]):
       record_delta_size(job.directory(root))
+      record_step_costs(study, root, job)
   report = study_report.write(root)
   trained = sum('done before' not in line for line in ran)
   print(f'{trained} runs trained, {len(ran) - trained} done before; {time.time() - start:.0f} s')

@@ -67,6 +67,8 @@ COST_FIELDS = (
 
 
 DELTA_RECORD = 'masked_delta.json'  # a run's masked-delta file size (scripts/study.py)
+# A run's train-step costs measured after it finished, when its summary has none.
+STEP_COSTS_RECORD = 'step_costs.json'
 
 
 class ReportError(InputError):
@@ -103,8 +105,9 @@ def read_study(root: str) -> dict:
     return json.load(f)['study']
 
 
-def _row(task: str, plan: str, lr: float, seed: int, summary: dict, delta: dict) -> dict:
-  """One run's report row from its summary (and its masked-delta record, if any)."""
+def _row(task: str, plan: str, lr: float, seed: int, summary: dict, records: dict) -> dict:
+  """One run's report row from its summary (and its masked-delta and step-cost records, if
+  any: the summary's own costs come first)."""
   accuracy = {'test': summary['final_eval_accuracy']}
   if 'final_minival_accuracy' in summary:
     accuracy['minival'] = summary['final_minival_accuracy']
@@ -115,20 +118,26 @@ def _row(task: str, plan: str, lr: float, seed: int, summary: dict, delta: dict)
   if 'mean_accuracy' in shift:
     accuracy['shift'] = shift['mean_accuracy']
   row = dict(task=task, plan=plan, seed=seed, lr=lr, accuracy=accuracy)
+  summary = {**records.get('step_costs', {}), **summary}
   row.update({k: summary[k] for k in COST_FIELDS if k in summary})
   if 'train_step_memory' in summary:
     row['train_step_memory_bytes'] = summary['train_step_memory']['total']
-  if 'masked_delta_bytes' in delta:
-    row['masked_delta_bytes'] = delta['masked_delta_bytes']
+  if 'masked_delta_bytes' in records:
+    row['masked_delta_bytes'] = records['masked_delta_bytes']
   return row
 
 
-def _delta_record(directory) -> dict:
-  path = os.path.join(str(directory), DELTA_RECORD)
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+def _records(directory) -> dict:
+  """What the driver measured on a finished run: its masked-delta record's fields, and its
+  step costs under `step_costs`."""
+  found = {}
+  for name, key in ((DELTA_RECORD, None), (STEP_COSTS_RECORD, 'step_costs')):
+    path = os.path.join(str(directory), name)
+    if os.path.exists(path):
+      with open(path) as f:
+        record = json.load(f)
+      found.update({key: record} if key else record)
+  return found
 
 
 def read_runs(root: str, study: dict) -> list[dict]:
@@ -142,7 +151,7 @@ def read_runs(root: str, study: dict) -> list[dict]:
           if os.path.exists(files.summary):
             with open(files.summary) as f:
               summary = json.load(f)
-            rows.append(_row(task, plan, lr, int(seed), summary, _delta_record(files.root)))
+            rows.append(_row(task, plan, lr, int(seed), summary, _records(files.root)))
   return rows
 
 

@@ -320,6 +320,24 @@ def test_smoke_study_killed_resumes_and_a_rerun_trains_nothing(tmp_path):
       assert row['masked_delta_bytes'] == exported['delta_bytes']
     else:
       assert 'masked_delta_bytes' not in row
+  # A run that recorded no step costs is measured after it finished: the same numbers (on as
+  # many devices as the run had: the memory is per device).
+  job = study.Job('digits', 'full', 0, report['runs'][0]['lr'])
+  summary = json.load(open(os.path.join(job.directory(str(workdir)), 'summary.json')))
+  code = (
+    'import json, sys; sys.path.insert(0, "scripts"); import study; from ftlab import loop; '
+    f'job = study.Job("digits", "full", 0, {job.lr!r}); '
+    f'config = study.run_config(study.load_study({SMOKE!r}), job, {str(workdir)!r}); '
+    'print(json.dumps(loop.step_costs(config)))'
+  )
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one device, as the runs
+  out = subprocess.run(
+    [sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+  )
+  measured = json.loads(out.stdout.strip().splitlines()[-1])
+  assert measured['train_step_memory'] == summary['train_step_memory']
+  assert measured['train_step_flops'] == summary['train_step_flops']
+  assert study.record_step_costs(study.load_study(SMOKE), str(workdir), job) == {}  # has them
   plans = {p['plan']: p for p in report['plans']}  # a probe's delta is its head alone
   assert plans['linear_probe']['masked_delta_bytes'] < plans['full']['masked_delta_bytes'] / 10
   # The report is rebuilt from the run directories alone, the same.
@@ -403,3 +421,24 @@ def test_fixed_rates_say_where_they_came_from():
   )
   del config['lr_source']
   assert '(' not in study_report.selection_markdown(report).split(':')[0]
+
+
+def test_step_costs_measured_after_a_run_fill_its_row_and_never_override_its_own(tmp_path):
+  config, _ = fake_study(tmp_path, seeds=(0,), lrs=(0.1,))
+  task, plan = next(iter(config['tasks'])), 'full'
+  directory = study_report.run_directory(str(tmp_path), task, plan, 0.1, 0)
+  summary = json.load(open(os.path.join(directory, 'summary.json')))
+  measured = {'train_step_flops': 5e9, 'train_step_memory': {'total': 777}}
+  with open(os.path.join(directory, study_report.STEP_COSTS_RECORD), 'w') as f:
+    json.dump(measured, f)
+  row = [r for r in study_report.build(str(tmp_path))['runs'] if r['plan'] == plan][0]
+  assert row['train_step_memory_bytes'] == summary['train_step_memory']['total']  # its own
+  del summary['train_step_memory']
+  with open(os.path.join(directory, 'summary.json'), 'w') as f:
+    json.dump(summary, f)
+  report = study_report.build(str(tmp_path))
+  row = [r for r in report['runs'] if (r['task'], r['plan']) == (task, plan)][0]
+  assert (row['train_step_memory_bytes'], row['train_step_flops']) == (777, 5e9)
+  # The record is read back, not measured again.
+  job = study.Job(task, plan, 0, 0.1)
+  assert study.record_step_costs(config, str(tmp_path), job) == measured
