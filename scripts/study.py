@@ -35,7 +35,10 @@ its train step's FLOPs and memory (`RUN/step_costs.json`, one compile, no traini
 `scripts/study_report.py` writes
 `DIR/report.json`, `DIR/report.md` and the plots from the run directories and
 `DIR/study.json` (this study's config, written here), so
-`--report_only` (or `python scripts/study_report.py DIR`) rebuilds them without training.
+`--report_only` rebuilds them for `--study` (recorded as DIR's study) from the runs already in
+DIR, training and measuring nothing, so one workdir's runs can be reported as several studies
+(a subset of plans, another baseline); `python scripts/study_report.py DIR` rebuilds DIR's
+recorded study's.
 `--select` stops after the selection phase and prints its minival table.
 """
 
@@ -383,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--select', action='store_true', help='stop after the selection phase')
   parser.add_argument('--workers', type=int, default=1, help='runs at a time, each a process')
   parser.add_argument(
-    '--report_only', action='store_true', help='rebuild the report from the run directories'
+    '--report_only',
+    action='store_true',
+    help="write --study's report of the runs already in --workdir (nothing trained or measured)",
   )
   parser.add_argument('--log_runs', action='store_true', help="show each run's own log")
   parser.add_argument(
@@ -412,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         readme_section.check(args.readme, markers)
       except OSError as e:
         raise readme_section.ReadmeError(f'--readme {args.readme}: {e.strerror}') from None
-    if args.report_only:
+    if args.report_only:  # this study's report of the runs there: nothing trained or measured
+      record_study(load_study(args.study), args.study, args.workdir)
       study_report.write(args.workdir)
     else:
       run_study(args.study, args.workdir, select_only=args.select, workers=args.workers)

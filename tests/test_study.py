@@ -442,3 +442,13 @@ def test_step_costs_measured_after_a_run_fill_its_row_and_never_override_its_own
   # The record is read back, not measured again.
   job = study.Job(task, plan, 0, 0.1)
   assert study.record_step_costs(config, str(tmp_path), job) == measured
+
+
+def test_report_only_reports_the_given_study_of_the_runs_there(tmp_path):
+  config, _ = fake_study(tmp_path)
+  first = next(iter(config['tasks']))
+  spec = f'{SMOKE}:lrs=0.1/0.01,seeds=3,tasks=1'  # one task of the two the runs cover
+  assert study.main(['--study', spec, '--workdir', str(tmp_path), '--report_only']) == 0
+  report = json.load(open(tmp_path / 'report.json'))
+  assert {r['task'] for r in report['runs']} == {first} and len(report['runs']) == 2 * 2 * 3
+  assert json.load(open(tmp_path / 'study.json'))['spec'] == spec
