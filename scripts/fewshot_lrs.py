@@ -21,6 +21,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [p for p in (ROOT, os.path.dirname(os.path.abspath(__file__))) if p not in sys.path]
 
+import study  # noqa: E402
 import study_report  # noqa: E402
 
 from configs import fewshot  # noqa: E402
@@ -28,13 +29,12 @@ from ftlab.errors import InputError  # noqa: E402
 from ftlab.files import storage  # noqa: E402
 
 
-def shots(study: dict, task: str) -> int:
-  """The task's labels per class, from its overrides (or the base config's)."""
-  overrides = dict(map(tuple, study.get('overrides', ())))
-  overrides.update(map(tuple, study['tasks'][task].get('overrides', ())))
-  if 'dataset.examples_per_class' in overrides:
-    return int(overrides['dataset.examples_per_class'])
-  return int(fewshot.get_config().dataset.examples_per_class)
+def shots(study_config: dict, task: str, root: str) -> int:
+  """The task's labels per class: its runs' `dataset.examples_per_class`, as the driver builds
+  their configs (`study.run_config`: the study's base config and every override)."""
+  plan = next(iter(study_config['plans']))
+  job = study.Job(task, plan, int(study_config['seeds'][0]), 1.0)  # the rate changes no data
+  return int(study.run_config(study_config, job, root).dataset.examples_per_class)
 
 
 def record(root: str, task: str, path: str) -> dict:
@@ -46,10 +46,10 @@ def record(root: str, task: str, path: str) -> dict:
       selection finished.
   """
   report = study_report.build(root)  # from the run directories, as the report is
-  study = report['study']
-  if task not in study['tasks']:
+  study_config = report['study']
+  if task not in study_config['tasks']:
     raise InputError(
-      f'--task {task!r}: not a task of the study in {root} ({", ".join(study["tasks"])})'
+      f'--task {task!r}: not a task of the study in {root} ({", ".join(study_config["tasks"])})'
     )
   done = [s for s in report['selection'] if s['task'] == task and s['minival'] and 'chosen' in s]
   if not done:
@@ -57,7 +57,7 @@ def record(root: str, task: str, path: str) -> dict:
       f'{root}: no plan finished its selection on {task!r} (run the study with --select first)'
     )
   saved = fewshot.lr_record(path)
-  budget = str(shots(study, task))
+  budget = str(shots(study_config, task, root))
   for entry in done:
     saved['chosen'].setdefault(budget, {})[entry['plan']] = entry['chosen']
     saved['minival'].setdefault(budget, {})[entry['plan']] = entry['minival']

@@ -3,7 +3,7 @@
 The library returns numbers; how they read in a table is decided here, once, so every study
 table says the same thing the same way:
 
-- a short cell (`mean_std`): `70.80 ± 2.31`, for a grid without the study's protocol;
+- a short cell (`mean_std`): `70.80 ± 2.30`, for a grid without the study's protocol;
 - a cell: `70.8 ± 2.3 (95% CI [65.1, 76.5], n=3)`: mean ± sample standard deviation over seeds,
   then the Student-t interval of the mean; one seed says so instead of showing an interval;
 - a comparison with the baseline: `+3.1 (95% CI [1.2, 5.0], p=0.012, n=3)`, and

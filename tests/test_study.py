@@ -399,7 +399,8 @@ def test_fewshot_lrs_records_a_selection_and_keeps_other_entries(tmp_path):
   path.write_text(json.dumps({'chosen': {'50': {'full': 1e-4}}, 'minival': {}}))
   saved = fewshot_lrs.record(str(tmp_path / 'study'), task, str(path))
   report = study_report.build(str(tmp_path / 'study'))
-  budget = str(fewshot_lrs.shots(config, task))
+  budget = str(fewshot_lrs.shots(config, task, str(tmp_path / 'study')))
+  assert budget == '10' if task == 'digits' else budget == '20'  # smoke: 10 digits, 20 faces
   for entry in (s for s in report['selection'] if s['task'] == task):
     assert saved['chosen'][budget][entry['plan']] == entry['chosen']
     assert saved['minival'][budget][entry['plan']] == entry['minival']
