@@ -296,22 +296,29 @@ def train_and_evaluate(config: Any, directory: str, *, allow_config_change: bool
 
 
 def step_costs(config: Any) -> dict:
-  """XLA's analyses of the train step `config` runs first, without training: the
+  """XLA's analyses of the train step of `config`'s last stage, without training: the
   `train_step_flops` and `train_step_memory` a run with `config.record_step_flops` puts in its
   summary (`parallel.compiled_costs`; the same program, so a hit in the persistent compilation
-  cache when one is configured), for a run that did not record them.
+  cache when one is configured), for a run that did not record them. A schedule's last stage
+  (LP-FT's full fine-tuning after its probe) is what a summary reports, so it is measured here.
 
-  The run is assembled as `train_and_evaluate` assembles it (data, weights, the first stage's
-  plan and step, a frozen prefix's cache), in a temporary directory that is removed after:
-  nothing is written where a run lives.
+  The run is assembled as `train_and_evaluate` assembles it (data, weights, the stage's plan,
+  its freshly built optimizer state and step, a frozen prefix's cache), in a temporary
+  directory that is removed after: nothing is written where a run lives.
 
   Raises:
     InputError: as `train_and_evaluate`, before anything is compiled.
   """
   with tempfile.TemporaryDirectory(prefix='ftlab_step_costs_') as scratch:
     run = make_run(config, scratch)
-    stage = _enter(run, run.start, run.state, run.frozen_reference, 0)
-    state = run.spread.replicate(run.state)
+    done = config.num_train_steps - 1  # steps done before the last one
+    at, host = run.stage_at(done), run.state
+    if at is not run.start:  # the state as the last stage starts: its own optimizer state
+      averaged = ema.init(host.params, ema.entries(at.plan)) if host.ema else {}
+      host = host.replace(opt_state=at.tx.init(host.params), ema=averaged)
+    reference = policies.frozen_checksums(at.plan, host.params)
+    stage = _enter(run, at, host, reference, done)
+    state = run.spread.replicate(host)
     rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     costs = parallel.compiled_costs(stage.p_train_step, state, next(stage.train_batches), rng)
   return _costs_fields(costs)

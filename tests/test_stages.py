@@ -92,13 +92,22 @@ def test_resume_in_a_schedule_is_bit_identical(gradual_run, tmp_path, resume_at)
 
 def test_lp_ft_probes_then_trains_everything(tmp_path):
   workdir = str(tmp_path)
-  summary = loop.train_and_evaluate(config_for('lp_ft(probe_steps=3)', steps=5), workdir)
+  config = config_for('lp_ft(probe_steps=3)', steps=5)
+  summary = loop.train_and_evaluate(config, workdir)
   assert layers_changed(workdir, 3) == ['fc', 'predictions']
   assert len(layers_changed(workdir, 5)) == 10  # every conv layer and the head
   assert summary['trainable_percent'] == 100.0
   stages = summary['stages']
   assert [(s['first_step'], s['last_step']) for s in stages] == [(1, 3), (4, 5)]
   assert stages[0]['train_step_flops'] < 0.5 * stages[1]['train_step_flops']
+  # Measured after the fact (a run that did not record them): the last stage's step, the one
+  # the summary reports, to the byte; not the probe's.
+  measured = loop.step_costs(config)
+  assert (
+    measured['train_step_flops'] == summary['train_step_flops'] == stages[1]['train_step_flops']
+  )
+  assert measured['train_step_memory'] == summary['train_step_memory']
+  assert measured['train_step_memory'] != stages[0]['train_step_memory']
 
 
 def test_sparse_plan_end_to_end_keeps_masked_entries(tmp_path):
