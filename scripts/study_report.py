@@ -10,6 +10,8 @@ report is rebuilt the same from the same runs, and a partial study reports what 
 What it holds:
 - `selection`: per (task, plan), the minival accuracy of each candidate rate (first seed) and
   the chosen rate (the best; a tie: the smaller);
+- `failed`: the runs whose own process failed (`scripts/run_pool.py`) and that have not
+  finished since: task, plan, lr, seed, exit code and log;
 - `runs`: one row per finished run: task, plan, seed, lr, role (`test` for the chosen rate's
   seeds, `selection` for the other candidates), each accuracy the run reports (test, minival,
   the shift evaluator's mean over corruptions) and its cost fields (trainable parameters and %,
@@ -43,11 +45,12 @@ import numpy as np
 sys.path[:0] = [p for p in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),)]
 
 import plots  # noqa: E402
+import run_pool  # noqa: E402
 import study_tables  # noqa: E402
 
 from ftlab.analysis import stats  # noqa: E402
 from ftlab.errors import InputError  # noqa: E402
-from ftlab.files import workdir  # noqa: E402
+from ftlab.files import storage, workdir  # noqa: E402
 
 STUDY_FILE = 'study.json'
 JSON = 'report.json'
@@ -99,10 +102,9 @@ def read_study(root: str) -> dict:
     ReportError: `root` holds no `study.json`.
   """
   path = os.path.join(root, STUDY_FILE)
-  if not os.path.exists(path):
+  if not storage.path(path).exists():
     raise ReportError(f'{root}: no {STUDY_FILE}; is it a scripts/study.py workdir?')
-  with open(path) as f:
-    return json.load(f)['study']
+  return json.loads(storage.path(path).read_text())['study']
 
 
 def _row(task: str, plan: str, lr: float, seed: int, summary: dict, records: dict) -> dict:
@@ -133,26 +135,32 @@ def _records(directory) -> dict:
   found = {}
   for name, key in ((DELTA_RECORD, None), (STEP_COSTS_RECORD, 'step_costs')):
     path = os.path.join(str(directory), name)
-    if os.path.exists(path):
-      with open(path) as f:
-        record = json.load(f)
+    if storage.path(path).exists():
+      record = json.loads(storage.path(path).read_text())
       found.update({key: record} if key else record)
   return found
 
 
-def read_runs(root: str, study: dict) -> list[dict]:
-  """Every finished run of the study's tasks and plans, in task, plan, lr, seed order."""
-  rows = []
+def read_runs(root: str, study: dict) -> tuple[list[dict], list[dict]]:
+  """Every finished run of the study's tasks and plans, in task, plan, lr, seed order; and
+  every unfinished one whose process failed (`scripts/run_pool.py`'s record: task, plan, lr,
+  seed, returncode, log)."""
+  rows, failed = [], []
   for task in study['tasks']:
     for plan in study['plans']:
       for lr in learning_rates(study, plan):
         for seed in study['seeds']:
-          files = workdir.Workdir(run_directory(root, task, plan, lr, int(seed)))
-          if os.path.exists(files.summary):
-            with open(files.summary) as f:
-              summary = json.load(f)
+          directory = run_directory(root, task, plan, lr, int(seed))
+          files = workdir.Workdir(directory)
+          if storage.path(files.summary).exists():
+            summary = json.loads(storage.path(files.summary).read_text())
             rows.append(_row(task, plan, lr, int(seed), summary, _records(files.root)))
-  return rows
+          elif code := run_pool.returncode(directory):
+            log = os.path.join(directory, run_pool.LOG)
+            failed.append(
+              dict(task=task, plan=plan, lr=lr, seed=int(seed), returncode=code, log=log)
+            )
+  return rows, failed
 
 
 def choose(minival: dict[float, float]) -> float:
@@ -160,9 +168,10 @@ def choose(minival: dict[float, float]) -> float:
   return min(minival, key=lambda lr: (-minival[lr], lr))
 
 
-def selection(study: dict, rows: list[dict]) -> list[dict]:
+def selection(study: dict, rows: list[dict], failed: list[dict] = ()) -> list[dict]:
   """Per (task, plan): each candidate's minival accuracy (first seed) and the chosen rate, or
-  no `chosen` while a candidate has not finished."""
+  no `chosen` while a candidate has neither finished nor failed (a failed candidate, e.g. a
+  diverged rate, is not chosen; every candidate failed: none)."""
   first = int(study['seeds'][0])
   out = []
   for task in study['tasks']:
@@ -177,7 +186,10 @@ def selection(study: dict, rows: list[dict]) -> list[dict]:
         if (r['task'], r['plan'], r['seed']) == (task, plan, first)
       }
       entry = dict(task=task, plan=plan, minival={f'{lr:g}': minival[lr] for lr in minival})
-      if len(minival) == len(lrs):
+      lost = {f['lr'] for f in failed if (f['task'], f['plan'], f['seed']) == (task, plan, first)}
+      if lost:
+        entry['failed'] = [f'{lr:g}' for lr in sorted(lost)]
+      if minival and len(minival) + len(lost) == len(lrs):
         entry['chosen'] = choose(minival)
       out.append(entry)
   return out
@@ -221,15 +233,15 @@ def build(root: str) -> dict:
     ReportError: `root` holds no study.
   """
   study = read_study(root)
-  rows = read_runs(root, study)
-  selected = selection(study, rows)
+  rows, failed = read_runs(root, study)
+  selected = selection(study, rows, failed)
   chosen = {(s['task'], s['plan']): s.get('chosen') for s in selected}
   seeds = {int(s) for s in study['seeds']}
   for r in rows:
     r['role'] = (
       'test' if chosen[r['task'], r['plan']] == r['lr'] and r['seed'] in seeds else ('selection')
     )
-  report: dict[str, Any] = dict(study=study, selection=selected, runs=rows)
+  report: dict[str, Any] = dict(study=study, selection=selected, runs=rows, failed=failed)
   cells = []
   # The test split, the shift evaluator's mean, then every named split (`dataset.eval_splits`).
   named = {k for r in rows for k in r['accuracy']} - {'test', 'minival', 'shift'}
@@ -304,7 +316,7 @@ def selection_markdown(report: dict) -> str:
   """Minival accuracy of every (task, plan) × candidate rate; the chosen one in bold."""
   study = report['study']
   lrs = sorted({lr for plan in study['plans'] for lr in learning_rates(study, plan)})
-  chosen = [s for s in report['selection'] if s['minival']]
+  chosen = [s for s in report['selection'] if s['minival'] or s.get('failed')]
   if not chosen:
     fixed = ', '.join(f'{_label(study, p)} {learning_rates(study, p)[0]:g}' for p in study['plans'])
     # A study may say where its fixed rates came from (`lr_source`), e.g. another task's
@@ -323,6 +335,7 @@ def selection_markdown(report: dict) -> str:
     for lr in lrs:
       score = s['minival'].get(f'{lr:g}')
       text = '–' if score is None else f'{100 * score:.1f}%'
+      text = 'failed' if f'{lr:g}' in s.get('failed', ()) else text
       cells.append(f'**{text}**' if s.get('chosen') == lr else text)
     lines.append(f'| {s["task"]} | {_label(study, s["plan"])} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
@@ -393,7 +406,7 @@ def markdown(report: dict) -> str:
     mean = f'{100 * p["mean_over_tasks"]:.1f}' if 'mean_over_tasks' in p else 'incomplete'
     cells = [
       p['label'],
-      p['family'],
+      p['family'].replace('|', '\\|'),  # a bare pipe would end the cell
       mean,
       _number(p['trainable_parameters'], '{:,.0f}'),
       _number(p['trainable_percent'], '{:.2f}%'),
@@ -430,17 +443,21 @@ def markdown(report: dict) -> str:
         texts = [found.get((task, plan), '–') for task in tasks]
         lines.append(f'| {_label(study, plan)} | ' + ' | '.join(texts) + ' |')
   lines += ['', selection_markdown(report)]
+  if report['failed']:
+    lines += ['', 'Failed runs (no summary; the same command retries them):', '']
+    lines += [
+      f'- {f["task"]} / {_label(study, f["plan"])}, lr {f["lr"]:g}, seed {f["seed"]}: '
+      f'exit {f["returncode"]} ({f["log"]})'
+      for f in report['failed']
+    ]
   return '\n'.join(lines) + '\n'
 
 
 def write(root: str) -> dict:
   """Builds the report of `root` and writes `report.json`, `report.md` and the plots there."""
   report = build(root)
-  with open(os.path.join(root, JSON), 'w') as f:
-    json.dump(report, f, indent=2)
-    f.write('\n')
-  with open(os.path.join(root, MARKDOWN), 'w') as f:
-    f.write(markdown(report))
+  storage.write_whole(os.path.join(root, JSON), json.dumps(report, indent=2) + '\n')
+  storage.write_whole(os.path.join(root, MARKDOWN), markdown(report))
   plots.study_plots(report, root)
   return report
 
@@ -455,7 +472,7 @@ def main(argv: list[str]) -> int:
   except InputError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(open(os.path.join(argv[0], MARKDOWN)).read())
+  print(storage.path(os.path.join(argv[0], MARKDOWN)).read_text())
   return 0
 
 

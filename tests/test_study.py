@@ -150,6 +150,36 @@ def test_selection_then_test_jobs_reuse_the_first_seeds_run():
   assert study.selection_jobs(smoke()) == []  # one candidate: nothing to choose
 
 
+def test_a_failed_candidate_is_not_chosen_and_all_failed_chooses_nothing(tmp_path):
+  """A rate whose run failed in its own process (diverged, crashed) is marked, not chosen; a
+  (task, plan) whose candidates all failed has no chosen rate and no test runs."""
+  config, _ = fake_study(tmp_path, seeds=(0,), lrs=(0.1, 0.01))
+  task, other = list(config['tasks'])
+  failures = [(task, 'linear_probe', 0.1), (other, 'full', 0.1), (other, 'full', 0.01)]
+  for where, name, lr in failures:
+    directory = study_report.run_directory(str(tmp_path), where, name, lr, 0)
+    os.remove(os.path.join(directory, 'summary.json'))
+    with open(os.path.join(directory, 'process.json'), 'w') as f:
+      json.dump({'command': ['x'], 'returncode': 1}, f)
+  report = study_report.build(str(tmp_path))
+  chosen = {(s['task'], s['plan']): s.get('chosen') for s in report['selection']}
+  assert chosen[task, 'linear_probe'] == 0.01  # the one that finished
+  assert chosen[other, 'full'] is None
+  assert [(f['task'], f['plan'], f['lr']) for f in report['failed']] == [
+    (task, 'linear_probe', 0.1),
+    (other, 'full', 0.01),  # read in rate order
+    (other, 'full', 0.1),
+  ]
+  assert {(j.task, j.plan) for j in study.test_jobs(config, chosen)} == {
+    (task, 'linear_probe'),
+    (task, 'full'),
+    (other, 'linear_probe'),
+  }
+  text = study_report.markdown(report)
+  assert 'Failed runs (no summary; the same command retries them):' in text
+  assert f'- {other} / ' in text and 'failed' in study_report.selection_markdown(report)
+
+
 def fake_study(root, seeds=(0, 1, 2), lrs=(0.1, 0.01), groups=None):
   """A study.json and summaries of made-up runs, as the driver leaves them."""
   config = smoke()
