@@ -34,4 +34,5 @@ def get_sweep(arg: str | None = None) -> dict:
     seeds=[0, 1],
     lrs=[],  # [] = the base config's (0.02)
     overrides=[],  # --config.field=value flags for every fine-tuning run
+    baseline='full',  # the report pairs every plan with it, seed by seed
   )

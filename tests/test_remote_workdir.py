@@ -228,16 +228,14 @@ def test_run_resume_fallback_combine_and_sweep_in_a_gs_workdir(emulator, tmp_pat
   )
   assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
   names = set(gcs_emulator.objects(emulator, BUCKET, 'sweep/'))
-  run_files = {
-    f'sweep/linear_probe-seed1/{f}' for f in ('summary.json', 'sweep_run.json', 'log.txt')
-  }
-  assert (
-    run_files | {f'sweep/{f}' for f in ('sweep.json', 'results.csv', 'results.md', 'results.png')}
-    <= names
-  )
-  log = gcs_emulator.read(emulator, BUCKET, 'sweep/linear_probe-seed1/log.txt').decode()
+  [run] = {n.rsplit('/', 1)[0] for n in names if n.endswith('/seed1/summary.json')}
+  assert run.startswith('sweep/runs/default/linear_probe/lr')
+  run_files = {f'{run}/{f}' for f in ('summary.json', 'process.json', 'log.txt')}
+  report = ('sweep.json', 'sweep_study.json', 'study.json', 'results.csv', 'report.md')
+  assert run_files | {f'sweep/{f}' for f in report + ('heatmap.png',)} <= names
+  log = gcs_emulator.read(emulator, BUCKET, f'{run}/log.txt').decode()
   assert 'training steps 1..2 under linear_probe' in log
-  assert '| `linear_probe` |' in gcs_emulator.read(emulator, BUCKET, 'sweep/results.md').decode()
+  assert '| `linear_probe` |' in gcs_emulator.read(emulator, BUCKET, 'sweep/report.md').decode()
 
   # The disk activation cache in the gs:// workdir: uploaded whole, reused by the resume.
   cached = [config, f'--workdir=gs://{BUCKET}/cached', '--config.activation_cache=disk']
