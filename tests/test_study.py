@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 
 import export_delta  # noqa: E402
 import study  # noqa: E402
+import study_config  # noqa: E402
 import study_report  # noqa: E402
 
 
@@ -63,7 +64,7 @@ def test_bad_study_is_one_line_before_any_run(change, message):
   for field, value in change.items():
     config[field] = value
   with pytest.raises(study.StudyError, match=message):
-    study.check_study(config, SMOKE)
+    study_config.check_study(config, SMOKE)
 
 
 def test_run_config_is_base_then_study_task_and_plan(tmp_path):
