@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ftlab.analysis import mask_report, masked_delta
+from ftlab.files import workdir
 
 
 def tiny_weights(seed=0):
@@ -122,3 +123,19 @@ def test_the_script_names_a_runs_plan_in_each_layout():
     '10shot/rigl_lr0.003/seed0',
   )
   assert script.label('/w/rigl-lr0.01-seed2', '/w')[0] == 'rigl-lr0.01'  # a sweep's run
+
+
+@pytest.mark.parametrize(
+  'path, name',
+  [
+    ('workdirs/demo/full', 'full'),
+    ('workdirs/demo/full/checkpoints/', 'full'),
+    ('gs://b/full', 'full'),
+    ('workdirs/demo/runs/fashion_mnist_5_9/full/lr0.02/seed0', 'full_lr0.02_seed0'),
+    ('w/runs/t/lora/lr1e-05/seed3/checkpoints', 'lora_lr1e-05_seed3'),
+    ('w/seed0', 'seed0'),  # not a study's layout
+  ],
+)
+def test_run_names_keep_a_study_runs_plan_rate_and_seed(path, name):
+  """The name combine.py and the mask report give a run: a study's runs would all be `seed0`."""
+  assert workdir.run_name(path) == name

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from typing import Any, Mapping, Sequence
 
@@ -301,11 +302,16 @@ def checkpoint_dir(path: str) -> str:
 
 
 def run_name(path: str) -> str:
-  """`workdirs/demo/full`, `workdirs/demo/full/checkpoints` and `gs://b/full` are `full`."""
+  """`workdirs/demo/full`, `workdirs/demo/full/checkpoints` and `gs://b/full` are `full`; a
+  study's run (`scripts/study.py`: `.../<plan>/lr<lr>/seed<k>`) is `<plan>_lr<lr>_seed<k>`."""
   # `normpath` drops a trailing '/', whose basename would be ''.
   path = os.path.normpath(path)
   if os.path.basename(path) == 'checkpoints':
     path = os.path.dirname(path)
+  seed, parent = os.path.basename(path), os.path.dirname(path)
+  lr, plan = os.path.basename(parent), os.path.basename(os.path.dirname(parent))
+  if plan and re.fullmatch(r'seed\d+', seed) and re.fullmatch(r'lr[0-9.e+-]+', lr):
+    return f'{plan}_{lr}_{seed}'
   return os.path.basename(path) or path
 
 
