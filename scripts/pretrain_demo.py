@@ -7,7 +7,7 @@ four plans (from scratch, linear probe, last block, full), `--seeds` seeds each,
 5,000 target test images, paired with full fine-tuning. The report (`WORKDIR/report.{md,json}`
 and plots) is the driver's; finished runs are skipped, so an interrupted demo resumes.
 `--readme README.md` also rewrites the README's pretrain-demo-results section and its plots
-under `docs/`. The README's first demo (ImageNet-derived weights, four tasks) is
+under `docs/`. The README's first demo (ImageNet-derived weights, three tasks) is
 `bash scripts/demo.sh`.
 
   python scripts/pretrain_demo.py --workdir workdirs/demo [--seeds 3] [--runlocal] \
