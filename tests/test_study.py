@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 
 import export_delta  # noqa: E402
+import run_pool  # noqa: E402
 import study  # noqa: E402
 import study_config  # noqa: E402
 import study_report  # noqa: E402
@@ -300,14 +301,26 @@ def test_report_of_a_directory_without_a_study_is_one_line(tmp_path, capsys):
   assert capsys.readouterr().err == error
 
 
-def run_study(workdir, *args, wait=True):
+def run_study(workdir, *args, wait=True, slot=None):
+  """`study.py` in a subprocess; `slot`: a `run_pool.worker_slots` entry (environment, CPUs)
+  to run it with, as a worker would be."""
   command = [sys.executable, 'scripts/study.py', f'--workdir={workdir}', *args]
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env, cpus = slot or (os.environ, None)
+  env = {k: v for k, v in env.items() if k != 'XLA_FLAGS'}
+  pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
   if not wait:
     return subprocess.Popen(
-      command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+      command,
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      preexec_fn=pin,
     )
-  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  result = subprocess.run(
+    command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, preexec_fn=pin
+  )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return result.stdout
 
@@ -391,9 +404,11 @@ def test_smoke_study_killed_resumes_and_a_rerun_trains_nothing(tmp_path):
 @needs_smoke_data
 def test_selection_on_minival_and_workers_give_the_same_runs(tmp_path):
   """Two candidate rates: the minival chooses, and the first seed's selection run is the test
-  run. Two worker processes train the same runs to the same numbers as one process."""
+  run. Two worker processes train the same runs to the same numbers as one process with a
+  worker's share of the machine (its cores: XLA's CPU kernels round differently on another
+  thread count, and a diverging run carries that far)."""
   arg = f'--study={SMOKE}:seeds=1,tasks=1,lrs=0.1/0.003'
-  out = run_study(tmp_path / 'one', arg)
+  out = run_study(tmp_path / 'one', arg, slot=run_pool.worker_slots(2, run_pool.visible_gpus())[0])
   # 2 plans x 2 rates on seed 0; the test phase's seed-0 runs are two of them.
   assert '4 runs trained, 2 done before' in out
   report = json.load(open(tmp_path / 'one' / 'report.json'))
