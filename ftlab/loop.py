@@ -94,6 +94,14 @@ def _enter(run: Run, at: StagePlan, host: TrainState, reference: dict, step: int
   return _Stage(plan, at.stage.end, p_train_step, train_batches, reference, cached and cached.start)
 
 
+def _restart(at: StagePlan, host: TrainState) -> TrainState:
+  """`host` as stage `at` starts it: its parameters kept, its optimizer state built afresh
+  for the stage's plan and the EMA, like the optimizer state, restarted from the current
+  weights."""
+  averaged = ema.init(host.params, ema.entries(at.plan)) if host.ema else {}
+  return host.replace(opt_state=at.tx.init(host.params), ema=averaged)
+
+
 def _next_stage(run: Run, current: _Stage, state: TrainState, step: int):
   """At a stage boundary: the frozen check of the stage ending, the next stage's plan, and
   the state with its parameters kept and its optimizer state rebuilt for the new plan."""
@@ -103,9 +111,7 @@ def _next_stage(run: Run, current: _Stage, state: TrainState, step: int):
   _check_frozen(current.plan, current.frozen_reference, host.params)
   # `step` is the first step of the new stage, so `step - 1` steps are done.
   at = run.stage_at(step - 1)
-  # The EMA, like the optimizer state, restarts from the current weights for the new plan.
-  averaged = ema.init(host.params, ema.entries(at.plan)) if host.ema else {}
-  host = host.replace(opt_state=at.tx.init(host.params), ema=averaged)
+  host = _restart(at, host)
   # The new stage's frozen reference is what it starts from, not the loaded weights: a leaf
   # the previous stage trained may be frozen from here on.
   following = _enter(run, at, host, policies.frozen_checksums(at.plan, host.params), step - 1)
@@ -314,8 +320,7 @@ def step_costs(config: Any) -> dict:
     done = config.num_train_steps - 1  # steps done before the last one
     at, host = run.stage_at(done), run.state
     if at is not run.start:  # the state as the last stage starts: its own optimizer state
-      averaged = ema.init(host.params, ema.entries(at.plan)) if host.ema else {}
-      host = host.replace(opt_state=at.tx.init(host.params), ema=averaged)
+      host = _restart(at, host)
     reference = policies.frozen_checksums(at.plan, host.params)
     stage = _enter(run, at, host, reference, done)
     state = run.spread.replicate(host)

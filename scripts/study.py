@@ -393,7 +393,8 @@ def run_one(spec: str, root: str, job_json: str) -> int:
   return 0
 
 
-def _sigterm_as_interrupt(signum, frame):
+def sigterm_as_interrupt(signum, frame):
+  """A SIGTERM handler for a parent of run processes: it stops them as Ctrl-C does."""
   raise KeyboardInterrupt(signum)
 
 
@@ -440,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.set_verbosity(logging.WARNING)  # one line per run instead of each run's log
   isolate = args.isolate or args.workers > 1
   if isolate:  # the runs are children: SIGTERM stops them (each checkpoints), then this
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     import jax
 
     # This process only checks plans on shapes and measures finished runs: the accelerators

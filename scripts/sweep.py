@@ -285,10 +285,11 @@ def results_csv(report: dict, workdir: str) -> str:
   return text.getvalue()
 
 
-def write_results(workdir: str, readme: str = '') -> tuple[dict, str]:
-  """The driver's report of the sweep and `results.csv`; with `readme`, its sweep-results
-  section and `docs/sweep-results_*.png`. Returns the report and report.md's text."""
-  report = study_report.write(workdir)
+def write_results(workdir: str, readme: str = '', report: dict | None = None) -> tuple[dict, str]:
+  """The driver's report of the sweep (`report`: one the driver has just written, else it is
+  written here) and `results.csv`; with `readme`, its sweep-results section and
+  `docs/sweep-results_*.png`. Returns the report and report.md's text."""
+  report = report or study_report.write(workdir)
   storage.write_whole(os.path.join(workdir, 'results.csv'), results_csv(report, workdir))
   text = storage.path(os.path.join(workdir, study_report.MARKDOWN)).read_text()
   if readme:
@@ -364,18 +365,14 @@ def main(argv: list[str], command_fn=study.job_command, source_fn=ftlab_main) ->
   except KeyboardInterrupt as e:
     write_results(workdir)
     return 128 + (e.args[0] if e.args else signal.SIGINT)
-  report, text = write_results(workdir, args.readme)
+  report, text = write_results(workdir, args.readme, report)  # run_study wrote the report
   print(text, end='')
   return 1 if report['failed'] else 0
-
-
-def _sigterm_as_interrupt(signum, frame):
-  raise KeyboardInterrupt(signum)
 
 
 if __name__ == '__main__':
   import jax
 
   jax.config.update('jax_platforms', 'cpu')  # plans are checked on shapes; the GPUs are the runs'
-  signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+  signal.signal(signal.SIGTERM, study.sigterm_as_interrupt)
   sys.exit(main(sys.argv[1:]))
